@@ -1,0 +1,244 @@
+//! `MailboxBinding`: one mailbox, one grant, one published Secret.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{Condition, Protocol, SecretKeySelector, conditions_list_map};
+
+/// Go `time.Duration` syntax, as `kubectl` users write it (`10m`, `1h30m`).
+const GO_DURATION: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+/// A mail address: something, one `@`, a domain with a dot.
+const MAILBOX: &str = r"^[^@\s]+@[^@\s]+\.[^@\s]+$";
+/// A DNS-1123 subdomain (a Secret name).
+const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// One mailbox whose OAuth token the operator obtains, refreshes and publishes into a Secret.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "mailoauth.io",
+    version = "v1alpha1",
+    kind = "MailboxBinding",
+    namespaced,
+    status = "MailboxBindingStatus",
+    shortname = "mbx",
+    category = "mailoauth",
+    printcolumn = r#"{"name":"READY","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"MAILBOX","type":"string","jsonPath":".spec.mailbox"}"#,
+    printcolumn = r#"{"name":"PROVIDER","type":"string","jsonPath":".spec.providerRef.name"}"#,
+    printcolumn = r#"{"name":"STATUS","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"EXPIRES","type":"date","jsonPath":".status.token.expiresAt"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"RENEW","type":"date","priority":1,"jsonPath":".status.token.renewAt"}"#,
+    printcolumn = r#"{"name":"SECRET","type":"string","priority":1,"jsonPath":".spec.secretName"}"#,
+    printcolumn = r#"{"name":"MESSAGE","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MailboxBindingSpec {
+    /// The provider registration to use.
+    pub provider_ref: ProviderRef,
+    /// The mailbox address: the identity, and XOAUTH2's `user=`.
+    #[schemars(length(min = 3, max = 254), regex(pattern = MAILBOX))]
+    pub mailbox: String,
+    /// Protocols the token is for; default scopes and servers come from the provider.
+    #[serde(default = "default_protocols")]
+    #[schemars(length(min = 1))]
+    pub protocols: Vec<Protocol>,
+    /// Scopes to request instead of the provider's defaults.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// How the token is obtained: exactly one grant.
+    pub grant: Grant,
+    /// The Secret workloads mount.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN))]
+    pub secret_name: String,
+    /// Extra labels, annotations and templated keys for the published Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_template: Option<SecretTemplate>,
+    /// Minimum margin before expiry at which the token is renewed (Go duration, default `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = GO_DURATION))]
+    pub refresh_before: Option<kube::core::Duration>,
+    /// Revoke the refresh token at the provider when the binding is deleted.
+    #[serde(default)]
+    pub revoke_on_delete: bool,
+    /// Stop refreshing; the published Secret stays as it is.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn default_protocols() -> Vec<Protocol> {
+    vec![Protocol::Imap, Protocol::Smtp]
+}
+
+/// Which provider kind a binding refers to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ProviderKind {
+    /// A `MailProvider` in the binding's namespace.
+    #[default]
+    MailProvider,
+    /// A cluster-scoped `ClusterMailProvider`.
+    ClusterMailProvider,
+}
+
+/// Reference to a provider.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderRef {
+    /// `MailProvider` (default) or `ClusterMailProvider`.
+    #[serde(default)]
+    pub kind: ProviderKind,
+    /// Name of the provider.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// How a binding obtains its token. Exactly one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
+pub enum Grant {
+    /// Device authorization (RFC 8628): a person types a code at a URL. Not supported yet.
+    DeviceCode {},
+    /// Authorization code with PKCE through an operator-hosted callback. Not supported yet.
+    AuthorizationCode {},
+    /// Import a refresh token obtained elsewhere, once; rotated tokens are kept by the operator.
+    RefreshToken {
+        /// The Secret key holding the refresh token to import.
+        secret_ref: SecretKeySelector,
+    },
+    /// App-only token (Microsoft `https://outlook.office365.com/.default`).
+    ClientCredentials {},
+    /// Google service account with domain-wide delegation, `sub` = mailbox. Not supported yet.
+    JwtBearer {},
+}
+
+impl Grant {
+    /// The grant's name as written in the spec.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Grant::DeviceCode {} => "deviceCode",
+            Grant::AuthorizationCode {} => "authorizationCode",
+            Grant::RefreshToken { .. } => "refreshToken",
+            Grant::ClientCredentials {} => "clientCredentials",
+            Grant::JwtBearer {} => "jwtBearer",
+        }
+    }
+}
+
+/// Extra content for the published Secret, like External Secrets' `target.template`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretTemplate {
+    /// Extra labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Extra keys; `{{ name }}` is replaced by the published key `name` (`mailbox` also works).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub data: BTreeMap<String, String>,
+}
+
+/// One word for humans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Phase {
+    /// Nothing obtained yet.
+    Pending,
+    /// A person has to complete an interactive grant.
+    AwaitingAuthorization,
+    /// The published token is valid.
+    Ready,
+    /// A refresh is under way or being retried while the token is still valid.
+    Refreshing,
+    /// The grant is dead; a person has to authorize again.
+    ReauthorizationRequired,
+    /// Something else stops the binding; see the `Ready` condition.
+    Error,
+    /// `spec.suspend` is set.
+    Suspended,
+}
+
+/// Observed state of a binding.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MailboxBindingStatus {
+    /// One word for humans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// `Ready`, `Authorized` and `RefreshFailing`.
+    #[serde(default)]
+    #[schemars(transform = conditions_list_map)]
+    pub conditions: Vec<Condition>,
+    /// What a person has to do for an interactive grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<AuthorizationStatus>,
+    /// The published token's times and scopes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<TokenStatus>,
+    /// The identity the provider vouched for, when it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// When a token was last obtained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh_time: Option<DateTime<Utc>>,
+    /// Token requests that failed in a row.
+    #[serde(default)]
+    pub failed_attempts: u32,
+    /// When the last token request failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_time: Option<DateTime<Utc>>,
+    /// The published Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// The last `mailoauth.io/refresh-requested` value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh_request: Option<String>,
+    /// The last `mailoauth.io/reauthorize-requested` value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reauthorize_request: Option<String>,
+    /// The generation this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// What a person has to do to complete an interactive grant.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationStatus {
+    /// `deviceCode` or `authorizationCode`.
+    pub method: String,
+    /// The code to type (device flow).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_code: Option<String>,
+    /// Where to type it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_uri: Option<String>,
+    /// The same with the code filled in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_uri_complete: Option<String>,
+    /// The operator-hosted authorize link (authorization code flow).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// When the code or link stops working.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Times and scopes of the published token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenStatus {
+    /// When the token was issued.
+    pub issued_at: DateTime<Utc>,
+    /// When it expires.
+    pub expires_at: DateTime<Utc>,
+    /// When the operator renews it.
+    pub renew_at: DateTime<Utc>,
+    /// Scopes granted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+}

@@ -1,0 +1,36 @@
+//! API types of `mailoauth.io/v1alpha1`: the custom resources, their status and the names the
+//! operator stamps on what it writes. Pure data: no I/O lives here.
+
+pub mod binding;
+pub mod common;
+pub mod crds;
+pub mod provider;
+
+pub use binding::{
+    Grant, MailboxBinding, MailboxBindingSpec, MailboxBindingStatus, Phase, ProviderKind,
+    ProviderRef, SecretTemplate, TokenStatus,
+};
+pub use common::{Condition, ConditionStatus, Protocol, SecretKeySelector, ServerAddress};
+pub use provider::{
+    AllowedNamespaces, ClientAuthMethod, ClientAuthentication, ClientSecretRef,
+    ClusterMailProvider, ClusterMailProviderSpec, Endpoints, GenericPreset, GooglePreset,
+    MailProvider, MailProviderSpec, MailProviderStatus, MicrosoftPreset, Preset, ProtocolScopes,
+    ProtocolServers,
+};
+
+/// API group of every kind.
+pub const GROUP: &str = "mailoauth.io";
+/// Field manager for every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "mail-oauth-operator";
+/// Label on everything the operator writes.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY_VALUE: &str = "mail-oauth-operator";
+/// Label naming the binding a written object belongs to.
+pub const BINDING_LABEL: &str = "mailoauth.io/binding";
+/// Label telling published Secrets from grant-state Secrets.
+pub const SECRET_ROLE_LABEL: &str = "mailoauth.io/secret-role";
+/// Annotation: any new value asks for a refresh now.
+pub const REFRESH_REQUESTED_ANNOTATION: &str = "mailoauth.io/refresh-requested";
+/// Annotation: any new value drops the grant and starts it again.
+pub const REAUTHORIZE_REQUESTED_ANNOTATION: &str = "mailoauth.io/reauthorize-requested";

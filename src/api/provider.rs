@@ -1,0 +1,289 @@
+//! `MailProvider` and `ClusterMailProvider`: one OAuth client registration each.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{Condition, ServerAddress, conditions_list_map};
+
+/// Pattern for URLs the operator sends credentials to: https only.
+const HTTPS_URL: &str = r"^https://[^\s/?#]+([/?#]\S*)?$";
+
+/// One OAuth client registration (an Entra ID app, a Google Cloud OAuth client, or any OAuth 2.0
+/// server) serving bindings in its own namespace.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "mailoauth.io",
+    version = "v1alpha1",
+    kind = "MailProvider",
+    namespaced,
+    status = "MailProviderStatus",
+    shortname = "mprov",
+    category = "mailoauth",
+    printcolumn = r#"{"name":"READY","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"REASON","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"CLIENT","type":"string","jsonPath":".spec.clientId"}"#,
+    printcolumn = r#"{"name":"SECRET EXPIRES","type":"date","jsonPath":".status.clientSecretExpiresAt"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"MESSAGE","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MailProviderSpec {
+    /// The provider preset: exactly one of `google`, `microsoft`, `generic`.
+    #[serde(flatten)]
+    pub preset: Preset,
+    /// The OAuth client id (Entra application id, Google client id, ...).
+    #[schemars(length(min = 1, max = 512))]
+    pub client_id: String,
+    /// How the client authenticates at the token endpoint; omitted means a public client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_authentication: Option<ClientAuthentication>,
+    /// Google service-account key for domain-wide delegation (the `jwtBearer` grant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_key_ref: Option<super::SecretKeySelector>,
+}
+
+/// The admin's shared client registration. Its Secrets live in the operator's cluster-resource
+/// namespace; `allowedNamespaces` limits who may bind to it.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "mailoauth.io",
+    version = "v1alpha1",
+    kind = "ClusterMailProvider",
+    status = "MailProviderStatus",
+    shortname = "cmprov",
+    category = "mailoauth",
+    printcolumn = r#"{"name":"READY","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"REASON","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"CLIENT","type":"string","jsonPath":".spec.clientId"}"#,
+    printcolumn = r#"{"name":"SECRET EXPIRES","type":"date","jsonPath":".status.clientSecretExpiresAt"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"MESSAGE","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterMailProviderSpec {
+    /// The client registration, as in `MailProvider`.
+    #[serde(flatten)]
+    pub provider: MailProviderSpec,
+    /// Which namespaces may bind to this provider; omitted means all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_namespaces: Option<AllowedNamespaces>,
+}
+
+/// Namespaces allowed to use a `ClusterMailProvider`: listed names and/or a label selector.
+/// A namespace matching either is allowed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AllowedNamespaces {
+    /// Namespace names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// Namespaces whose labels carry all of these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
+/// A label selector with `matchLabels` only.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    /// Labels a namespace must carry, all of them.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// Which provider preset a registration uses.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Preset {
+    /// Google Workspace / Gmail.
+    Google(GooglePreset),
+    /// Microsoft 365 / Exchange Online.
+    Microsoft(MicrosoftPreset),
+    /// Any OAuth 2.0 server.
+    Generic(GenericPreset),
+}
+
+/// Google has nothing to configure: endpoints, scope and servers are known.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GooglePreset {}
+
+/// Microsoft identity platform (Entra ID).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MicrosoftPreset {
+    /// `common`, `organizations`, `consumers`, a tenant id or a verified domain.
+    #[serde(default = "default_tenant")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9.-]*$"))]
+    pub tenant: String,
+}
+
+impl Default for MicrosoftPreset {
+    fn default() -> Self {
+        Self { tenant: default_tenant() }
+    }
+}
+
+fn default_tenant() -> String {
+    "organizations".to_owned()
+}
+
+/// Any OAuth 2.0 server: OIDC discovery from `issuerUrl`, or explicit URLs (explicit wins).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GenericPreset {
+    /// Issuer for OIDC discovery (`/.well-known/openid-configuration`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = HTTPS_URL))]
+    pub issuer_url: Option<String>,
+    /// Authorization endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = HTTPS_URL))]
+    pub authorization_url: Option<String>,
+    /// Token endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = HTTPS_URL))]
+    pub token_url: Option<String>,
+    /// Device authorization endpoint (RFC 8628).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = HTTPS_URL))]
+    pub device_authorization_url: Option<String>,
+    /// Revocation endpoint (RFC 7009).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = HTTPS_URL))]
+    pub revocation_url: Option<String>,
+    /// Extra PEM trust roots for the endpoints above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+    /// Scopes per protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<ProtocolScopes>,
+    /// Mail servers per protocol, published to workloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub servers: Option<ProtocolServers>,
+}
+
+/// Scopes to request for each protocol.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProtocolScopes {
+    /// Scopes for IMAP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub imap: Vec<String>,
+    /// Scopes for SMTP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub smtp: Vec<String>,
+    /// Scopes for POP3.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pop3: Vec<String>,
+}
+
+/// Mail servers for each protocol.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProtocolServers {
+    /// IMAP server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imap: Option<ServerAddress>,
+    /// SMTP submission server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp: Option<ServerAddress>,
+    /// POP3 server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pop3: Option<ServerAddress>,
+}
+
+/// How the client authenticates at the token endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientAuthentication {
+    /// Client secrets, tried in order (zero-downtime rotation: add the new one first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_secret_refs: Vec<ClientSecretRef>,
+    /// A Secret with `tls.crt`/`tls.key` for `privateKeyJwt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_ref: Option<LocalObjectReference>,
+    /// The method; defaults to `clientSecretPost` with secrets, `privateKeyJwt` with a certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<ClientAuthMethod>,
+}
+
+/// A client secret in a Secret, with its expiry when known.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientSecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret.
+    #[serde(default = "default_client_secret_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+    /// When the secret expires at the provider (Entra: 24 months at most).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+fn default_client_secret_key() -> String {
+    "client-secret".to_owned()
+}
+
+/// A Secret in the resource's own namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct LocalObjectReference {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Client authentication methods (RFC 6749 §2.3, RFC 7523).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ClientAuthMethod {
+    /// `client_secret` in the form body.
+    ClientSecretPost,
+    /// HTTP Basic with the client id and secret.
+    ClientSecretBasic,
+    /// A JWT signed with the certificate's key.
+    PrivateKeyJwt,
+}
+
+/// Observed state of a provider.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MailProviderStatus {
+    /// `Ready` and `ClientSecretExpiring`.
+    #[serde(default)]
+    #[schemars(transform = conditions_list_map)]
+    pub conditions: Vec<Condition>,
+    /// Resolved endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Endpoints>,
+    /// Earliest known client-secret expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_expires_at: Option<DateTime<Utc>>,
+    /// The generation this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Resolved OAuth endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    /// Authorization endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<String>,
+    /// Token endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Device authorization endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_authorization: Option<String>,
+    /// Revocation endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<String>,
+}

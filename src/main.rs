@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", mail_oauth_operator::api::crds::to_yaml().expect("crds"));
+}

@@ -1,0 +1,458 @@
+//! Decisions for a `MailboxBinding`: what to do now (a pure function of the clock, the binding,
+//! what is known of its provider and its stored grant) and the status that results.
+
+use chrono::{DateTime, Duration, Utc};
+
+use super::Reason;
+use super::condition::condition;
+use super::classify::Failure;
+use super::grant_state::{GrantState, rfc3339};
+use super::schedule;
+use crate::api::common::find_condition;
+use crate::api::{
+    Condition, ConditionStatus, Grant, MailboxBinding, MailboxBindingStatus, Phase,
+    REAUTHORIZE_REQUESTED_ANNOTATION, REFRESH_REQUESTED_ANNOTATION, SecretKeySelector, TokenStatus,
+};
+
+/// Condition types of a binding.
+pub mod conditions {
+    /// The published token is valid.
+    pub const READY: &str = "Ready";
+    /// The grant holds a working credential.
+    pub const AUTHORIZED: &str = "Authorized";
+    /// The last token request failed (the published token may still be valid).
+    pub const REFRESH_FAILING: &str = "RefreshFailing";
+}
+
+/// What the controller found out about the provider a binding refers to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProviderState {
+    /// Usable: its identity and the scopes this binding must request.
+    Usable {
+        /// `Kind/name`.
+        key: String,
+        /// The OAuth client id.
+        client_id: String,
+        /// Scopes this binding requests.
+        scopes: Vec<String>,
+    },
+    /// Not usable (missing, not ready, not allowed, cannot serve this grant).
+    Unusable {
+        /// Why.
+        reason: Reason,
+        /// What to do.
+        message: String,
+    },
+}
+
+/// Everything a decision looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs<'a> {
+    /// The clock.
+    pub now: DateTime<Utc>,
+    /// The binding as observed.
+    pub binding: &'a MailboxBinding,
+    /// The provider.
+    pub provider: &'a ProviderState,
+    /// The stored grant state, when one exists and parses.
+    pub grant: Option<&'a GrantState>,
+    /// Why the binding may not write its Secrets, if it may not.
+    pub secret_conflict: Option<&'a str>,
+}
+
+/// Where the next token comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The stored (possibly rotated) refresh token.
+    StoredRefreshToken,
+    /// Import the refresh token from the Secret the spec names.
+    ImportRefreshToken(SecretKeySelector),
+    /// The client credentials grant.
+    ClientCredentials,
+}
+
+/// Why a token is requested now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// There is no usable token yet.
+    Initial,
+    /// The renewal time has come.
+    Due,
+    /// A person asked (annotation).
+    Requested,
+    /// The requested scopes changed.
+    ScopesChanged,
+    /// A transient failure's backoff is over.
+    Retry,
+}
+
+/// What to do now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// `spec.suspend`: touch nothing at the provider.
+    Suspended,
+    /// Something a person must fix stops the binding; no token request.
+    Blocked {
+        /// Why.
+        reason: Reason,
+        /// What to do.
+        message: String,
+    },
+    /// Ask the token endpoint.
+    Obtain {
+        /// With which credential.
+        source: Source,
+        /// Why now.
+        why: Why,
+    },
+    /// The stored token is current: publish it and come back at `renew_at`.
+    Keep {
+        /// When to renew.
+        renew_at: DateTime<Utc>,
+    },
+    /// A failure stands: publish what is valid and wait (for a change, or until `until`).
+    Wait {
+        /// When to try again; `None` waits for a spec change or an annotation.
+        until: Option<DateTime<Utc>>,
+    },
+}
+
+/// The refresh margin the binding asks for.
+pub fn refresh_before(binding: &MailboxBinding) -> Duration {
+    binding
+        .spec
+        .refresh_before
+        .and_then(|d| Duration::from_std(d.into()).ok())
+        .unwrap_or(schedule::DEFAULT_REFRESH_BEFORE)
+}
+
+/// When the binding's stored token is renewed.
+pub fn renew_at(binding: &MailboxBinding, grant: &GrantState) -> DateTime<Utc> {
+    let seed = schedule::seed(binding.metadata.uid.as_deref().unwrap_or_default());
+    schedule::renew_at(grant.issued_at, grant.expires_at, refresh_before(binding), seed)
+}
+
+fn annotation<'a>(binding: &'a MailboxBinding, key: &str) -> Option<&'a str> {
+    binding.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
+/// A new `refresh-requested` value not acted on yet.
+pub fn refresh_requested(binding: &MailboxBinding) -> Option<&str> {
+    let value = annotation(binding, REFRESH_REQUESTED_ANNOTATION)?;
+    let seen = binding.status.as_ref().and_then(|s| s.last_refresh_request.as_deref());
+    (seen != Some(value)).then_some(value)
+}
+
+/// A new `reauthorize-requested` value not acted on yet.
+pub fn reauthorize_requested(binding: &MailboxBinding) -> Option<&str> {
+    let value = annotation(binding, REAUTHORIZE_REQUESTED_ANNOTATION)?;
+    let seen = binding.status.as_ref().and_then(|s| s.last_reauthorize_request.as_deref());
+    (seen != Some(value)).then_some(value)
+}
+
+/// `secret/key` of an import reference, as stored in the grant state.
+pub fn import_id(r: &SecretKeySelector) -> String {
+    format!("{}/{}", r.name, r.key)
+}
+
+/// Whether the stored grant belongs to this binding's current spec and provider.
+pub fn grant_matches(binding: &MailboxBinding, provider_key: &str, client_id: &str, grant: &GrantState) -> bool {
+    if grant.provider != provider_key || grant.client_id != client_id {
+        return false;
+    }
+    match &binding.spec.grant {
+        Grant::RefreshToken { secret_ref } => {
+            grant.refresh_token.is_some() && grant.imported_from.as_deref() == Some(import_id(secret_ref).as_str())
+        }
+        _ => true,
+    }
+}
+
+/// The permanent failure recorded in status for the current generation, if any.
+fn standing_permanent_failure(binding: &MailboxBinding) -> Option<&Condition> {
+    let status = binding.status.as_ref()?;
+    let authorized = find_condition(&status.conditions, conditions::AUTHORIZED)?;
+    let permanent = authorized.status == ConditionStatus::False
+        && is_permanent(&authorized.reason)
+        && authorized.observed_generation == binding.metadata.generation;
+    permanent.then_some(authorized)
+}
+
+/// Reasons that wait for a person instead of being retried.
+pub fn is_permanent(reason: &str) -> bool {
+    [
+        Reason::ReauthorizationRequired,
+        Reason::ConsentRequired,
+        Reason::ClientCredentialsInvalid,
+        Reason::ClientSecretExpired,
+        Reason::IdentityMismatch,
+    ]
+    .iter()
+    .any(|r| r.as_str() == reason)
+}
+
+/// When a transient failure's backoff ends, if one is under way.
+fn backoff_until(binding: &MailboxBinding) -> Option<DateTime<Utc>> {
+    let status = binding.status.as_ref()?;
+    let last = status.last_failure_time?;
+    (status.failed_attempts > 0).then(|| last + schedule::backoff(status.failed_attempts))
+}
+
+/// What to do now.
+pub fn decide(inputs: Inputs<'_>) -> Decision {
+    let Inputs { now, binding, provider, grant, secret_conflict } = inputs;
+    if binding.spec.suspend {
+        return Decision::Suspended;
+    }
+    let source_kind = match &binding.spec.grant {
+        Grant::RefreshToken { secret_ref } => Some(secret_ref),
+        Grant::ClientCredentials {} => None,
+        other => {
+            return Decision::Blocked {
+                reason: Reason::GrantNotSupported,
+                message: Reason::GrantNotSupported
+                    .message(format!("the {} grant is not supported yet by this version", other.name())),
+            };
+        }
+    };
+    let (key, client_id, scopes) = match provider {
+        ProviderState::Usable { key, client_id, scopes } => (key, client_id, scopes),
+        ProviderState::Unusable { reason, message } => {
+            return Decision::Blocked { reason: *reason, message: message.clone() };
+        }
+    };
+    if let Some(conflict) = secret_conflict {
+        return Decision::Blocked { reason: Reason::SecretConflict, message: conflict.to_owned() };
+    }
+
+    let reauthorize = reauthorize_requested(binding).is_some();
+    let usable = grant.filter(|g| !reauthorize && grant_matches(binding, key, client_id, g));
+    let source = match (source_kind, usable) {
+        (None, _) => Source::ClientCredentials,
+        (Some(_), Some(g)) if g.refresh_token.is_some() => Source::StoredRefreshToken,
+        (Some(r), _) => Source::ImportRefreshToken(r.clone()),
+    };
+    let why = match usable {
+        None => Some(Why::Initial),
+        Some(_) if refresh_requested(binding).is_some() => Some(Why::Requested),
+        Some(g) if &g.requested_scopes != scopes => Some(Why::ScopesChanged),
+        Some(g) if now >= renew_at(binding, g) => Some(Why::Due),
+        Some(_) => None,
+    };
+    let Some(why) = why else {
+        // `why` is None only when `usable` is Some.
+        return match usable {
+            Some(g) => Decision::Keep { renew_at: renew_at(binding, g) },
+            None => Decision::Wait { until: None },
+        };
+    };
+    // A person's request always goes through; otherwise a standing failure is respected.
+    let asked = reauthorize || why == Why::Requested;
+    if !asked {
+        if standing_permanent_failure(binding).is_some() {
+            return Decision::Wait { until: None };
+        }
+        if let Some(until) = backoff_until(binding).filter(|u| now < *u) {
+            return Decision::Wait { until: Some(until) };
+        }
+    }
+    let why = if !asked && backoff_until(binding).is_some() { Why::Retry } else { why };
+    Decision::Obtain { source, why }
+}
+
+/// What happened in this reconcile, for the status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `spec.suspend`.
+    Suspended,
+    /// A person must fix something.
+    Blocked {
+        /// Why.
+        reason: Reason,
+        /// What to do.
+        message: String,
+    },
+    /// Nothing was requested; the stored token (if any) is published.
+    Unchanged,
+    /// A new token was obtained and stored.
+    Refreshed,
+    /// The token request failed.
+    Failed(Failure),
+}
+
+/// The status after a reconcile. Equal to the previous status when nothing changed, so that the
+/// controller can skip the write.
+pub fn next_status(
+    now: DateTime<Utc>,
+    binding: &MailboxBinding,
+    grant: Option<&GrantState>,
+    outcome: &Outcome,
+) -> MailboxBindingStatus {
+    let previous = binding.status.clone().unwrap_or_default();
+    let generation = binding.metadata.generation;
+    let prev = previous.conditions.as_slice();
+    let mut status = MailboxBindingStatus {
+        phase: None,
+        conditions: Vec::new(),
+        authorization: None,
+        token: grant.map(|g| TokenStatus {
+            issued_at: g.issued_at,
+            expires_at: g.expires_at,
+            renew_at: renew_at(binding, g),
+            scopes: g.scopes.clone(),
+        }),
+        account: previous.account.clone(),
+        last_refresh_time: previous.last_refresh_time,
+        failed_attempts: previous.failed_attempts,
+        last_failure_time: previous.last_failure_time,
+        secret_name: Some(binding.spec.secret_name.clone()),
+        last_refresh_request: previous.last_refresh_request.clone(),
+        last_reauthorize_request: previous.last_reauthorize_request.clone(),
+        observed_generation: generation,
+    };
+    let valid = grant.filter(|g| g.expires_at > now);
+    let cond = |type_: &str, s: ConditionStatus, r: Reason, m: String| condition(prev, type_, s, r, m, now, generation);
+
+    // Annotations are acted on by any reconcile that requested a token.
+    if matches!(outcome, Outcome::Refreshed | Outcome::Failed(_)) {
+        if let Some(v) = refresh_requested(binding) {
+            status.last_refresh_request = Some(v.to_owned());
+        }
+        if let Some(v) = reauthorize_requested(binding) {
+            status.last_reauthorize_request = Some(v.to_owned());
+        }
+    }
+
+    let ready = |valid: Option<&GrantState>| match (valid, grant) {
+        (Some(g), _) => cond(
+            conditions::READY,
+            ConditionStatus::True,
+            Reason::TokenValid,
+            format!("token valid until {}, renewal at {}", rfc3339(g.expires_at), rfc3339(renew_at(binding, g))),
+        ),
+        (None, Some(g)) => cond(
+            conditions::READY,
+            ConditionStatus::False,
+            Reason::Expired,
+            Reason::Expired.message(format!("the token expired at {}", rfc3339(g.expires_at))),
+        ),
+        (None, None) => cond(conditions::READY, ConditionStatus::False, Reason::Pending, "no token obtained yet".into()),
+    };
+
+    match outcome {
+        Outcome::Suspended => {
+            status.phase = Some(Phase::Suspended);
+            status.conditions.push(ready(valid));
+            carry(prev, &mut status.conditions, conditions::AUTHORIZED);
+            carry(prev, &mut status.conditions, conditions::REFRESH_FAILING);
+        }
+        Outcome::Blocked { reason, message } => {
+            // A blocked binding is not Ready even with a valid token: a person has to act.
+            status.phase = Some(Phase::Error);
+            let message = match valid {
+                Some(g) if *reason != Reason::SecretConflict => {
+                    format!("{message} (the published token stays valid until {})", rfc3339(g.expires_at))
+                }
+                _ => message.clone(),
+            };
+            status.conditions.push(cond(conditions::READY, ConditionStatus::False, *reason, message));
+            carry(prev, &mut status.conditions, conditions::AUTHORIZED);
+            carry(prev, &mut status.conditions, conditions::REFRESH_FAILING);
+        }
+        Outcome::Unchanged | Outcome::Refreshed => {
+            if *outcome == Outcome::Refreshed {
+                status.last_refresh_time = Some(now);
+                status.failed_attempts = 0;
+                status.last_failure_time = None;
+                status.conditions.push(ready(valid));
+                status.conditions.push(cond(
+                    conditions::AUTHORIZED,
+                    ConditionStatus::True,
+                    Reason::Authorized,
+                    format!("{} grant holds a working credential", binding.spec.grant.name()),
+                ));
+                status.conditions.push(cond(
+                    conditions::REFRESH_FAILING,
+                    ConditionStatus::False,
+                    Reason::RefreshSucceeded,
+                    "the last token request succeeded".into(),
+                ));
+            } else {
+                status.conditions.push(ready(valid));
+                carry(prev, &mut status.conditions, conditions::AUTHORIZED);
+                carry(prev, &mut status.conditions, conditions::REFRESH_FAILING);
+            }
+            status.phase = Some(phase_of(&status.conditions, valid.is_some()));
+        }
+        Outcome::Failed(failure) => {
+            status.failed_attempts = previous.failed_attempts.saturating_add(1);
+            status.last_failure_time = Some(now);
+            let message = failure_message(failure, valid);
+            status.conditions.push(match valid {
+                Some(_) => ready(valid),
+                None => cond(conditions::READY, ConditionStatus::False, if grant.is_some() { Reason::Expired } else { failure.reason }, message.clone()),
+            });
+            if failure.transient {
+                carry(prev, &mut status.conditions, conditions::AUTHORIZED);
+            } else {
+                status.conditions.push(cond(conditions::AUTHORIZED, ConditionStatus::False, failure.reason, message.clone()));
+            }
+            status.conditions.push(cond(conditions::REFRESH_FAILING, ConditionStatus::True, failure.reason, message));
+            status.phase = Some(phase_of(&status.conditions, valid.is_some()));
+        }
+    }
+    status
+}
+
+fn failure_message(failure: &Failure, valid: Option<&GrantState>) -> String {
+    let what = match valid {
+        Some(g) => format!("{}; the published token stays valid until {}", failure.message, rfc3339(g.expires_at)),
+        None => failure.message.clone(),
+    };
+    failure.reason.message(what)
+}
+
+fn carry(previous: &[Condition], into: &mut Vec<Condition>, type_: &str) {
+    if let Some(c) = find_condition(previous, type_) {
+        into.push(c.clone());
+    }
+}
+
+fn phase_of(conditions: &[Condition], valid: bool) -> Phase {
+    let authorized = find_condition(conditions, conditions::AUTHORIZED);
+    let failing = find_condition(conditions, conditions::REFRESH_FAILING).is_some_and(Condition::is_true);
+    match authorized {
+        Some(a) if a.status == ConditionStatus::False && is_permanent(&a.reason) => Phase::ReauthorizationRequired,
+        _ if valid && failing => Phase::Refreshing,
+        _ if valid => Phase::Ready,
+        _ if failing => Phase::Error,
+        _ => Phase::Pending,
+    }
+}
+
+/// When the controller should look at the binding again.
+pub fn requeue_after(now: DateTime<Utc>, decision: &Decision, status: &MailboxBindingStatus, failure: Option<&Failure>) -> Option<Duration> {
+    let expiry = status.token.as_ref().map(|t| t.expires_at).filter(|e| *e > now);
+    let next = match decision {
+        Decision::Suspended | Decision::Blocked { .. } => {
+            // Provider or conflict problems may clear without an event we watch for.
+            Some(now + Duration::minutes(5))
+        }
+        Decision::Keep { renew_at } => Some(*renew_at),
+        Decision::Wait { until } => *until,
+        Decision::Obtain { .. } => match failure {
+            None => status.token.as_ref().map(|t| t.renew_at),
+            Some(f) if f.transient => {
+                let backoff = schedule::backoff(status.failed_attempts);
+                Some(now + std::cmp::max(backoff, f.retry_after.unwrap_or_else(Duration::zero)))
+            }
+            Some(_) => None,
+        },
+    };
+    // Always come back at expiry, so `Ready` turns `False` on time.
+    let next = match (next, expiry) {
+        (Some(n), Some(e)) => Some(std::cmp::min(n, e)),
+        (n, e) => n.or(e),
+    }?;
+    Some(std::cmp::max(next - now, Duration::seconds(1)))
+}

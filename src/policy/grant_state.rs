@@ -1,0 +1,174 @@
+//! The grant state: the refresh token and what is needed to use it, plus the current access token.
+//! Stored in a Secret owned by the binding that workloads never mount; this module encodes and
+//! decodes that Secret's data.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+
+/// Keys of the grant-state Secret.
+pub mod keys {
+    /// The refresh token (rotated copies replace it).
+    pub const REFRESH_TOKEN: &str = "refresh_token";
+    /// The current access token.
+    pub const ACCESS_TOKEN: &str = "access_token";
+    /// `Bearer`.
+    pub const TOKEN_TYPE: &str = "token_type";
+    /// RFC 3339.
+    pub const ISSUED_AT: &str = "issued_at";
+    /// RFC 3339.
+    pub const EXPIRES_AT: &str = "expires_at";
+    /// Granted scopes, space separated.
+    pub const SCOPES: &str = "scopes";
+    /// Requested scopes, space separated.
+    pub const REQUESTED_SCOPES: &str = "requested_scopes";
+    /// `Kind/name` of the provider the tokens were issued through.
+    pub const PROVIDER: &str = "provider";
+    /// The client id the tokens were issued to.
+    pub const CLIENT_ID: &str = "client_id";
+    /// `secret/key` the refresh token was imported from.
+    pub const IMPORTED_FROM: &str = "imported_from";
+}
+
+/// What the operator holds for one binding.
+#[derive(Clone, Debug)]
+pub struct GrantState {
+    /// The refresh token, if the grant has one.
+    pub refresh_token: Option<SecretString>,
+    /// The current access token.
+    pub access_token: SecretString,
+    /// Token type, `Bearer`.
+    pub token_type: String,
+    /// When the access token was issued.
+    pub issued_at: DateTime<Utc>,
+    /// When it expires.
+    pub expires_at: DateTime<Utc>,
+    /// Scopes granted.
+    pub scopes: Vec<String>,
+    /// Scopes requested.
+    pub requested_scopes: Vec<String>,
+    /// `Kind/name` of the provider.
+    pub provider: String,
+    /// Client id the tokens belong to.
+    pub client_id: String,
+    /// `secret/key` of the imported refresh token, for the refreshToken grant.
+    pub imported_from: Option<String>,
+}
+
+impl PartialEq for GrantState {
+    fn eq(&self, other: &Self) -> bool {
+        self.refresh_token.as_ref().map(ExposeSecret::expose_secret)
+            == other.refresh_token.as_ref().map(ExposeSecret::expose_secret)
+            && self.access_token.expose_secret() == other.access_token.expose_secret()
+            && self.token_type == other.token_type
+            && self.issued_at == other.issued_at
+            && self.expires_at == other.expires_at
+            && self.scopes == other.scopes
+            && self.requested_scopes == other.requested_scopes
+            && self.provider == other.provider
+            && self.client_id == other.client_id
+            && self.imported_from == other.imported_from
+    }
+}
+
+impl GrantState {
+    /// The Secret data for this state.
+    pub fn encode(&self) -> BTreeMap<String, String> {
+        let mut data = BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            data.insert(k.to_owned(), v);
+        };
+        if let Some(rt) = &self.refresh_token {
+            put(keys::REFRESH_TOKEN, rt.expose_secret().to_owned());
+        }
+        put(keys::ACCESS_TOKEN, self.access_token.expose_secret().to_owned());
+        put(keys::TOKEN_TYPE, self.token_type.clone());
+        put(keys::ISSUED_AT, rfc3339(self.issued_at));
+        put(keys::EXPIRES_AT, rfc3339(self.expires_at));
+        put(keys::SCOPES, self.scopes.join(" "));
+        put(keys::REQUESTED_SCOPES, self.requested_scopes.join(" "));
+        put(keys::PROVIDER, self.provider.clone());
+        put(keys::CLIENT_ID, self.client_id.clone());
+        if let Some(from) = &self.imported_from {
+            put(keys::IMPORTED_FROM, from.clone());
+        }
+        data
+    }
+
+    /// Reads a state back; `None` when a required key is missing or does not parse.
+    pub fn decode(data: &BTreeMap<String, Vec<u8>>) -> Option<Self> {
+        let text = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.clone()).ok());
+        let time = |k: &str| {
+            text(k).and_then(|t| DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&Utc))
+        };
+        let words = |k: &str| {
+            text(k).map(|s| s.split_whitespace().map(str::to_owned).collect()).unwrap_or_default()
+        };
+        Some(Self {
+            refresh_token: text(keys::REFRESH_TOKEN).filter(|t| !t.is_empty()).map(SecretString::from),
+            access_token: SecretString::from(text(keys::ACCESS_TOKEN).filter(|t| !t.is_empty())?),
+            token_type: text(keys::TOKEN_TYPE).unwrap_or_else(|| "Bearer".to_owned()),
+            issued_at: time(keys::ISSUED_AT)?,
+            expires_at: time(keys::EXPIRES_AT)?,
+            scopes: words(keys::SCOPES),
+            requested_scopes: words(keys::REQUESTED_SCOPES),
+            provider: text(keys::PROVIDER)?,
+            client_id: text(keys::CLIENT_ID)?,
+            imported_from: text(keys::IMPORTED_FROM),
+        })
+    }
+}
+
+/// RFC 3339 in UTC with seconds, as written everywhere (`2026-01-02T03:04:05Z`).
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_survives_encoding_and_decoding() {
+        let state = GrantState {
+            refresh_token: Some("rt-1".to_owned().into()),
+            access_token: "at-1".to_owned().into(),
+            token_type: "Bearer".into(),
+            issued_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
+            expires_at: DateTime::from_timestamp(1_700_003_600, 0).unwrap_or_default(),
+            scopes: vec!["openid".into(), "mail".into()],
+            requested_scopes: vec!["mail".into()],
+            provider: "MailProvider/p".into(),
+            client_id: "client".into(),
+            imported_from: Some("import/refresh_token".into()),
+        };
+        let data = state.encode().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+        assert_eq!(GrantState::decode(&data), Some(state));
+    }
+
+    #[test]
+    fn a_state_without_an_access_token_is_not_read() {
+        let mut data = BTreeMap::new();
+        data.insert(keys::REFRESH_TOKEN.to_owned(), b"rt".to_vec());
+        assert_eq!(GrantState::decode(&data), None);
+    }
+
+    #[test]
+    fn debug_output_never_shows_tokens() {
+        let state = GrantState {
+            refresh_token: Some("very-secret-refresh".to_owned().into()),
+            access_token: "very-secret-access".to_owned().into(),
+            token_type: "Bearer".into(),
+            issued_at: Utc::now(),
+            expires_at: Utc::now(),
+            scopes: vec![],
+            requested_scopes: vec![],
+            provider: "MailProvider/p".into(),
+            client_id: "c".into(),
+            imported_from: None,
+        };
+        let shown = format!("{state:?}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+    }
+}

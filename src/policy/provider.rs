@@ -1,0 +1,218 @@
+//! Decisions for providers: readiness, client-secret expiry warnings (60 / 30 / 7 days) and which
+//! namespaces may bind to a `ClusterMailProvider`.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+
+use super::Reason;
+use super::condition::condition;
+use super::grant_state::rfc3339;
+use crate::api::{AllowedNamespaces, ClientSecretRef, ConditionStatus, Endpoints, MailProviderStatus};
+
+/// Condition types of a provider.
+pub mod conditions {
+    /// Endpoints resolved, referenced Secrets present and parseable.
+    pub const READY: &str = "Ready";
+    /// A client secret expires within 60 days.
+    pub const CLIENT_SECRET_EXPIRING: &str = "ClientSecretExpiring";
+}
+
+/// Warning thresholds before a client secret expires.
+pub const EXPIRY_WARNINGS_DAYS: [i64; 3] = [60, 30, 7];
+
+/// The earliest expiry among the client secrets.
+pub fn earliest_expiry(refs: &[ClientSecretRef]) -> Option<DateTime<Utc>> {
+    refs.iter().filter_map(|r| r.expires_at).min()
+}
+
+/// The tightest warning threshold (in days) that `expires_at` falls within, if any.
+pub fn expiry_threshold(now: DateTime<Utc>, expires_at: DateTime<Utc>) -> Option<i64> {
+    let left = expires_at - now;
+    EXPIRY_WARNINGS_DAYS.iter().rev().copied().find(|d| left <= Duration::days(*d))
+}
+
+/// What the controller found out about a provider.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// The endpoints, or why they could not be resolved.
+    pub endpoints: Result<Endpoints, String>,
+    /// A problem with a referenced Secret (missing, empty), if any.
+    pub secret_problem: Option<(Reason, String)>,
+}
+
+/// The provider's status.
+pub fn status(
+    now: DateTime<Utc>,
+    generation: Option<i64>,
+    previous: Option<&MailProviderStatus>,
+    secret_refs: &[ClientSecretRef],
+    observed: &Observed,
+) -> MailProviderStatus {
+    let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
+    let expires = earliest_expiry(secret_refs);
+    let ready = match (&observed.endpoints, &observed.secret_problem) {
+        (Err(why), _) => condition(
+            prev,
+            conditions::READY,
+            ConditionStatus::False,
+            Reason::EndpointsUnresolved,
+            Reason::EndpointsUnresolved.message(why),
+            now,
+            generation,
+        ),
+        (Ok(_), Some((reason, why))) => {
+            condition(prev, conditions::READY, ConditionStatus::False, *reason, reason.message(why), now, generation)
+        }
+        (Ok(e), None) => condition(
+            prev,
+            conditions::READY,
+            ConditionStatus::True,
+            Reason::ProviderReady,
+            format!("token endpoint {}", e.token.as_deref().unwrap_or("unknown")),
+            now,
+            generation,
+        ),
+    };
+    let expiring = match expires.and_then(|e| expiry_threshold(now, e).map(|d| (e, d))) {
+        Some((e, _)) if e <= now => condition(
+            prev,
+            conditions::CLIENT_SECRET_EXPIRING,
+            ConditionStatus::True,
+            Reason::ClientSecretExpired,
+            Reason::ClientSecretExpired.message(format!("a client secret expired at {}", rfc3339(e))),
+            now,
+            generation,
+        ),
+        Some((e, days)) => condition(
+            prev,
+            conditions::CLIENT_SECRET_EXPIRING,
+            ConditionStatus::True,
+            Reason::ClientSecretExpiring,
+            Reason::ClientSecretExpiring.message(format!("a client secret expires at {} (within {days} days)", rfc3339(e))),
+            now,
+            generation,
+        ),
+        None => condition(
+            prev,
+            conditions::CLIENT_SECRET_EXPIRING,
+            ConditionStatus::False,
+            Reason::ClientSecretValid,
+            match expires {
+                Some(e) => format!("the earliest client secret expiry is {}", rfc3339(e)),
+                None => "no client secret expiry is known".to_owned(),
+            },
+            now,
+            generation,
+        ),
+    };
+    MailProviderStatus {
+        conditions: vec![ready, expiring],
+        endpoints: observed.endpoints.as_ref().ok().cloned(),
+        client_secret_expires_at: expires,
+        observed_generation: generation,
+    }
+}
+
+/// When to look at a provider again: sooner while it is not ready, and at each expiry warning.
+pub fn requeue_after(now: DateTime<Utc>, ready: bool, secret_refs: &[ClientSecretRef]) -> Duration {
+    let base = if ready { Duration::minutes(10) } else { Duration::minutes(1) };
+    let next_warning = earliest_expiry(secret_refs).and_then(|e| {
+        EXPIRY_WARNINGS_DAYS.iter().map(|d| e - Duration::days(*d)).chain([e]).filter(|t| *t > now).min()
+    });
+    match next_warning {
+        Some(t) => std::cmp::max(std::cmp::min(base, t - now), Duration::seconds(1)),
+        None => base,
+    }
+}
+
+/// Whether a namespace with these labels may bind to a cluster provider.
+pub fn namespace_allowed(allowed: Option<&AllowedNamespaces>, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+    let Some(allowed) = allowed else { return true };
+    if allowed.names.is_empty() && allowed.selector.is_none() {
+        return true;
+    }
+    allowed.names.iter().any(|n| n == namespace)
+        || allowed
+            .selector
+            .as_ref()
+            .is_some_and(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::provider::LabelSelector;
+
+    fn at(days: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default() + Duration::days(days)
+    }
+
+    fn secret(expires: Option<DateTime<Utc>>) -> ClientSecretRef {
+        ClientSecretRef { name: "s".into(), key: "client-secret".into(), expires_at: expires }
+    }
+
+    #[test]
+    fn expiry_warnings_come_at_sixty_thirty_and_seven_days() {
+        assert_eq!(expiry_threshold(at(0), at(90)), None);
+        assert_eq!(expiry_threshold(at(0), at(60)), Some(60));
+        assert_eq!(expiry_threshold(at(0), at(29)), Some(30));
+        assert_eq!(expiry_threshold(at(0), at(3)), Some(7));
+        assert_eq!(expiry_threshold(at(0), at(-1)), Some(7));
+    }
+
+    #[test]
+    fn a_provider_with_endpoints_and_secrets_is_ready_and_warns_of_expiry() {
+        let observed = Observed { endpoints: Ok(Endpoints { token: Some("https://t".into()), ..Default::default() }), secret_problem: None };
+        let s = status(at(0), Some(3), None, &[secret(Some(at(20))), secret(Some(at(400)))], &observed);
+        assert_eq!(s.conditions[0].status, ConditionStatus::True);
+        assert_eq!(s.conditions[0].reason, "ProviderReady");
+        assert_eq!(s.conditions[1].reason, "ClientSecretExpiring");
+        assert!(s.conditions[1].message.contains("within 30 days"), "{}", s.conditions[1].message);
+        assert_eq!(s.client_secret_expires_at, Some(at(20)));
+        assert_eq!(s.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn a_provider_whose_secret_is_missing_is_not_ready_and_says_how_to_fix_it() {
+        let observed = Observed {
+            endpoints: Ok(Endpoints::default()),
+            secret_problem: Some((Reason::ClientSecretNotFound, "Secret contoso-oauth not found".into())),
+        };
+        let s = status(at(0), Some(1), None, &[], &observed);
+        assert_eq!(s.conditions[0].status, ConditionStatus::False);
+        assert_eq!(s.conditions[0].reason, "ClientSecretNotFound");
+        assert!(s.conditions[0].message.contains("fix: create the Secret"), "{}", s.conditions[0].message);
+    }
+
+    #[test]
+    fn an_unchanged_provider_keeps_its_transition_times() {
+        let observed = Observed { endpoints: Ok(Endpoints::default()), secret_problem: None };
+        let first = status(at(0), Some(1), None, &[], &observed);
+        let second = status(at(1), Some(1), Some(&first), &[], &observed);
+        assert_eq!(first, second);
+    }
+
+    #[test]
+    fn requeue_happens_at_the_next_expiry_warning() {
+        let refs = [secret(Some(at(61)))];
+        assert_eq!(requeue_after(at(0), true, &refs), Duration::minutes(10));
+        let soon = at(61) - Duration::days(60) - Duration::minutes(3);
+        assert_eq!(requeue_after(soon, true, &refs), Duration::minutes(3));
+    }
+
+    #[test]
+    fn allowed_namespaces_match_by_name_or_labels() {
+        let labels = BTreeMap::from([("team".to_owned(), "mail".to_owned())]);
+        assert!(namespace_allowed(None, "x", &labels));
+        let by_name = AllowedNamespaces { names: vec!["ops".into()], selector: None };
+        assert!(namespace_allowed(Some(&by_name), "ops", &BTreeMap::new()));
+        assert!(!namespace_allowed(Some(&by_name), "dev", &labels));
+        let by_label = AllowedNamespaces {
+            names: vec![],
+            selector: Some(LabelSelector { match_labels: labels.clone() }),
+        };
+        assert!(namespace_allowed(Some(&by_label), "dev", &labels));
+        assert!(!namespace_allowed(Some(&by_label), "dev", &BTreeMap::new()));
+    }
+}

@@ -1,0 +1,163 @@
+//! Typed condition reasons. Each names what happened and carries the fix a person can apply;
+//! docs/conditions.md lists them all.
+
+use std::fmt;
+
+/// Why a condition has its status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The published token is valid.
+    TokenValid,
+    /// Waiting for a person to complete an interactive grant.
+    AwaitingAuthorization,
+    /// The person did not complete the interactive grant in time.
+    AuthorizationExpired,
+    /// The grant is dead (`invalid_grant`: revoked, expired, password changed).
+    ReauthorizationRequired,
+    /// The user or an admin has not consented to the scopes (`invalid_scope`, AADSTS65001).
+    ConsentRequired,
+    /// The provider rejected the client id or secret (`invalid_client`, AADSTS7000215).
+    ClientCredentialsInvalid,
+    /// The client secret has expired (AADSTS7000222).
+    ClientSecretExpired,
+    /// The provider vouched for another identity than `spec.mailbox`.
+    IdentityMismatch,
+    /// The referenced provider does not exist.
+    ProviderNotFound,
+    /// The referenced provider exists but is not ready.
+    ProviderNotReady,
+    /// The `ClusterMailProvider` does not allow this namespace.
+    ProviderNotAllowed,
+    /// The Secret to write is controlled by someone else, or named by another binding.
+    SecretConflict,
+    /// The token endpoint could not be reached or failed (network, 5xx).
+    TokenEndpointUnavailable,
+    /// The token endpoint throttled us (429).
+    Throttled,
+    /// The published token has expired.
+    Expired,
+    /// The grant in the spec is not implemented by this version.
+    GrantNotSupported,
+    /// The spec asks for something this provider cannot do, or is inconsistent.
+    InvalidSpec,
+    /// The Secret holding the refresh token to import is missing or empty.
+    ImportSecretNotFound,
+    /// The provider's client secret Secret is missing or empty.
+    ClientSecretNotFound,
+    /// The provider's endpoints could not be resolved (discovery failed, none given).
+    EndpointsUnresolved,
+    /// The provider is usable.
+    ProviderReady,
+    /// `spec.suspend` is set.
+    Suspended,
+    /// Nothing obtained yet.
+    Pending,
+    /// The grant holds a working credential.
+    Authorized,
+    /// The last refresh worked.
+    RefreshSucceeded,
+    /// The client secret expires soon.
+    ClientSecretExpiring,
+    /// No known client secret expires soon.
+    ClientSecretValid,
+    /// The token endpoint answered with an error the operator does not know.
+    TokenRequestFailed,
+}
+
+impl Reason {
+    /// The CamelCase name written into conditions.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::TokenValid => "TokenValid",
+            Reason::AwaitingAuthorization => "AwaitingAuthorization",
+            Reason::AuthorizationExpired => "AuthorizationExpired",
+            Reason::ReauthorizationRequired => "ReauthorizationRequired",
+            Reason::ConsentRequired => "ConsentRequired",
+            Reason::ClientCredentialsInvalid => "ClientCredentialsInvalid",
+            Reason::ClientSecretExpired => "ClientSecretExpired",
+            Reason::IdentityMismatch => "IdentityMismatch",
+            Reason::ProviderNotFound => "ProviderNotFound",
+            Reason::ProviderNotReady => "ProviderNotReady",
+            Reason::ProviderNotAllowed => "ProviderNotAllowed",
+            Reason::SecretConflict => "SecretConflict",
+            Reason::TokenEndpointUnavailable => "TokenEndpointUnavailable",
+            Reason::Throttled => "Throttled",
+            Reason::Expired => "Expired",
+            Reason::GrantNotSupported => "GrantNotSupported",
+            Reason::InvalidSpec => "InvalidSpec",
+            Reason::ImportSecretNotFound => "ImportSecretNotFound",
+            Reason::ClientSecretNotFound => "ClientSecretNotFound",
+            Reason::EndpointsUnresolved => "EndpointsUnresolved",
+            Reason::ProviderReady => "ProviderReady",
+            Reason::Suspended => "Suspended",
+            Reason::Pending => "Pending",
+            Reason::Authorized => "Authorized",
+            Reason::RefreshSucceeded => "RefreshSucceeded",
+            Reason::ClientSecretExpiring => "ClientSecretExpiring",
+            Reason::ClientSecretValid => "ClientSecretValid",
+            Reason::TokenRequestFailed => "TokenRequestFailed",
+        }
+    }
+
+    /// What a person can do about it; empty where nothing is needed.
+    pub fn fix(self) -> &'static str {
+        match self {
+            Reason::ReauthorizationRequired => {
+                "authorize again: put a new refresh token into the import Secret and set the \
+                 mailoauth.io/reauthorize-requested annotation to a new value"
+            }
+            Reason::ConsentRequired => {
+                "grant consent for the requested scopes (an admin may have to consent for the \
+                 tenant), then set mailoauth.io/refresh-requested to a new value"
+            }
+            Reason::ClientCredentialsInvalid => {
+                "check the provider's clientId and the client secret in the referenced Secret"
+            }
+            Reason::ClientSecretExpired => {
+                "create a new client secret at the provider, add it first in \
+                 clientAuthentication.clientSecretRefs"
+            }
+            Reason::IdentityMismatch => "authorize with the account named in spec.mailbox",
+            Reason::ProviderNotFound => "create the provider or fix spec.providerRef",
+            Reason::ProviderNotReady => "see the provider's Ready condition",
+            Reason::ProviderNotAllowed => {
+                "ask the cluster admin to add this namespace to the provider's allowedNamespaces"
+            }
+            Reason::SecretConflict => "choose another spec.secretName",
+            Reason::TokenEndpointUnavailable | Reason::Throttled => {
+                "nothing: the operator retries with backoff"
+            }
+            Reason::Expired => "see the other conditions for why the token could not be renewed",
+            Reason::GrantNotSupported => {
+                "use the refreshToken or clientCredentials grant with this version"
+            }
+            Reason::ImportSecretNotFound => {
+                "create the Secret named in spec.grant.refreshToken.secretRef with the refresh token"
+            }
+            Reason::ClientSecretNotFound => {
+                "create the Secret named in clientAuthentication.clientSecretRefs"
+            }
+            Reason::EndpointsUnresolved => {
+                "check generic.issuerUrl (it must serve /.well-known/openid-configuration over \
+                 https) or give tokenUrl explicitly"
+            }
+            Reason::ClientSecretExpiring => {
+                "create a new client secret at the provider and add it first in clientSecretRefs"
+            }
+            Reason::TokenRequestFailed => "check the provider registration and the scopes",
+            _ => "",
+        }
+    }
+
+    /// A message: what happened, then the fix.
+    pub fn message(self, what: impl fmt::Display) -> String {
+        let fix = self.fix();
+        if fix.is_empty() { what.to_string() } else { format!("{what}; fix: {fix}") }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

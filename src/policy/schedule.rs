@@ -1,0 +1,140 @@
+//! When to renew a token: `expiresAt − clamp(max(lifetime/3, refreshBefore), 0, lifetime/2)`,
+//! minus a small per-binding jitter so bindings issued together do not renew together.
+
+use chrono::{DateTime, Duration, Utc};
+
+/// Default minimum margin before expiry (Exchange rejects tokens within 10 minutes of expiry).
+pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::minutes(10);
+
+/// The largest jitter, whatever the lifetime.
+pub const MAX_JITTER: Duration = Duration::seconds(60);
+
+/// The margin before expiry at which a token of `lifetime` is renewed, without jitter.
+pub fn margin(lifetime: Duration, refresh_before: Duration) -> Duration {
+    let wanted = std::cmp::max(lifetime / 3, refresh_before);
+    wanted.clamp(Duration::zero(), std::cmp::max(lifetime / 2, Duration::zero()))
+}
+
+/// The jitter bound for a lifetime: a twentieth of it, at most [`MAX_JITTER`].
+pub fn jitter_bound(lifetime: Duration) -> Duration {
+    std::cmp::min(std::cmp::max(lifetime / 20, Duration::zero()), MAX_JITTER)
+}
+
+/// Jitter in `[0, jitter_bound(lifetime)]` derived from `seed` (e.g. a hash of the binding's uid).
+pub fn jitter(lifetime: Duration, seed: u64) -> Duration {
+    let bound_ms = jitter_bound(lifetime).num_milliseconds();
+    if bound_ms <= 0 {
+        return Duration::zero();
+    }
+    let bound = u64::try_from(bound_ms).unwrap_or(0);
+    Duration::milliseconds(i64::try_from(seed % (bound + 1)).unwrap_or(0))
+}
+
+/// When to renew a token issued at `issued_at` that expires at `expires_at`.
+pub fn renew_at(
+    issued_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    refresh_before: Duration,
+    seed: u64,
+) -> DateTime<Utc> {
+    let lifetime = expires_at - issued_at;
+    expires_at - margin(lifetime, refresh_before) - jitter(lifetime, seed)
+}
+
+/// A stable seed from a binding's identity (its uid), for [`jitter`].
+pub fn seed(identity: &str) -> u64 {
+    // FNV-1a: stable across Rust versions, unlike `DefaultHasher`.
+    identity.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Exponential backoff after `failed_attempts` transient failures: 30 s, 1 m, 2 m, ... at most 30 m.
+pub fn backoff(failed_attempts: u32) -> Duration {
+    let exp = failed_attempts.saturating_sub(1).min(6);
+    std::cmp::min(Duration::seconds(30) * 2_i32.pow(exp), Duration::minutes(30))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(secs, 0).unwrap_or_default()
+    }
+
+    #[test]
+    fn an_hour_token_with_the_default_margin_renews_twenty_minutes_early() {
+        let renew = expires_minus(Duration::hours(1), DEFAULT_REFRESH_BEFORE, 0);
+        assert_eq!(renew, Duration::minutes(20));
+    }
+
+    #[test]
+    fn a_large_refresh_before_is_capped_at_half_the_lifetime() {
+        assert_eq!(margin(Duration::minutes(30), Duration::hours(2)), Duration::minutes(15));
+    }
+
+    #[test]
+    fn a_zero_lifetime_renews_at_once() {
+        assert_eq!(renew_at(at(1000), at(1000), DEFAULT_REFRESH_BEFORE, 7), at(1000));
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(1), Duration::seconds(30));
+        assert_eq!(backoff(2), Duration::seconds(60));
+        assert_eq!(backoff(3), Duration::seconds(120));
+        assert_eq!(backoff(40), Duration::minutes(30));
+    }
+
+    #[test]
+    fn seeds_are_stable_and_differ_between_bindings() {
+        assert_eq!(seed("a"), seed("a"));
+        assert_ne!(seed("uid-1"), seed("uid-2"));
+    }
+
+    fn expires_minus(lifetime: Duration, refresh_before: Duration, s: u64) -> Duration {
+        let issued = at(1_700_000_000);
+        let expires = issued + lifetime;
+        expires - renew_at(issued, expires, refresh_before, s)
+    }
+
+    proptest! {
+        #[test]
+        fn renewal_falls_after_issue_and_before_expiry(
+            lifetime_s in 1_i64..200_000, before_s in 0_i64..100_000, s in any::<u64>()
+        ) {
+            let issued = at(1_700_000_000);
+            let expires = issued + Duration::seconds(lifetime_s);
+            let renew = renew_at(issued, expires, Duration::seconds(before_s), s);
+            prop_assert!(renew > issued, "renew {renew} not after issue {issued}");
+            prop_assert!(renew < expires, "renew {renew} not before expiry {expires}");
+        }
+
+        #[test]
+        fn renewal_respects_refresh_before_when_the_lifetime_allows(
+            lifetime_s in 1_i64..200_000, before_s in 0_i64..100_000, s in any::<u64>()
+        ) {
+            let lifetime = Duration::seconds(lifetime_s);
+            let before = Duration::seconds(before_s);
+            prop_assume!(before <= lifetime / 2);
+            prop_assert!(expires_minus(lifetime, before, s) >= before);
+        }
+
+        #[test]
+        fn renewal_keeps_at_least_a_third_of_the_lifetime_as_margin_when_allowed(
+            lifetime_s in 3_i64..200_000, s in any::<u64>()
+        ) {
+            let lifetime = Duration::seconds(lifetime_s);
+            prop_assert!(expires_minus(lifetime, Duration::zero(), s) >= lifetime / 3);
+        }
+
+        #[test]
+        fn jitter_is_bounded(lifetime_s in 0_i64..1_000_000, s in any::<u64>()) {
+            let lifetime = Duration::seconds(lifetime_s);
+            let j = jitter(lifetime, s);
+            prop_assert!(j >= Duration::zero());
+            prop_assert!(j <= jitter_bound(lifetime));
+            prop_assert!(j <= MAX_JITTER);
+        }
+    }
+}
