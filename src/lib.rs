@@ -4,4 +4,11 @@
 //! endpoint client) → [`controller`] (Kubernetes I/O) → [`server`] (HTTP endpoints).
 
 pub mod api;
+pub mod cli;
+pub mod controller;
+pub mod error;
+pub mod oauth;
 pub mod policy;
+pub mod server;
+
+pub use error::{Error, Result};

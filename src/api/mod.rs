@@ -7,15 +7,14 @@ pub mod crds;
 pub mod provider;
 
 pub use binding::{
-    Grant, MailboxBinding, MailboxBindingSpec, MailboxBindingStatus, Phase, ProviderKind,
-    ProviderRef, SecretTemplate, TokenStatus,
+    Grant, MailboxBinding, MailboxBindingSpec, MailboxBindingStatus, Phase, ProviderKind, ProviderRef, SecretTemplate,
+    TokenStatus,
 };
 pub use common::{Condition, ConditionStatus, Protocol, SecretKeySelector, ServerAddress};
 pub use provider::{
-    AllowedNamespaces, ClientAuthMethod, ClientAuthentication, ClientSecretRef,
-    ClusterMailProvider, ClusterMailProviderSpec, Endpoints, GenericPreset, GooglePreset,
-    MailProvider, MailProviderSpec, MailProviderStatus, MicrosoftPreset, Preset, ProtocolScopes,
-    ProtocolServers,
+    AllowedNamespaces, ClientAuthMethod, ClientAuthentication, ClientSecretRef, ClusterMailProvider,
+    ClusterMailProviderSpec, Endpoints, GenericPreset, GooglePreset, MailProvider, MailProviderSpec,
+    MailProviderStatus, MicrosoftPreset, Preset, ProtocolScopes, ProtocolServers,
 };
 
 /// API group of every kind.

@@ -104,7 +104,7 @@ pub enum Preset {
     /// Microsoft 365 / Exchange Online.
     Microsoft(MicrosoftPreset),
     /// Any OAuth 2.0 server.
-    Generic(GenericPreset),
+    Generic(Box<GenericPreset>),
 }
 
 /// Google has nothing to configure: endpoints, scope and servers are known.

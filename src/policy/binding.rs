@@ -4,14 +4,14 @@
 use chrono::{DateTime, Duration, Utc};
 
 use super::Reason;
-use super::condition::condition;
 use super::classify::Failure;
+use super::condition::condition;
 use super::grant_state::{GrantState, rfc3339};
 use super::schedule;
 use crate::api::common::find_condition;
 use crate::api::{
-    Condition, ConditionStatus, Grant, MailboxBinding, MailboxBindingStatus, Phase,
-    REAUTHORIZE_REQUESTED_ANNOTATION, REFRESH_REQUESTED_ANNOTATION, SecretKeySelector, TokenStatus,
+    Condition, ConditionStatus, Grant, MailboxBinding, MailboxBindingStatus, Phase, REAUTHORIZE_REQUESTED_ANNOTATION,
+    REFRESH_REQUESTED_ANNOTATION, SecretKeySelector, TokenStatus,
 };
 
 /// Condition types of a binding.
@@ -336,7 +336,9 @@ pub fn next_status(
             Reason::Expired,
             Reason::Expired.message(format!("the token expired at {}", rfc3339(g.expires_at))),
         ),
-        (None, None) => cond(conditions::READY, ConditionStatus::False, Reason::Pending, "no token obtained yet".into()),
+        (None, None) => {
+            cond(conditions::READY, ConditionStatus::False, Reason::Pending, "no token obtained yet".into())
+        }
     };
 
     match outcome {
@@ -390,12 +392,22 @@ pub fn next_status(
             let message = failure_message(failure, valid);
             status.conditions.push(match valid {
                 Some(_) => ready(valid),
-                None => cond(conditions::READY, ConditionStatus::False, if grant.is_some() { Reason::Expired } else { failure.reason }, message.clone()),
+                None => cond(
+                    conditions::READY,
+                    ConditionStatus::False,
+                    if grant.is_some() { Reason::Expired } else { failure.reason },
+                    message.clone(),
+                ),
             });
             if failure.transient {
                 carry(prev, &mut status.conditions, conditions::AUTHORIZED);
             } else {
-                status.conditions.push(cond(conditions::AUTHORIZED, ConditionStatus::False, failure.reason, message.clone()));
+                status.conditions.push(cond(
+                    conditions::AUTHORIZED,
+                    ConditionStatus::False,
+                    failure.reason,
+                    message.clone(),
+                ));
             }
             status.conditions.push(cond(conditions::REFRESH_FAILING, ConditionStatus::True, failure.reason, message));
             status.phase = Some(phase_of(&status.conditions, valid.is_some()));
@@ -431,7 +443,12 @@ fn phase_of(conditions: &[Condition], valid: bool) -> Phase {
 }
 
 /// When the controller should look at the binding again.
-pub fn requeue_after(now: DateTime<Utc>, decision: &Decision, status: &MailboxBindingStatus, failure: Option<&Failure>) -> Option<Duration> {
+pub fn requeue_after(
+    now: DateTime<Utc>,
+    decision: &Decision,
+    status: &MailboxBindingStatus,
+    failure: Option<&Failure>,
+) -> Option<Duration> {
     let expiry = status.token.as_ref().map(|t| t.expires_at).filter(|e| *e > now);
     let next = match decision {
         Decision::Suspended | Decision::Blocked { .. } => {

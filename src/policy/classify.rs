@@ -70,9 +70,7 @@ fn reason_of(err: &UpstreamError) -> (Reason, bool) {
         _ => {}
     }
     match err.error.as_deref() {
-        Some("invalid_grant" | "interaction_required" | "login_required") => {
-            (Reason::ReauthorizationRequired, false)
-        }
+        Some("invalid_grant" | "interaction_required" | "login_required") => (Reason::ReauthorizationRequired, false),
         Some("invalid_scope" | "consent_required") => (Reason::ConsentRequired, false),
         Some("invalid_client" | "unauthorized_client") => (Reason::ClientCredentialsInvalid, false),
         Some("slow_down") => (Reason::Throttled, true),
@@ -130,9 +128,17 @@ mod tests {
         let cases = [
             ("invalid_grant", "AADSTS70008: The refresh token has expired", Reason::ReauthorizationRequired),
             ("invalid_grant", "AADSTS65001: The user or administrator has not consented", Reason::ConsentRequired),
-            ("invalid_client", "AADSTS7000222: The provided client secret keys are expired.", Reason::ClientSecretExpired),
+            (
+                "invalid_client",
+                "AADSTS7000222: The provided client secret keys are expired.",
+                Reason::ClientSecretExpired,
+            ),
             ("invalid_client", "AADSTS7000215: Invalid client secret provided.", Reason::ClientCredentialsInvalid),
-            ("invalid_grant", "AADSTS50173: The provided grant has expired due to it being revoked", Reason::ReauthorizationRequired),
+            (
+                "invalid_grant",
+                "AADSTS50173: The provided grant has expired due to it being revoked",
+                Reason::ReauthorizationRequired,
+            ),
         ];
         for (code, description, want) in cases {
             assert_eq!(classify(&oauth(400, code, description)).reason, want, "{description}");
@@ -150,11 +156,8 @@ mod tests {
 
     #[test]
     fn status_codes_without_an_oauth_error_are_transient() {
-        let throttled = UpstreamError {
-            status: Some(429),
-            retry_after: Some(Duration::seconds(20)),
-            ..Default::default()
-        };
+        let throttled =
+            UpstreamError { status: Some(429), retry_after: Some(Duration::seconds(20)), ..Default::default() };
         let f = classify(&throttled);
         assert_eq!((f.reason, f.transient, f.retry_after), (Reason::Throttled, true, Some(Duration::seconds(20))));
         let gateway = UpstreamError { status: Some(502), ..Default::default() };

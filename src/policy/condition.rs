@@ -16,9 +16,7 @@ pub fn condition(
     now: DateTime<Utc>,
     generation: Option<i64>,
 ) -> Condition {
-    let since = find_condition(previous, type_)
-        .filter(|c| c.status == status)
-        .map_or(now, |c| c.last_transition_time);
+    let since = find_condition(previous, type_).filter(|c| c.status == status).map_or(now, |c| c.last_transition_time);
     Condition {
         type_: type_.to_owned(),
         status,

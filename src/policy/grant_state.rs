@@ -99,12 +99,8 @@ impl GrantState {
     /// Reads a state back; `None` when a required key is missing or does not parse.
     pub fn decode(data: &BTreeMap<String, Vec<u8>>) -> Option<Self> {
         let text = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.clone()).ok());
-        let time = |k: &str| {
-            text(k).and_then(|t| DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&Utc))
-        };
-        let words = |k: &str| {
-            text(k).map(|s| s.split_whitespace().map(str::to_owned).collect()).unwrap_or_default()
-        };
+        let time = |k: &str| text(k).and_then(|t| DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&Utc));
+        let words = |k: &str| text(k).map(|s| s.split_whitespace().map(str::to_owned).collect()).unwrap_or_default();
         Some(Self {
             refresh_token: text(keys::REFRESH_TOKEN).filter(|t| !t.is_empty()).map(SecretString::from),
             access_token: SecretString::from(text(keys::ACCESS_TOKEN).filter(|t| !t.is_empty())?),

@@ -5,6 +5,7 @@ pub mod binding;
 pub mod classify;
 pub mod condition;
 pub mod grant_state;
+pub mod ownership;
 pub mod provider;
 pub mod publish;
 pub mod reason;

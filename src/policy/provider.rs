@@ -89,7 +89,8 @@ pub fn status(
             conditions::CLIENT_SECRET_EXPIRING,
             ConditionStatus::True,
             Reason::ClientSecretExpiring,
-            Reason::ClientSecretExpiring.message(format!("a client secret expires at {} (within {days} days)", rfc3339(e))),
+            Reason::ClientSecretExpiring
+                .message(format!("a client secret expires at {} (within {days} days)", rfc3339(e))),
             now,
             generation,
         ),
@@ -127,16 +128,17 @@ pub fn requeue_after(now: DateTime<Utc>, ready: bool, secret_refs: &[ClientSecre
 }
 
 /// Whether a namespace with these labels may bind to a cluster provider.
-pub fn namespace_allowed(allowed: Option<&AllowedNamespaces>, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
+pub fn namespace_allowed(
+    allowed: Option<&AllowedNamespaces>,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
     let Some(allowed) = allowed else { return true };
     if allowed.names.is_empty() && allowed.selector.is_none() {
         return true;
     }
     allowed.names.iter().any(|n| n == namespace)
-        || allowed
-            .selector
-            .as_ref()
-            .is_some_and(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        || allowed.selector.as_ref().is_some_and(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
 #[cfg(test)]
@@ -163,7 +165,10 @@ mod tests {
 
     #[test]
     fn a_provider_with_endpoints_and_secrets_is_ready_and_warns_of_expiry() {
-        let observed = Observed { endpoints: Ok(Endpoints { token: Some("https://t".into()), ..Default::default() }), secret_problem: None };
+        let observed = Observed {
+            endpoints: Ok(Endpoints { token: Some("https://t".into()), ..Default::default() }),
+            secret_problem: None,
+        };
         let s = status(at(0), Some(3), None, &[secret(Some(at(20))), secret(Some(at(400)))], &observed);
         assert_eq!(s.conditions[0].status, ConditionStatus::True);
         assert_eq!(s.conditions[0].reason, "ProviderReady");
@@ -208,10 +213,8 @@ mod tests {
         let by_name = AllowedNamespaces { names: vec!["ops".into()], selector: None };
         assert!(namespace_allowed(Some(&by_name), "ops", &BTreeMap::new()));
         assert!(!namespace_allowed(Some(&by_name), "dev", &labels));
-        let by_label = AllowedNamespaces {
-            names: vec![],
-            selector: Some(LabelSelector { match_labels: labels.clone() }),
-        };
+        let by_label =
+            AllowedNamespaces { names: vec![], selector: Some(LabelSelector { match_labels: labels.clone() }) };
         assert!(namespace_allowed(Some(&by_label), "dev", &labels));
         assert!(!namespace_allowed(Some(&by_label), "dev", &BTreeMap::new()));
     }

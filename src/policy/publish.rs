@@ -154,8 +154,8 @@ mod tests {
             ..Default::default()
         };
         let servers = BTreeMap::from([(Protocol::Imap, ServerAddress { host: "imap.example.com".into(), port: 993 })]);
-        let data = published_data("a@example.com", &grant(), &[Protocol::Imap], &servers, Some(&template))
-            .unwrap_or_default();
+        let data =
+            published_data("a@example.com", &grant(), &[Protocol::Imap], &servers, Some(&template)).unwrap_or_default();
         assert_eq!(data["msmtprc"], "user a@example.com\nhost imap.example.com\n");
     }
 

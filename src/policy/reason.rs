@@ -124,19 +124,13 @@ impl Reason {
                 "ask the cluster admin to add this namespace to the provider's allowedNamespaces"
             }
             Reason::SecretConflict => "choose another spec.secretName",
-            Reason::TokenEndpointUnavailable | Reason::Throttled => {
-                "nothing: the operator retries with backoff"
-            }
+            Reason::TokenEndpointUnavailable | Reason::Throttled => "nothing: the operator retries with backoff",
             Reason::Expired => "see the other conditions for why the token could not be renewed",
-            Reason::GrantNotSupported => {
-                "use the refreshToken or clientCredentials grant with this version"
-            }
+            Reason::GrantNotSupported => "use the refreshToken or clientCredentials grant with this version",
             Reason::ImportSecretNotFound => {
                 "create the Secret named in spec.grant.refreshToken.secretRef with the refresh token"
             }
-            Reason::ClientSecretNotFound => {
-                "create the Secret named in clientAuthentication.clientSecretRefs"
-            }
+            Reason::ClientSecretNotFound => "create the Secret named in clientAuthentication.clientSecretRefs",
             Reason::EndpointsUnresolved => {
                 "check generic.issuerUrl (it must serve /.well-known/openid-configuration over \
                  https) or give tokenUrl explicitly"

@@ -1,0 +1,445 @@
+//! Reconciles a `MailboxBinding`: find its provider, read its two Secrets, decide, maybe ask the
+//! token endpoint, persist the grant state first, publish the token, write status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use chrono::{DateTime, Duration, Utc};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use secrecy::{ExposeSecret, SecretString};
+use tracing::{info, warn};
+
+use super::Context;
+use super::secrets::{Role, desired, grant_secret_name, up_to_date};
+use crate::api::common::find_condition;
+use crate::api::{
+    ClientAuthMethod, ConditionStatus, Endpoints, FIELD_MANAGER, MailProviderSpec, MailProviderStatus, MailboxBinding,
+    MailboxBindingStatus, Protocol, ProviderKind, ServerAddress,
+};
+use crate::error::{Error, Result};
+use crate::oauth::provider::{auth_method, scopes_for, secret_refs, servers};
+use crate::oauth::{GrantInput, TokenRequest};
+use crate::policy::Reason;
+use crate::policy::binding::{
+    Decision, Inputs, Outcome, ProviderState, Source, conditions, decide, import_id, next_status, requeue_after,
+};
+use crate::policy::classify::{Failure, classify};
+use crate::policy::grant_state::GrantState;
+use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict};
+use crate::policy::publish::published_data;
+
+/// Lifetime assumed when the token endpoint does not say (`expires_in` is optional).
+const DEFAULT_LIFETIME: Duration = Duration::hours(1);
+
+/// What a usable provider offers this binding.
+#[derive(Clone, Debug)]
+pub struct ProviderUse {
+    /// `Kind/name`.
+    pub key: String,
+    /// The registration.
+    pub spec: MailProviderSpec,
+    /// Resolved endpoints.
+    pub endpoints: Endpoints,
+    /// Where its Secrets live.
+    pub secrets_namespace: String,
+    /// Scopes this binding requests.
+    pub scopes: Vec<String>,
+    /// Mail servers.
+    pub servers: BTreeMap<Protocol, ServerAddress>,
+}
+
+/// Reconciles one binding.
+pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Result<Action> {
+    let name = binding.name_any();
+    let ns =
+        binding.namespace().ok_or_else(|| Error::MissingNamespace { kind: "MailboxBinding", name: name.clone() })?;
+    let now = ctx.clock.now();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let grant_name = grant_secret_name(&name);
+
+    // A grant state whose write failed before is written before anything else happens.
+    if let Some(state) = ctx.take_pending(&ns, &name) {
+        persist_grant(&ctx, &secrets, &binding, &grant_name, state).await?;
+    }
+
+    let (provider, usable) = provider_for(&binding, &ctx).await?;
+    let grant_secret = get_secret(&secrets, &ns, &grant_name).await?;
+    let published = get_secret(&secrets, &ns, &binding.spec.secret_name).await?;
+    let conflict = secret_conflict(&binding, grant_secret.as_ref(), published.as_ref(), &ctx);
+    let mut grant = grant_secret
+        .as_ref()
+        .filter(|_| conflict.is_none())
+        .and_then(|s| s.data.as_ref())
+        .and_then(|d| GrantState::decode(&d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect()));
+
+    let decision = decide(Inputs {
+        now,
+        binding: &binding,
+        provider: &provider,
+        grant: grant.as_ref(),
+        secret_conflict: conflict.as_deref(),
+    });
+    let mut failure = None;
+    let mut outcome = match (&decision, &usable) {
+        (Decision::Suspended, _) => Outcome::Suspended,
+        (Decision::Blocked { reason, message }, _) => Outcome::Blocked { reason: *reason, message: message.clone() },
+        (Decision::Obtain { source, why }, Some(usable)) => {
+            match obtain(&ctx, &binding, usable, source, grant.as_ref(), now).await? {
+                Ok(state) => {
+                    info!(binding = %name, namespace = %ns, why = ?why, expires_at = %state.expires_at, "token obtained");
+                    persist_grant(&ctx, &secrets, &binding, &grant_name, state.clone()).await?;
+                    grant = Some(state);
+                    Outcome::Refreshed
+                }
+                Err(f) => {
+                    warn!(binding = %name, namespace = %ns, reason = %f.reason, message = %f.message, "token request failed");
+                    failure = Some(f.clone());
+                    Outcome::Failed(f)
+                }
+            }
+        }
+        _ => Outcome::Unchanged,
+    };
+
+    if !matches!(outcome, Outcome::Suspended | Outcome::Blocked { .. })
+        && let (Some(g), Some(usable)) = (grant.as_ref().filter(|g| g.expires_at > now), usable.as_ref())
+    {
+        match published_data(
+            &binding.spec.mailbox,
+            g,
+            &binding.spec.protocols,
+            &usable.servers,
+            binding.spec.secret_template.as_ref(),
+        ) {
+            Ok(data) => {
+                let want = desired(&binding, &binding.spec.secret_name, Role::Published, data);
+                if !published.as_ref().is_some_and(|p| up_to_date(p, &want)) {
+                    apply_secret(&secrets, &want).await.map_err(|source| Error::WritePublishedSecret {
+                        namespace: ns.clone(),
+                        name: binding.spec.secret_name.clone(),
+                        source,
+                    })?;
+                    info!(binding = %name, namespace = %ns, secret = %binding.spec.secret_name, "published Secret written");
+                }
+            }
+            Err(e) => outcome = Outcome::Blocked { reason: Reason::InvalidSpec, message: e.to_string() },
+        }
+    }
+
+    let status = next_status(now, &binding, grant.as_ref(), &outcome);
+    if binding.status.as_ref() != Some(&status) {
+        patch_status(&ctx, &binding, &status).await?;
+    }
+    announce(&ctx, &binding, &status).await;
+    let requeue = requeue_after(now, &decision, &status, failure.as_ref());
+    Ok(requeue.and_then(|d| d.to_std().ok()).map_or_else(Action::await_change, Action::requeue))
+}
+
+/// What to do when a reconcile fails: retry soon.
+pub fn error_policy(binding: Arc<MailboxBinding>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(binding = %binding.name_any(), namespace = ?binding.namespace(), %error, "reconcile failed");
+    let wait = if matches!(error, Error::WriteGrantState { .. }) { 2 } else { 15 };
+    Action::requeue(StdDuration::from_secs(wait))
+}
+
+async fn get_secret(api: &Api<Secret>, ns: &str, name: &str) -> Result<Option<Secret>> {
+    api.get_opt(name).await.map_err(|source| Error::ReadSecret {
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+        source,
+    })
+}
+
+async fn apply_secret(api: &Api<Secret>, secret: &Secret) -> Result<Secret, kube::Error> {
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let mut body = serde_json::to_value(secret).map_err(kube::Error::SerdeError)?;
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("apiVersion".into(), "v1".into());
+        obj.insert("kind".into(), "Secret".into());
+    }
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body)).await
+}
+
+/// Writes the grant state (skipped when the stored one is equal); retried a few times, then kept
+/// in memory and written before anything else on the next reconcile. Never dropped.
+async fn persist_grant(
+    ctx: &Context,
+    api: &Api<Secret>,
+    binding: &MailboxBinding,
+    name: &str,
+    state: GrantState,
+) -> Result<()> {
+    let ns = binding.namespace().unwrap_or_default();
+    let want = desired(binding, name, Role::Grant, state.encode());
+    let mut last = None;
+    for attempt in 0..3_u64 {
+        if attempt > 0 {
+            tokio::time::sleep(StdDuration::from_millis(250 * attempt)).await;
+        }
+        match apply_secret(api, &want).await {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                warn!(binding = %binding.name_any(), namespace = %ns, attempt, error = %e, "writing grant state failed");
+                last = Some(e);
+            }
+        }
+    }
+    ctx.keep_pending(&ns, &binding.name_any(), state);
+    Err(match last {
+        Some(source) => Error::WriteGrantState { namespace: ns, name: name.to_owned(), source },
+        None => Error::MissingNamespace { kind: "Secret", name: name.to_owned() },
+    })
+}
+
+async fn patch_status(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindingStatus) -> Result<()> {
+    let name = binding.name_any();
+    let api: Api<MailboxBinding> = Api::namespaced(ctx.client.clone(), &binding.namespace().unwrap_or_default());
+    let body = serde_json::json!({
+        "apiVersion": MailboxBinding::api_version(&()),
+        "kind": MailboxBinding::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
+        .await
+        .map_err(|source| Error::WriteStatus { kind: "MailboxBinding", name, source })?;
+    Ok(())
+}
+
+/// One Warning Event when the binding enters a failure it did not have before.
+async fn announce(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindingStatus) {
+    let before = binding.status.as_ref();
+    let failing = |s: Option<&MailboxBindingStatus>| {
+        s.into_iter()
+            .flat_map(|s| s.conditions.iter())
+            .filter(|c| c.type_ == conditions::READY || c.type_ == conditions::AUTHORIZED)
+            .filter(|c| c.status == ConditionStatus::False && c.reason != Reason::Pending.as_str())
+            .map(|c| (c.reason.clone(), c.message.clone()))
+            .collect::<Vec<_>>()
+    };
+    let old = failing(before);
+    for (reason, message) in failing(Some(status)) {
+        if old.iter().any(|(r, _)| *r == reason) {
+            continue;
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason,
+            note: Some(message),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &binding.object_ref(&())).await {
+            warn!(binding = %binding.name_any(), error = %e, "publishing event failed");
+        }
+    }
+}
+
+fn secret_conflict(
+    binding: &MailboxBinding,
+    grant: Option<&Secret>,
+    published: Option<&Secret>,
+    ctx: &Context,
+) -> Option<String> {
+    let uid = binding.uid().unwrap_or_default();
+    let ns = binding.namespace();
+    let claim = |b: &MailboxBinding| Claim {
+        binding: b.name_any(),
+        created: b.creation_timestamp().and_then(|t| DateTime::<Utc>::from_timestamp(t.0.as_second(), 0)),
+        secret_name: b.spec.secret_name.clone(),
+    };
+    let others: Vec<Claim> = ctx.bindings.state().iter().filter(|b| b.namespace() == ns).map(|b| claim(b)).collect();
+    published
+        .and_then(|s| existing_conflict(&uid, &s.metadata))
+        .or_else(|| grant.and_then(|s| existing_conflict(&uid, &s.metadata)))
+        .or_else(|| claimed_by_other(&claim(binding), &others))
+}
+
+/// Finds the provider and says whether this binding can use it.
+pub async fn provider_for(binding: &MailboxBinding, ctx: &Context) -> Result<(ProviderState, Option<ProviderUse>)> {
+    let r = &binding.spec.provider_ref;
+    let ns = binding.namespace().unwrap_or_default();
+    let unusable =
+        |reason: Reason, what: String| Ok((ProviderState::Unusable { reason, message: reason.message(what) }, None));
+    let (key, spec, status, generation, secrets_namespace) = match r.kind {
+        ProviderKind::MailProvider => {
+            let Some(p) = ctx.providers.get(&ObjectRef::new(&r.name).within(&ns)) else {
+                return unusable(
+                    Reason::ProviderNotFound,
+                    format!("MailProvider {} not found in namespace {ns}", r.name),
+                );
+            };
+            (format!("MailProvider/{}", r.name), p.spec.clone(), p.status.clone(), p.metadata.generation, ns.clone())
+        }
+        ProviderKind::ClusterMailProvider => {
+            let Some(p) = ctx.cluster_providers.get(&ObjectRef::new(&r.name)) else {
+                return unusable(Reason::ProviderNotFound, format!("ClusterMailProvider {} not found", r.name));
+            };
+            if !namespace_allowed(ctx, &p.spec.allowed_namespaces, &ns).await? {
+                return unusable(
+                    Reason::ProviderNotAllowed,
+                    format!("ClusterMailProvider {} does not allow namespace {ns}", r.name),
+                );
+            }
+            let spec = p.spec.provider.clone();
+            (
+                format!("ClusterMailProvider/{}", r.name),
+                spec,
+                p.status.clone(),
+                p.metadata.generation,
+                ctx.cluster_namespace.clone(),
+            )
+        }
+    };
+    let kind_name = key.replace('/', " ");
+    let Some(endpoints) = ready_endpoints(status.as_ref(), generation) else {
+        let why = status
+            .as_ref()
+            .and_then(|s| find_condition(&s.conditions, "Ready"))
+            .map_or_else(|| "it has not been reconciled yet".to_owned(), |c| format!("{}: {}", c.reason, c.message));
+        return unusable(Reason::ProviderNotReady, format!("{kind_name} is not ready ({why})"));
+    };
+    let method = auth_method(&spec);
+    if method == Some(ClientAuthMethod::PrivateKeyJwt) {
+        return unusable(
+            Reason::GrantNotSupported,
+            format!("{kind_name} uses privateKeyJwt, which is not supported yet"),
+        );
+    }
+    if method.is_none() && matches!(binding.spec.grant, crate::api::Grant::ClientCredentials {}) {
+        return unusable(
+            Reason::InvalidSpec,
+            format!(
+                "the clientCredentials grant needs a client secret, and {kind_name} has no clientAuthentication.clientSecretRefs"
+            ),
+        );
+    }
+    let scopes = match scopes_for(&spec, &binding.spec) {
+        Ok(s) => s,
+        Err(why) => return unusable(Reason::InvalidSpec, why),
+    };
+    let state = ProviderState::Usable { key: key.clone(), client_id: spec.client_id.clone(), scopes: scopes.clone() };
+    let servers = servers(&spec);
+    Ok((state, Some(ProviderUse { key, spec, endpoints, secrets_namespace, scopes, servers })))
+}
+
+fn ready_endpoints(status: Option<&MailProviderStatus>, generation: Option<i64>) -> Option<Endpoints> {
+    let status = status?;
+    let ready = find_condition(&status.conditions, "Ready")?;
+    let current = ready.is_true() && status.observed_generation == generation;
+    current.then(|| status.endpoints.clone()).flatten().filter(|e| e.token.is_some())
+}
+
+async fn namespace_allowed(ctx: &Context, allowed: &Option<crate::api::AllowedNamespaces>, ns: &str) -> Result<bool> {
+    let needs_labels = allowed.as_ref().is_some_and(|a| a.selector.is_some() && !a.names.iter().any(|n| n == ns));
+    let labels = if needs_labels {
+        let api: Api<Namespace> = Api::all(ctx.client.clone());
+        let namespace = api.get_opt(ns).await.map_err(|source| Error::ReadNamespace { name: ns.to_owned(), source })?;
+        namespace.map(|n| n.labels().clone()).unwrap_or_default()
+    } else {
+        BTreeMap::new()
+    };
+    Ok(crate::policy::provider::namespace_allowed(allowed.as_ref(), ns, &labels))
+}
+
+/// Reads one key of a Secret; `None` when the Secret or key is missing or empty.
+async fn read_key(ctx: &Context, ns: &str, name: &str, key: &str) -> Result<Option<SecretString>> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let secret = get_secret(&api, ns, name).await?;
+    Ok(secret
+        .and_then(|s| s.data)
+        .and_then(|mut d| d.remove(key))
+        .and_then(|v| String::from_utf8(v.0).ok())
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .map(SecretString::from))
+}
+
+/// Asks the token endpoint. The outer error is a Kubernetes failure; the inner one a token failure.
+async fn obtain(
+    ctx: &Context,
+    binding: &MailboxBinding,
+    usable: &ProviderUse,
+    source: &Source,
+    grant: Option<&GrantState>,
+    now: DateTime<Utc>,
+) -> Result<Result<GrantState, Failure>> {
+    let ns = binding.namespace().unwrap_or_default();
+    let not_found = |reason: Reason, what: String| {
+        Ok(Err(Failure { reason, transient: true, message: reason.message(what), retry_after: None }))
+    };
+    let method = auth_method(&usable.spec);
+    let mut client_secrets = Vec::new();
+    for r in secret_refs(&usable.spec) {
+        if let Some(s) = read_key(ctx, &usable.secrets_namespace, &r.name, &r.key).await? {
+            client_secrets.push(s);
+        }
+    }
+    if method.is_some() && client_secrets.is_empty() {
+        return not_found(
+            Reason::ClientSecretNotFound,
+            format!(
+                "no client secret found in the Secrets {} names in namespace {}",
+                usable.key, usable.secrets_namespace
+            ),
+        );
+    }
+    let (input, imported_from) = match source {
+        Source::StoredRefreshToken => match grant.and_then(|g| g.refresh_token.clone()) {
+            Some(rt) => (GrantInput::RefreshToken(rt), grant.and_then(|g| g.imported_from.clone())),
+            None => return not_found(Reason::ImportSecretNotFound, "the stored grant has no refresh token".into()),
+        },
+        Source::ImportRefreshToken(r) => match read_key(ctx, &ns, &r.name, &r.key).await? {
+            Some(rt) => (GrantInput::RefreshToken(rt), Some(import_id(r))),
+            None => {
+                return not_found(
+                    Reason::ImportSecretNotFound,
+                    format!("Secret {ns}/{} has no non-empty key {}", r.name, r.key),
+                );
+            }
+        },
+        Source::ClientCredentials => (GrantInput::ClientCredentials, None),
+    };
+    let request = TokenRequest {
+        token_url: usable.endpoints.token.clone().unwrap_or_default(),
+        client_id: usable.spec.client_id.clone(),
+        client_secrets,
+        method: method.unwrap_or(ClientAuthMethod::ClientSecretPost),
+        ca_bundle: crate::oauth::provider::ca_bundle(&usable.spec).map(str::to_owned),
+        scopes: usable.scopes.clone(),
+        grant: input.clone(),
+    };
+    Ok(match ctx.tokens.request(&request).await {
+        Ok(set) => {
+            let used_refresh = match &input {
+                GrantInput::RefreshToken(rt) => Some(rt.clone()),
+                GrantInput::ClientCredentials => None,
+            };
+            let rotated = match (&set.refresh_token, &used_refresh) {
+                (Some(new), Some(old)) => new.expose_secret() != old.expose_secret(),
+                _ => false,
+            };
+            if rotated {
+                info!(binding = %binding.name_any(), namespace = %ns, "refresh token rotated; storing the new one first");
+            }
+            Ok(GrantState {
+                refresh_token: set.refresh_token.or(used_refresh),
+                access_token: set.access_token,
+                token_type: "Bearer".into(),
+                issued_at: now,
+                expires_at: now + set.expires_in.unwrap_or(DEFAULT_LIFETIME),
+                scopes: set.scopes.unwrap_or_else(|| usable.scopes.clone()),
+                requested_scopes: usable.scopes.clone(),
+                provider: usable.key.clone(),
+                client_id: usable.spec.client_id.clone(),
+                imported_from,
+            })
+        }
+        Err(upstream) => Err(classify(&upstream)),
+    })
+}

@@ -1,0 +1,75 @@
+//! The controllers: Kubernetes I/O only. They read what the decisions in [`crate::policy`] need,
+//! call the token endpoint through [`crate::oauth::TokenEndpoint`], and write what the decisions
+//! say — Secrets and status by server-side apply, skipped when nothing changed.
+
+pub mod binding;
+pub mod provider;
+pub mod run;
+pub mod secrets;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use kube::Client;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
+
+use crate::api::{ClusterMailProvider, MailProvider, MailboxBinding};
+use crate::oauth::TokenEndpoint;
+use crate::oauth::http::HttpClients;
+use crate::policy::grant_state::GrantState;
+
+/// The clock, injected so that tests can fix time.
+pub trait Clock: Send + Sync {
+    /// Now.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// The token endpoint.
+    pub tokens: Arc<dyn TokenEndpoint>,
+    /// HTTP clients for discovery.
+    pub http: HttpClients,
+    /// `MailProvider`s in the watched namespace(s).
+    pub providers: Store<MailProvider>,
+    /// `ClusterMailProvider`s.
+    pub cluster_providers: Store<ClusterMailProvider>,
+    /// `MailboxBinding`s, for Secret-name conflicts.
+    pub bindings: Store<MailboxBinding>,
+    /// Namespace of `ClusterMailProvider` Secrets.
+    pub cluster_namespace: String,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// The clock.
+    pub clock: Arc<dyn Clock>,
+    /// Grant states whose write failed, by (namespace, binding): written before anything else.
+    pub pending: Mutex<HashMap<(String, String), GrantState>>,
+}
+
+impl Context {
+    /// A grant state waiting to be written.
+    pub fn take_pending(&self, namespace: &str, binding: &str) -> Option<GrantState> {
+        self.pending.lock().ok()?.remove(&(namespace.to_owned(), binding.to_owned()))
+    }
+
+    /// Keeps a grant state whose write failed, to be retried first.
+    pub fn keep_pending(&self, namespace: &str, binding: &str, state: GrantState) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert((namespace.to_owned(), binding.to_owned()), state);
+        }
+    }
+}

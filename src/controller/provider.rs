@@ -1,0 +1,148 @@
+//! Reconciles `MailProvider` and `ClusterMailProvider`: resolve endpoints (preset, explicit URLs
+//! or OIDC discovery), check the referenced Secrets, write status when it changed.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration as StdDuration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::warn;
+
+use super::Context;
+use crate::api::{
+    ClientAuthMethod, ClusterMailProvider, Endpoints, FIELD_MANAGER, MailProvider, MailProviderSpec, MailProviderStatus,
+};
+use crate::error::{Error, Result};
+use crate::oauth::discovery::discover;
+use crate::oauth::http::check_endpoint;
+use crate::oauth::provider::{auth_method, ca_bundle, merge_explicit, secret_refs, static_endpoints};
+use crate::policy::Reason;
+use crate::policy::provider::{Observed, requeue_after, status};
+
+/// The two provider kinds, seen alike.
+pub trait ProviderObject:
+    Resource<DynamicType = ()> + Clone + Debug + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+    /// Kind name for messages.
+    const KIND: &'static str;
+    /// The registration.
+    fn registration(&self) -> &MailProviderSpec;
+    /// The status.
+    fn observed(&self) -> Option<&MailProviderStatus>;
+    /// The API its status is written through.
+    fn api(&self, client: Client) -> Api<Self>;
+}
+
+impl ProviderObject for MailProvider {
+    const KIND: &'static str = "MailProvider";
+    fn registration(&self) -> &MailProviderSpec {
+        &self.spec
+    }
+    fn observed(&self) -> Option<&MailProviderStatus> {
+        self.status.as_ref()
+    }
+    fn api(&self, client: Client) -> Api<Self> {
+        Api::namespaced(client, &self.namespace().unwrap_or_default())
+    }
+}
+
+impl ProviderObject for ClusterMailProvider {
+    const KIND: &'static str = "ClusterMailProvider";
+    fn registration(&self) -> &MailProviderSpec {
+        &self.spec.provider
+    }
+    fn observed(&self) -> Option<&MailProviderStatus> {
+        self.status.as_ref()
+    }
+    fn api(&self, client: Client) -> Api<Self> {
+        Api::all(client)
+    }
+}
+
+/// Reconciles one provider.
+pub async fn reconcile<K: ProviderObject>(provider: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
+    let spec = provider.registration();
+    let secrets_namespace = provider.namespace().unwrap_or_else(|| ctx.cluster_namespace.clone());
+    let endpoints = resolve(&ctx, spec).await;
+    let secret_problem = check_secrets(&ctx, spec, &secrets_namespace).await?;
+    let now = ctx.clock.now();
+    let refs = secret_refs(spec);
+    let next =
+        status(now, provider.meta().generation, provider.observed(), refs, &Observed { endpoints, secret_problem });
+    if provider.observed() != Some(&next) {
+        let api = provider.api(ctx.client.clone());
+        let body = serde_json::json!({ "apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": next });
+        api.patch_status(&provider.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
+            .await
+            .map_err(|source| Error::WriteStatus { kind: K::KIND, name: provider.name_any(), source })?;
+    }
+    let ready = next.conditions.first().is_some_and(crate::api::Condition::is_true);
+    Ok(Action::requeue(requeue_after(now, ready, refs).to_std().unwrap_or(StdDuration::from_secs(60))))
+}
+
+/// What to do when a provider reconcile fails.
+pub fn error_policy<K: ProviderObject>(provider: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(kind = K::KIND, provider = %provider.name_any(), %error, "reconcile failed");
+    Action::requeue(StdDuration::from_secs(30))
+}
+
+/// The provider's endpoints, or why they are unknown.
+async fn resolve(ctx: &Context, spec: &MailProviderSpec) -> Result<Endpoints, String> {
+    let ca = ca_bundle(spec);
+    let client = ctx.http.get(ca).map_err(|e| e.to_string())?;
+    let endpoints = match static_endpoints(spec) {
+        Some(e) => e,
+        None => match &spec.preset {
+            crate::api::Preset::Generic(g) => match &g.issuer_url {
+                Some(issuer) => merge_explicit(spec, discover(&client, issuer).await?),
+                None => return Err("a generic provider needs issuerUrl or tokenUrl".into()),
+            },
+            _ => return Err("no endpoints known".into()),
+        },
+    };
+    for url in [&endpoints.token, &endpoints.authorization, &endpoints.device_authorization, &endpoints.revocation]
+        .into_iter()
+        .flatten()
+    {
+        check_endpoint(url)?;
+    }
+    Ok(endpoints)
+}
+
+/// The first problem with a referenced Secret, if any.
+async fn check_secrets(ctx: &Context, spec: &MailProviderSpec, ns: &str) -> Result<Option<(Reason, String)>> {
+    if auth_method(spec) == Some(ClientAuthMethod::PrivateKeyJwt) {
+        return Ok(Some((Reason::InvalidSpec, "privateKeyJwt client authentication is not supported yet".into())));
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    for r in secret_refs(spec) {
+        let secret = api.get_opt(&r.name).await.map_err(|source| Error::ReadSecret {
+            namespace: ns.to_owned(),
+            name: r.name.clone(),
+            source,
+        })?;
+        let value = secret.as_ref().and_then(|s| s.data.as_ref()).and_then(|d| d.get(&r.key));
+        match (secret.is_some(), value) {
+            (false, _) => return Ok(Some((Reason::ClientSecretNotFound, format!("Secret {ns}/{} not found", r.name)))),
+            (true, None) => {
+                return Ok(Some((
+                    Reason::ClientSecretNotFound,
+                    format!("Secret {ns}/{} has no key {}", r.name, r.key),
+                )));
+            }
+            (true, Some(v)) if String::from_utf8_lossy(&v.0).trim().is_empty() => {
+                return Ok(Some((
+                    Reason::ClientSecretNotFound,
+                    format!("key {} of Secret {ns}/{} is empty", r.key, r.name),
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
+}

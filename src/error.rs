@@ -1,0 +1,88 @@
+//! The one error type. Each variant names the step that failed; none carries a token or a secret
+//! (Kubernetes API errors name fields, never Secret values).
+
+/// Anything that stops a reconcile or the process.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading a Secret failed.
+    #[error("reading Secret {namespace}/{name}: {source}")]
+    ReadSecret {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Cause.
+        source: kube::Error,
+    },
+    /// Writing the grant-state Secret failed; the new state is kept in memory and retried.
+    #[error("writing grant state Secret {namespace}/{name} (kept in memory, retried): {source}")]
+    WriteGrantState {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Cause.
+        source: kube::Error,
+    },
+    /// Writing the published Secret failed.
+    #[error("writing published Secret {namespace}/{name}: {source}")]
+    WritePublishedSecret {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Cause.
+        source: kube::Error,
+    },
+    /// Writing a status failed.
+    #[error("updating status of {kind} {name}: {source}")]
+    WriteStatus {
+        /// Kind.
+        kind: &'static str,
+        /// Name.
+        name: String,
+        /// Cause.
+        source: kube::Error,
+    },
+    /// Reading a Namespace (for `allowedNamespaces.selector`) failed.
+    #[error("reading Namespace {name}: {source}")]
+    ReadNamespace {
+        /// Name.
+        name: String,
+        /// Cause.
+        source: kube::Error,
+    },
+    /// An object the operator watches has no namespace where it must have one.
+    #[error("{kind} {name} has no namespace")]
+    MissingNamespace {
+        /// Kind.
+        kind: &'static str,
+        /// Name.
+        name: String,
+    },
+    /// Building a request body failed.
+    #[error("encoding {what}: {source}")]
+    Encode {
+        /// What.
+        what: &'static str,
+        /// Cause.
+        source: serde_json::Error,
+    },
+    /// Connecting to Kubernetes failed at start.
+    #[error("connecting to Kubernetes: {0}")]
+    Connect(#[source] kube::Error),
+    /// The HTTP server failed.
+    #[error("HTTP server on {address}: {source}")]
+    Serve {
+        /// Listen address.
+        address: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Printing the CRDs failed.
+    #[error("rendering CRDs: {0}")]
+    Crds(#[source] serde_yaml::Error),
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,11 @@
+//! The OAuth 2.0 client: provider presets as data, provider resolution and discovery, one module
+//! per grant, and the token endpoint behind the [`TokenEndpoint`] trait.
+
+pub mod client;
+pub mod discovery;
+pub mod grants;
+pub mod http;
+pub mod presets;
+pub mod provider;
+
+pub use client::{GrantInput, HttpTokenEndpoint, TokenEndpoint, TokenRequest, TokenSet};
