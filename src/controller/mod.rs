@@ -7,6 +7,9 @@ pub mod provider;
 pub mod run;
 pub mod secrets;
 
+#[cfg(test)]
+mod scenarios;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

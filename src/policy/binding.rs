@@ -473,3 +473,237 @@ pub fn requeue_after(
     }?;
     Some(std::cmp::max(next - now, Duration::seconds(1)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::MailboxBindingSpec;
+    use crate::policy::classify::{UpstreamError, classify};
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
+    }
+
+    fn binding(grant: serde_json::Value) -> MailboxBinding {
+        let spec: MailboxBindingSpec = serde_json::from_value(serde_json::json!({
+            "providerRef": {"name": "idp"}, "mailbox": "a@example.com", "secretName": "a-mail", "grant": grant,
+        }))
+        .unwrap_or_else(|e| panic!("spec: {e}"));
+        let mut b = MailboxBinding::new("a", spec);
+        b.metadata.namespace = Some("ns".into());
+        b.metadata.uid = Some("uid-a".into());
+        b.metadata.generation = Some(1);
+        b
+    }
+
+    fn import() -> MailboxBinding {
+        binding(serde_json::json!({"refreshToken": {"secretRef": {"name": "seed", "key": "refresh_token"}}}))
+    }
+
+    fn provider() -> ProviderState {
+        ProviderState::Usable {
+            key: "MailProvider/idp".into(),
+            client_id: "client".into(),
+            scopes: vec!["mail".into()],
+        }
+    }
+
+    fn grant(issued: i64, lifetime: i64) -> GrantState {
+        GrantState {
+            refresh_token: Some("rt".to_owned().into()),
+            access_token: "at".to_owned().into(),
+            token_type: "Bearer".into(),
+            issued_at: t(issued),
+            expires_at: t(issued + lifetime),
+            scopes: vec!["mail".into()],
+            requested_scopes: vec!["mail".into()],
+            provider: "MailProvider/idp".into(),
+            client_id: "client".into(),
+            imported_from: Some("seed/refresh_token".into()),
+        }
+    }
+
+    fn decide_at(now: DateTime<Utc>, b: &MailboxBinding, g: Option<&GrantState>) -> Decision {
+        decide(Inputs { now, binding: b, provider: &provider(), grant: g, secret_conflict: None })
+    }
+
+    #[test]
+    fn a_new_import_binding_imports_its_refresh_token() {
+        let b = import();
+        let want = Source::ImportRefreshToken(SecretKeySelector { name: "seed".into(), key: "refresh_token".into() });
+        assert_eq!(decide_at(t(0), &b, None), Decision::Obtain { source: want, why: Why::Initial });
+    }
+
+    #[test]
+    fn once_a_token_is_stored_the_imported_copy_is_never_used_again() {
+        let b = import();
+        let g = grant(0, 3600);
+        assert_eq!(
+            decide_at(t(3000), &b, Some(&g)),
+            Decision::Obtain { source: Source::StoredRefreshToken, why: Why::Due }
+        );
+    }
+
+    #[test]
+    fn a_current_token_is_kept_until_its_renewal_time() {
+        let b = import();
+        let g = grant(0, 3600);
+        let Decision::Keep { renew_at: at } = decide_at(t(60), &b, Some(&g)) else { panic!("expected Keep") };
+        assert_eq!(at, renew_at(&b, &g));
+        assert!(at > t(2300) && at <= t(2400), "{at}");
+    }
+
+    #[test]
+    fn a_restart_with_a_current_token_requests_nothing() {
+        // After a restart the binding carries its status; only the grant state and the clock count.
+        let mut b = import();
+        let g = grant(0, 3600);
+        b.status = Some(next_status(t(1), &b, Some(&g), &Outcome::Refreshed));
+        assert!(matches!(decide_at(t(1200), &b, Some(&g)), Decision::Keep { .. }));
+    }
+
+    #[test]
+    fn a_person_can_ask_for_a_refresh_once_per_annotation_value() {
+        let mut b = import();
+        let g = grant(0, 3600);
+        b.metadata.annotations = Some([(REFRESH_REQUESTED_ANNOTATION.to_owned(), "1".to_owned())].into());
+        assert_eq!(
+            decide_at(t(10), &b, Some(&g)),
+            Decision::Obtain { source: Source::StoredRefreshToken, why: Why::Requested }
+        );
+        b.status = Some(next_status(t(10), &b, Some(&g), &Outcome::Refreshed));
+        assert!(matches!(decide_at(t(11), &b, Some(&g)), Decision::Keep { .. }));
+    }
+
+    #[test]
+    fn reauthorizing_drops_the_stored_grant_and_imports_again() {
+        let mut b = import();
+        let g = grant(0, 3600);
+        b.metadata.annotations = Some([(REAUTHORIZE_REQUESTED_ANNOTATION.to_owned(), "x".to_owned())].into());
+        assert!(matches!(
+            decide_at(t(10), &b, Some(&g)),
+            Decision::Obtain { source: Source::ImportRefreshToken(_), why: Why::Initial }
+        ));
+    }
+
+    #[test]
+    fn a_changed_import_reference_or_provider_starts_over() {
+        let b = binding(serde_json::json!({"refreshToken": {"secretRef": {"name": "other", "key": "rt"}}}));
+        let g = grant(0, 3600);
+        assert!(matches!(decide_at(t(10), &b, Some(&g)), Decision::Obtain { why: Why::Initial, .. }));
+        let mut moved = grant(0, 3600);
+        moved.client_id = "another-client".into();
+        assert!(matches!(decide_at(t(10), &import(), Some(&moved)), Decision::Obtain { why: Why::Initial, .. }));
+    }
+
+    #[test]
+    fn changed_scopes_are_requested_at_once() {
+        let mut g = grant(0, 3600);
+        g.requested_scopes = vec!["old".into()];
+        assert!(matches!(decide_at(t(10), &import(), Some(&g)), Decision::Obtain { why: Why::ScopesChanged, .. }));
+    }
+
+    #[test]
+    fn a_permanent_failure_waits_for_a_person_and_keeps_the_valid_token_ready() {
+        let mut b = import();
+        let g = grant(0, 3600);
+        let failure = classify(&UpstreamError {
+            status: Some(400),
+            error: Some("invalid_grant".into()),
+            description: Some("grant request is invalid".into()),
+            ..Default::default()
+        });
+        let status = next_status(t(2500), &b, Some(&g), &Outcome::Failed(failure));
+        assert_eq!(status.phase, Some(Phase::ReauthorizationRequired));
+        let ready = find_condition(&status.conditions, conditions::READY).cloned().unwrap_or_else(|| panic!("Ready"));
+        assert_eq!((ready.status, ready.reason.as_str()), (ConditionStatus::True, "TokenValid"));
+        let auth =
+            find_condition(&status.conditions, conditions::AUTHORIZED).cloned().unwrap_or_else(|| panic!("Auth"));
+        assert_eq!((auth.status, auth.reason.as_str()), (ConditionStatus::False, "ReauthorizationRequired"));
+        assert!(auth.message.contains("fix: authorize again"), "{}", auth.message);
+        b.status = Some(status);
+        assert_eq!(decide_at(t(2600), &b, Some(&g)), Decision::Wait { until: None });
+        // After expiry the binding is no longer Ready, and still waits.
+        let expired = next_status(t(4000), &b, Some(&g), &Outcome::Unchanged);
+        let ready = find_condition(&expired.conditions, conditions::READY).cloned().unwrap_or_else(|| panic!("Ready"));
+        assert_eq!((ready.status, ready.reason.as_str()), (ConditionStatus::False, "Expired"));
+        assert_eq!(expired.phase, Some(Phase::ReauthorizationRequired));
+        // A spec change lets it try again.
+        b.metadata.generation = Some(2);
+        assert!(matches!(decide_at(t(4001), &b, Some(&g)), Decision::Obtain { .. }));
+    }
+
+    #[test]
+    fn a_transient_failure_backs_off_and_keeps_ready_while_the_token_is_valid() {
+        let mut b = import();
+        let g = grant(0, 3600);
+        let failure = classify(&UpstreamError { status: Some(503), ..Default::default() });
+        let status = next_status(t(2500), &b, Some(&g), &Outcome::Failed(failure.clone()));
+        assert_eq!(status.phase, Some(Phase::Refreshing));
+        assert_eq!(status.failed_attempts, 1);
+        let failing = find_condition(&status.conditions, conditions::REFRESH_FAILING).cloned();
+        assert_eq!(failing.map(|c| c.reason), Some("TokenEndpointUnavailable".to_owned()));
+        b.status = Some(status.clone());
+        assert_eq!(decide_at(t(2510), &b, Some(&g)), Decision::Wait { until: Some(t(2530)) });
+        assert_eq!(
+            decide_at(t(2530), &b, Some(&g)),
+            Decision::Obtain { source: Source::StoredRefreshToken, why: Why::Retry }
+        );
+        let decision = Decision::Obtain { source: Source::StoredRefreshToken, why: Why::Due };
+        assert_eq!(requeue_after(t(2500), &decision, &status, Some(&failure)), Some(Duration::seconds(30)));
+    }
+
+    #[test]
+    fn unsupported_grants_say_so_instead_of_staying_silent() {
+        for grant in ["deviceCode", "authorizationCode", "jwtBearer"] {
+            let b = binding(serde_json::json!({ grant: {} }));
+            let d = decide_at(t(0), &b, None);
+            let Decision::Blocked { reason, message } = d else { panic!("{grant}: expected Blocked") };
+            assert_eq!(reason, Reason::GrantNotSupported);
+            assert!(message.contains(grant) && message.contains("not supported yet"), "{message}");
+            let status = next_status(t(0), &b, None, &Outcome::Blocked { reason, message });
+            assert_eq!(status.phase, Some(Phase::Error));
+            assert_eq!(status.conditions[0].reason, "GrantNotSupported");
+        }
+    }
+
+    #[test]
+    fn provider_problems_and_conflicts_block_without_a_token_request() {
+        let b = binding(serde_json::json!({"clientCredentials": {}}));
+        let missing = ProviderState::Unusable { reason: Reason::ProviderNotFound, message: "no".into() };
+        let d = decide(Inputs { now: t(0), binding: &b, provider: &missing, grant: None, secret_conflict: None });
+        assert_eq!(d, Decision::Blocked { reason: Reason::ProviderNotFound, message: "no".into() });
+        let d = decide(Inputs {
+            now: t(0),
+            binding: &b,
+            provider: &provider(),
+            grant: None,
+            secret_conflict: Some("taken"),
+        });
+        assert_eq!(d, Decision::Blocked { reason: Reason::SecretConflict, message: "taken".into() });
+        assert_eq!(
+            decide_at(t(0), &b, None),
+            Decision::Obtain { source: Source::ClientCredentials, why: Why::Initial }
+        );
+    }
+
+    #[test]
+    fn a_reconcile_that_changes_nothing_produces_the_same_status() {
+        let mut b = import();
+        let g = grant(0, 3600);
+        b.status = Some(next_status(t(1), &b, Some(&g), &Outcome::Refreshed));
+        assert_eq!(Some(next_status(t(500), &b, Some(&g), &Outcome::Unchanged)), b.status);
+    }
+
+    #[test]
+    fn requeue_comes_at_renewal_and_never_after_expiry() {
+        let mut b = import();
+        let g = grant(0, 3600);
+        let status = next_status(t(1), &b, Some(&g), &Outcome::Refreshed);
+        b.status = Some(status.clone());
+        let keep = Decision::Keep { renew_at: renew_at(&b, &g) };
+        assert_eq!(requeue_after(t(100), &keep, &status, None), Some(renew_at(&b, &g) - t(100)));
+        let wait = Decision::Wait { until: None };
+        assert_eq!(requeue_after(t(100), &wait, &status, None), Some(Duration::seconds(3500)));
+    }
+}

@@ -1,0 +1,337 @@
+//! tower-test scenarios: the exact Kubernetes API calls of a reconcile, against a mocked API
+//! server, with the token endpoint replaced by a canned one.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration as StdDuration;
+
+use chrono::{DateTime, Duration, Utc};
+use futures::future::BoxFuture;
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::store;
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use tower_test::mock::{self, Handle};
+
+use super::secrets::{Role, desired, grant_secret_name};
+use super::{Clock, Context, binding};
+use crate::api::{
+    Condition, ConditionStatus, Endpoints, MailProvider, MailProviderSpec, MailProviderStatus, MailboxBinding,
+    MailboxBindingSpec,
+};
+use crate::oauth::http::HttpClients;
+use crate::oauth::{TokenEndpoint, TokenRequest, TokenSet};
+use crate::policy::binding::{Outcome, next_status};
+use crate::policy::classify::UpstreamError;
+use crate::policy::grant_state::GrantState;
+use crate::policy::publish::published_data;
+
+const NS: &str = "mail";
+
+fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default()
+}
+
+struct Fixed(DateTime<Utc>);
+
+impl Clock for Fixed {
+    fn now(&self) -> DateTime<Utc> {
+        self.0
+    }
+}
+
+/// A token endpoint that counts calls and hands out `at-<n>` tokens valid for an hour.
+#[derive(Default)]
+struct Canned {
+    calls: AtomicUsize,
+}
+
+impl TokenEndpoint for Canned {
+    fn request<'a>(&'a self, _request: &'a TokenRequest) -> BoxFuture<'a, Result<TokenSet, UpstreamError>> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        Box::pin(async move {
+            Ok(TokenSet {
+                access_token: format!("at-{n}").into(),
+                refresh_token: None,
+                expires_in: Some(Duration::hours(1)),
+                scopes: None,
+            })
+        })
+    }
+}
+
+fn provider() -> MailProvider {
+    let spec: MailProviderSpec = serde_json::from_value(json!({
+        "microsoft": {"tenant": "contoso.com"}, "clientId": "app-id",
+        "clientAuthentication": {"clientSecretRefs": [{"name": "contoso-oauth"}]},
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut p = MailProvider::new("contoso", spec);
+    p.metadata.namespace = Some(NS.into());
+    p.metadata.generation = Some(1);
+    p.status = Some(MailProviderStatus {
+        conditions: vec![Condition {
+            type_: "Ready".into(),
+            status: ConditionStatus::True,
+            reason: "ProviderReady".into(),
+            message: String::new(),
+            last_transition_time: now(),
+            observed_generation: Some(1),
+        }],
+        endpoints: Some(Endpoints {
+            token: Some("https://login.microsoftonline.com/contoso.com/oauth2/v2.0/token".into()),
+            ..Default::default()
+        }),
+        client_secret_expires_at: None,
+        observed_generation: Some(1),
+    });
+    p
+}
+
+fn binding_object() -> MailboxBinding {
+    let spec: MailboxBindingSpec = serde_json::from_value(json!({
+        "providerRef": {"name": "contoso"}, "mailbox": "helpdesk@contoso.com",
+        "grant": {"clientCredentials": {}}, "secretName": "helpdesk-mail-token",
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut b = MailboxBinding::new("helpdesk", spec);
+    b.metadata.namespace = Some(NS.into());
+    b.metadata.uid = Some("uid-helpdesk".into());
+    b.metadata.generation = Some(1);
+    b
+}
+
+fn context(client: Client, tokens: Arc<Canned>, bindings: &[MailboxBinding]) -> Arc<Context> {
+    let (providers, mut pw) = store();
+    pw.apply_watcher_event(&watcher::Event::Apply(provider()));
+    let (cluster_providers, _cw) = store();
+    let (binding_store, mut bw) = store();
+    for b in bindings {
+        bw.apply_watcher_event(&watcher::Event::Apply(b.clone()));
+    }
+    Arc::new(Context {
+        client: client.clone(),
+        tokens,
+        http: HttpClients::default(),
+        providers,
+        cluster_providers,
+        bindings: binding_store,
+        cluster_namespace: "mail-oauth-operator".into(),
+        recorder: Recorder::new(client, Reporter { controller: "mail-oauth-operator".into(), instance: None }),
+        clock: Arc::new(Fixed(now())),
+        pending: Default::default(),
+    })
+}
+
+/// The API server side of a scenario: answers each expected request in order.
+struct ApiServer(Handle<Request<Body>, Response<Body>>);
+
+impl ApiServer {
+    async fn expect(&mut self, method: Method, path: &str) -> (Value, tower_test::mock::SendResponse<Response<Body>>) {
+        let (request, send) = tokio::time::timeout(StdDuration::from_secs(5), self.0.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {method} {path}"))
+            .unwrap_or_else(|| panic!("no request: expected {method} {path}"));
+        assert_eq!(request.method(), method, "{}", request.uri());
+        assert_eq!(request.uri().path(), path);
+        let bytes = request.into_body().collect_bytes().await.unwrap_or_default();
+        (serde_json::from_slice(&bytes).unwrap_or(Value::Null), send)
+    }
+
+    async fn get(&mut self, path: &str, answer: Option<Value>) {
+        let (_, send) = self.expect(Method::GET, path).await;
+        match answer {
+            Some(v) => send.send_response(ok(&v)),
+            None => send.send_response(not_found()),
+        }
+    }
+
+    /// Expects a server-side apply by our field manager, answers with its body, returns the body.
+    async fn apply(&mut self, path: &str) -> Value {
+        let (body, send) = self.expect(Method::PATCH, path).await;
+        send.send_response(ok(&body));
+        body
+    }
+
+    /// Expects a status apply; answers with `object` carrying that status, returns the body.
+    async fn apply_status(&mut self, path: &str, object: &MailboxBinding) -> Value {
+        let (body, send) = self.expect(Method::PATCH, path).await;
+        let mut answer = serde_json::to_value(object).expect("json");
+        answer["status"] = body["status"].clone();
+        send.send_response(ok(&answer));
+        body
+    }
+
+    async fn nothing_more(&mut self) {
+        let next = tokio::time::timeout(StdDuration::from_millis(300), self.0.next_request()).await;
+        if let Ok(Some((request, _))) = next {
+            panic!("unexpected request {} {}", request.method(), request.uri());
+        }
+    }
+}
+
+fn ok(v: &Value) -> Response<Body> {
+    Response::builder().body(Body::from(serde_json::to_vec(v).expect("json"))).expect("response")
+}
+
+fn not_found() -> Response<Body> {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+    Response::builder()
+        .status(StatusCode::NOT_FOUND)
+        .body(Body::from(serde_json::to_vec(&status).expect("json")))
+        .expect("response")
+}
+
+fn secret_json(s: &Secret) -> Value {
+    let mut v = serde_json::to_value(s).unwrap_or_default();
+    v["apiVersion"] = "v1".into();
+    v["kind"] = "Secret".into();
+    v
+}
+
+fn client_secret() -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "contoso-oauth", "namespace": NS},
+           "data": {"client-secret": "czNjcjN0"}})
+}
+
+fn decoded_keys(v: &Value) -> Vec<String> {
+    v["data"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+}
+
+const GRANT_PATH: &str = "/api/v1/namespaces/mail/secrets/helpdesk.mailoauth-grant";
+const PUBLISHED_PATH: &str = "/api/v1/namespaces/mail/secrets/helpdesk-mail-token";
+const CLIENT_SECRET_PATH: &str = "/api/v1/namespaces/mail/secrets/contoso-oauth";
+const STATUS_PATH: &str = "/apis/mailoauth.io/v1alpha1/namespaces/mail/mailboxbindings/helpdesk/status";
+
+fn mocked() -> (Client, ApiServer) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(service, "default"), ApiServer(handle))
+}
+
+#[tokio::test]
+async fn a_first_reconcile_reads_two_secrets_and_the_client_secret_then_writes_grant_published_and_status() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let b = binding_object();
+    let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+
+    server.get(GRANT_PATH, None).await;
+    server.get(PUBLISHED_PATH, None).await;
+    server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
+    let grant = server.apply(GRANT_PATH).await;
+    assert_eq!(grant["metadata"]["labels"]["mailoauth.io/secret-role"], "grant");
+    assert_eq!(grant["metadata"]["ownerReferences"][0]["uid"], "uid-helpdesk");
+    assert_eq!(grant["metadata"]["ownerReferences"][0]["controller"], true);
+    let published = server.apply(PUBLISHED_PATH).await;
+    assert_eq!(
+        decoded_keys(&published),
+        [
+            "access_token",
+            "expires_at",
+            "imap_host",
+            "imap_port",
+            "smtp_host",
+            "smtp_port",
+            "token_type",
+            "username",
+            "xoauth2"
+        ]
+    );
+    assert_eq!(published["metadata"]["labels"]["app.kubernetes.io/managed-by"], "mail-oauth-operator");
+    assert_eq!(published["metadata"]["labels"]["mailoauth.io/binding"], "helpdesk");
+    let status = server.apply_status(STATUS_PATH, &b).await;
+    assert_eq!(status["status"]["phase"], "Ready");
+    assert_eq!(status["status"]["token"]["expiresAt"], "2027-01-15T09:00:00Z");
+    server.nothing_more().await;
+
+    let action = reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+    let requeue = format!("{action:?}");
+    assert!(requeue.contains("requeue_after: Some("), "{requeue}");
+}
+
+#[tokio::test]
+async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let mut b = binding_object();
+    let grant = GrantState {
+        refresh_token: None,
+        access_token: "at-0".to_owned().into(),
+        token_type: "Bearer".into(),
+        issued_at: now() - Duration::minutes(5),
+        expires_at: now() + Duration::minutes(55),
+        scopes: vec!["https://outlook.office365.com/.default".into()],
+        requested_scopes: vec!["https://outlook.office365.com/.default".into()],
+        provider: "MailProvider/contoso".into(),
+        client_id: "app-id".into(),
+        imported_from: None,
+    };
+    b.status = Some(next_status(now() - Duration::minutes(5), &b, Some(&grant), &Outcome::Refreshed));
+    let servers = crate::oauth::provider::servers(&provider().spec);
+    let data = published_data(&b.spec.mailbox, &grant, &b.spec.protocols, &servers, None).unwrap_or_default();
+    let grant_secret = desired(&b, &grant_secret_name("helpdesk"), Role::Grant, grant.encode());
+    let mut published = desired(&b, &b.spec.secret_name, Role::Published, data);
+    // A key someone else added does not make the Secret out of date.
+    if let Some(d) = published.data.as_mut() {
+        d.insert("added-by-someone".into(), k8s_openapi::ByteString(b"x".to_vec()));
+    }
+    let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b), ctx));
+
+    server.get(GRANT_PATH, Some(secret_json(&grant_secret))).await;
+    server.get(PUBLISHED_PATH, Some(secret_json(&published))).await;
+    server.nothing_more().await;
+
+    reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no token request");
+}
+
+#[tokio::test]
+async fn a_secret_owned_by_someone_else_is_left_alone_and_reported_as_a_conflict() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let b = binding_object();
+    let foreign = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("helpdesk-mail-token".into()),
+            namespace: Some(NS.into()),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "external-secrets.io/v1".into(),
+                kind: "ExternalSecret".into(),
+                name: "helpdesk".into(),
+                uid: "uid-eso".into(),
+                controller: Some(true),
+                block_owner_deletion: None,
+            }]),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::new()),
+        ..Default::default()
+    };
+    let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+
+    server.get(GRANT_PATH, None).await;
+    server.get(PUBLISHED_PATH, Some(secret_json(&foreign))).await;
+    let status = server.apply_status(STATUS_PATH, &b).await;
+    assert_eq!(status["status"]["phase"], "Error");
+    assert_eq!(status["status"]["conditions"][0]["reason"], "SecretConflict");
+    let message = status["status"]["conditions"][0]["message"].as_str().unwrap_or_default().to_owned();
+    assert!(message.contains("controlled by ExternalSecret helpdesk"), "{message}");
+    let (event, send) = server.expect(Method::POST, "/apis/events.k8s.io/v1/namespaces/mail/events").await;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "SecretConflict");
+    send.send_response(ok(&event));
+    server.nothing_more().await;
+
+    reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no token request");
+}
