@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use tracing::{info, warn};
 
 use super::Context;
@@ -23,8 +23,9 @@ use crate::api::{
     MailboxBindingStatus, Protocol, ProviderKind, ServerAddress,
 };
 use crate::error::{Error, Result};
+use crate::oauth::GrantInput;
+use crate::oauth::exchange::{Requester, grant_state_from, request_for, rotated};
 use crate::oauth::provider::{auth_method, scopes_for, secret_refs, servers};
-use crate::oauth::{GrantInput, TokenRequest};
 use crate::policy::Reason;
 use crate::policy::binding::{
     Decision, Inputs, Outcome, ProviderState, Source, conditions, decide, import_id, next_status, requeue_after,
@@ -33,9 +34,6 @@ use crate::policy::classify::{Failure, classify};
 use crate::policy::grant_state::GrantState;
 use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict};
 use crate::policy::publish::published_data;
-
-/// Lifetime assumed when the token endpoint does not say (`expires_in` is optional).
-const DEFAULT_LIFETIME: Duration = Duration::hours(1);
 
 /// What a usable provider offers this binding.
 #[derive(Clone, Debug)]
@@ -59,7 +57,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     let name = binding.name_any();
     let ns =
         binding.namespace().ok_or_else(|| Error::MissingNamespace { kind: "MailboxBinding", name: name.clone() })?;
-    let now = ctx.clock.now();
+    let now = ctx.now();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let grant_name = grant_secret_name(&name);
 
@@ -405,40 +403,19 @@ async fn obtain(
         },
         Source::ClientCredentials => (GrantInput::ClientCredentials, None),
     };
-    let request = TokenRequest {
-        token_url: usable.endpoints.token.clone().unwrap_or_default(),
-        client_id: usable.spec.client_id.clone(),
-        client_secrets,
-        method: method.unwrap_or(ClientAuthMethod::ClientSecretPost),
-        ca_bundle: crate::oauth::provider::ca_bundle(&usable.spec).map(str::to_owned),
-        scopes: usable.scopes.clone(),
-        grant: input.clone(),
+    let who = Requester {
+        provider_key: &usable.key,
+        provider: &usable.spec,
+        endpoints: &usable.endpoints,
+        scopes: &usable.scopes,
     };
+    let request = request_for(&who, client_secrets, input.clone());
     Ok(match ctx.tokens.request(&request).await {
         Ok(set) => {
-            let used_refresh = match &input {
-                GrantInput::RefreshToken(rt) => Some(rt.clone()),
-                GrantInput::ClientCredentials => None,
-            };
-            let rotated = match (&set.refresh_token, &used_refresh) {
-                (Some(new), Some(old)) => new.expose_secret() != old.expose_secret(),
-                _ => false,
-            };
-            if rotated {
+            if rotated(&set, &input) {
                 info!(binding = %binding.name_any(), namespace = %ns, "refresh token rotated; storing the new one first");
             }
-            Ok(GrantState {
-                refresh_token: set.refresh_token.or(used_refresh),
-                access_token: set.access_token,
-                token_type: "Bearer".into(),
-                issued_at: now,
-                expires_at: now + set.expires_in.unwrap_or(DEFAULT_LIFETIME),
-                scopes: set.scopes.unwrap_or_else(|| usable.scopes.clone()),
-                requested_scopes: usable.scopes.clone(),
-                provider: usable.key.clone(),
-                client_id: usable.spec.client_id.clone(),
-                imported_from,
-            })
+            Ok(grant_state_from(&who, set, &input, imported_from, now))
         }
         Err(upstream) => Err(classify(&upstream)),
     })

@@ -64,6 +64,12 @@ pub struct Context {
 }
 
 impl Context {
+    /// Now, to whole seconds (as Kubernetes stores time and the grant state records it).
+    pub fn now(&self) -> DateTime<Utc> {
+        use chrono::SubsecRound;
+        self.clock.now().trunc_subsecs(0)
+    }
+
     /// A grant state waiting to be written.
     pub fn take_pending(&self, namespace: &str, binding: &str) -> Option<GrantState> {
         self.pending.lock().ok()?.remove(&(namespace.to_owned(), binding.to_owned()))

@@ -70,7 +70,7 @@ pub async fn reconcile<K: ProviderObject>(provider: Arc<K>, ctx: Arc<Context>) -
     let secrets_namespace = provider.namespace().unwrap_or_else(|| ctx.cluster_namespace.clone());
     let endpoints = resolve(&ctx, spec).await;
     let secret_problem = check_secrets(&ctx, spec, &secrets_namespace).await?;
-    let now = ctx.clock.now();
+    let now = ctx.now();
     let refs = secret_refs(spec);
     let next =
         status(now, provider.meta().generation, provider.observed(), refs, &Observed { endpoints, secret_problem });

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod discovery;
+pub mod exchange;
 pub mod grants;
 pub mod http;
 pub mod presets;

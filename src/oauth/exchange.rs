@@ -1,0 +1,72 @@
+//! The pure ends of a token exchange: the request for a binding, and the grant state a response
+//! becomes (the rotated refresh token replaces the used one; an unrotated one is kept).
+
+use chrono::{DateTime, Duration, Utc};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{GrantInput, TokenRequest, TokenSet};
+use crate::api::{ClientAuthMethod, Endpoints, MailProviderSpec};
+use crate::policy::grant_state::GrantState;
+
+/// Lifetime assumed when the token endpoint does not say (`expires_in` is optional).
+pub const DEFAULT_LIFETIME: Duration = Duration::hours(1);
+
+/// Who asks, for which scopes.
+#[derive(Clone, Debug)]
+pub struct Requester<'a> {
+    /// `Kind/name` of the provider.
+    pub provider_key: &'a str,
+    /// The provider registration.
+    pub provider: &'a MailProviderSpec,
+    /// Its resolved endpoints.
+    pub endpoints: &'a Endpoints,
+    /// Scopes to request.
+    pub scopes: &'a [String],
+}
+
+/// The token request for `input`, with the client secrets found.
+pub fn request_for(who: &Requester<'_>, client_secrets: Vec<SecretString>, input: GrantInput) -> TokenRequest {
+    TokenRequest {
+        token_url: who.endpoints.token.clone().unwrap_or_default(),
+        client_id: who.provider.client_id.clone(),
+        client_secrets,
+        method: super::provider::auth_method(who.provider).unwrap_or(ClientAuthMethod::ClientSecretPost),
+        ca_bundle: super::provider::ca_bundle(who.provider).map(str::to_owned),
+        scopes: who.scopes.to_vec(),
+        grant: input,
+    }
+}
+
+/// Whether the response carries a refresh token other than the one used.
+pub fn rotated(set: &TokenSet, input: &GrantInput) -> bool {
+    match (&set.refresh_token, input) {
+        (Some(new), GrantInput::RefreshToken(old)) => new.expose_secret() != old.expose_secret(),
+        _ => false,
+    }
+}
+
+/// The grant state a successful response becomes.
+pub fn grant_state_from(
+    who: &Requester<'_>,
+    set: TokenSet,
+    input: &GrantInput,
+    imported_from: Option<String>,
+    now: DateTime<Utc>,
+) -> GrantState {
+    let used = match input {
+        GrantInput::RefreshToken(rt) => Some(rt.clone()),
+        GrantInput::ClientCredentials => None,
+    };
+    GrantState {
+        refresh_token: set.refresh_token.or(used),
+        access_token: set.access_token,
+        token_type: "Bearer".into(),
+        issued_at: now,
+        expires_at: now + set.expires_in.unwrap_or(DEFAULT_LIFETIME),
+        scopes: set.scopes.unwrap_or_else(|| who.scopes.to_vec()),
+        requested_scopes: who.scopes.to_vec(),
+        provider: who.provider_key.to_owned(),
+        client_id: who.provider.client_id.clone(),
+        imported_from,
+    }
+}

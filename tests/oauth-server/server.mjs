@@ -1,0 +1,147 @@
+// A real OAuth 2.0 / OpenID Connect server for the operator's tests: oidc-provider over TLS on
+// 127.0.0.1, refresh tokens rotated on every use (a replayed one revokes the whole grant),
+// client credentials, introspection and revocation. Test-only routes under /test/ seed a refresh
+// token the way a person's consent would, and count token requests.
+//
+// Environment: TLS_CERT, TLS_KEY (PEM files), PORT (0 = any), ACCESS_TOKEN_TTL (seconds),
+// INTROSPECTION_PORT (optional plain-http listener for Dovecot on 127.0.0.1).
+// Prints one JSON line {"issuer", "port", "introspectionPort"} on stdout when listening.
+import fs from 'node:fs';
+import http from 'node:http';
+import https from 'node:https';
+import Provider from 'oidc-provider';
+
+const accessTtl = Number(process.env.ACCESS_TOKEN_TTL || 3600);
+const stats = { token_requests: 0, token_requests_by_grant: {} };
+
+const clients = [
+  {
+    client_id: 'mail-app',
+    client_secret: 'mail-app-secret',
+    grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
+    response_types: ['code'],
+    redirect_uris: ['https://127.0.0.1/callback'],
+    token_endpoint_auth_method: 'client_secret_post',
+    scope: 'openid offline_access email mail',
+  },
+  {
+    client_id: 'mail-app-basic',
+    client_secret: 'mail-app-basic-secret',
+    grant_types: ['client_credentials', 'refresh_token', 'authorization_code'],
+    response_types: ['code'],
+    redirect_uris: ['https://127.0.0.1/callback'],
+    token_endpoint_auth_method: 'client_secret_basic',
+    scope: 'openid offline_access email mail',
+  },
+  {
+    client_id: 'introspector',
+    client_secret: 'introspector-secret',
+    grant_types: [],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: 'client_secret_post',
+  },
+];
+
+function listen(server, port) {
+  return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve(server.address().port)));
+}
+
+async function readJson(req) {
+  let body = '';
+  for await (const chunk of req) body += chunk;
+  return body ? JSON.parse(body) : {};
+}
+
+function send(res, status, value) {
+  res.writeHead(status, { 'content-type': 'application/json' });
+  res.end(JSON.stringify(value));
+}
+
+const epoch = () => Math.floor(Date.now() / 1000);
+
+let provider;
+
+// Creates a grant and a refresh token for `accountId`, as a completed consent would.
+async function seed({ accountId, clientId = 'mail-app', scope = 'openid offline_access email mail' }) {
+  const client = await provider.Client.find(clientId);
+  const grant = new provider.Grant({ accountId, clientId });
+  grant.addOIDCScope(scope);
+  const grantId = await grant.save();
+  const refreshToken = new provider.RefreshToken({
+    client,
+    accountId,
+    grantId,
+    scope,
+    gty: 'authorization_code',
+    authTime: epoch(),
+    iiat: epoch(),
+    rotations: 0,
+    expiresWithSession: false,
+  });
+  return { refresh_token: await refreshToken.save(), grant_id: grantId };
+}
+
+async function testRoute(req, res) {
+  try {
+    if (req.method === 'POST' && req.url === '/test/seed') return send(res, 200, await seed(await readJson(req)));
+    if (req.method === 'GET' && req.url === '/test/stats') return send(res, 200, stats);
+    return send(res, 404, { error: 'not_found' });
+  } catch (e) {
+    return send(res, 500, { error: 'server_error', error_description: String(e && e.message) });
+  }
+}
+
+const tls = { cert: fs.readFileSync(process.env.TLS_CERT), key: fs.readFileSync(process.env.TLS_KEY) };
+let callback;
+const server = https.createServer(tls, (req, res) => {
+  if (req.url.startsWith('/test/')) return testRoute(req, res);
+  if (req.method === 'POST' && req.url.startsWith('/token')) stats.token_requests += 1;
+  return callback(req, res);
+});
+const port = await listen(server, Number(process.env.PORT || 0));
+const issuer = `https://127.0.0.1:${port}`;
+
+provider = new Provider(issuer, {
+  clients,
+  scopes: ['openid', 'offline_access', 'email', 'mail'],
+  claims: { email: ['email'] },
+  features: {
+    devInteractions: { enabled: false },
+    clientCredentials: { enabled: true },
+    introspection: { enabled: true },
+    revocation: { enabled: true },
+  },
+  rotateRefreshToken: true,
+  ttl: {
+    AccessToken: accessTtl,
+    ClientCredentials: accessTtl,
+    RefreshToken: 30 * 24 * 3600,
+    Grant: 30 * 24 * 3600,
+  },
+  findAccount: async (ctx, id) => ({ accountId: id, claims: async () => ({ sub: id, email: id }) }),
+  extraTokenClaims: async (ctx, token) => (token.accountId ? { email: token.accountId } : undefined),
+  issueRefreshToken: async (ctx, client, code) =>
+    client.grantTypeAllowed('refresh_token') && code.scopes.has('offline_access'),
+});
+provider.on('grant.success', (ctx) => {
+  const gty = ctx.oidc.params.grant_type;
+  stats.token_requests_by_grant[gty] = (stats.token_requests_by_grant[gty] || 0) + 1;
+});
+provider.on('grant.error', (ctx, err) => {
+  console.error(`grant.error ${ctx.oidc.params.grant_type}: ${err.error} ${err.error_detail || ''}`);
+});
+callback = provider.callback();
+
+let introspectionPort = null;
+if (process.env.INTROSPECTION_PORT) {
+  const plain = http.createServer((req, res) => {
+    // Introspection for Dovecot over plain http on loopback; the provider sees https.
+    req.headers['x-forwarded-proto'] = 'https';
+    return callback(req, res);
+  });
+  provider.proxy = true;
+  introspectionPort = await listen(plain, Number(process.env.INTROSPECTION_PORT));
+}
+
+console.log(JSON.stringify({ issuer, port, introspectionPort }));

@@ -1,0 +1,309 @@
+//! The operator's reconcilers against a real OAuth server (oidc-provider over TLS, discovered
+//! through `issuerUrl` and trusted through `caBundle`), with Kubernetes replaced by an in-memory
+//! API. Time is a manual clock, so renewals happen when the test says.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chrono::{DateTime, Duration, Utc};
+use kube::runtime::reflector::{Store, store, store::Writer};
+use kube::runtime::watcher;
+use mail_oauth_operator::api::{ClusterMailProvider, MailProvider, MailboxBinding, Phase};
+use mail_oauth_operator::controller::{Clock, Context, binding, provider};
+use mail_oauth_operator::oauth::HttpTokenEndpoint;
+use mail_oauth_operator::oauth::http::HttpClients;
+use serde_json::{Value, json};
+use support::fake_api::FakeApi;
+use support::oauth_server::OAuthServer;
+
+const NS: &str = "mail";
+
+struct ManualClock(Mutex<DateTime<Utc>>);
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().expect("clock")
+    }
+}
+
+struct Harness {
+    api: FakeApi,
+    ctx: Arc<Context>,
+    clock: Arc<ManualClock>,
+    server: OAuthServer,
+    providers: Writer<MailProvider>,
+    bindings: Writer<MailboxBinding>,
+}
+
+fn provider_path(name: &str) -> String {
+    format!("/apis/mailoauth.io/v1alpha1/namespaces/{NS}/mailproviders/{name}")
+}
+fn binding_path(name: &str) -> String {
+    format!("/apis/mailoauth.io/v1alpha1/namespaces/{NS}/mailboxbindings/{name}")
+}
+fn secret_path(name: &str) -> String {
+    format!("/api/v1/namespaces/{NS}/secrets/{name}")
+}
+
+fn secret(name: &str, data: &[(&str, &str)]) -> Value {
+    let data: BTreeMap<&str, String> = data.iter().map(|(k, v)| (*k, STANDARD.encode(v))).collect();
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS}, "data": data})
+}
+
+fn decode(secret: &Value, key: &str) -> Option<String> {
+    let b64 = secret["data"][key].as_str()?;
+    String::from_utf8(STANDARD.decode(b64).ok()?).ok()
+}
+
+impl Harness {
+    async fn start(access_ttl: u64) -> Self {
+        let server = OAuthServer::start(access_ttl).await;
+        let api = FakeApi::default();
+        let clock = Arc::new(ManualClock(Mutex::new(Utc::now())));
+        let (provider_store, providers): (Store<MailProvider>, _) = store();
+        let (cluster_store, _): (Store<ClusterMailProvider>, _) = store();
+        let (binding_store, bindings) = store();
+        let http = HttpClients::default();
+        let client = api.client();
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            tokens: Arc::new(HttpTokenEndpoint::new(http.clone())),
+            http,
+            providers: provider_store,
+            cluster_providers: cluster_store,
+            bindings: binding_store,
+            cluster_namespace: "mail-oauth-operator".into(),
+            recorder: kube::runtime::events::Recorder::new(
+                client,
+                kube::runtime::events::Reporter { controller: "mail-oauth-operator".into(), instance: None },
+            ),
+            clock: Arc::clone(&clock) as Arc<dyn Clock>,
+            pending: Default::default(),
+        });
+        Self { api, ctx, clock, server, providers, bindings }
+    }
+
+    fn advance_to(&self, t: DateTime<Utc>) {
+        *self.clock.0.lock().expect("clock") = t;
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// Creates a generic provider for the test server and reconciles it until it is Ready.
+    async fn provider(&mut self, name: &str, client_id: &str, secret_refs: Value, method: &str) -> MailProvider {
+        let object = json!({
+            "apiVersion": "mailoauth.io/v1alpha1", "kind": "MailProvider",
+            "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1},
+            "spec": {
+                "generic": {
+                    "issuerUrl": self.server.issuer, "caBundle": self.server.ca_pem,
+                    "scopes": {"imap": ["openid", "offline_access", "email", "mail"], "smtp": ["mail"]},
+                    "servers": {"imap": {"host": "127.0.0.1", "port": 10143}}
+                },
+                "clientId": client_id,
+                "clientAuthentication": {"clientSecretRefs": secret_refs, "method": method}
+            }
+        });
+        self.api.put(&provider_path(name), object.clone());
+        let p: MailProvider = serde_json::from_value(object).expect("provider");
+        provider::reconcile(Arc::new(p), Arc::clone(&self.ctx)).await.expect("provider reconcile");
+        let stored: MailProvider =
+            serde_json::from_value(self.api.get(&provider_path(name)).expect("stored")).expect("provider parses");
+        self.providers.apply_watcher_event(&watcher::Event::Apply(stored.clone()));
+        stored
+    }
+
+    fn binding(&mut self, name: &str, grant: Value, scopes: Value) {
+        let object = json!({
+            "apiVersion": "mailoauth.io/v1alpha1", "kind": "MailboxBinding",
+            "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1,
+                         "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"providerRef": {"name": "idp"}, "mailbox": "helpdesk@example.com", "protocols": ["imap"],
+                     "scopes": scopes, "grant": grant, "secretName": format!("{name}-mail-token")}
+        });
+        self.api.put(&binding_path(name), object.clone());
+        let b: MailboxBinding = serde_json::from_value(object).expect("binding");
+        self.bindings.apply_watcher_event(&watcher::Event::Apply(b));
+    }
+
+    /// Runs one reconcile of the binding as stored, and returns it as stored afterwards.
+    async fn reconcile(&self, name: &str) -> MailboxBinding {
+        let b: MailboxBinding =
+            serde_json::from_value(self.api.get(&binding_path(name)).expect("binding")).expect("parse");
+        binding::reconcile(Arc::new(b), Arc::clone(&self.ctx)).await.expect("binding reconcile");
+        serde_json::from_value(self.api.get(&binding_path(name)).expect("binding")).expect("parse")
+    }
+
+    fn published(&self, name: &str) -> Value {
+        self.api.get(&secret_path(&format!("{name}-mail-token"))).expect("published Secret")
+    }
+
+    fn stored_refresh_token(&self, name: &str) -> String {
+        let grant = self.api.get(&secret_path(&format!("{name}.mailoauth-grant"))).expect("grant Secret");
+        decode(&grant, "refresh_token").expect("refresh_token")
+    }
+}
+
+fn condition<'a>(b: &'a MailboxBinding, type_: &str) -> &'a mail_oauth_operator::api::Condition {
+    b.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == type_)).expect("condition")
+}
+
+#[tokio::test]
+async fn client_credentials_publish_a_token_from_a_discovered_provider_over_its_ca_bundle() {
+    let mut h = Harness::start(3600).await;
+    h.api.put(&secret_path("idp-client"), secret("idp-client", &[("client-secret", "mail-app-secret")]));
+    let p = h.provider("idp", "mail-app", json!([{"name": "idp-client"}]), "clientSecretPost").await;
+    let endpoints = p.status.as_ref().and_then(|s| s.endpoints.clone()).expect("endpoints discovered");
+    assert_eq!(endpoints.token, Some(format!("{}/token", h.server.issuer)));
+
+    h.binding("app", json!({"clientCredentials": {}}), json!(["mail"]));
+    let b = h.reconcile("app").await;
+    let status = b.status.as_ref().expect("status");
+    assert_eq!(status.phase, Some(Phase::Ready));
+    assert_eq!(condition(&b, "Ready").reason, "TokenValid");
+    let published = h.published("app");
+    let token = decode(&published, "access_token").expect("access_token");
+    assert!(!token.is_empty());
+    let sasl = STANDARD.decode(decode(&published, "xoauth2").expect("xoauth2")).expect("base64");
+    assert_eq!(sasl, format!("user=helpdesk@example.com\x01auth=Bearer {token}\x01\x01").into_bytes());
+    assert_eq!(decode(&published, "imap_host").as_deref(), Some("127.0.0.1"));
+    assert_eq!(h.server.grants("client_credentials").await, 1);
+    let expires = status.token.as_ref().expect("token").expires_at;
+    assert!((expires - (h.now() + Duration::hours(1))).num_seconds().abs() <= 1, "{expires}");
+
+    // Nothing is due: another reconcile asks the server for nothing and writes nothing.
+    let writes = h.api.writes().len();
+    h.reconcile("app").await;
+    assert_eq!(h.server.token_requests().await, 1);
+    assert_eq!(h.api.writes().len(), writes, "{:?}", &h.api.writes()[writes..]);
+}
+
+#[tokio::test]
+async fn client_secret_basic_falls_back_to_the_next_secret_when_the_first_is_rejected() {
+    let mut h = Harness::start(3600).await;
+    h.api.put(&secret_path("old"), secret("old", &[("client-secret", "revoked-secret")]));
+    h.api.put(&secret_path("new"), secret("new", &[("client-secret", "mail-app-basic-secret")]));
+    h.provider("idp", "mail-app-basic", json!([{"name": "old"}, {"name": "new"}]), "clientSecretBasic").await;
+    h.binding("app", json!({"clientCredentials": {}}), json!(["mail"]));
+    let b = h.reconcile("app").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready));
+    assert_eq!(h.server.token_requests().await, 2, "the rejected secret, then the working one");
+}
+
+#[tokio::test]
+async fn a_wrong_client_secret_is_reported_as_invalid_credentials_and_not_retried() {
+    let mut h = Harness::start(3600).await;
+    h.api.put(&secret_path("idp-client"), secret("idp-client", &[("client-secret", "wrong")]));
+    h.provider("idp", "mail-app", json!([{"name": "idp-client"}]), "clientSecretPost").await;
+    h.binding("app", json!({"clientCredentials": {}}), json!(["mail"]));
+    let b = h.reconcile("app").await;
+    let authorized = condition(&b, "Authorized");
+    assert_eq!(authorized.reason, "ClientCredentialsInvalid");
+    assert!(authorized.message.contains("invalid_client"), "{}", authorized.message);
+    assert!(!authorized.message.contains("wrong"), "the secret never shows: {}", authorized.message);
+    assert_eq!(condition(&b, "Ready").status, mail_oauth_operator::api::ConditionStatus::False);
+    let before = h.server.token_requests().await;
+    h.advance_to(h.now() + Duration::minutes(30));
+    h.reconcile("app").await;
+    assert_eq!(h.server.token_requests().await, before, "a permanent failure waits for a change");
+}
+
+#[tokio::test]
+async fn an_imported_refresh_token_is_used_once_and_every_rotation_is_kept() {
+    let mut h = Harness::start(600).await;
+    let seed = h.server.seed_refresh_token("helpdesk@example.com").await;
+    h.api.put(&secret_path("client"), secret("client", &[("client-secret", "mail-app-secret")]));
+    h.api.put(&secret_path("seed"), secret("seed", &[("refresh_token", &seed)]));
+    h.provider("idp", "mail-app", json!([{"name": "client"}]), "clientSecretPost").await;
+    h.binding("helpdesk", json!({"refreshToken": {"secretRef": {"name": "seed", "key": "refresh_token"}}}), json!([]));
+
+    let mut b = h.reconcile("helpdesk").await;
+    let mut previous_rt = seed.clone();
+    let mut previous_at = decode(&h.published("helpdesk"), "access_token").expect("token");
+    for round in 1..=3 {
+        let rt = h.stored_refresh_token("helpdesk");
+        assert_ne!(rt, previous_rt, "round {round}: the rotated refresh token was stored");
+        let renew_at = b.status.as_ref().and_then(|s| s.token.as_ref()).expect("token status").renew_at;
+        assert!(renew_at > h.now(), "renewal is in the future");
+        h.advance_to(renew_at + Duration::seconds(1));
+        b = h.reconcile("helpdesk").await;
+        assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "round {round}");
+        let at = decode(&h.published("helpdesk"), "access_token").expect("token");
+        assert_ne!(at, previous_at, "round {round}: a new access token was published");
+        previous_at = at;
+        previous_rt = rt;
+    }
+    assert_eq!(h.server.grants("refresh_token").await, 4, "one import and three renewals, nothing lost");
+
+    // The imported copy is dead at the server; replaying it revokes the whole grant, so any
+    // earlier use of a stale token by the operator would have failed the rounds above.
+    let replay = h.server.refresh_directly(&seed).await;
+    assert_eq!(replay["error"], "invalid_grant");
+}
+
+#[tokio::test]
+async fn a_revoked_grant_needs_reauthorization_and_the_valid_token_stays_published_until_expiry() {
+    let mut h = Harness::start(600).await;
+    let seed = h.server.seed_refresh_token("helpdesk@example.com").await;
+    h.api.put(&secret_path("client"), secret("client", &[("client-secret", "mail-app-secret")]));
+    h.api.put(&secret_path("seed"), secret("seed", &[("refresh_token", &seed)]));
+    h.provider("idp", "mail-app", json!([{"name": "client"}]), "clientSecretPost").await;
+    h.binding("helpdesk", json!({"refreshToken": {"secretRef": {"name": "seed", "key": "refresh_token"}}}), json!([]));
+    let b = h.reconcile("helpdesk").await;
+    let token = b.status.as_ref().and_then(|s| s.token.clone()).expect("token");
+    let published_before = decode(&h.published("helpdesk"), "access_token");
+
+    h.server.revoke(&h.stored_refresh_token("helpdesk")).await;
+    h.advance_to(token.renew_at + Duration::seconds(1));
+    let b = h.reconcile("helpdesk").await;
+    let status = b.status.as_ref().expect("status");
+    assert_eq!(status.phase, Some(Phase::ReauthorizationRequired));
+    assert_eq!(condition(&b, "Authorized").reason, "ReauthorizationRequired");
+    assert_eq!(condition(&b, "Ready").reason, "TokenValid", "the current token still works");
+    assert_eq!(decode(&h.published("helpdesk"), "access_token"), published_before, "left in place");
+
+    // No hammering: later reconciles before expiry ask the server nothing.
+    let requests = h.server.token_requests().await;
+    h.advance_to(token.renew_at + Duration::seconds(60));
+    h.reconcile("helpdesk").await;
+    assert_eq!(h.server.token_requests().await, requests);
+
+    // After expiry the binding is not Ready; the Secret is not deleted.
+    h.advance_to(token.expires_at + Duration::seconds(1));
+    let b = h.reconcile("helpdesk").await;
+    assert_eq!(condition(&b, "Ready").reason, "Expired");
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::ReauthorizationRequired));
+    assert_eq!(decode(&h.published("helpdesk"), "access_token"), published_before);
+    assert_eq!(h.server.token_requests().await, requests);
+}
+
+#[tokio::test]
+async fn a_deleted_or_edited_published_secret_is_restored_without_a_token_request() {
+    let mut h = Harness::start(3600).await;
+    h.api.put(&secret_path("idp-client"), secret("idp-client", &[("client-secret", "mail-app-secret")]));
+    h.provider("idp", "mail-app", json!([{"name": "idp-client"}]), "clientSecretPost").await;
+    h.binding("app", json!({"clientCredentials": {}}), json!(["mail"]));
+    h.reconcile("app").await;
+    let original = h.published("app");
+    let token = decode(&original, "access_token");
+
+    h.api.delete(&secret_path("app-mail-token"));
+    h.reconcile("app").await;
+    assert_eq!(decode(&h.published("app"), "access_token"), token, "restored from the grant state");
+
+    let mut edited = h.published("app");
+    edited["data"]["access_token"] = json!(STANDARD.encode("tampered"));
+    edited["data"]["added-by-someone"] = json!(STANDARD.encode("keep me"));
+    h.api.put(&secret_path("app-mail-token"), edited);
+    h.reconcile("app").await;
+    let restored = h.published("app");
+    assert_eq!(decode(&restored, "access_token"), token);
+    assert_eq!(decode(&restored, "added-by-someone").as_deref(), Some("keep me"));
+    assert_eq!(h.server.token_requests().await, 1);
+}

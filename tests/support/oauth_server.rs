@@ -1,0 +1,181 @@
+//! Starts `tests/oauth-server/server.mjs` (oidc-provider) on 127.0.0.1 with a fresh CA and server
+//! certificate, installs its npm dependencies when they are missing, and stops it on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A running OAuth server.
+pub struct OAuthServer {
+    /// `https://127.0.0.1:<port>`.
+    pub issuer: String,
+    /// PEM of the CA that signed the server certificate.
+    pub ca_pem: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+fn server_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oauth-server")
+}
+
+async fn ensure_installed() {
+    let dir = server_dir();
+    if dir.join("node_modules/oidc-provider").exists() {
+        return;
+    }
+    let status = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir)
+        .status()
+        .await
+        .expect("npm runs (Node.js 20+ and npm must be installed)");
+    assert!(status.success(), "npm ci in {} failed", dir.display());
+}
+
+fn certificates() -> (String, String, String) {
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "mail-oauth-operator test CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("CA cert");
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("server key");
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("server params");
+    params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+    let cert = params.signed_by(&key, &issuer).expect("server cert");
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+impl OAuthServer {
+    /// Starts the server with access tokens valid for `access_ttl` seconds.
+    pub async fn start(access_ttl: u64) -> Self {
+        ensure_installed().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca_pem, cert, key) = certificates();
+        std::fs::write(dir.path().join("tls.crt"), &cert).expect("write cert");
+        std::fs::write(dir.path().join("tls.key"), &key).expect("write key");
+        let mut child = Command::new("node")
+            .arg(server_dir().join("server.mjs"))
+            .env("TLS_CERT", dir.path().join("tls.crt"))
+            .env("TLS_KEY", dir.path().join("tls.key"))
+            .env("ACCESS_TOKEN_TTL", access_ttl.to_string())
+            .env("PORT", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("OAuth server announced itself within 30 s")
+            .expect("read stdout")
+            .expect("a line");
+        // Keep reading, so that later output never meets a closed pipe.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("oauth-server: {line}");
+            }
+        });
+        let announced: Value = serde_json::from_str(&line).expect("JSON announcement");
+        let issuer = announced["issuer"].as_str().expect("issuer").to_owned();
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("CA"))
+            .build()
+            .expect("client");
+        Self { issuer, ca_pem, child, _dir: dir, http }
+    }
+
+    /// Seeds a grant for `account` and returns its refresh token, as a person's consent would.
+    pub async fn seed_refresh_token(&self, account: &str) -> String {
+        let v: Value = self
+            .http
+            .post(format!("{}/test/seed", self.issuer))
+            .json(&serde_json::json!({ "accountId": account }))
+            .send()
+            .await
+            .expect("seed")
+            .json()
+            .await
+            .expect("seed json");
+        v["refresh_token"].as_str().expect("refresh_token").to_owned()
+    }
+
+    /// Successful grants by grant type, as counted by the server.
+    pub async fn grants(&self, grant_type: &str) -> u64 {
+        let v: Value = self
+            .http
+            .get(format!("{}/test/stats", self.issuer))
+            .send()
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("stats json");
+        v["token_requests_by_grant"][grant_type].as_u64().unwrap_or(0)
+    }
+
+    /// Every POST to the token endpoint, failed ones included.
+    pub async fn token_requests(&self) -> u64 {
+        let v: Value = self
+            .http
+            .get(format!("{}/test/stats", self.issuer))
+            .send()
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("stats json");
+        v["token_requests"].as_u64().unwrap_or(0)
+    }
+
+    /// Sends a refresh request directly (as an attacker or a stale copy would).
+    pub async fn refresh_directly(&self, refresh_token: &str) -> Value {
+        self.http
+            .post(format!("{}/token", self.issuer))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("client_id", "mail-app"),
+                ("client_secret", "mail-app-secret"),
+                ("refresh_token", refresh_token),
+            ])
+            .send()
+            .await
+            .expect("token request")
+            .json()
+            .await
+            .expect("token json")
+    }
+
+    /// Revokes a refresh token at the revocation endpoint (RFC 7009).
+    pub async fn revoke(&self, refresh_token: &str) {
+        let status = self
+            .http
+            .post(format!("{}/token/revocation", self.issuer))
+            .form(&[
+                ("token", refresh_token),
+                ("token_type_hint", "refresh_token"),
+                ("client_id", "mail-app"),
+                ("client_secret", "mail-app-secret"),
+            ])
+            .send()
+            .await
+            .expect("revocation")
+            .status();
+        assert!(status.is_success(), "revocation answered {status}");
+    }
+}
+
+impl Drop for OAuthServer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
