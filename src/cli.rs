@@ -30,7 +30,11 @@ pub enum Command {
     /// Run the operator.
     Run(RunArgs),
     /// Print the CustomResourceDefinitions as YAML.
-    Crds,
+    Crds {
+        /// Write one file per CRD into this folder instead of printing.
+        #[arg(long)]
+        output_dir: Option<std::path::PathBuf>,
+    },
 }
 
 /// Log output format.
@@ -62,8 +66,15 @@ pub struct RunArgs {
 /// Runs a parsed command line.
 pub async fn execute(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Crds => {
+        Command::Crds { output_dir: None } => {
             print!("{}", crate::api::crds::to_yaml().map_err(Error::Crds)?);
+            Ok(())
+        }
+        Command::Crds { output_dir: Some(dir) } => {
+            for (name, yaml) in crate::api::crds::files().map_err(Error::Crds)? {
+                let path = dir.join(name);
+                std::fs::write(&path, yaml).map_err(|source| Error::WriteFile { path: path.display().to_string(), source })?;
+            }
             Ok(())
         }
         Command::Run(args) => run_operator(args).await,

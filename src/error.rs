@@ -79,6 +79,14 @@ pub enum Error {
         /// Cause.
         source: std::io::Error,
     },
+    /// Writing a file failed.
+    #[error("writing {path}: {source}")]
+    WriteFile {
+        /// Path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// Printing the CRDs failed.
     #[error("rendering CRDs: {0}")]
     Crds(#[source] serde_yaml::Error),

@@ -1,0 +1,50 @@
+{{/* Full name: the release name, with the chart name unless the release already contains it. */}}
+{{- define "mail-oauth-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mail-oauth-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "mail-oauth-operator.labels" -}}
+{{ include "mail-oauth-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "mail-oauth-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "mail-oauth-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mail-oauth-operator.clusterResourceNamespace" -}}
+{{- default .Release.Namespace .Values.clusterResourceNamespace -}}
+{{- end -}}
+
+{{/* Rules for the namespaced kinds the operator reads and writes. */}}
+{{- define "mail-oauth-operator.namespacedRules" -}}
+- apiGroups: ["mailoauth.io"]
+  resources: ["mailproviders", "mailboxbindings"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["mailoauth.io"]
+  resources: ["mailproviders/status", "mailboxbindings/status"]
+  verbs: ["get", "patch"]
+# Secrets: client secrets and imported refresh tokens are read; published and grant-state
+# Secrets are written by server-side apply. No delete: owner references clean up.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
