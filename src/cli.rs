@@ -73,7 +73,8 @@ pub async fn execute(cli: Cli) -> Result<()> {
         Command::Crds { output_dir: Some(dir) } => {
             for (name, yaml) in crate::api::crds::files().map_err(Error::Crds)? {
                 let path = dir.join(name);
-                std::fs::write(&path, yaml).map_err(|source| Error::WriteFile { path: path.display().to_string(), source })?;
+                std::fs::write(&path, yaml)
+                    .map_err(|source| Error::WriteFile { path: path.display().to_string(), source })?;
             }
             Ok(())
         }

@@ -164,7 +164,7 @@ async fn apply_secret(api: &Api<Secret>, secret: &Secret) -> Result<Secret, kube
     api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body)).await
 }
 
-/// Writes the grant state (skipped when the stored one is equal); retried a few times, then kept
+/// Writes the grant state (always new after a token request); retried a few times, then kept
 /// in memory and written before anything else on the next reconcile. Never dropped.
 async fn persist_grant(
     ctx: &Context,

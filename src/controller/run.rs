@@ -101,40 +101,77 @@ pub async fn run(
         first_ctx.get_or_insert_with(|| Arc::clone(&ctx));
         syncs.push(synced(provider_store.clone()));
         syncs.push(synced(binding_store.clone()));
-        tasks.push(
+        tasks.push(until_shutdown(
             provider_controller
                 .graceful_shutdown_on(shutdown.clone())
                 .run(provider::reconcile, provider::error_policy, Arc::clone(&ctx))
                 .for_each(log_result)
                 .boxed(),
-        );
-        tasks.push(
+            provider_store,
+            shutdown.clone(),
+        ));
+        tasks.push(until_shutdown(
             binding_controller
                 .graceful_shutdown_on(shutdown.clone())
                 .run(binding::reconcile, binding::error_policy, ctx)
                 .for_each(log_result)
                 .boxed(),
-        );
+            binding_store,
+            shutdown.clone(),
+        ));
     }
     if let Some(ctx) = first_ctx {
         syncs.push(synced(cluster_store.clone()));
-        tasks.push(
+        tasks.push(until_shutdown(
             cluster_controller
                 .graceful_shutdown_on(shutdown.clone())
                 .run(provider::reconcile, provider::error_policy, ctx)
                 .for_each(log_result)
                 .boxed(),
-        );
+            cluster_store,
+            shutdown.clone(),
+        ));
     }
     tasks.push(
         async move {
-            futures::future::join_all(syncs).await;
-            ready.store(true, Ordering::SeqCst);
-            info!("caches synced; ready");
+            tokio::select! {
+                _ = futures::future::join_all(syncs) => {
+                    ready.store(true, Ordering::SeqCst);
+                    info!("caches synced; ready");
+                }
+                () = shutdown => {}
+            }
         }
         .boxed(),
     );
     futures::future::join_all(tasks).await;
+}
+
+/// Runs a controller until it ends. kube's controller never ends while its cache has not synced
+/// (its runner waits for the store before anything else), so a shutdown that finds the cache
+/// unsynced stops it at once: it has not started a reconcile, so nothing is cut short.
+fn until_shutdown<K>(
+    controller: BoxFuture<'static, ()>,
+    store: reflector::Store<K>,
+    shutdown: Shutdown,
+) -> BoxFuture<'static, ()>
+where
+    K: kube::Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    async move {
+        let unsynced_at_shutdown = async {
+            shutdown.await;
+            if store.wait_until_ready().now_or_never().is_some() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = controller => {}
+            () = unsynced_at_shutdown => debug!("stopping a controller whose cache never synced"),
+        }
+    }
+    .boxed()
 }
 
 fn synced<K>(store: reflector::Store<K>) -> BoxFuture<'static, ()>
