@@ -40,10 +40,10 @@ PY
 fi
 
 venv=$cache/venv
-if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/pytest" ]; then
   echo "installing the Python validators into $venv" >&2
   python3 -m venv "$venv" >&2 || { apt_install python3-venv; python3 -m venv "$venv" >&2; }
-  "$venv/bin/pip" install --quiet --disable-pip-version-check jsonschema PyYAML "kubernetes-validate==1.37.0" >&2
+  "$venv/bin/pip" install --quiet --disable-pip-version-check jsonschema PyYAML pytest "kubernetes-validate==1.37.0" >&2
 fi
 
 echo "export PATH=\"$tools/helm:$tools/kubectl:$venv/bin:\$PATH\""

@@ -76,8 +76,8 @@ pub struct Condition {
     pub status: ConditionStatus,
     /// A CamelCase reason; see the project's docs/conditions.md for each reason and its fix.
     pub reason: String,
-    /// What happened and how to fix it, for humans.
-    #[serde(default)]
+    /// What happened and how to fix it, for humans. (No schema default: Kubernetes 1.20 refuses
+    /// an empty-string default.)
     pub message: String,
     /// When the status last changed.
     pub last_transition_time: DateTime<Utc>,

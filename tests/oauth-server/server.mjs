@@ -4,7 +4,8 @@
 // token the way a person's consent would, and count token requests.
 //
 // Environment: TLS_CERT, TLS_KEY (PEM files), PORT (0 = any), ACCESS_TOKEN_TTL (seconds),
-// INTROSPECTION_PORT (optional plain-http listener for Dovecot on 127.0.0.1).
+// FAST_ACCESS_TOKEN_TTL (seconds, for client mail-app-fast), INTROSPECTION_PORT (optional
+// plain-http listener for Dovecot on 127.0.0.1).
 // Prints one JSON line {"issuer", "port", "introspectionPort"} on stdout when listening.
 import fs from 'node:fs';
 import http from 'node:http';
@@ -12,7 +13,11 @@ import https from 'node:https';
 import Provider from 'oidc-provider';
 
 const accessTtl = Number(process.env.ACCESS_TOKEN_TTL || 3600);
-const stats = { token_requests: 0, token_requests_by_grant: {} };
+const fastTtl = Number(process.env.FAST_ACCESS_TOKEN_TTL || 60);
+const stats = { token_requests: 0, token_requests_by_grant: {}, grants_by_client: {}, errors_by_client: {} };
+const bump = (map, key) => {
+  map[key] = (map[key] || 0) + 1;
+};
 
 const clients = [
   {
@@ -34,12 +39,23 @@ const clients = [
     scope: 'openid offline_access email mail',
   },
   {
+    // Same as mail-app, with short-lived access tokens (FAST_ACCESS_TOKEN_TTL).
+    client_id: 'mail-app-fast',
+    client_secret: 'mail-app-fast-secret',
+    grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
+    response_types: ['code'],
+    redirect_uris: ['https://127.0.0.1/callback'],
+    token_endpoint_auth_method: 'client_secret_post',
+    scope: 'openid offline_access email mail',
+  },
+  {
+    // Dovecot's introspection client (HTTP Basic credentials in its introspection_url).
     client_id: 'introspector',
     client_secret: 'introspector-secret',
     grant_types: [],
     response_types: [],
     redirect_uris: [],
-    token_endpoint_auth_method: 'client_secret_post',
+    token_endpoint_auth_method: 'client_secret_basic',
   },
 ];
 
@@ -114,8 +130,8 @@ provider = new Provider(issuer, {
   },
   rotateRefreshToken: true,
   ttl: {
-    AccessToken: accessTtl,
-    ClientCredentials: accessTtl,
+    AccessToken: (ctx, token, client) => (client && client.clientId === 'mail-app-fast' ? fastTtl : accessTtl),
+    ClientCredentials: (ctx, token, client) => (client && client.clientId === 'mail-app-fast' ? fastTtl : accessTtl),
     RefreshToken: 30 * 24 * 3600,
     Grant: 30 * 24 * 3600,
   },
@@ -125,10 +141,11 @@ provider = new Provider(issuer, {
     client.grantTypeAllowed('refresh_token') && code.scopes.has('offline_access'),
 });
 provider.on('grant.success', (ctx) => {
-  const gty = ctx.oidc.params.grant_type;
-  stats.token_requests_by_grant[gty] = (stats.token_requests_by_grant[gty] || 0) + 1;
+  bump(stats.token_requests_by_grant, ctx.oidc.params.grant_type);
+  if (ctx.oidc.client) bump(stats.grants_by_client, ctx.oidc.client.clientId);
 });
 provider.on('grant.error', (ctx, err) => {
+  if (ctx.oidc && ctx.oidc.client) bump(stats.errors_by_client, ctx.oidc.client.clientId);
   console.error(`grant.error ${ctx.oidc.params.grant_type}: ${err.error} ${err.error_detail || ''}`);
 });
 callback = provider.callback();

@@ -1,0 +1,47 @@
+"""The project's examples, adapted to the bed: pointed at the local OAuth server, its CA and the
+local IMAP/SMTP ports. Used by the end-to-end tests and by the demo."""
+import copy
+
+import yaml
+
+from bed import ROOT
+
+
+def example(name, kind):
+    docs = yaml.safe_load_all((ROOT / "examples" / name).read_text())
+    return copy.deepcopy(next(d for d in docs if d and d["kind"] == kind))
+
+
+def secret(namespace, name, data):
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
+            "type": "Opaque", "stringData": data}
+
+
+def provider(bed, namespace, name, client_id, secret_name):
+    """examples/generic-provider.yaml's MailProvider for the bed's OAuth server."""
+    p = example("generic-provider.yaml", "MailProvider")
+    p["metadata"].update(name=name, namespace=namespace)
+    g = p["spec"]["generic"]
+    g["issuerUrl"] = bed.issuer
+    g["caBundle"] = (bed.dir / "ca.crt").read_text()
+    g["servers"] = {"imap": {"host": "127.0.0.1", "port": bed.ports["imap"]}}
+    if "submission" in bed.ports:
+        g["servers"]["smtp"] = {"host": "127.0.0.1", "port": bed.ports["submission"]}
+    p["spec"]["clientId"] = client_id
+    p["spec"]["clientAuthentication"] = {"clientSecretRefs": [{"name": secret_name, "key": "client-secret"}]}
+    return p
+
+
+def binding(namespace, name, provider_name, mailbox, seed_secret):
+    """examples/refresh-token-import.yaml's MailboxBinding for a seeded refresh token."""
+    b = example("refresh-token-import.yaml", "MailboxBinding")
+    b["metadata"] = {"name": name, "namespace": namespace}
+    b["spec"]["providerRef"] = {"name": provider_name}
+    b["spec"]["mailbox"] = mailbox
+    b["spec"]["grant"]["refreshToken"]["secretRef"]["name"] = seed_secret
+    b["spec"]["secretName"] = f"{name}-mail-token"
+    return b
+
+
+def apply(bed, *docs):
+    bed.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sourced by tests/e2e/run.sh and scripts/demo.sh from the repository root: installs what the bed
+# needs (Debian: etcd, Dovecot, Postfix when root; helm, kubectl and pytest through
+# scripts/tools.sh; the OAuth server's npm packages), builds kube-apiserver and
+# kube-controller-manager 1.20.2 once per machine (cached), builds the operator, and exports
+# KUBE_BIN_DIR and OPERATOR_BIN.
+eval "$(scripts/tools.sh)"
+KUBE_BIN_DIR=$(tests/e2e/build-kube.sh)
+export KUBE_BIN_DIR
+
+packages=(etcd-server dovecot-core dovecot-imapd)
+[ "$(id -u)" = 0 ] && packages+=(postfix)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}" >&2
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null || true
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+(cd tests/oauth-server && npm ci --no-audit --no-fund --loglevel=error)
+cargo build --quiet --bin mail-oauth-operator
+export OPERATOR_BIN=$PWD/target/debug/mail-oauth-operator
