@@ -39,7 +39,8 @@ apply(bed,
       secret("demo", "idp-client", {"client-secret": "mail-app-secret"}),
       secret("demo", "helpdesk-refresh-token", {"refresh_token": seed}),
       provider(bed, "demo", "idp", "mail-app", "idp-client"),
-      binding("demo", "helpdesk", "idp", "helpdesk@example.com", "helpdesk-refresh-token"))
+      binding("demo", "helpdesk", "idp", "helpdesk@example.com", "helpdesk-refresh-token",
+              smtp="submission" in bed.ports))
 bed.kubectl("wait", "--for=condition=Ready", "mailboxbinding/helpdesk", "-n", "demo", "--timeout=90s")
 PY
 

@@ -30,9 +30,9 @@ const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
     printcolumn = r#"{"name":"MAILBOX","type":"string","jsonPath":".spec.mailbox"}"#,
     printcolumn = r#"{"name":"PROVIDER","type":"string","jsonPath":".spec.providerRef.name"}"#,
     printcolumn = r#"{"name":"STATUS","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"EXPIRES","type":"date","jsonPath":".status.token.expiresAt"}"#,
+    printcolumn = r#"{"name":"EXPIRES","type":"string","jsonPath":".status.token.expiresAt"}"#,
     printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    printcolumn = r#"{"name":"RENEW","type":"date","priority":1,"jsonPath":".status.token.renewAt"}"#,
+    printcolumn = r#"{"name":"RENEW","type":"string","priority":1,"jsonPath":".status.token.renewAt"}"#,
     printcolumn = r#"{"name":"SECRET","type":"string","priority":1,"jsonPath":".spec.secretName"}"#,
     printcolumn = r#"{"name":"MESSAGE","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
 )]

@@ -26,7 +26,7 @@ const HTTPS_URL: &str = r"^https://[^\s/?#]+([/?#]\S*)?$";
     printcolumn = r#"{"name":"READY","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"REASON","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"CLIENT","type":"string","jsonPath":".spec.clientId"}"#,
-    printcolumn = r#"{"name":"SECRET EXPIRES","type":"date","jsonPath":".status.clientSecretExpiresAt"}"#,
+    printcolumn = r#"{"name":"SECRET EXPIRES","type":"string","jsonPath":".status.clientSecretExpiresAt"}"#,
     printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"MESSAGE","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
 )]
@@ -59,7 +59,7 @@ pub struct MailProviderSpec {
     printcolumn = r#"{"name":"READY","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"REASON","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"CLIENT","type":"string","jsonPath":".spec.clientId"}"#,
-    printcolumn = r#"{"name":"SECRET EXPIRES","type":"date","jsonPath":".status.clientSecretExpiresAt"}"#,
+    printcolumn = r#"{"name":"SECRET EXPIRES","type":"string","jsonPath":".status.clientSecretExpiresAt"}"#,
     printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"MESSAGE","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
 )]

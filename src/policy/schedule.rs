@@ -20,14 +20,14 @@ pub fn jitter_bound(lifetime: Duration) -> Duration {
     std::cmp::min(std::cmp::max(lifetime / 20, Duration::zero()), MAX_JITTER)
 }
 
-/// Jitter in `[0, jitter_bound(lifetime)]` derived from `seed` (e.g. a hash of the binding's uid).
+/// Jitter in whole seconds in `[0, jitter_bound(lifetime)]`, derived from `seed` (a hash of the
+/// binding's uid). Whole seconds keep `renewAt` in the precision Kubernetes shows.
 pub fn jitter(lifetime: Duration, seed: u64) -> Duration {
-    let bound_ms = jitter_bound(lifetime).num_milliseconds();
-    if bound_ms <= 0 {
+    let bound = u64::try_from(jitter_bound(lifetime).num_seconds()).unwrap_or(0);
+    if bound == 0 {
         return Duration::zero();
     }
-    let bound = u64::try_from(bound_ms).unwrap_or(0);
-    Duration::milliseconds(i64::try_from(seed % (bound + 1)).unwrap_or(0))
+    Duration::seconds(i64::try_from(seed % (bound + 1)).unwrap_or(0))
 }
 
 /// When to renew a token issued at `issued_at` that expires at `expires_at`.

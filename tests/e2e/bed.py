@@ -444,7 +444,7 @@ def main(argv):
         return 0
     bed = Bed(state)
     try:
-        bed.up()
+        bed.up(postfix=False)  # the demo shows IMAP; Postfix wants a folder its user can reach
         bed.helm_install()
         bed.start_operator()
     except Exception:

@@ -32,9 +32,12 @@ def provider(bed, namespace, name, client_id, secret_name):
     return p
 
 
-def binding(namespace, name, provider_name, mailbox, seed_secret):
-    """examples/refresh-token-import.yaml's MailboxBinding for a seeded refresh token."""
+def binding(namespace, name, provider_name, mailbox, seed_secret, smtp=True):
+    """examples/refresh-token-import.yaml's MailboxBinding for a seeded refresh token. Its
+    template names smtp_host, so it is dropped when the bed has no SMTP server."""
     b = example("refresh-token-import.yaml", "MailboxBinding")
+    if not smtp:
+        b["spec"].pop("secretTemplate", None)
     b["metadata"] = {"name": name, "namespace": namespace}
     b["spec"]["providerRef"] = {"name": provider_name}
     b["spec"]["mailbox"] = mailbox

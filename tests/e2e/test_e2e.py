@@ -140,6 +140,8 @@ def test_kubectl_get_mbx_shows_ready_mailbox_provider_status_and_expiry(bed):
     assert out[0].split() == ["NAME", "READY", "MAILBOX", "PROVIDER", "STATUS", "EXPIRES", "AGE"]
     row = next(line.split() for line in out[1:] if line.startswith("helpdesk "))
     assert row[1:5] == ["True", MAILBOX, "idp", "Ready"]
+    expires = binding_of(bed, "helpdesk")["status"]["token"]["expiresAt"]
+    assert row[5] == expires, "EXPIRES shows the expiry time itself"
     wide = bed.kubectl("get", "mbx", "-n", NS, "-o", "wide").stdout.splitlines()
     assert wide[0].split()[-3:] == ["RENEW", "SECRET", "MESSAGE"]
     listed = bed.kubectl("get", "mailoauth", "-n", NS, "-o", "name").stdout.split()
