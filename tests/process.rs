@@ -7,6 +7,16 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Kills the child if the test fails before it has exited.
+struct Reaper(std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
@@ -40,14 +50,16 @@ fn run_is_live_at_once_not_ready_without_synced_caches_and_stops_on_sigterm() {
     )
     .expect("write kubeconfig");
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mail-oauth-operator"))
-        .args(["run", "--listen-address", &format!("127.0.0.1:{port}"), "--log-format", "json"])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starts");
+    let mut child = Reaper(
+        Command::new(env!("CARGO_BIN_EXE_mail-oauth-operator"))
+            .args(["run", "--listen-address", &format!("127.0.0.1:{port}"), "--log-format", "json"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starts"),
+    );
 
     let deadline = Instant::now() + Duration::from_secs(20);
     while http_status(port, "/healthz") != Some(200) {
@@ -56,18 +68,18 @@ fn run_is_live_at_once_not_ready_without_synced_caches_and_stops_on_sigterm() {
     }
     assert_eq!(http_status(port, "/readyz"), Some(503));
 
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    let killed = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().expect("kill");
     assert!(killed.success());
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = child.0.try_wait().expect("wait") {
             break status;
         }
         assert!(Instant::now() < deadline, "the operator did not stop within 20 s of SIGTERM");
         std::thread::sleep(Duration::from_millis(100));
     };
     let mut log = String::new();
-    child.stdout.take().expect("stdout").read_to_string(&mut log).expect("read");
+    child.0.stdout.take().expect("stdout").read_to_string(&mut log).expect("read");
     assert!(status.success(), "exit {status}; log:\n{log}");
     assert!(log.contains("shutdown signal received"), "log:\n{log}");
     assert!(log.lines().all(|l| l.starts_with('{')), "--log-format json writes JSON lines:\n{log}");
