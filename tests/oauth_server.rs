@@ -132,6 +132,16 @@ impl Harness {
         self.bindings.apply_watcher_event(&watcher::Event::Apply(b));
     }
 
+    /// A provider for the server and a binding importing a freshly seeded refresh token; returns it.
+    async fn import_binding(&mut self, name: &str) -> String {
+        let seed = self.server.seed_refresh_token("helpdesk@example.com").await;
+        self.api.put(&secret_path("client"), secret("client", &[("client-secret", "mail-app-secret")]));
+        self.api.put(&secret_path("seed"), secret("seed", &[("refresh_token", &seed)]));
+        self.provider("idp", "mail-app", json!([{"name": "client"}]), "clientSecretPost").await;
+        self.binding(name, json!({"refreshToken": {"secretRef": {"name": "seed", "key": "refresh_token"}}}), json!([]));
+        seed
+    }
+
     /// Runs one reconcile of the binding as stored, and returns it as stored afterwards.
     async fn reconcile(&self, name: &str) -> MailboxBinding {
         let b: MailboxBinding =
@@ -217,11 +227,7 @@ async fn a_wrong_client_secret_is_reported_as_invalid_credentials_and_not_retrie
 #[tokio::test]
 async fn an_imported_refresh_token_is_used_once_and_every_rotation_is_kept() {
     let mut h = Harness::start(600).await;
-    let seed = h.server.seed_refresh_token("helpdesk@example.com").await;
-    h.api.put(&secret_path("client"), secret("client", &[("client-secret", "mail-app-secret")]));
-    h.api.put(&secret_path("seed"), secret("seed", &[("refresh_token", &seed)]));
-    h.provider("idp", "mail-app", json!([{"name": "client"}]), "clientSecretPost").await;
-    h.binding("helpdesk", json!({"refreshToken": {"secretRef": {"name": "seed", "key": "refresh_token"}}}), json!([]));
+    let seed = h.import_binding("helpdesk").await;
 
     let mut b = h.reconcile("helpdesk").await;
     let mut previous_rt = seed.clone();
@@ -250,11 +256,7 @@ async fn an_imported_refresh_token_is_used_once_and_every_rotation_is_kept() {
 #[tokio::test]
 async fn a_revoked_grant_needs_reauthorization_and_the_valid_token_stays_published_until_expiry() {
     let mut h = Harness::start(600).await;
-    let seed = h.server.seed_refresh_token("helpdesk@example.com").await;
-    h.api.put(&secret_path("client"), secret("client", &[("client-secret", "mail-app-secret")]));
-    h.api.put(&secret_path("seed"), secret("seed", &[("refresh_token", &seed)]));
-    h.provider("idp", "mail-app", json!([{"name": "client"}]), "clientSecretPost").await;
-    h.binding("helpdesk", json!({"refreshToken": {"secretRef": {"name": "seed", "key": "refresh_token"}}}), json!([]));
+    h.import_binding("helpdesk").await;
     let b = h.reconcile("helpdesk").await;
     let token = b.status.as_ref().and_then(|s| s.token.clone()).expect("token");
     let published_before = decode(&h.published("helpdesk"), "access_token");

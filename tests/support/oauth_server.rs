@@ -109,32 +109,20 @@ impl OAuthServer {
         v["refresh_token"].as_str().expect("refresh_token").to_owned()
     }
 
+    /// The server's request counters.
+    async fn stats(&self) -> Value {
+        let response = self.http.get(format!("{}/test/stats", self.issuer)).send().await.expect("stats");
+        response.json().await.expect("stats json")
+    }
+
     /// Successful grants by grant type, as counted by the server.
     pub async fn grants(&self, grant_type: &str) -> u64 {
-        let v: Value = self
-            .http
-            .get(format!("{}/test/stats", self.issuer))
-            .send()
-            .await
-            .expect("stats")
-            .json()
-            .await
-            .expect("stats json");
-        v["token_requests_by_grant"][grant_type].as_u64().unwrap_or(0)
+        self.stats().await["token_requests_by_grant"][grant_type].as_u64().unwrap_or(0)
     }
 
     /// Every POST to the token endpoint, failed ones included.
     pub async fn token_requests(&self) -> u64 {
-        let v: Value = self
-            .http
-            .get(format!("{}/test/stats", self.issuer))
-            .send()
-            .await
-            .expect("stats")
-            .json()
-            .await
-            .expect("stats json");
-        v["token_requests"].as_u64().unwrap_or(0)
+        self.stats().await["token_requests"].as_u64().unwrap_or(0)
     }
 
     /// Sends a refresh request directly (as an attacker or a stale copy would).
