@@ -19,6 +19,7 @@ NS = "mail"
 MAILBOX = "helpdesk@example.com"
 FAST_MAILBOX = "fast@example.com"
 TIMINGS = {}
+SECRET_VALUES = {"mail-app-secret", "mail-app-fast-secret"}  # every token or secret the tests saw
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,15 @@ def bed(request):
 
 def read_secret(bed, name):
     s = bed.kubectl_json("get", "secret", name, "-n", NS)
-    return {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
+    data = {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
+    SECRET_VALUES.update(v for k, v in data.items() if k in ("access_token", "xoauth2", "refresh_token"))
+    return data
+
+
+def read_secret_grant(bed, binding_name):
+    """The stored (rotated) refresh token, for the leak check."""
+    s = bed.kubectl_json("get", "secret", f"{binding_name}.mailoauth-grant", "-n", NS)
+    return base64.b64decode(s["data"]["refresh_token"]).decode()
 
 
 def binding_of(bed, name):
@@ -99,6 +108,7 @@ def test_the_operator_runs_as_the_charts_service_account_and_turns_ready(bed):
 
 def test_a_binding_becomes_ready_and_its_secret_logs_in_to_imap(bed):
     seed = bed.oauth("/test/seed", {"accountId": MAILBOX})["refresh_token"]
+    SECRET_VALUES.add(seed)
     apply(bed,
           secret(NS, "idp-client", {"client-secret": "mail-app-secret"}),
           secret(NS, "helpdesk-refresh-token", {"refresh_token": seed}),
@@ -162,6 +172,7 @@ def test_a_restart_requests_no_token_that_is_not_due(bed):
 
 def test_tokens_are_renewed_before_expiry_and_imap_keeps_working_across_rotations(bed):
     seed = bed.oauth("/test/seed", {"accountId": FAST_MAILBOX, "clientId": "mail-app-fast"})["refresh_token"]
+    SECRET_VALUES.add(seed)
     apply(bed,
           secret(NS, "fast-client", {"client-secret": "mail-app-fast-secret"}),
           secret(NS, "fast-refresh-token", {"refresh_token": seed}),
@@ -171,6 +182,7 @@ def test_tokens_are_renewed_before_expiry_and_imap_keeps_working_across_rotation
     seen = [read_secret(bed, "fast-mail-token")]
     started = time.monotonic()
     while len(seen) < 4:
+        SECRET_VALUES.add(read_secret_grant(bed, "fast"))
         current = wait_for("a renewed token in the published Secret",
                            lambda: (lambda d: d if d["access_token"] != seen[-1]["access_token"] else None)(
                                read_secret(bed, "fast-mail-token")), timeout=60, interval=1)
@@ -198,6 +210,19 @@ def test_a_deleted_or_edited_published_secret_is_restored_and_foreign_keys_survi
                                                              else None)(read_secret(bed, "helpdesk-mail-token")),
                         timeout=30, interval=0.5)
     assert restored["added-by-someone"] == "keep me"
+
+
+def test_no_token_or_secret_appears_in_logs_events_or_status(bed):
+    assert len(SECRET_VALUES) > 8, "the earlier tests collected the values to look for"
+    haystacks = {
+        "operator log": (bed.dir / "operator.log").read_text(errors="replace"),
+        "events": bed.kubectl("get", "events", "-A", "-o", "json").stdout,
+        "bindings": bed.kubectl("get", "mailboxbindings", "-A", "-o", "json").stdout,
+        "providers": bed.kubectl("get", "mailproviders", "-A", "-o", "json").stdout,
+    }
+    for where, text in haystacks.items():
+        leaked = [v[:6] + "..." for v in SECRET_VALUES if v and v in text]
+        assert not leaked, f"{where} contains secret values starting {leaked}"
 
 
 def test_deleting_the_binding_garbage_collects_its_secrets(bed):
