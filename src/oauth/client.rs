@@ -160,3 +160,81 @@ fn upstream(err: GrantError, recorded: Recorded) -> UpstreamError {
         RequestTokenError::Other(m) => UpstreamError { description: Some(reduce_description(&m)), ..base },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oauth2::basic::BasicErrorResponse;
+
+    fn parse(json: &str) -> TokenSet {
+        token_set(serde_json::from_str::<BasicTokenResponse>(json).expect("a token response"))
+    }
+
+    #[test]
+    fn a_microsoft_token_response_keeps_lifetime_scopes_and_the_rotated_refresh_token() {
+        let set = parse(
+            r#"{"token_type":"Bearer","scope":"https://outlook.office365.com/IMAP.AccessAsUser.All https://outlook.office365.com/SMTP.Send","expires_in":4299,"ext_expires_in":4299,"access_token":"eyJ0eXAi","refresh_token":"0.AXoA-rotated"}"#,
+        );
+        assert_eq!(set.access_token.expose_secret(), "eyJ0eXAi");
+        assert_eq!(set.refresh_token.as_ref().map(ExposeSecret::expose_secret), Some("0.AXoA-rotated"));
+        assert_eq!(set.expires_in, Some(Duration::seconds(4299)));
+        assert_eq!(
+            set.scopes,
+            Some(vec![
+                "https://outlook.office365.com/IMAP.AccessAsUser.All".to_owned(),
+                "https://outlook.office365.com/SMTP.Send".to_owned()
+            ])
+        );
+    }
+
+    #[test]
+    fn a_google_refresh_response_without_a_new_refresh_token_is_read() {
+        let set = parse(
+            r#"{"access_token":"ya29.a0","expires_in":3599,"scope":"https://mail.google.com/","token_type":"Bearer"}"#,
+        );
+        assert!(set.refresh_token.is_none(), "the caller keeps the refresh token it used");
+        assert_eq!(set.expires_in, Some(Duration::seconds(3599)));
+    }
+
+    #[test]
+    fn a_response_without_expiry_or_scope_and_a_lower_case_token_type_is_read() {
+        let set = parse(r#"{"access_token":"opaque","token_type":"bearer"}"#);
+        assert_eq!(set.expires_in, None);
+        assert_eq!(set.scopes, None);
+    }
+
+    #[test]
+    fn a_token_set_never_shows_its_tokens_in_debug_output() {
+        let set = parse(r#"{"access_token":"very-secret-at","refresh_token":"very-secret-rt","token_type":"Bearer"}"#);
+        let shown = format!("{set:?}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+    }
+
+    #[test]
+    fn a_microsoft_error_body_is_reduced_to_its_code_and_first_description_line() {
+        let body = r#"{"error":"invalid_grant","error_description":"AADSTS70008: The provided authorization code or refresh token has expired due to inactivity.\r\nTrace ID: 1f8e\r\nCorrelation ID: 9a2b\r\nTimestamp: 2026-11-21 10:00:00Z","error_codes":[70008],"timestamp":"2026-11-21 10:00:00Z","trace_id":"1f8e","correlation_id":"9a2b"}"#;
+        let err: BasicErrorResponse = serde_json::from_str(body).expect("an error response");
+        let upstream =
+            upstream(RequestTokenError::ServerResponse(err), Recorded { status: Some(400), retry_after: None });
+        assert_eq!(upstream.error.as_deref(), Some("invalid_grant"));
+        assert_eq!(
+            upstream.description.as_deref(),
+            Some("AADSTS70008: The provided authorization code or refresh token has expired due to inactivity.")
+        );
+        assert_eq!(classify(&upstream).reason, Reason::ReauthorizationRequired);
+    }
+
+    #[test]
+    fn an_unparseable_body_is_dropped_and_only_the_status_kept() {
+        let mut json = serde_json::Deserializer::from_str(r#"{"access_token": 5}"#);
+        let err =
+            serde_path_to_error::deserialize::<_, BasicTokenResponse>(&mut json).expect_err("not a token response");
+        let upstream = upstream(
+            RequestTokenError::Parse(err, b"secret body".to_vec()),
+            Recorded { status: Some(502), retry_after: None },
+        );
+        assert_eq!(upstream.status, Some(502));
+        assert!(!format!("{upstream:?}").contains("secret body"));
+        assert_eq!(classify(&upstream).reason, Reason::TokenEndpointUnavailable);
+    }
+}
