@@ -92,5 +92,16 @@ pub enum Error {
     Crds(#[source] serde_yaml::Error),
 }
 
+impl Error {
+    /// Whether a write lost an optimistic-concurrency race (HTTP 409): the object changed since
+    /// it was read, so the reconcile is retried from a fresh copy.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            Error::WriteStatus { source: kube::Error::Api(status), .. } => status.code == 409,
+            _ => false,
+        }
+    }
+}
+
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -13,7 +13,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use secrecy::SecretString;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Context;
 use super::secrets::{Role, desired, grant_secret_name, up_to_date};
@@ -139,11 +139,25 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     Ok(requeue.and_then(|d| d.to_std().ok()).map_or_else(Action::await_change, Action::requeue))
 }
 
-/// What to do when a reconcile fails: retry soon.
+/// What to do when a reconcile fails: retry soon; at once after a stale-object conflict.
 pub fn error_policy(binding: Arc<MailboxBinding>, error: &Error, _ctx: Arc<Context>) -> Action {
+    if error.is_conflict() {
+        debug!(binding = %binding.name_any(), "status was computed from a stale copy; retrying");
+        return Action::requeue(StdDuration::from_secs(1));
+    }
     warn!(binding = %binding.name_any(), namespace = ?binding.namespace(), %error, "reconcile failed");
     let wait = if matches!(error, Error::WriteGrantState { .. }) { 2 } else { 15 };
     Action::requeue(StdDuration::from_secs(wait))
+}
+
+/// The `resourceVersion` the status was computed from, as a precondition of the status apply:
+/// a reconcile that started from a stale cached copy gets a conflict instead of overwriting a
+/// newer status (and so losing `lastRefreshTime`, failure counts or annotation bookkeeping).
+pub fn precondition<K: Resource>(object: &K) -> serde_json::Value {
+    match object.meta().resource_version.as_deref() {
+        Some(rv) => serde_json::json!({ "resourceVersion": rv }),
+        None => serde_json::json!({}),
+    }
 }
 
 async fn get_secret(api: &Api<Secret>, ns: &str, name: &str) -> Result<Option<Secret>> {
@@ -201,6 +215,7 @@ async fn patch_status(ctx: &Context, binding: &MailboxBinding, status: &MailboxB
     let body = serde_json::json!({
         "apiVersion": MailboxBinding::api_version(&()),
         "kind": MailboxBinding::kind(&()),
+        "metadata": precondition(binding),
         "status": status,
     });
     api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))

@@ -76,7 +76,12 @@ pub async fn reconcile<K: ProviderObject>(provider: Arc<K>, ctx: Arc<Context>) -
         status(now, provider.meta().generation, provider.observed(), refs, &Observed { endpoints, secret_problem });
     if provider.observed() != Some(&next) {
         let api = provider.api(ctx.client.clone());
-        let body = serde_json::json!({ "apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": next });
+        let body = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "metadata": super::binding::precondition(&*provider),
+            "status": next,
+        });
         api.patch_status(&provider.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
             .await
             .map_err(|source| Error::WriteStatus { kind: K::KIND, name: provider.name_any(), source })?;
@@ -87,6 +92,9 @@ pub async fn reconcile<K: ProviderObject>(provider: Arc<K>, ctx: Arc<Context>) -
 
 /// What to do when a provider reconcile fails.
 pub fn error_policy<K: ProviderObject>(provider: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Action {
+    if error.is_conflict() {
+        return Action::requeue(StdDuration::from_secs(1));
+    }
     warn!(kind = K::KIND, provider = %provider.name_any(), %error, "reconcile failed");
     Action::requeue(StdDuration::from_secs(30))
 }

@@ -218,7 +218,8 @@ fn mocked() -> (Client, ApiServer) {
 async fn a_first_reconcile_reads_two_secrets_and_the_client_secret_then_writes_grant_published_and_status() {
     let (client, mut server) = mocked();
     let tokens = Arc::new(Canned::default());
-    let b = binding_object();
+    let mut b = binding_object();
+    b.metadata.resource_version = Some("42".into());
     let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
     let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
 
@@ -247,6 +248,7 @@ async fn a_first_reconcile_reads_two_secrets_and_the_client_secret_then_writes_g
     assert_eq!(published["metadata"]["labels"]["app.kubernetes.io/managed-by"], "mail-oauth-operator");
     assert_eq!(published["metadata"]["labels"]["mailoauth.io/binding"], "helpdesk");
     let status = server.apply_status(STATUS_PATH, &b).await;
+    assert_eq!(status["metadata"]["resourceVersion"], "42", "a stale copy must conflict, not overwrite");
     assert_eq!(status["status"]["phase"], "Ready");
     assert_eq!(status["status"]["token"]["expiresAt"], "2027-01-15T09:00:00Z");
     server.nothing_more().await;

@@ -226,7 +226,7 @@ class Bed:
         auth_port = free_port()
         self.ports["dovecot-auth"] = auth_port
         if self.root:
-            users = "default_internal_user = dovecot\ndefault_login_user = dovenull\n"
+            users = "default_internal_user = dovecot\ndefault_login_user = dovenull\nfirst_valid_uid = 100\n"
             mail_user = "uid=dovecot gid=dovecot"
             shutil.chown(d / "mail", "dovecot", "dovecot")
         else:
@@ -357,12 +357,14 @@ mailbox_size_limit = 0
     def kubectl_json(self, *args):
         return json.loads(self.kubectl(*args, "-o", "json").stdout)
 
-    def helm_install(self, *values):
+    def helm(self, *args):
         helm_env = dict(self.env)
         for k in ("HELM_CACHE_HOME", "HELM_CONFIG_HOME", "HELM_DATA_HOME"):
             helm_env[k] = str(self.dir / "helm" / k.lower())
-        return run(["helm", "install", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE,
-                    "--create-namespace", *values], env=helm_env)
+        return run(["helm", *args], env=helm_env)
+
+    def helm_install(self, *values):
+        return self.helm("install", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, "--create-namespace", *values)
 
     def service_account_kubeconfig(self):
         """A kubeconfig holding a TokenRequest token of the chart's ServiceAccount."""
@@ -372,13 +374,13 @@ mailbox_size_limit = 0
         path.chmod(0o600)
         return path
 
-    def start_operator(self):
+    def start_operator(self, *args):
         port = free_port()
         self.ports["operator"] = port
         env = dict(self.env, KUBECONFIG=str(self.service_account_kubeconfig()), RUST_LOG="info",
                    CLUSTER_RESOURCE_NAMESPACE=OPERATOR_NAMESPACE)
         self.start("operator", [str(self.operator_bin), "run", "--listen-address", f"127.0.0.1:{port}",
-                                "--log-format", "json"], env=env)
+                                "--log-format", "json", *args], env=env)
         wait_for("operator /readyz", lambda: self.alive("operator") and urllib.request.urlopen(
             f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200, timeout=60)
 

@@ -12,7 +12,7 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-from bed import OPERATOR_NAMESPACE, Bed, wait_for
+from bed import OPERATOR_NAMESPACE, ROOT, Bed, wait_for
 from manifests import apply, binding, provider, secret
 
 NS = "mail"
@@ -63,22 +63,33 @@ def condition(obj, type_):
 
 
 def imap_xoauth2(bed, xoauth2):
-    """AUTHENTICATE XOAUTH2 with the Secret's value sent as is (SASL-IR)."""
+    """AUTHENTICATE XOAUTH2 with the Secret's value sent as is (SASL-IR); after an OK, the session
+    must also open INBOX. Returns the AUTHENTICATE reply."""
     with socket.create_connection(("127.0.0.1", bed.ports["imap"]), timeout=10) as s:
         f = s.makefile("rb")
         assert f.readline().startswith(b"* OK")
         s.sendall(b"a1 AUTHENTICATE XOAUTH2 " + xoauth2.encode() + b"\r\n")
         line = f.readline()
+        while line.startswith(b"* "):
+            line = f.readline()
         if line.startswith(b"+"):  # the failure challenge: answer with an empty line
             s.sendall(b"\r\n")
             line = f.readline()
-        return line.decode().strip()
+        reply = line.decode().strip()
+        if reply.startswith("a1 OK"):
+            s.sendall(b"a2 SELECT INBOX\r\n")
+            line = f.readline()
+            while line.startswith(b"* "):
+                line = f.readline()
+            assert line.startswith(b"a2 OK"), f"SELECT INBOX after login: {line!r}"
+        return reply
 
 
 def imap_with_token(bed, username, token):
     imap = imaplib.IMAP4("127.0.0.1", bed.ports["imap"])
     try:
         typ, _ = imap.authenticate("XOAUTH2", lambda _: f"user={username}\x01auth=Bearer {token}\x01\x01".encode())
+        assert imap.select("INBOX")[0] == "OK"
         return typ
     finally:
         imap.logout()
@@ -210,6 +221,24 @@ def test_a_deleted_or_edited_published_secret_is_restored_and_foreign_keys_survi
                                                              else None)(read_secret(bed, "helpdesk-mail-token")),
                         timeout=30, interval=0.5)
     assert restored["added-by-someone"] == "keep me"
+
+
+def test_a_namespace_scoped_install_works_with_roles_only(bed):
+    bed.helm("upgrade", "mail-oauth-operator", str(ROOT / "charts" / "mail-oauth-operator"),
+             "--namespace", OPERATOR_NAMESPACE, "--set", f"watchNamespaces={{{NS}}}")
+    sa = ["--kubeconfig", str(bed.dir / "operator.kubeconfig")]
+    assert bed.kubectl(*sa, "auth", "can-i", "list", "secrets", "-A", check=False).stdout.strip() == "no"
+    assert bed.kubectl(*sa, "auth", "can-i", "patch", "secrets", "-n", NS, check=False).stdout.strip() == "yes"
+    assert bed.stop_operator() == 0
+    bed.start_operator("--namespace", NS)
+    apply(bed,
+          secret(NS, "app-client", {"client-secret": "mail-app-secret"}),
+          {"apiVersion": "mailoauth.io/v1alpha1", "kind": "MailboxBinding",
+           "metadata": {"name": "app", "namespace": NS},
+           "spec": {"providerRef": {"name": "idp"}, "mailbox": "app@example.com", "scopes": ["mail"],
+                    "grant": {"clientCredentials": {}}, "secretName": "app-mail-token"}})
+    bed.kubectl("wait", "--for=condition=Ready", "mailboxbinding/app", "-n", NS, "--timeout=60s")
+    assert read_secret(bed, "app-mail-token")["username"] == "app@example.com"
 
 
 def test_no_token_or_secret_appears_in_logs_events_or_status(bed):
