@@ -223,6 +223,31 @@ def test_a_deleted_or_edited_published_secret_is_restored_and_foreign_keys_survi
     assert restored["added-by-someone"] == "keep me"
 
 
+def test_bad_input_is_refused_by_the_schema_or_reported_in_status_and_an_event(bed):
+    def doc(name, grant, mailbox="device@example.com"):
+        return {"apiVersion": "mailoauth.io/v1alpha1", "kind": "MailboxBinding",
+                "metadata": {"name": name, "namespace": NS},
+                "spec": {"providerRef": {"name": "idp"}, "mailbox": mailbox, "grant": grant,
+                         "secretName": f"{name}-mail-token"}}
+
+    for bad, why in ((doc("two", {"deviceCode": {}, "clientCredentials": {}}), "two grants"),
+                     (doc("addr", {"clientCredentials": {}}, mailbox="helpdesk"), "a mailbox without @")):
+        refused = bed.kubectl("apply", "-f", "-", input=json.dumps(bad), check=False)
+        assert refused.returncode != 0, f"the apiserver accepted {why}"
+        assert "spec." in refused.stderr, refused.stderr
+
+    apply(bed, doc("device", {"deviceCode": {}}))
+    ready = wait_for("Ready=False with GrantNotSupported", lambda: (lambda c: c if c.get("reason") == "GrantNotSupported"
+                                                                    else None)(condition(binding_of(bed, "device"), "Ready")),
+                     timeout=30, interval=0.5)
+    assert ready["status"] == "False" and "not supported yet" in ready["message"]
+    warnings = wait_for("a Warning Event", lambda: [
+        e for e in bed.kubectl_json("get", "events.events.k8s.io", "-n", NS)["items"]
+        if e.get("regarding", {}).get("name") == "device" and e.get("type") == "Warning"], timeout=30, interval=0.5)
+    assert [e["reason"] for e in warnings] == ["GrantNotSupported"], "one Warning Event, not one per reconcile"
+    bed.kubectl("delete", "mailboxbinding", "device", "-n", NS)
+
+
 def test_a_namespace_scoped_install_works_with_roles_only(bed):
     bed.helm("upgrade", "mail-oauth-operator", str(ROOT / "charts" / "mail-oauth-operator"),
              "--namespace", OPERATOR_NAMESPACE, "--set", f"watchNamespaces={{{NS}}}")
