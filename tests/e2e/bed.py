@@ -199,13 +199,15 @@ class Bed:
                    PORT="0", INTROSPECTION_PORT=str(introspection),
                    ACCESS_TOKEN_TTL=str(self.access_ttl), FAST_ACCESS_TOKEN_TTL=str(self.fast_ttl))
         self.start("oauth-server", ["node", str(ROOT / "tests" / "oauth-server" / "server.mjs")], env=env)
-        line = wait_for("OAuth server announced itself",
-                        lambda: self.alive("oauth-server") and (self.dir / "oauth-server.log").read_text().strip(),
-                        timeout=30)
-        for candidate in line.splitlines():
-            if candidate.startswith("{"):
-                self.issuer = json.loads(candidate)["issuer"]
-                break
+        def announcement():
+            # oidc-provider prints warnings first; the JSON line comes once it is listening.
+            self.alive("oauth-server")
+            for line in (self.dir / "oauth-server.log").read_text(errors="replace").splitlines():
+                if line.startswith("{") and '"issuer"' in line:
+                    return json.loads(line)
+            return None
+
+        self.issuer = wait_for("OAuth server announced itself", announcement, timeout=30)["issuer"]
         self.oauth_ctx = ssl.create_default_context(cafile=str(self.dir / "ca.crt"))
 
     def oauth(self, path, body=None):
