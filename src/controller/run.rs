@@ -44,8 +44,21 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     let wc = watcher::Config::default();
-    let cluster_controller = Controller::new(Api::<ClusterMailProvider>::all(client.clone()), wc.clone());
-    let cluster_store = cluster_controller.store();
+    let scope_count = settings.namespaces.len().max(1);
+    let mut tasks: Vec<BoxFuture<'static, ()>> = Vec::new();
+    // One reflector per provider kind feeds both its own controller and the binding controllers'
+    // triggers: an event is dispatched only after the shared store holds it, so a binding
+    // reconciled because its provider turned Ready also sees it Ready.
+    let (cluster_store, cluster_writer) = reflector::store_shared::<ClusterMailProvider>(SHARED_BUFFER);
+    let cluster_for_controller = subscribe(&cluster_writer);
+    let mut cluster_for_bindings: Vec<_> = (0..scope_count).map(|_| subscribe(&cluster_writer)).collect();
+    tasks.push(drive(
+        watcher(Api::<ClusterMailProvider>::all(client.clone()), wc.clone())
+            .default_backoff()
+            .reflect_shared(cluster_writer),
+        shutdown.clone(),
+    ));
+    let cluster_controller = Controller::for_shared_stream(cluster_for_controller, cluster_store.clone());
     let reporter = Reporter { controller: "mail-oauth-operator".into(), instance: Some(settings.instance.clone()) };
     let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
         vec![None]
@@ -53,7 +66,6 @@ pub async fn run(
         settings.namespaces.iter().cloned().map(Some).collect()
     };
 
-    let mut tasks: Vec<BoxFuture<'static, ()>> = Vec::new();
     let mut syncs: Vec<BoxFuture<'static, ()>> = Vec::new();
     let mut first_ctx = None;
     for scope in scopes {
@@ -61,8 +73,14 @@ pub async fn run(
         let bindings_api: Api<MailboxBinding> = scoped(&client, scope.as_deref());
         let secrets_api: Api<PartialObjectMeta<Secret>> = scoped(&client, scope.as_deref());
 
-        let provider_controller = Controller::new(providers_api.clone(), wc.clone());
-        let provider_store = provider_controller.store();
+        let (provider_store, provider_writer) = reflector::store_shared::<MailProvider>(SHARED_BUFFER);
+        let providers_for_controller = subscribe(&provider_writer);
+        let providers_for_bindings = subscribe(&provider_writer);
+        tasks.push(drive(
+            watcher(providers_api, wc.clone()).default_backoff().reflect_shared(provider_writer),
+            shutdown.clone(),
+        ));
+        let provider_controller = Controller::for_shared_stream(providers_for_controller, provider_store.clone());
 
         let (binding_store, writer) = reflector::store();
         let binding_stream = reflector::reflector(writer, watcher(bindings_api, wc.clone()))
@@ -75,16 +93,19 @@ pub async fn run(
                 .touched_objects();
         let by_provider = {
             let store = binding_store.clone();
-            move |p: MailProvider| referencing(&store, ProviderKind::MailProvider, &p.name_any(), p.namespace())
+            move |p: Arc<MailProvider>| referencing(&store, ProviderKind::MailProvider, &p.name_any(), p.namespace())
         };
         let by_cluster_provider = {
             let store = binding_store.clone();
-            move |p: ClusterMailProvider| referencing(&store, ProviderKind::ClusterMailProvider, &p.name_any(), None)
+            move |p: Arc<ClusterMailProvider>| {
+                referencing(&store, ProviderKind::ClusterMailProvider, &p.name_any(), None)
+            }
         };
+        let cluster_trigger = cluster_for_bindings.pop().unwrap_or_else(|| futures::stream::empty().boxed());
         let binding_controller = Controller::for_stream(binding_stream, binding_store.clone())
             .owns_stream(owned_secrets)
-            .watches(providers_api, wc.clone(), by_provider)
-            .watches(Api::<ClusterMailProvider>::all(client.clone()), wc.clone(), by_cluster_provider);
+            .watches_shared_stream(providers_for_bindings, by_provider)
+            .watches_shared_stream(cluster_trigger, by_cluster_provider);
 
         let ctx = Arc::new(Context {
             client: client.clone(),
@@ -172,6 +193,30 @@ where
         }
     }
     .boxed()
+}
+
+/// Events buffered per subscriber of a shared reflector before the reflector waits.
+const SHARED_BUFFER: usize = 256;
+
+/// A subscription to a shared store's events. Stores made by `store_shared` always allow one;
+/// the empty fallback only satisfies the type.
+fn subscribe<K>(writer: &reflector::store::Writer<K>) -> futures::stream::BoxStream<'static, Arc<K>>
+where
+    K: kube::Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Default + Send + Sync,
+{
+    match writer.subscribe() {
+        Some(handle) => handle.boxed(),
+        None => futures::stream::empty().boxed(),
+    }
+}
+
+/// Drives a reflector stream until shutdown.
+fn drive<S, T>(stream: S, shutdown: Shutdown) -> BoxFuture<'static, ()>
+where
+    S: futures::Stream<Item = T> + Send + 'static,
+{
+    stream.take_until(shutdown).for_each(|_| std::future::ready(())).boxed()
 }
 
 fn synced<K>(store: reflector::Store<K>) -> BoxFuture<'static, ()>

@@ -109,7 +109,7 @@ class Bed:
 
     # ---------- processes ----------
     def start(self, name, cmd, env=None, cwd=None):
-        log = open(self.dir / f"{name}.log", "wb")
+        log = open(self.dir / f"{name}.log", "ab")  # a restarted process appends to its log
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or self.env, cwd=cwd,
                                 start_new_session=True)
         self.procs[name] = proc
