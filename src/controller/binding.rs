@@ -35,6 +35,9 @@ use crate::policy::grant_state::GrantState;
 use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict};
 use crate::policy::publish::published_data;
 
+/// Writes of a grant state tried in one reconcile before it is kept in memory for the next.
+const GRANT_WRITE_ATTEMPTS: u64 = 3;
+
 /// What a usable provider offers this binding.
 #[derive(Clone, Debug)]
 pub struct ProviderUse {
@@ -189,24 +192,22 @@ async fn persist_grant(
 ) -> Result<()> {
     let ns = binding.namespace().unwrap_or_default();
     let want = desired(binding, name, Role::Grant, state.encode());
-    let mut last = None;
-    for attempt in 0..3_u64 {
-        if attempt > 0 {
-            tokio::time::sleep(StdDuration::from_millis(250 * attempt)).await;
-        }
+    let mut attempt = 0_u64;
+    let source = loop {
         match apply_secret(api, &want).await {
             Ok(_) => return Ok(()),
             Err(e) => {
                 warn!(binding = %binding.name_any(), namespace = %ns, attempt, error = %e, "writing grant state failed");
-                last = Some(e);
+                attempt += 1;
+                if attempt == GRANT_WRITE_ATTEMPTS {
+                    break e;
+                }
+                tokio::time::sleep(StdDuration::from_millis(250 * attempt)).await;
             }
         }
-    }
+    };
     ctx.keep_pending(&ns, &binding.name_any(), state);
-    Err(match last {
-        Some(source) => Error::WriteGrantState { namespace: ns, name: name.to_owned(), source },
-        None => Error::MissingNamespace { kind: "Secret", name: name.to_owned() },
-    })
+    Err(Error::WriteGrantState { namespace: ns, name: name.to_owned(), source })
 }
 
 async fn patch_status(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindingStatus) -> Result<()> {

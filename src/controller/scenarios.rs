@@ -337,3 +337,51 @@ async fn a_secret_owned_by_someone_else_is_left_alone_and_reported_as_a_conflict
     reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no token request");
 }
+
+fn server_error() -> Response<Body> {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd unavailable"});
+    Response::builder()
+        .status(StatusCode::INTERNAL_SERVER_ERROR)
+        .body(Body::from(serde_json::to_vec(&status).expect("json")))
+        .expect("response")
+}
+
+#[tokio::test]
+async fn a_grant_state_that_cannot_be_written_is_kept_and_written_first_on_the_next_reconcile() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let b = binding_object();
+    let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
+
+    // First reconcile: the token arrives, every grant-state write fails; nothing else is written.
+    let first = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
+    server.get(GRANT_PATH, None).await;
+    server.get(PUBLISHED_PATH, None).await;
+    server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
+    let mut written = Vec::new();
+    for _ in 0..3 {
+        let (body, send) = server.expect(Method::PATCH, GRANT_PATH).await;
+        written.push(body["data"]["access_token"].clone());
+        send.send_response(server_error());
+    }
+    let result = first.await.expect("joined");
+    assert!(matches!(result, Err(crate::Error::WriteGrantState { .. })), "{result:?}");
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+
+    // Next reconcile: the kept state is written before anything else, and no new token is asked for.
+    let second = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
+    let grant = server.apply(GRANT_PATH).await;
+    assert_eq!(grant["data"]["access_token"], written[0], "the same token as the failed writes");
+    let mut stored = grant.clone();
+    stored["apiVersion"] = "v1".into();
+    stored["kind"] = "Secret".into();
+    server.get(GRANT_PATH, Some(stored)).await;
+    server.get(PUBLISHED_PATH, None).await;
+    let published = server.apply(PUBLISHED_PATH).await;
+    assert_eq!(published["data"]["access_token"], written[0]);
+    let status = server.apply_status(STATUS_PATH, &b).await;
+    assert_eq!(status["status"]["phase"], "Ready");
+    server.nothing_more().await;
+    second.await.expect("joined").expect("second reconcile");
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1, "the rotated token was not dropped and re-requested");
+}
