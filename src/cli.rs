@@ -13,7 +13,7 @@ use crate::controller::SystemClock;
 use crate::controller::run::{Settings, run};
 use crate::error::{Error, Result};
 use crate::oauth::HttpTokenEndpoint;
-use crate::oauth::http::HttpClients;
+use crate::oauth::http::{HttpClients, OutboundPolicy};
 
 /// mail-oauth-operator: OAuth 2.0 tokens for mailboxes, published into Kubernetes Secrets.
 #[derive(Debug, Parser)]
@@ -61,6 +61,34 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Lifetime assumed for a token whose response gives no usable `expires_in` (absent, zero or
+    /// negative); a Go duration between 1m and 24h.
+    #[arg(long, env = "DEFAULT_TOKEN_LIFETIME", default_value = "1h", value_parser = parse_lifetime)]
+    pub default_token_lifetime: chrono::Duration,
+    /// Allow token and discovery endpoints on loopback and private addresses (a lab or an
+    /// in-cluster identity provider). Link-local and metadata addresses stay refused.
+    #[arg(long, env = "ALLOW_PRIVATE_ENDPOINTS")]
+    pub allow_private_endpoints: bool,
+    /// How long shutdown may spend writing grant states that could not be written before
+    /// (keep it below the pod's terminationGracePeriodSeconds).
+    #[arg(long, env = "SHUTDOWN_FLUSH_TIMEOUT", default_value = "20s", value_parser = parse_flush)]
+    pub shutdown_flush_timeout: std::time::Duration,
+}
+
+fn parse_bounded(text: &str, min: chrono::Duration, max: chrono::Duration) -> Result<chrono::Duration, String> {
+    let d = crate::policy::duration::parse(text).map_err(|e| e.to_string())?;
+    if d < min || d > max {
+        return Err(format!("must be between {}s and {}s", min.num_seconds(), max.num_seconds()));
+    }
+    Ok(d)
+}
+
+fn parse_lifetime(text: &str) -> Result<chrono::Duration, String> {
+    parse_bounded(text, chrono::Duration::minutes(1), chrono::Duration::hours(24))
+}
+
+fn parse_flush(text: &str) -> Result<std::time::Duration, String> {
+    parse_bounded(text, chrono::Duration::zero(), chrono::Duration::minutes(10))?.to_std().map_err(|e| e.to_string())
 }
 
 /// Runs a parsed command line.
@@ -96,11 +124,13 @@ async fn run_operator(args: RunArgs) -> Result<()> {
     let client = kube::Client::try_default().await.map_err(Error::Connect)?;
     let shutdown = shutdown_signal().boxed().shared();
     let ready = Arc::new(AtomicBool::new(false));
-    let http = HttpClients::default();
+    let http = HttpClients::new(OutboundPolicy { allow_private: args.allow_private_endpoints });
     let settings = Settings {
         namespaces: args.namespaces,
         cluster_namespace: args.cluster_resource_namespace,
         instance: std::env::var("POD_NAME").unwrap_or_else(|_| "mail-oauth-operator".into()),
+        default_lifetime: args.default_token_lifetime,
+        flush_timeout: args.shutdown_flush_timeout,
     };
     tracing::info!(namespaces = ?settings.namespaces, cluster_namespace = %settings.cluster_namespace, "starting");
     let server = crate::server::serve(args.listen_address, Arc::clone(&ready), shutdown.clone());

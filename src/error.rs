@@ -90,6 +90,9 @@ pub enum Error {
     /// Printing the CRDs failed.
     #[error("rendering CRDs: {0}")]
     Crds(#[source] serde_yaml::Error),
+    /// A reconcile panicked (a bug); the object is retried later.
+    #[error("the reconcile panicked (a bug: please report it); retried in a few minutes")]
+    Panicked,
 }
 
 impl Error {

@@ -3,6 +3,8 @@
 //! Layers, from data to I/O: [`api`] (types) → [`policy`] (pure decisions) → [`oauth`] (token
 //! endpoint client) → [`controller`] (Kubernetes I/O) → [`server`] (HTTP endpoints).
 
+#![cfg_attr(test, allow(clippy::arithmetic_side_effects))]
+
 pub mod api;
 pub mod cli;
 pub mod controller;

@@ -2,6 +2,14 @@
 //! through `issuerUrl` and trusted through `caBundle`), with Kubernetes replaced by an in-memory
 //! API. Time is a manual clock, so renewals happen when the test says.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
 mod support;
 
 use std::collections::BTreeMap;
@@ -15,7 +23,7 @@ use kube::runtime::watcher;
 use mail_oauth_operator::api::{ClusterMailProvider, MailProvider, MailboxBinding, Phase};
 use mail_oauth_operator::controller::{Clock, Context, binding, provider};
 use mail_oauth_operator::oauth::HttpTokenEndpoint;
-use mail_oauth_operator::oauth::http::HttpClients;
+use mail_oauth_operator::oauth::http::{HttpClients, OutboundPolicy};
 use serde_json::{Value, json};
 use support::fake_api::FakeApi;
 use support::oauth_server::OAuthServer;
@@ -67,7 +75,8 @@ impl Harness {
         let (provider_store, providers): (Store<MailProvider>, _) = store();
         let (cluster_store, _): (Store<ClusterMailProvider>, _) = store();
         let (binding_store, bindings) = store();
-        let http = HttpClients::default();
+        // The test server listens on 127.0.0.1, which the default outbound policy refuses.
+        let http = HttpClients::new(OutboundPolicy { allow_private: true });
         let client = api.client();
         let ctx = Arc::new(Context {
             client: client.clone(),
@@ -83,6 +92,7 @@ impl Harness {
             ),
             clock: Arc::clone(&clock) as Arc<dyn Clock>,
             pending: Default::default(),
+            default_lifetime: Duration::hours(1),
         });
         Self { api, ctx, clock, server, providers, bindings }
     }

@@ -11,6 +11,8 @@ use super::common::{Condition, Protocol, SecretKeySelector, conditions_list_map}
 
 /// Go `time.Duration` syntax, as `kubectl` users write it (`10m`, `1h30m`).
 const GO_DURATION: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+/// An OAuth scope token (RFC 6749 §3.3): printable, no spaces, no quotes or backslashes.
+pub(crate) const SCOPE_TOKEN: &str = r"^[\x21\x23-\x5B\x5D-\x7E]+$";
 /// A mail address: something, one `@`, a domain with a dot.
 const MAILBOX: &str = r"^[^@\s]+@[^@\s]+\.[^@\s]+$";
 /// A DNS-1123 subdomain (a Secret name).
@@ -47,8 +49,9 @@ pub struct MailboxBindingSpec {
     #[serde(default = "default_protocols")]
     #[schemars(length(min = 1))]
     pub protocols: Vec<Protocol>,
-    /// Scopes to request instead of the provider's defaults.
+    /// Scopes to request instead of the provider's defaults (compared as a set).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 512), regex(pattern = SCOPE_TOKEN)))]
     pub scopes: Vec<String>,
     /// How the token is obtained: exactly one grant.
     pub grant: Grant,
@@ -58,10 +61,11 @@ pub struct MailboxBindingSpec {
     /// Extra labels, annotations and templated keys for the published Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_template: Option<SecretTemplate>,
-    /// Minimum margin before expiry at which the token is renewed (Go duration, default `10m`).
+    /// Minimum margin before expiry at which the token is renewed (Go duration, default `10m`,
+    /// at most `24h`; the margin is never more than half the token's lifetime).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = GO_DURATION))]
-    pub refresh_before: Option<kube::core::Duration>,
+    #[schemars(length(min = 1, max = 32), regex(pattern = GO_DURATION))]
+    pub refresh_before: Option<String>,
     /// Revoke the refresh token at the provider when the binding is deleted.
     #[serde(default)]
     pub revoke_on_delete: bool,
@@ -128,18 +132,23 @@ impl Grant {
     }
 }
 
-/// Extra content for the published Secret, like External Secrets' `target.template`.
+/// Extra content for the published Secret, like External Secrets' `target.template`. Keys and
+/// values follow Kubernetes' rules for labels, annotations and Secret keys; the operator checks
+/// them before any token request (`InvalidSpec` names the offending key).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretTemplate {
     /// Extra labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
     pub labels: BTreeMap<String, String>,
     /// Extra annotations.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
     pub annotations: BTreeMap<String, String>,
     /// Extra keys; `{{ name }}` is replaced by the published key `name` (`mailbox` also works).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
     pub data: BTreeMap<String, String>,
 }
 
@@ -191,6 +200,10 @@ pub struct MailboxBindingStatus {
     /// When the last token request failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_time: Option<DateTime<Utc>>,
+    /// After a transient failure: when the next token request may be made (jittered backoff, or
+    /// the token endpoint's `Retry-After` when longer). Kept across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_time: Option<DateTime<Utc>>,
     /// The published Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,

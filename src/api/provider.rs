@@ -68,31 +68,76 @@ pub struct ClusterMailProviderSpec {
     /// The client registration, as in `MailProvider`.
     #[serde(flatten)]
     pub provider: MailProviderSpec,
-    /// Which namespaces may bind to this provider; omitted means all.
+    /// Which namespaces may bind to this provider; omitted (or `{}`) means all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_namespaces: Option<AllowedNamespaces>,
+    /// Scopes a binding may request; empty means any. A binding asking for another scope is
+    /// refused with `ProviderNotAllowed` before anything is requested.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 512), regex(pattern = super::binding::SCOPE_TOKEN)))]
+    pub allowed_scopes: Vec<String>,
+    /// Mailboxes a binding may name: domains (`contoso.com`) or globs (`*@contoso.com`,
+    /// `scan-*@contoso.com`), case-insensitive; empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 254), regex(pattern = r"^[^\s]+$")))]
+    pub allowed_mailboxes: Vec<String>,
 }
 
 /// Namespaces allowed to use a `ClusterMailProvider`: listed names and/or a label selector.
-/// A namespace matching either is allowed.
+/// A namespace matching either is allowed. A selector with no requirement at all matches *no*
+/// namespace (unlike Kubernetes' usual "empty selects everything"), so a selector whose
+/// requirements were mistyped or pruned never widens access.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AllowedNamespaces {
     /// Namespace names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024), inner(length(min = 1, max = 63)))]
     pub names: Vec<String>,
-    /// Namespaces whose labels carry all of these.
+    /// Namespaces whose labels match this selector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
 }
 
-/// A label selector with `matchLabels` only.
+/// A Kubernetes label selector: `matchLabels` and `matchExpressions`, all of which must hold.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelector {
     /// Labels a namespace must carry, all of them.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub match_labels: BTreeMap<String, String>,
+    /// Requirements on labels, all of which must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// One requirement of a label selector.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelectorRequirement {
+    /// The label key.
+    #[schemars(length(min = 1, max = 317))]
+    pub key: String,
+    /// How the label relates to `values`.
+    pub operator: SelectorOperator,
+    /// Values for `In` and `NotIn`; empty for `Exists` and `DoesNotExist`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(max = 63)))]
+    pub values: Vec<String>,
+}
+
+/// Label selector operators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SelectorOperator {
+    /// The label's value is one of `values`.
+    In,
+    /// The label is absent or its value is none of `values`.
+    NotIn,
+    /// The label is present.
+    Exists,
+    /// The label is absent.
+    DoesNotExist,
 }
 
 /// Which provider preset a registration uses.
@@ -137,26 +182,27 @@ fn default_tenant() -> String {
 pub struct GenericPreset {
     /// Issuer for OIDC discovery (`/.well-known/openid-configuration`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = HTTPS_URL))]
+    #[schemars(length(max = 2048), regex(pattern = HTTPS_URL))]
     pub issuer_url: Option<String>,
     /// Authorization endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = HTTPS_URL))]
+    #[schemars(length(max = 2048), regex(pattern = HTTPS_URL))]
     pub authorization_url: Option<String>,
     /// Token endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = HTTPS_URL))]
+    #[schemars(length(max = 2048), regex(pattern = HTTPS_URL))]
     pub token_url: Option<String>,
     /// Device authorization endpoint (RFC 8628).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = HTTPS_URL))]
+    #[schemars(length(max = 2048), regex(pattern = HTTPS_URL))]
     pub device_authorization_url: Option<String>,
     /// Revocation endpoint (RFC 7009).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = HTTPS_URL))]
+    #[schemars(length(max = 2048), regex(pattern = HTTPS_URL))]
     pub revocation_url: Option<String>,
-    /// Extra PEM trust roots for the endpoints above.
+    /// Extra PEM trust roots for the endpoints above (at most 64 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536))]
     pub ca_bundle: Option<String>,
     /// Scopes per protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,12 +218,15 @@ pub struct GenericPreset {
 pub struct ProtocolScopes {
     /// Scopes for IMAP.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 512), regex(pattern = super::binding::SCOPE_TOKEN)))]
     pub imap: Vec<String>,
     /// Scopes for SMTP.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 512), regex(pattern = super::binding::SCOPE_TOKEN)))]
     pub smtp: Vec<String>,
     /// Scopes for POP3.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 512), regex(pattern = super::binding::SCOPE_TOKEN)))]
     pub pop3: Vec<String>,
 }
 
@@ -222,9 +271,12 @@ pub struct ClientSecretRef {
     #[serde(default = "default_client_secret_key")]
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
-    /// When the secret expires at the provider (Entra: 24 months at most).
+    /// When the secret expires at the provider (Entra: 24 months at most), RFC 3339. Kept as
+    /// text and checked by the operator, so that a value the apiserver accepts but the operator
+    /// cannot read is reported in status instead of stopping the watch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<DateTime<Utc>>,
+    #[schemars(length(max = 64), extend("format" = "date-time"))]
+    pub expires_at: Option<String>,
 }
 
 fn default_client_secret_key() -> String {

@@ -12,11 +12,11 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tracing::{debug, info, warn};
 
-use super::Context;
 use super::secrets::{Role, desired, grant_secret_name, up_to_date};
+use super::{Context, Pending};
 use crate::api::common::find_condition;
 use crate::api::{
     ClientAuthMethod, ConditionStatus, Endpoints, FIELD_MANAGER, MailProviderSpec, MailProviderStatus, MailboxBinding,
@@ -24,7 +24,7 @@ use crate::api::{
 };
 use crate::error::{Error, Result};
 use crate::oauth::GrantInput;
-use crate::oauth::exchange::{Requester, grant_state_from, request_for, rotated};
+use crate::oauth::exchange::{Requester, grant_state_from, request_for, rescued_state, rotated};
 use crate::oauth::provider::{auth_method, scopes_for, secret_refs, servers};
 use crate::policy::Reason;
 use crate::policy::binding::{
@@ -32,8 +32,10 @@ use crate::policy::binding::{
 };
 use crate::policy::classify::{Failure, classify};
 use crate::policy::grant_state::GrantState;
-use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict};
+use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict, from_predecessor};
+use crate::policy::provider::{mailbox_allowed, scopes_not_allowed};
 use crate::policy::publish::published_data;
+use crate::policy::scrub::scrub;
 
 /// Writes of a grant state tried in one reconcile before it is kept in memory for the next.
 const GRANT_WRITE_ATTEMPTS: u64 = 3;
@@ -64,20 +66,21 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let grant_name = grant_secret_name(&name);
 
-    // A grant state whose write failed before is written before anything else happens.
-    if let Some(state) = ctx.take_pending(&ns, &name) {
-        persist_grant(&ctx, &secrets, &binding, &grant_name, state).await?;
-    }
+    // A grant state whose write failed before is written before anything else happens; that
+    // write completes the earlier token request, so nothing is requested in this reconcile.
+    let flushed = match ctx.take_pending(&ns, &name) {
+        Some(pending) => {
+            persist_grant(&ctx, &secrets, &binding, pending.state.clone()).await?;
+            true
+        }
+        None => false,
+    };
 
     let (provider, usable) = provider_for(&binding, &ctx).await?;
     let grant_secret = get_secret(&secrets, &ns, &grant_name).await?;
     let published = get_secret(&secrets, &ns, &binding.spec.secret_name).await?;
-    let conflict = secret_conflict(&binding, grant_secret.as_ref(), published.as_ref(), &ctx);
-    let mut grant = grant_secret
-        .as_ref()
-        .filter(|_| conflict.is_none())
-        .and_then(|s| s.data.as_ref())
-        .and_then(|d| GrantState::decode(&d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect()));
+    let conflict = secret_conflict(&binding, &provider, grant_secret.as_ref(), published.as_ref(), &ctx);
+    let mut grant = grant_secret.as_ref().filter(|_| conflict.is_none()).and_then(decode_grant);
 
     let decision = decide(Inputs {
         now,
@@ -90,16 +93,26 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     let mut outcome = match (&decision, &usable) {
         (Decision::Suspended, _) => Outcome::Suspended,
         (Decision::Blocked { reason, message }, _) => Outcome::Blocked { reason: *reason, message: message.clone() },
+        // The flushed state is the token an earlier request obtained: that refresh ends here.
+        _ if flushed => Outcome::Refreshed,
         (Decision::Obtain { source, why }, Some(usable)) => {
-            match obtain(&ctx, &binding, usable, source, grant.as_ref(), now).await? {
-                Ok(state) => {
+            let obtained = obtain(&ctx, &binding, usable, source, grant.as_ref(), now).await?;
+            failpoint("after-token-response");
+            match obtained {
+                Obtained::Token(state) => {
                     info!(binding = %name, namespace = %ns, why = ?why, expires_at = %state.expires_at, "token obtained");
-                    persist_grant(&ctx, &secrets, &binding, &grant_name, state.clone()).await?;
+                    persist_grant(&ctx, &secrets, &binding, state.clone()).await?;
+                    failpoint("after-grant-write");
                     grant = Some(state);
                     Outcome::Refreshed
                 }
-                Err(f) => {
+                Obtained::Failed { failure: f, rescued } => {
                     warn!(binding = %name, namespace = %ns, reason = %f.reason, message = %f.message, "token request failed");
+                    if let Some(state) = rescued {
+                        warn!(binding = %name, namespace = %ns, "the failed response carried a refresh token; storing it");
+                        persist_grant(&ctx, &secrets, &binding, state.clone()).await?;
+                        grant = Some(state);
+                    }
                     failure = Some(f.clone());
                     Outcome::Failed(f)
                 }
@@ -121,12 +134,31 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
             Ok(data) => {
                 let want = desired(&binding, &binding.spec.secret_name, Role::Published, data);
                 if !published.as_ref().is_some_and(|p| up_to_date(p, &want)) {
-                    apply_secret(&secrets, &want).await.map_err(|source| Error::WritePublishedSecret {
-                        namespace: ns.clone(),
-                        name: binding.spec.secret_name.clone(),
-                        source,
-                    })?;
-                    info!(binding = %name, namespace = %ns, secret = %binding.spec.secret_name, "published Secret written");
+                    match apply_secret(&secrets, &want).await {
+                        Ok(_) => {
+                            info!(binding = %name, namespace = %ns, secret = %binding.spec.secret_name, "published Secret written");
+                            failpoint("after-publish");
+                        }
+                        // The apiserver refuses what it will always refuse: say so in status
+                        // instead of retrying the same write.
+                        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
+                            let shown: String = e.message.chars().take(300).collect();
+                            outcome = Outcome::Blocked {
+                                reason: Reason::InvalidSpec,
+                                message: Reason::InvalidSpec.message(format!(
+                                    "the apiserver refused the published Secret {}: {shown}",
+                                    binding.spec.secret_name
+                                )),
+                            };
+                        }
+                        Err(source) => {
+                            return Err(Error::WritePublishedSecret {
+                                namespace: ns.clone(),
+                                name: binding.spec.secret_name.clone(),
+                                source,
+                            });
+                        }
+                    }
                 }
             }
             Err(e) => outcome = Outcome::Blocked { reason: Reason::InvalidSpec, message: e.to_string() },
@@ -149,7 +181,11 @@ pub fn error_policy(binding: Arc<MailboxBinding>, error: &Error, _ctx: Arc<Conte
         return Action::requeue(StdDuration::from_secs(1));
     }
     warn!(binding = %binding.name_any(), namespace = ?binding.namespace(), %error, "reconcile failed");
-    let wait = if matches!(error, Error::WriteGrantState { .. }) { 2 } else { 15 };
+    let wait = match error {
+        Error::WriteGrantState { .. } => 2,
+        Error::Panicked => 300,
+        _ => 15,
+    };
     Action::requeue(StdDuration::from_secs(wait))
 }
 
@@ -182,32 +218,73 @@ async fn apply_secret(api: &Api<Secret>, secret: &Secret) -> Result<Secret, kube
 }
 
 /// Writes the grant state (always new after a token request); retried a few times, then kept
-/// in memory and written before anything else on the next reconcile. Never dropped.
-async fn persist_grant(
-    ctx: &Context,
-    api: &Api<Secret>,
-    binding: &MailboxBinding,
-    name: &str,
-    state: GrantState,
-) -> Result<()> {
+/// in memory, written before anything else on the next reconcile, and flushed at shutdown.
+/// Never dropped.
+async fn persist_grant(ctx: &Context, api: &Api<Secret>, binding: &MailboxBinding, state: GrantState) -> Result<()> {
     let ns = binding.namespace().unwrap_or_default();
-    let want = desired(binding, name, Role::Grant, state.encode());
+    let name = grant_secret_name(&binding.name_any());
+    let want = desired(binding, &name, Role::Grant, state.encode());
     let mut attempt = 0_u64;
     let source = loop {
         match apply_secret(api, &want).await {
             Ok(_) => return Ok(()),
             Err(e) => {
                 warn!(binding = %binding.name_any(), namespace = %ns, attempt, error = %e, "writing grant state failed");
-                attempt += 1;
-                if attempt == GRANT_WRITE_ATTEMPTS {
+                attempt = attempt.saturating_add(1);
+                if attempt >= GRANT_WRITE_ATTEMPTS {
                     break e;
                 }
-                tokio::time::sleep(StdDuration::from_millis(250 * attempt)).await;
+                tokio::time::sleep(StdDuration::from_millis(attempt.saturating_mul(250))).await;
             }
         }
     };
-    ctx.keep_pending(&ns, &binding.name_any(), state);
-    Err(Error::WriteGrantState { namespace: ns, name: name.to_owned(), source })
+    ctx.keep_pending(&ns, &binding.name_any(), Pending { state, secret: want });
+    Err(Error::WriteGrantState { namespace: ns, name, source })
+}
+
+/// Writes every grant state still waiting, retrying until `deadline`; called at shutdown so that
+/// a rotated refresh token outlives the process. Returns how many could not be written.
+pub async fn flush_pending(
+    client: &kube::Client,
+    pending: &super::PendingGrants,
+    deadline: tokio::time::Instant,
+) -> usize {
+    let waiting: Vec<((String, String), Pending)> = pending.lock().map(|mut p| p.drain().collect()).unwrap_or_default();
+    let mut lost = 0_usize;
+    for ((ns, binding), p) in waiting {
+        let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        let mut wait = StdDuration::from_millis(200);
+        loop {
+            match apply_secret(&api, &p.secret).await {
+                Ok(_) => {
+                    info!(%binding, namespace = %ns, "grant state written at shutdown");
+                    break;
+                }
+                Err(e) if tokio::time::Instant::now().checked_add(wait).is_some_and(|t| t < deadline) => {
+                    warn!(%binding, namespace = %ns, error = %e, "writing grant state at shutdown failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = std::cmp::min(wait.saturating_mul(2), StdDuration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(%binding, namespace = %ns, error = %e, "grant state could not be written before shutdown");
+                    lost = lost.saturating_add(1);
+                    break;
+                }
+            }
+        }
+    }
+    lost
+}
+
+/// A test hook: when `MAIL_OAUTH_OPERATOR_FAILPOINT` names this step, the process aborts here, as
+/// a SIGKILL would stop it (no flush, no cleanup). Used by the crash-safety tests.
+pub fn failpoint(step: &str) {
+    static FAILPOINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let armed = FAILPOINT.get_or_init(|| std::env::var("MAIL_OAUTH_OPERATOR_FAILPOINT").ok().filter(|v| !v.is_empty()));
+    if armed.as_deref() == Some(step) {
+        tracing::error!(step, "failpoint reached; aborting");
+        std::process::abort();
+    }
 }
 
 async fn patch_status(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindingStatus) -> Result<()> {
@@ -225,29 +302,36 @@ async fn patch_status(ctx: &Context, binding: &MailboxBinding, status: &MailboxB
     Ok(())
 }
 
-/// One Warning Event when the binding enters a failure it did not have before.
+/// Events that tell a person what changed, once: a Warning when the binding enters a failure it
+/// did not have before, a Normal Event when it first becomes Ready and when it recovers. Waiting
+/// states (`Pending`, `ProviderPending`) are no failure and get no Warning.
 async fn announce(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindingStatus) {
     let before = binding.status.as_ref();
     let failing = |s: Option<&MailboxBindingStatus>| {
         s.into_iter()
             .flat_map(|s| s.conditions.iter())
             .filter(|c| c.type_ == conditions::READY || c.type_ == conditions::AUTHORIZED)
-            .filter(|c| c.status == ConditionStatus::False && c.reason != Reason::Pending.as_str())
+            .filter(|c| c.status == ConditionStatus::False)
+            .filter(|c| c.reason != Reason::Pending.as_str() && c.reason != Reason::ProviderPending.as_str())
             .map(|c| (c.reason.clone(), c.message.clone()))
             .collect::<Vec<_>>()
     };
     let old = failing(before);
-    for (reason, message) in failing(Some(status)) {
-        if old.iter().any(|(r, _)| *r == reason) {
-            continue;
-        }
-        let event = Event {
-            type_: EventType::Warning,
-            reason,
-            note: Some(message),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
+    let mut events: Vec<(EventType, String, String)> = failing(Some(status))
+        .into_iter()
+        .filter(|(reason, _)| !old.iter().any(|(r, _)| r == reason))
+        .map(|(reason, message)| (EventType::Warning, reason, message))
+        .collect();
+    let ready = |s: Option<&MailboxBindingStatus>| {
+        s.and_then(|s| find_condition(&s.conditions, conditions::READY)).filter(|c| c.is_true()).cloned()
+    };
+    if let (None, Some(now_ready)) = (ready(before), ready(Some(status))) {
+        let recovered = !old.is_empty();
+        let note = if recovered { format!("recovered: {}", now_ready.message) } else { now_ready.message.clone() };
+        events.push((EventType::Normal, if recovered { "Recovered".into() } else { "Ready".into() }, note));
+    }
+    for (type_, reason, note) in events {
+        let event = Event { type_, reason, note: Some(note), action: "Reconcile".into(), secondary: None };
         if let Err(e) = ctx.recorder.publish(&event, &binding.object_ref(&())).await {
             warn!(binding = %binding.name_any(), error = %e, "publishing event failed");
         }
@@ -256,11 +340,13 @@ async fn announce(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindi
 
 fn secret_conflict(
     binding: &MailboxBinding,
+    provider: &ProviderState,
     grant: Option<&Secret>,
     published: Option<&Secret>,
     ctx: &Context,
 ) -> Option<String> {
     let uid = binding.uid().unwrap_or_default();
+    let name = binding.name_any();
     let ns = binding.namespace();
     let claim = |b: &MailboxBinding| Claim {
         binding: b.name_any(),
@@ -268,10 +354,41 @@ fn secret_conflict(
         secret_name: b.spec.secret_name.clone(),
     };
     let others: Vec<Claim> = ctx.bindings.state().iter().filter(|b| b.namespace() == ns).map(|b| claim(b)).collect();
-    published
-        .and_then(|s| existing_conflict(&uid, &s.metadata))
-        .or_else(|| grant.and_then(|s| existing_conflict(&uid, &s.metadata)))
-        .or_else(|| claimed_by_other(&claim(binding), &others))
+    // A Secret of an earlier binding of this name is adopted: the published one always, the grant
+    // state when it is for the same mailbox and provider (its refresh token may be the only copy).
+    let adoptable_grant = |s: &Secret| {
+        let state = decode_grant(s);
+        let provider_key = match provider {
+            ProviderState::Usable { key, .. } => Some(key.as_str()),
+            ProviderState::Unusable { .. } => None,
+        };
+        state.is_some_and(|g| {
+            g.mailbox.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(&binding.spec.mailbox))
+                && provider_key.is_some_and(|k| k == g.provider)
+        })
+    };
+    let published_conflict = published
+        .filter(|s| !from_predecessor(&uid, &name, &s.metadata))
+        .and_then(|s| existing_conflict(&uid, &s.metadata));
+    let grant_conflict = grant.and_then(|s| {
+        if from_predecessor(&uid, &name, &s.metadata) {
+            (!adoptable_grant(s)).then(|| {
+                format!(
+                    "grant-state Secret {} belongs to an earlier MailboxBinding {name} for another mailbox or provider; \
+                     delete it to start over",
+                    grant_secret_name(&name)
+                )
+            })
+        } else {
+            existing_conflict(&uid, &s.metadata)
+        }
+    });
+    published_conflict.or(grant_conflict).or_else(|| claimed_by_other(&claim(binding), &others))
+}
+
+/// The grant state a Secret holds, if it holds one.
+fn decode_grant(secret: &Secret) -> Option<GrantState> {
+    secret.data.as_ref().and_then(|d| GrantState::decode(&d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect()))
 }
 
 /// Finds the provider and says whether this binding can use it.
@@ -280,7 +397,7 @@ pub async fn provider_for(binding: &MailboxBinding, ctx: &Context) -> Result<(Pr
     let ns = binding.namespace().unwrap_or_default();
     let unusable =
         |reason: Reason, what: String| Ok((ProviderState::Unusable { reason, message: reason.message(what) }, None));
-    let (key, spec, status, generation, secrets_namespace) = match r.kind {
+    let (key, spec, status, generation, secrets_namespace, cluster_limits) = match r.kind {
         ProviderKind::MailProvider => {
             let Some(p) = ctx.providers.get(&ObjectRef::new(&r.name).within(&ns)) else {
                 return unusable(
@@ -288,7 +405,14 @@ pub async fn provider_for(binding: &MailboxBinding, ctx: &Context) -> Result<(Pr
                     format!("MailProvider {} not found in namespace {ns}", r.name),
                 );
             };
-            (format!("MailProvider/{}", r.name), p.spec.clone(), p.status.clone(), p.metadata.generation, ns.clone())
+            (
+                format!("MailProvider/{}", r.name),
+                p.spec.clone(),
+                p.status.clone(),
+                p.metadata.generation,
+                ns.clone(),
+                None,
+            )
         }
         ProviderKind::ClusterMailProvider => {
             let Some(p) = ctx.cluster_providers.get(&ObjectRef::new(&r.name)) else {
@@ -307,16 +431,26 @@ pub async fn provider_for(binding: &MailboxBinding, ctx: &Context) -> Result<(Pr
                 p.status.clone(),
                 p.metadata.generation,
                 ctx.cluster_namespace.clone(),
+                Some(p.spec.clone()),
             )
         }
     };
     let kind_name = key.replace('/', " ");
     let Some(endpoints) = ready_endpoints(status.as_ref(), generation) else {
-        let why = status
-            .as_ref()
-            .and_then(|s| find_condition(&s.conditions, "Ready"))
-            .map_or_else(|| "it has not been reconciled yet".to_owned(), |c| format!("{}: {}", c.reason, c.message));
-        return unusable(Reason::ProviderNotReady, format!("{kind_name} is not ready ({why})"));
+        let current = status.as_ref().is_some_and(|s| s.observed_generation == generation);
+        return match status.as_ref().and_then(|s| find_condition(&s.conditions, "Ready")).filter(|_| current) {
+            Some(c) => {
+                unusable(Reason::ProviderNotReady, format!("{kind_name} is not ready ({}: {})", c.reason, c.message))
+            }
+            // Not a failure: the provider's controller has not looked at this generation yet.
+            None => Ok((
+                ProviderState::Unusable {
+                    reason: Reason::ProviderPending,
+                    message: format!("waiting for {kind_name} to be reconciled"),
+                },
+                None,
+            )),
+        };
     };
     let method = auth_method(&spec);
     if method == Some(ClientAuthMethod::PrivateKeyJwt) {
@@ -337,6 +471,22 @@ pub async fn provider_for(binding: &MailboxBinding, ctx: &Context) -> Result<(Pr
         Ok(s) => s,
         Err(why) => return unusable(Reason::InvalidSpec, why),
     };
+    if let Some(limits) = &cluster_limits {
+        let refused = scopes_not_allowed(&limits.allowed_scopes, &scopes);
+        if !refused.is_empty() {
+            let shown: Vec<String> = refused.iter().take(5).map(|s| s.chars().take(100).collect()).collect();
+            return unusable(
+                Reason::ProviderNotAllowed,
+                format!("{kind_name} does not allow the scopes {} (allowedScopes)", shown.join(" ")),
+            );
+        }
+        if !mailbox_allowed(&limits.allowed_mailboxes, &binding.spec.mailbox) {
+            return unusable(
+                Reason::ProviderNotAllowed,
+                format!("{kind_name} does not allow the mailbox {} (allowedMailboxes)", binding.spec.mailbox),
+            );
+        }
+    }
     let state = ProviderState::Usable { key: key.clone(), client_id: spec.client_id.clone(), scopes: scopes.clone() };
     let servers = servers(&spec);
     Ok((state, Some(ProviderUse { key, spec, endpoints, secrets_namespace, scopes, servers })))
@@ -382,10 +532,13 @@ async fn obtain(
     source: &Source,
     grant: Option<&GrantState>,
     now: DateTime<Utc>,
-) -> Result<Result<GrantState, Failure>> {
+) -> Result<Obtained> {
     let ns = binding.namespace().unwrap_or_default();
     let not_found = |reason: Reason, what: String| {
-        Ok(Err(Failure { reason, transient: true, message: reason.message(what), retry_after: None }))
+        Ok(Obtained::Failed {
+            failure: Failure { reason, transient: true, message: reason.message(what), retry_after: None },
+            rescued: None,
+        })
     };
     let method = auth_method(&usable.spec);
     let mut client_secrets = Vec::new();
@@ -424,6 +577,7 @@ async fn obtain(
         provider: &usable.spec,
         endpoints: &usable.endpoints,
         scopes: &usable.scopes,
+        mailbox: &binding.spec.mailbox,
     };
     let request = request_for(&who, client_secrets, input.clone());
     Ok(match ctx.tokens.request(&request).await {
@@ -431,8 +585,36 @@ async fn obtain(
             if rotated(&set, &input) {
                 info!(binding = %binding.name_any(), namespace = %ns, "refresh token rotated; storing the new one first");
             }
-            Ok(grant_state_from(&who, set, &input, imported_from, now))
+            Obtained::Token(grant_state_from(&who, set, &input, imported_from.clone(), now, ctx.default_lifetime))
         }
-        Err(upstream) => Err(classify(&upstream)),
+        Err(rejected) => {
+            let mut failure = classify(&rejected.error);
+            // Whatever the provider said is scrubbed of every credential held for this binding.
+            let mut held: Vec<&str> = request.client_secrets.iter().map(ExposeSecret::expose_secret).collect();
+            if let GrantInput::RefreshToken(rt) = &request.grant {
+                held.push(rt.expose_secret());
+            }
+            if let Some(g) = grant {
+                held.push(g.access_token.expose_secret());
+                held.extend(g.refresh_token.as_ref().map(ExposeSecret::expose_secret));
+            }
+            failure.message = scrub(&failure.message, &held);
+            let previous = grant.filter(|_| matches!(source, Source::StoredRefreshToken));
+            let rescued = rejected.refresh_token.map(|rt| rescued_state(&who, previous, rt, imported_from, now));
+            Obtained::Failed { failure, rescued }
+        }
     })
+}
+
+/// What a token request came to.
+enum Obtained {
+    /// A new grant state, to be stored first.
+    Token(GrantState),
+    /// A failure, and a state holding a refresh token the failed response carried, if any.
+    Failed {
+        /// The classified failure.
+        failure: Failure,
+        /// To be stored before anything else.
+        rescued: Option<GrantState>,
+    },
 }

@@ -13,7 +13,8 @@ mod scenarios;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
+use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
@@ -59,9 +60,24 @@ pub struct Context {
     pub recorder: Recorder,
     /// The clock.
     pub clock: Arc<dyn Clock>,
-    /// Grant states whose write failed, by (namespace, binding): written before anything else.
-    pub pending: Mutex<HashMap<(String, String), GrantState>>,
+    /// Grant states whose write failed, by (namespace, binding): written before anything else,
+    /// and flushed at shutdown. Shared by every controller of the process.
+    pub pending: PendingGrants,
+    /// Lifetime assumed when a token endpoint gives no usable `expires_in`.
+    pub default_lifetime: Duration,
 }
+
+/// A grant state that could not be written yet, with the Secret that holds it.
+#[derive(Clone, Debug)]
+pub struct Pending {
+    /// The state.
+    pub state: GrantState,
+    /// The grant-state Secret to apply.
+    pub secret: Secret,
+}
+
+/// Grant states waiting to be written, by (namespace, binding).
+pub type PendingGrants = Arc<Mutex<HashMap<(String, String), Pending>>>;
 
 impl Context {
     /// Now, to whole seconds (as Kubernetes stores time and the grant state records it).
@@ -71,14 +87,14 @@ impl Context {
     }
 
     /// A grant state waiting to be written.
-    pub fn take_pending(&self, namespace: &str, binding: &str) -> Option<GrantState> {
+    pub fn take_pending(&self, namespace: &str, binding: &str) -> Option<Pending> {
         self.pending.lock().ok()?.remove(&(namespace.to_owned(), binding.to_owned()))
     }
 
     /// Keeps a grant state whose write failed, to be retried first.
-    pub fn keep_pending(&self, namespace: &str, binding: &str, state: GrantState) {
+    pub fn keep_pending(&self, namespace: &str, binding: &str, pending: Pending) {
         if let Ok(mut p) = self.pending.lock() {
-            p.insert((namespace.to_owned(), binding.to_owned()), state);
+            p.insert((namespace.to_owned(), binding.to_owned()), pending);
         }
     }
 }

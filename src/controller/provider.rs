@@ -19,7 +19,6 @@ use crate::api::{
 };
 use crate::error::{Error, Result};
 use crate::oauth::discovery::discover;
-use crate::oauth::http::check_endpoint;
 use crate::oauth::provider::{auth_method, ca_bundle, merge_explicit, secret_refs, static_endpoints};
 use crate::policy::Reason;
 use crate::policy::provider::{Observed, requeue_after, status};
@@ -96,7 +95,7 @@ pub fn error_policy<K: ProviderObject>(provider: Arc<K>, error: &Error, _ctx: Ar
         return Action::requeue(StdDuration::from_secs(1));
     }
     warn!(kind = K::KIND, provider = %provider.name_any(), %error, "reconcile failed");
-    Action::requeue(StdDuration::from_secs(30))
+    Action::requeue(StdDuration::from_secs(if matches!(error, Error::Panicked) { 300 } else { 30 }))
 }
 
 /// The provider's endpoints, or why they are unknown.
@@ -107,7 +106,7 @@ async fn resolve(ctx: &Context, spec: &MailProviderSpec) -> Result<Endpoints, St
         Some(e) => e,
         None => match &spec.preset {
             crate::api::Preset::Generic(g) => match &g.issuer_url {
-                Some(issuer) => merge_explicit(spec, discover(&client, issuer).await?),
+                Some(issuer) => merge_explicit(spec, discover(&client, ctx.http.policy(), issuer).await?),
                 None => return Err("a generic provider needs issuerUrl or tokenUrl".into()),
             },
             _ => return Err("no endpoints known".into()),
@@ -117,7 +116,7 @@ async fn resolve(ctx: &Context, spec: &MailProviderSpec) -> Result<Endpoints, St
         .into_iter()
         .flatten()
     {
-        check_endpoint(url)?;
+        ctx.http.policy().check_endpoint(url)?;
     }
     Ok(endpoints)
 }

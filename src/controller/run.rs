@@ -31,6 +31,10 @@ pub struct Settings {
     pub cluster_namespace: String,
     /// Name reported on Events.
     pub instance: String,
+    /// Lifetime assumed when a token endpoint gives no usable `expires_in`.
+    pub default_lifetime: chrono::Duration,
+    /// How long shutdown may spend writing grant states that could not be written before.
+    pub flush_timeout: std::time::Duration,
 }
 
 /// Runs every controller until `shutdown`; `ready` turns true once every cache has synced.
@@ -44,6 +48,8 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     let wc = watcher::Config::default();
+    let pending: super::PendingGrants = Arc::default();
+    let flush_client = client.clone();
     let scope_count = settings.namespaces.len().max(1);
     let mut tasks: Vec<BoxFuture<'static, ()>> = Vec::new();
     // One reflector per provider kind feeds both its own controller and the binding controllers'
@@ -117,7 +123,8 @@ pub async fn run(
             cluster_namespace: settings.cluster_namespace.clone(),
             recorder: Recorder::new(client.clone(), reporter.clone()),
             clock: Arc::clone(&clock),
-            pending: Default::default(),
+            pending: Arc::clone(&pending),
+            default_lifetime: settings.default_lifetime,
         });
         first_ctx.get_or_insert_with(|| Arc::clone(&ctx));
         syncs.push(synced(provider_store.clone()));
@@ -125,7 +132,7 @@ pub async fn run(
         tasks.push(until_shutdown(
             provider_controller
                 .graceful_shutdown_on(shutdown.clone())
-                .run(provider::reconcile, provider::error_policy, Arc::clone(&ctx))
+                .run(|p, c| guarded(provider::reconcile(p, c)), provider::error_policy, Arc::clone(&ctx))
                 .for_each(log_result)
                 .boxed(),
             provider_store,
@@ -134,7 +141,7 @@ pub async fn run(
         tasks.push(until_shutdown(
             binding_controller
                 .graceful_shutdown_on(shutdown.clone())
-                .run(binding::reconcile, binding::error_policy, ctx)
+                .run(|b, c| guarded(binding::reconcile(b, c)), binding::error_policy, ctx)
                 .for_each(log_result)
                 .boxed(),
             binding_store,
@@ -146,7 +153,7 @@ pub async fn run(
         tasks.push(until_shutdown(
             cluster_controller
                 .graceful_shutdown_on(shutdown.clone())
-                .run(provider::reconcile, provider::error_policy, ctx)
+                .run(|p, c| guarded(provider::reconcile(p, c)), provider::error_policy, ctx)
                 .for_each(log_result)
                 .boxed(),
             cluster_store,
@@ -165,7 +172,35 @@ pub async fn run(
         }
         .boxed(),
     );
-    futures::future::join_all(tasks).await;
+    // Each task runs on its own: a panic in one (a bug) is logged and cannot unwind the others
+    // or the process.
+    let handles: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
+    for result in futures::future::join_all(handles).await {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "a controller task ended abnormally");
+        }
+    }
+    // Every controller has drained; what could not be written yet is written now.
+    let deadline =
+        tokio::time::Instant::now().checked_add(settings.flush_timeout).unwrap_or_else(tokio::time::Instant::now);
+    let lost = binding::flush_pending(&flush_client, &pending, deadline).await;
+    if lost > 0 {
+        tracing::error!(lost, "grant states could not be written before shutdown");
+    }
+}
+
+/// Runs one reconcile so that a panic in it (a bug) becomes an error for that object only,
+/// retried later by the error policy, instead of ending the controller.
+async fn guarded(
+    reconcile: impl std::future::Future<Output = crate::Result<kube::runtime::controller::Action>>,
+) -> crate::Result<kube::runtime::controller::Action> {
+    match std::panic::AssertUnwindSafe(reconcile).catch_unwind().await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::error!("a reconcile panicked; it is retried later");
+            Err(crate::Error::Panicked)
+        }
+    }
 }
 
 /// Runs a controller until it ends. kube's controller never ends while its cache has not synced

@@ -26,9 +26,8 @@ use crate::api::{
     MailboxBindingSpec,
 };
 use crate::oauth::http::HttpClients;
-use crate::oauth::{TokenEndpoint, TokenRequest, TokenSet};
+use crate::oauth::{Rejected, TokenEndpoint, TokenRequest, TokenSet};
 use crate::policy::binding::{Outcome, next_status};
-use crate::policy::classify::UpstreamError;
 use crate::policy::grant_state::GrantState;
 use crate::policy::publish::published_data;
 
@@ -53,7 +52,7 @@ struct Canned {
 }
 
 impl TokenEndpoint for Canned {
-    fn request<'a>(&'a self, _request: &'a TokenRequest) -> BoxFuture<'a, Result<TokenSet, UpstreamError>> {
+    fn request<'a>(&'a self, _request: &'a TokenRequest) -> BoxFuture<'a, Result<TokenSet, Rejected>> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         Box::pin(async move {
             Ok(TokenSet {
@@ -126,6 +125,7 @@ fn context(client: Client, tokens: Arc<Canned>, bindings: &[MailboxBinding]) -> 
         recorder: Recorder::new(client, Reporter { controller: "mail-oauth-operator".into(), instance: None }),
         clock: Arc::new(Fixed(now())),
         pending: Default::default(),
+        default_lifetime: Duration::hours(1),
     })
 }
 
@@ -166,6 +166,14 @@ impl ApiServer {
         answer["status"] = body["status"].clone();
         send.send_response(ok(&answer));
         body
+    }
+
+    /// Expects one Event of `type_` and `reason`; returns its note.
+    async fn event(&mut self, type_: &str, reason: &str) -> String {
+        let (event, send) = self.expect(Method::POST, "/apis/events.k8s.io/v1/namespaces/mail/events").await;
+        assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some(type_), Some(reason)), "{event}");
+        send.send_response(ok(&event));
+        event["note"].as_str().unwrap_or_default().to_owned()
     }
 
     async fn nothing_more(&mut self) {
@@ -251,6 +259,8 @@ async fn a_first_reconcile_reads_two_secrets_and_the_client_secret_then_writes_g
     assert_eq!(status["metadata"]["resourceVersion"], "42", "a stale copy must conflict, not overwrite");
     assert_eq!(status["status"]["phase"], "Ready");
     assert_eq!(status["status"]["token"]["expiresAt"], "2027-01-15T09:00:00Z");
+    let note = server.event("Normal", "Ready").await;
+    assert!(note.contains("token valid until 2027-01-15T09:00:00Z"), "{note}");
     server.nothing_more().await;
 
     let action = reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
@@ -275,6 +285,7 @@ async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
         provider: "MailProvider/contoso".into(),
         client_id: "app-id".into(),
         imported_from: None,
+        mailbox: Some("helpdesk@contoso.com".into()),
     };
     b.status = Some(next_status(now() - Duration::minutes(5), &b, Some(&grant), &Outcome::Refreshed));
     let servers = crate::oauth::provider::servers(&provider().spec);
@@ -381,6 +392,8 @@ async fn a_grant_state_that_cannot_be_written_is_kept_and_written_first_on_the_n
     assert_eq!(published["data"]["access_token"], written[0]);
     let status = server.apply_status(STATUS_PATH, &b).await;
     assert_eq!(status["status"]["phase"], "Ready");
+    assert!(status["status"]["lastRefreshTime"].is_string(), "the kept write completes a refresh: {status}");
+    server.event("Normal", "Ready").await;
     server.nothing_more().await;
     second.await.expect("joined").expect("second reconcile");
     assert_eq!(tokens.calls.load(Ordering::SeqCst), 1, "the rotated token was not dropped and re-requested");

@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
 use crate::api::{BINDING_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailboxBinding, SECRET_ROLE_LABEL};
+use crate::policy::validate::{GRANT_SECRET_SUFFIX, MAX_LABEL};
 
 /// Annotation listing the data keys the operator owns in a published Secret.
 pub const OWNED_KEYS_ANNOTATION: &str = "mailoauth.io/owned-keys";
@@ -19,13 +20,31 @@ const MAX_NAME: usize = 253;
 /// Name of a binding's grant-state Secret: `<binding>.mailoauth-grant` (shortened with a hash
 /// when the binding's name is very long).
 pub fn grant_secret_name(binding: &str) -> String {
-    const SUFFIX: &str = ".mailoauth-grant";
-    if binding.len() + SUFFIX.len() <= MAX_NAME {
+    const SUFFIX: &str = GRANT_SECRET_SUFFIX;
+    if binding.len().saturating_add(SUFFIX.len()) <= MAX_NAME {
         return format!("{binding}{SUFFIX}");
     }
-    let hash = crate::policy::schedule::seed(binding);
-    let keep = MAX_NAME - SUFFIX.len() - 17;
-    format!("{}-{hash:016x}{SUFFIX}", &binding[..keep])
+    let keep = MAX_NAME.saturating_sub(SUFFIX.len()).saturating_sub(17);
+    format!("{}-{}{SUFFIX}", shortened(binding, keep), hash(binding))
+}
+
+/// The `mailoauth.io/binding` label value for a binding: its name when that fits a label value
+/// (63 characters), else a prefix and a hash of the whole name.
+pub fn binding_label(binding: &str) -> String {
+    if binding.len() <= MAX_LABEL {
+        return binding.to_owned();
+    }
+    format!("{}-{}", shortened(binding, MAX_LABEL.saturating_sub(17)), hash(binding))
+}
+
+/// At most `max` characters of a name, without a trailing `-` or `.`.
+fn shortened(name: &str, max: usize) -> String {
+    let head: String = name.chars().take(max).collect();
+    head.trim_end_matches(['-', '.']).to_owned()
+}
+
+fn hash(name: &str) -> String {
+    format!("{:016x}", crate::policy::schedule::seed(name))
 }
 
 /// Which of the binding's Secrets.
@@ -50,7 +69,7 @@ impl Role {
 pub fn desired(binding: &MailboxBinding, name: &str, role: Role, data: BTreeMap<String, String>) -> Secret {
     let mut labels = BTreeMap::from([
         (MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned()),
-        (BINDING_LABEL.to_owned(), binding.name_any()),
+        (BINDING_LABEL.to_owned(), binding_label(&binding.name_any())),
         (SECRET_ROLE_LABEL.to_owned(), role.label().to_owned()),
     ]);
     let mut annotations = BTreeMap::new();
@@ -97,6 +116,7 @@ pub fn up_to_date(actual: &Secret, desired: &Secret) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::validate::is_label_value;
 
     #[test]
     fn grant_secret_names_are_valid_for_any_binding_name() {
@@ -106,5 +126,21 @@ mod tests {
         assert!(name.len() <= 253, "{}", name.len());
         assert!(name.ends_with(".mailoauth-grant"));
         assert_ne!(grant_secret_name(&long), grant_secret_name(&"a".repeat(252)));
+        let dotted = format!("{}.b", "a-".repeat(126));
+        assert!(
+            crate::policy::validate::is_dns_subdomain(&grant_secret_name(&dotted)),
+            "{}",
+            grant_secret_name(&dotted)
+        );
+    }
+
+    #[test]
+    fn binding_labels_fit_a_label_value_for_any_binding_name() {
+        assert_eq!(binding_label("helpdesk"), "helpdesk");
+        for name in ["a".repeat(64), "a-".repeat(100) + "b", format!("{}.x", "b.".repeat(100)), "c".repeat(253)] {
+            let label = binding_label(&name);
+            assert!(is_label_value(&label), "{label}");
+            assert_ne!(label, binding_label(&format!("{name}z")), "distinct names get distinct labels");
+        }
     }
 }

@@ -8,7 +8,8 @@ use super::{GrantInput, TokenRequest, TokenSet};
 use crate::api::{ClientAuthMethod, Endpoints, MailProviderSpec};
 use crate::policy::grant_state::GrantState;
 
-/// Lifetime assumed when the token endpoint does not say (`expires_in` is optional).
+/// Lifetime assumed when the token endpoint does not say (`expires_in` is optional, or zero or
+/// negative, which is read as not saying); `--default-token-lifetime` overrides it.
 pub const DEFAULT_LIFETIME: Duration = Duration::hours(1);
 
 /// Who asks, for which scopes.
@@ -22,6 +23,8 @@ pub struct Requester<'a> {
     pub endpoints: &'a Endpoints,
     /// Scopes to request.
     pub scopes: &'a [String],
+    /// The mailbox.
+    pub mailbox: &'a str,
 }
 
 /// The token request for `input`, with the client secrets found.
@@ -45,13 +48,15 @@ pub fn rotated(set: &TokenSet, input: &GrantInput) -> bool {
     }
 }
 
-/// The grant state a successful response becomes.
+/// The grant state a successful response becomes; `default_lifetime` stands in for a missing
+/// `expires_in`.
 pub fn grant_state_from(
     who: &Requester<'_>,
     set: TokenSet,
     input: &GrantInput,
     imported_from: Option<String>,
     now: DateTime<Utc>,
+    default_lifetime: Duration,
 ) -> GrantState {
     let used = match input {
         GrantInput::RefreshToken(rt) => Some(rt.clone()),
@@ -62,11 +67,42 @@ pub fn grant_state_from(
         access_token: set.access_token,
         token_type: "Bearer".into(),
         issued_at: now,
-        expires_at: now + set.expires_in.unwrap_or(DEFAULT_LIFETIME),
+        expires_at: crate::policy::time::plus(now, set.expires_in.unwrap_or(default_lifetime)),
         scopes: set.scopes.unwrap_or_else(|| who.scopes.to_vec()),
         requested_scopes: who.scopes.to_vec(),
         provider: who.provider_key.to_owned(),
         client_id: who.provider.client_id.clone(),
         imported_from,
+        mailbox: Some(who.mailbox.to_owned()),
+    }
+}
+
+/// The state to keep when a response was unusable but carried a refresh token: the previous
+/// state (its access token stays published while valid) with the new refresh token, or, with no
+/// previous state, an expired state holding just the refresh token.
+pub fn rescued_state(
+    who: &Requester<'_>,
+    previous: Option<&GrantState>,
+    refresh_token: SecretString,
+    imported_from: Option<String>,
+    now: DateTime<Utc>,
+) -> GrantState {
+    match previous {
+        Some(p) => {
+            GrantState { refresh_token: Some(refresh_token), mailbox: Some(who.mailbox.to_owned()), ..p.clone() }
+        }
+        None => GrantState {
+            refresh_token: Some(refresh_token),
+            access_token: SecretString::from(String::new()),
+            token_type: "Bearer".into(),
+            issued_at: now,
+            expires_at: now,
+            scopes: who.scopes.to_vec(),
+            requested_scopes: who.scopes.to_vec(),
+            provider: who.provider_key.to_owned(),
+            client_id: who.provider.client_id.clone(),
+            imported_from,
+            mailbox: Some(who.mailbox.to_owned()),
+        },
     }
 }

@@ -1,27 +1,150 @@
-//! HTTP for the token endpoint: one reqwest client per trust configuration (system roots plus a
-//! provider's CA bundle), https only, no redirects, timeouts, and a recorder that keeps the status
-//! and `Retry-After` of the last response (oauth2 hides them), never the body.
+//! HTTP for token and discovery endpoints: one reqwest client per trust configuration (system
+//! roots plus a provider's CA bundle, a bounded cache), https only, no redirects, timeouts, an
+//! outbound address policy enforced where connections are made, response bodies read with a
+//! small cap, and a recorder that keeps what the operator needs of a response (status,
+//! `Retry-After`, the token or error fields) so that oauth2's own response handling, which hides
+//! them, is not relied on.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{Hash, Hasher};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
-use chrono::Duration;
+use chrono::{DateTime, Duration, Utc};
 use url::Url;
+
+use super::response::{ErrorFields, TokenFields, parse_error, parse_token};
+
+/// Largest response body read from a token or discovery endpoint.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Most HTTP clients kept (one per distinct CA bundle); the cache starts over when full.
+pub const MAX_CLIENTS: usize = 32;
+
+/// Where the operator may send requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutboundPolicy {
+    /// Allow loopback and private (RFC 1918, unique-local, CGNAT) addresses. Link-local and
+    /// cloud metadata addresses are refused whatever this says.
+    pub allow_private: bool,
+}
+
+/// Names that always mean a cloud metadata service.
+const METADATA_NAMES: [&str; 3] = ["metadata.google.internal", "metadata", "instance-data.ec2.internal"];
+
+impl OutboundPolicy {
+    /// Why `ip` may not be connected to, if it may not.
+    pub fn refuse_ip(&self, ip: IpAddr) -> Option<&'static str> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        let (always, private) = match ip {
+            IpAddr::V4(v4) => (v4_always_refused(v4), v4_private(v4)),
+            IpAddr::V6(v6) => (v6_always_refused(v6), v6_private(v6)),
+        };
+        if always {
+            Some("a link-local, metadata or unspecified address")
+        } else if private && !self.allow_private {
+            Some("a loopback or private address (allowed only with --allow-private-endpoints)")
+        } else {
+            None
+        }
+    }
+
+    /// Checks that `url` is https and names no refused host; returns it parsed.
+    pub fn check_endpoint(&self, url: &str) -> Result<Url, String> {
+        let shown: String = url.chars().take(200).collect();
+        let parsed = Url::parse(url).map_err(|_| format!("{shown} is not a URL"))?;
+        if parsed.scheme() != "https" {
+            return Err(format!("{shown} is not https; credentials are only sent over https"));
+        }
+        let refused = match parsed.host() {
+            Some(url::Host::Ipv4(ip)) => self.refuse_ip(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => self.refuse_ip(IpAddr::V6(ip)),
+            Some(url::Host::Domain(name)) => {
+                let name = name.trim_end_matches('.').to_ascii_lowercase();
+                if METADATA_NAMES.contains(&name.as_str()) {
+                    Some("a cloud metadata service")
+                } else if !self.allow_private && (name == "localhost" || name.ends_with(".localhost")) {
+                    Some("a loopback address (allowed only with --allow-private-endpoints)")
+                } else {
+                    None
+                }
+            }
+            None => Some("no host"),
+        };
+        match refused {
+            Some(why) => Err(format!("{shown} points at {why}, which is refused")),
+            None => Ok(parsed),
+        }
+    }
+}
+
+fn v4_always_refused(ip: Ipv4Addr) -> bool {
+    ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.octets() == [100, 100, 100, 200]
+}
+
+fn v4_private(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    ip.is_loopback() || ip.is_private() || (a == 100 && (64..128).contains(&b)) || a == 0
+}
+
+fn v6_always_refused(ip: Ipv6Addr) -> bool {
+    let first = ip.segments().first().copied().unwrap_or_default();
+    ip.is_unspecified()
+        || ip.is_multicast()
+        || (first & 0xffc0) == 0xfe80
+        || ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+}
+
+fn v6_private(ip: Ipv6Addr) -> bool {
+    let first = ip.segments().first().copied().unwrap_or_default();
+    ip.is_loopback() || (first & 0xfe00) == 0xfc00
+}
+
+/// Resolves names and keeps only the addresses the policy allows, so that a name cannot lead the
+/// operator where an address could not (DNS rebinding included: the check is on what is
+/// connected to).
+#[derive(Clone, Debug)]
+struct PolicyResolver(OutboundPolicy);
+
+/// A resolution refused by the outbound policy.
+#[derive(Debug, thiserror::Error)]
+#[error("every address of this name is refused by the outbound policy")]
+struct Refused;
+
+impl reqwest::dns::Resolve for PolicyResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.0;
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> = found.into_iter().filter(|a| policy.refuse_ip(a.ip()).is_none()).collect();
+            if allowed.is_empty() {
+                return Err(Box::new(Refused) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
 
 /// Builds and caches HTTP clients by CA bundle.
 #[derive(Clone, Default)]
 pub struct HttpClients {
-    cache: Arc<Mutex<HashMap<u64, reqwest::Client>>>,
+    policy: OutboundPolicy,
+    cache: Arc<Mutex<HashMap<Option<String>, reqwest::Client>>>,
 }
 
 impl std::fmt::Debug for HttpClients {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HttpClients")
+        f.debug_struct("HttpClients").field("policy", &self.policy).finish_non_exhaustive()
     }
 }
 
@@ -29,19 +152,27 @@ impl std::fmt::Debug for HttpClients {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The CA bundle is not PEM.
-    #[error("caBundle is not a PEM certificate bundle: {0}")]
-    CaBundle(String),
+    #[error("caBundle is not a PEM certificate bundle")]
+    CaBundle,
     /// reqwest refused the configuration.
-    #[error("HTTP client: {0}")]
-    Build(String),
+    #[error("the HTTP client could not be built")]
+    Build,
 }
 
 impl HttpClients {
+    /// Clients that connect only where `policy` allows.
+    pub fn new(policy: OutboundPolicy) -> Self {
+        Self { policy, cache: Arc::default() }
+    }
+
+    /// The outbound policy.
+    pub fn policy(&self) -> OutboundPolicy {
+        self.policy
+    }
+
     /// The client trusting the web roots plus `ca_bundle`.
     pub fn get(&self, ca_bundle: Option<&str>) -> Result<reqwest::Client, ClientError> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        ca_bundle.hash(&mut hasher);
-        let key = hasher.finish();
+        let key = ca_bundle.map(str::to_owned);
         if let Some(c) = self.cache.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(c);
         }
@@ -50,41 +181,31 @@ impl HttpClients {
             .connect_timeout(StdDuration::from_secs(10))
             .timeout(StdDuration::from_secs(30))
             .https_only(true)
+            .dns_resolver(Arc::new(PolicyResolver(self.policy)))
             .user_agent(concat!("mail-oauth-operator/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = ca_bundle {
-            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
-                .map_err(|e| ClientError::CaBundle(e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes()).map_err(|_| ClientError::CaBundle)?;
             if certs.is_empty() {
-                return Err(ClientError::CaBundle("no certificate found".into()));
+                return Err(ClientError::CaBundle);
             }
             for c in certs {
                 builder = builder.add_root_certificate(c);
             }
         }
-        let client = builder.build().map_err(|e| ClientError::Build(e.to_string()))?;
+        let client = builder.build().map_err(|_| ClientError::Build)?;
         if let Ok(mut m) = self.cache.lock() {
+            if m.len() >= MAX_CLIENTS {
+                m.clear();
+            }
             m.insert(key, client.clone());
         }
         Ok(client)
     }
-}
 
-/// Checks that an endpoint is https and not a link-local or cloud metadata address.
-pub fn check_endpoint(url: &str) -> Result<Url, String> {
-    let parsed = Url::parse(url).map_err(|e| format!("{url} is not a URL: {e}"))?;
-    if parsed.scheme() != "https" {
-        return Err(format!("{url} is not https; credentials are only sent over https"));
+    /// How many clients are cached.
+    pub fn cached(&self) -> usize {
+        self.cache.lock().map(|m| m.len()).unwrap_or(0)
     }
-    let host = parsed.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
-    let forbidden = match host.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => ip.is_link_local() || ip.is_unspecified() || ip.octets() == [100, 100, 100, 200],
-        Ok(IpAddr::V6(ip)) => (ip.segments()[0] & 0xffc0) == 0xfe80 || ip.is_unspecified(),
-        Err(_) => host.eq_ignore_ascii_case("metadata.google.internal") || host.eq_ignore_ascii_case("metadata"),
-    };
-    if forbidden {
-        return Err(format!("{url} points at a link-local or metadata address, which is refused"));
-    }
-    Ok(parsed)
 }
 
 /// What the recorder kept of the last response.
@@ -92,8 +213,14 @@ pub fn check_endpoint(url: &str) -> Result<Url, String> {
 pub struct Recorded {
     /// HTTP status.
     pub status: Option<u16>,
-    /// `Retry-After` in seconds.
+    /// `Retry-After`, as a duration from when the response arrived (never negative).
     pub retry_after: Option<Duration>,
+    /// A transport failure, as a fixed sentence.
+    pub transport: Option<String>,
+    /// The token fields of a 2xx body, read leniently.
+    pub token: Option<TokenFields>,
+    /// The error fields of a non-2xx body, raw (scrub them before use).
+    pub error: Option<ErrorFields>,
 }
 
 /// A transport error, described without the request.
@@ -125,16 +252,26 @@ impl<'c> oauth2::AsyncHttpClient<'c> for Http {
     type Future = Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, TransportError>> + Send + 'c>>;
 
     fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
-        Box::pin(send(self.client.clone(), Arc::clone(&self.record), request))
+        let record = Arc::clone(&self.record);
+        let client = self.client.clone();
+        Box::pin(async move {
+            let result = send(client, request).await;
+            if let Ok(mut r) = record.lock() {
+                *r = match &result {
+                    Ok((_, recorded)) => recorded.clone(),
+                    Err(e) => Recorded { transport: Some(e.0.clone()), ..Default::default() },
+                };
+            }
+            result.map(|(response, _)| response)
+        })
     }
 }
 
-/// Sends one oauth2 request with `client`, recording status and `Retry-After` into `record`.
+/// Sends one oauth2 request with `client` and records what the operator needs of the answer.
 async fn send(
     client: reqwest::Client,
-    record: Arc<Mutex<Recorded>>,
     request: oauth2::HttpRequest,
-) -> Result<oauth2::HttpResponse, TransportError> {
+) -> Result<(oauth2::HttpResponse, Recorded), TransportError> {
     let request = reqwest::Request::try_from(request).map_err(|e| TransportError(describe(&e)))?;
     let response = client.execute(request).await.map_err(|e| TransportError(describe(&e)))?;
     let status = response.status();
@@ -142,36 +279,75 @@ async fn send(
         .headers()
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<i64>().ok())
-        .map(Duration::seconds);
-    if let Ok(mut r) = record.lock() {
-        *r = Recorded { status: Some(status.as_u16()), retry_after };
-    }
+        .and_then(|v| retry_after(v, Utc::now()));
     let headers = response.headers().clone();
-    let body = response.bytes().await.map_err(|e| TransportError(describe(&e)))?;
+    let body = read_capped(response).await?;
+    let recorded = Recorded {
+        status: Some(status.as_u16()),
+        retry_after,
+        transport: None,
+        token: status.is_success().then(|| parse_token(&body)).flatten(),
+        error: (!status.is_success()).then(|| parse_error(&body)).flatten(),
+    };
     let mut out = http::Response::builder().status(status);
     if let Some(h) = out.headers_mut() {
         *h = headers;
     }
-    out.body(body.to_vec()).map_err(|e| TransportError(e.to_string()))
+    let response = out.body(body).map_err(|_| TransportError("the response could not be read".into()))?;
+    Ok((response, recorded))
 }
 
-/// A reqwest error as a short sentence: the kind and the innermost cause, no body.
-pub fn describe(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else if e.is_body() || e.is_decode() {
-        "bad response body"
-    } else {
-        "request failed"
-    };
-    let mut cause: &dyn std::error::Error = e;
-    while let Some(next) = cause.source() {
-        cause = next;
+/// Reads a body of at most [`MAX_BODY`] bytes; a longer one is an error, and what was read of it
+/// is dropped.
+pub async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, TransportError> {
+    let too_large = || TransportError(format!("the response body is larger than {} KiB", MAX_BODY / 1024));
+    if response.content_length().is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
     }
-    format!("{kind}: {cause}")
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| TransportError(describe(&e)))? {
+        if body.len().saturating_add(chunk.len()) > MAX_BODY {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `Retry-After` as delay-seconds or an HTTP-date, relative to `now`; never negative.
+pub fn retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::try_seconds(i64::try_from(secs).unwrap_or(i64::MAX)).unwrap_or(Duration::MAX),
+        Err(_) => {
+            let at = DateTime::parse_from_rfc2822(value).ok()?.with_timezone(&Utc);
+            crate::policy::time::between(now, at)
+        }
+    };
+    Some(std::cmp::max(wait, Duration::zero()))
+}
+
+/// A reqwest error as a fixed sentence naming its kind, never its inner text (which would tell
+/// a tenant whether a port is open). The full error is logged at debug level.
+pub fn describe(e: &reqwest::Error) -> String {
+    tracing::debug!(error = %e, "HTTP request failed");
+    let mut cause: Option<&dyn std::error::Error> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<Refused>() {
+            return "the endpoint's addresses are refused by the outbound policy (private, loopback, link-local or metadata)"
+                .into();
+        }
+        cause = c.source();
+    }
+    if e.is_timeout() {
+        "the endpoint did not answer in time".into()
+    } else if e.is_connect() {
+        "could not connect to the endpoint (refused, unreachable, or TLS failed)".into()
+    } else if e.is_body() || e.is_decode() {
+        "the response body could not be read".into()
+    } else {
+        "the request to the endpoint failed".into()
+    }
 }
 
 #[cfg(test)]
@@ -179,20 +355,57 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_https_endpoints_away_from_metadata_addresses_are_accepted() {
-        assert!(check_endpoint("https://login.microsoftonline.com/x/oauth2/v2.0/token").is_ok());
-        assert!(check_endpoint("https://127.0.0.1:8443/token").is_ok());
-        assert!(check_endpoint("http://idp.example.com/token").is_err());
-        assert!(check_endpoint("https://169.254.169.254/latest").is_err());
-        assert!(check_endpoint("https://[fe80::1]/token").is_err());
-        assert!(check_endpoint("https://metadata.google.internal/x").is_err());
-        assert!(check_endpoint("not a url").is_err());
+    fn only_https_endpoints_away_from_metadata_and_private_addresses_are_accepted() {
+        let strict = OutboundPolicy::default();
+        assert!(strict.check_endpoint("https://login.microsoftonline.com/x/oauth2/v2.0/token").is_ok());
+        for bad in [
+            "https://127.0.0.1:8443/token",
+            "https://10.0.0.1/token",
+            "https://[::1]/token",
+            "https://[::ffff:127.0.0.1]/token",
+            "https://[::ffff:169.254.169.254]/latest",
+            "https://localhost/token",
+            "https://169.254.169.254/latest",
+            "https://[fe80::1]/token",
+            "https://[fd00:ec2::254]/",
+            "https://metadata.google.internal/x",
+            "https://metadata.google.internal./x",
+            "https://METADATA.google.internal/x",
+            "https://100.100.100.200/",
+            "https://0.0.0.0/",
+            "http://idp.example.com/token",
+            "not a url",
+        ] {
+            assert!(strict.check_endpoint(bad).is_err(), "{bad} was accepted");
+        }
+        let lab = OutboundPolicy { allow_private: true };
+        assert!(lab.check_endpoint("https://127.0.0.1:8443/token").is_ok());
+        assert!(lab.check_endpoint("https://10.1.2.3/token").is_ok());
+        assert!(lab.check_endpoint("https://169.254.169.254/latest").is_err(), "metadata stays refused");
+        assert!(lab.check_endpoint("https://[::ffff:169.254.169.254]/").is_err());
     }
 
     #[test]
-    fn a_ca_bundle_that_is_not_pem_is_refused() {
+    fn a_ca_bundle_that_is_not_pem_is_refused_and_the_cache_is_bounded() {
         let clients = HttpClients::default();
-        assert!(matches!(clients.get(Some("garbage")), Err(ClientError::CaBundle(_))));
+        assert!(matches!(clients.get(Some("garbage")), Err(ClientError::CaBundle)));
         assert!(clients.get(None).is_ok());
+        let pem = rcgen::generate_simple_self_signed(vec!["x".to_owned()]).map(|c| c.cert.pem()).unwrap();
+        for i in 0..(MAX_CLIENTS * 2) {
+            // The same certificate with different trailing text is a different cache key.
+            assert!(clients.get(Some(&format!("{pem}\n# {i}\n"))).is_ok());
+        }
+        assert!(clients.cached() <= MAX_CLIENTS);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates_and_never_goes_negative() {
+        let now = DateTime::parse_from_rfc3339("2026-11-23T12:00:00Z").unwrap().with_timezone(&Utc);
+        assert_eq!(retry_after("120", now), Some(Duration::seconds(120)));
+        assert_eq!(retry_after("Mon, 23 Nov 2026 12:05:00 GMT", now), Some(Duration::minutes(5)));
+        assert_eq!(retry_after("Mon, 23 Nov 2026 11:00:00 GMT", now), Some(Duration::zero()));
+        assert_eq!(retry_after("99999999999999999999", now), None);
+        assert_eq!(retry_after("18446744073709551615", now), Some(Duration::MAX));
+        assert_eq!(retry_after("soon", now), None);
     }
 }

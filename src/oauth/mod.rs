@@ -8,5 +8,6 @@ pub mod grants;
 pub mod http;
 pub mod presets;
 pub mod provider;
+pub mod response;
 
-pub use client::{GrantInput, HttpTokenEndpoint, TokenEndpoint, TokenRequest, TokenSet};
+pub use client::{GrantInput, HttpTokenEndpoint, Rejected, TokenEndpoint, TokenRequest, TokenSet};

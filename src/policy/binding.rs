@@ -7,7 +7,8 @@ use super::Reason;
 use super::classify::Failure;
 use super::condition::condition;
 use super::grant_state::{GrantState, rfc3339};
-use super::schedule;
+use super::time::{between, plus};
+use super::{schedule, validate};
 use crate::api::common::find_condition;
 use crate::api::{
     Condition, ConditionStatus, Grant, MailboxBinding, MailboxBindingStatus, Phase, REAUTHORIZE_REQUESTED_ANNOTATION,
@@ -117,19 +118,32 @@ pub enum Decision {
     },
 }
 
-/// The refresh margin the binding asks for.
+/// The refresh margin the binding asks for (the default when the spec's is invalid; such a
+/// binding is blocked with `InvalidSpec` before it gets this far).
 pub fn refresh_before(binding: &MailboxBinding) -> Duration {
-    binding
-        .spec
-        .refresh_before
-        .and_then(|d| Duration::from_std(d.into()).ok())
-        .unwrap_or(schedule::DEFAULT_REFRESH_BEFORE)
+    validate::refresh_before(&binding.spec).unwrap_or(schedule::DEFAULT_REFRESH_BEFORE)
+}
+
+/// The binding's jitter seed (a hash of its uid).
+pub fn seed(binding: &MailboxBinding) -> u64 {
+    schedule::seed(binding.metadata.uid.as_deref().unwrap_or_default())
+}
+
+/// The longest `Retry-After` honoured; a longer one is shortened to this (a token endpoint must
+/// not be able to stop renewals for longer than a token lives).
+pub const MAX_RETRY_AFTER: Duration = Duration::hours(1);
+
+/// Whether two scope lists name the same set of scopes.
+pub fn same_scopes(a: &[String], b: &[String]) -> bool {
+    fn set(v: &[String]) -> std::collections::BTreeSet<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    set(a) == set(b)
 }
 
 /// When the binding's stored token is renewed.
 pub fn renew_at(binding: &MailboxBinding, grant: &GrantState) -> DateTime<Utc> {
-    let seed = schedule::seed(binding.metadata.uid.as_deref().unwrap_or_default());
-    schedule::renew_at(grant.issued_at, grant.expires_at, refresh_before(binding), seed)
+    schedule::renew_at(grant.issued_at, grant.expires_at, refresh_before(binding), seed(binding))
 }
 
 fn annotation<'a>(binding: &'a MailboxBinding, key: &str) -> Option<&'a str> {
@@ -191,11 +205,16 @@ pub fn is_permanent(reason: &str) -> bool {
     .any(|r| r.as_str() == reason)
 }
 
-/// When a transient failure's backoff ends, if one is under way.
+/// When a transient failure's backoff ends, if one is under way: the time recorded in status
+/// (so a restart honours it), else one computed from the last failure.
 fn backoff_until(binding: &MailboxBinding) -> Option<DateTime<Utc>> {
     let status = binding.status.as_ref()?;
-    let last = status.last_failure_time?;
-    (status.failed_attempts > 0).then(|| last + schedule::backoff(status.failed_attempts))
+    if status.failed_attempts == 0 {
+        return None;
+    }
+    status.next_attempt_time.or_else(|| {
+        status.last_failure_time.map(|last| plus(last, schedule::backoff(status.failed_attempts, seed(binding))))
+    })
 }
 
 /// What to do now.
@@ -203,6 +222,9 @@ pub fn decide(inputs: Inputs<'_>) -> Decision {
     let Inputs { now, binding, provider, grant, secret_conflict } = inputs;
     if binding.spec.suspend {
         return Decision::Suspended;
+    }
+    if let Err(why) = validate::spec(&binding.spec) {
+        return Decision::Blocked { reason: Reason::InvalidSpec, message: Reason::InvalidSpec.message(why) };
     }
     let source_kind = match &binding.spec.grant {
         Grant::RefreshToken { secret_ref } => Some(secret_ref),
@@ -235,7 +257,7 @@ pub fn decide(inputs: Inputs<'_>) -> Decision {
     let why = match usable {
         None => Some(Why::Initial),
         Some(_) if refresh_requested(binding).is_some() => Some(Why::Requested),
-        Some(g) if &g.requested_scopes != scopes => Some(Why::ScopesChanged),
+        Some(g) if !same_scopes(&g.requested_scopes, scopes) => Some(Why::ScopesChanged),
         Some(g) if now >= renew_at(binding, g) => Some(Why::Due),
         Some(_) => None,
     };
@@ -305,6 +327,7 @@ pub fn next_status(
         last_refresh_time: previous.last_refresh_time,
         failed_attempts: previous.failed_attempts,
         last_failure_time: previous.last_failure_time,
+        next_attempt_time: previous.next_attempt_time,
         secret_name: Some(binding.spec.secret_name.clone()),
         last_refresh_request: previous.last_refresh_request.clone(),
         last_reauthorize_request: previous.last_reauthorize_request.clone(),
@@ -366,6 +389,7 @@ pub fn next_status(
                 status.last_refresh_time = Some(now);
                 status.failed_attempts = 0;
                 status.last_failure_time = None;
+                status.next_attempt_time = None;
                 status.conditions.push(ready(valid));
                 status.conditions.push(cond(
                     conditions::AUTHORIZED,
@@ -389,6 +413,11 @@ pub fn next_status(
         Outcome::Failed(failure) => {
             status.failed_attempts = previous.failed_attempts.saturating_add(1);
             status.last_failure_time = Some(now);
+            status.next_attempt_time = failure.transient.then(|| {
+                let backoff = schedule::backoff(status.failed_attempts, seed(binding));
+                let asked = failure.retry_after.unwrap_or_else(Duration::zero).clamp(Duration::zero(), MAX_RETRY_AFTER);
+                plus(now, std::cmp::max(backoff, asked))
+            });
             let message = failure_message(failure, valid);
             status.conditions.push(match valid {
                 Some(_) => ready(valid),
@@ -453,16 +482,13 @@ pub fn requeue_after(
     let next = match decision {
         Decision::Suspended | Decision::Blocked { .. } => {
             // Provider or conflict problems may clear without an event we watch for.
-            Some(now + Duration::minutes(5))
+            Some(plus(now, Duration::minutes(5)))
         }
         Decision::Keep { renew_at } => Some(*renew_at),
         Decision::Wait { until } => *until,
         Decision::Obtain { .. } => match failure {
             None => status.token.as_ref().map(|t| t.renew_at),
-            Some(f) if f.transient => {
-                let backoff = schedule::backoff(status.failed_attempts);
-                Some(now + std::cmp::max(backoff, f.retry_after.unwrap_or_else(Duration::zero)))
-            }
+            Some(f) if f.transient => status.next_attempt_time,
             Some(_) => None,
         },
     };
@@ -471,7 +497,7 @@ pub fn requeue_after(
         (Some(n), Some(e)) => Some(std::cmp::min(n, e)),
         (n, e) => n.or(e),
     }?;
-    Some(std::cmp::max(next - now, Duration::seconds(1)))
+    Some(std::cmp::max(between(now, next), Duration::seconds(1)))
 }
 
 #[cfg(test)]
@@ -520,6 +546,7 @@ mod tests {
             provider: "MailProvider/idp".into(),
             client_id: "client".into(),
             imported_from: Some("seed/refresh_token".into()),
+            mailbox: Some("a@example.com".into()),
         }
     }
 
@@ -643,14 +670,55 @@ mod tests {
         assert_eq!(status.failed_attempts, 1);
         let failing = find_condition(&status.conditions, conditions::REFRESH_FAILING).cloned();
         assert_eq!(failing.map(|c| c.reason), Some("TokenEndpointUnavailable".to_owned()));
+        // The first backoff is between 15 and 30 s (jittered), recorded in status.
+        let next = status.next_attempt_time.unwrap_or_else(|| panic!("nextAttemptTime"));
+        assert!(next >= t(2515) && next <= t(2530), "{next}");
         b.status = Some(status.clone());
-        assert_eq!(decide_at(t(2510), &b, Some(&g)), Decision::Wait { until: Some(t(2530)) });
+        assert_eq!(decide_at(t(2510), &b, Some(&g)), Decision::Wait { until: Some(next) });
         assert_eq!(
-            decide_at(t(2530), &b, Some(&g)),
+            decide_at(next, &b, Some(&g)),
             Decision::Obtain { source: Source::StoredRefreshToken, why: Why::Retry }
         );
         let decision = Decision::Obtain { source: Source::StoredRefreshToken, why: Why::Due };
-        assert_eq!(requeue_after(t(2500), &decision, &status, Some(&failure)), Some(Duration::seconds(30)));
+        assert_eq!(requeue_after(t(2500), &decision, &status, Some(&failure)), Some(next - t(2500)));
+    }
+
+    #[test]
+    fn retry_after_is_kept_in_status_honoured_after_a_restart_and_bounded() {
+        let mut b = import();
+        let g = grant(0, 3600);
+        let mut failure = classify(&UpstreamError { status: Some(429), ..Default::default() });
+        failure.retry_after = Some(Duration::minutes(20));
+        let status = next_status(t(2500), &b, Some(&g), &Outcome::Failed(failure.clone()));
+        assert_eq!(status.next_attempt_time, Some(t(2500 + 1200)));
+        // A restart only has the status: the wait still holds.
+        b.status = Some(status);
+        assert_eq!(decide_at(t(2600), &b, Some(&g)), Decision::Wait { until: Some(t(3700)) });
+        failure.retry_after = Some(Duration::days(365_000));
+        let absurd = next_status(t(2500), &b, Some(&g), &Outcome::Failed(failure));
+        assert_eq!(absurd.next_attempt_time, Some(t(2500) + MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn scopes_are_compared_as_sets() {
+        let mut g = grant(0, 3600);
+        g.requested_scopes = vec!["b".into(), "mail".into(), "b".into()];
+        let p = ProviderState::Usable {
+            key: "MailProvider/idp".into(),
+            client_id: "client".into(),
+            scopes: vec!["mail".into(), "b".into()],
+        };
+        let d = decide(Inputs { now: t(10), binding: &import(), provider: &p, grant: Some(&g), secret_conflict: None });
+        assert!(matches!(d, Decision::Keep { .. }), "{d:?}");
+    }
+
+    #[test]
+    fn an_invalid_spec_is_blocked_before_any_request_with_the_field_named() {
+        let mut b = import();
+        b.spec.refresh_before = Some("99999999999999999999h".into());
+        let Decision::Blocked { reason, message } = decide_at(t(0), &b, None) else { panic!("expected Blocked") };
+        assert_eq!(reason, Reason::InvalidSpec);
+        assert!(message.contains("spec.refreshBefore") && message.contains("fix:"), "{message}");
     }
 
     #[test]

@@ -5,7 +5,8 @@ use chrono::Duration;
 
 use super::Reason;
 
-/// What the operator keeps of a failed token request: never the body, never a token.
+/// What the operator keeps of a failed token request: never the body, never a token. `error` and
+/// `description` are provider text already passed through [`super::scrub::provider_text`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UpstreamError {
     /// HTTP status, when a response arrived.
@@ -16,7 +17,8 @@ pub struct UpstreamError {
     pub description: Option<String>,
     /// `Retry-After`, when the server sent one.
     pub retry_after: Option<Duration>,
-    /// A transport failure (connect, TLS, timeout), described without secrets.
+    /// A transport failure (connect, TLS, timeout, refused address), as a short fixed sentence:
+    /// never the underlying error text, which would make status a port scanner's report.
     pub transport: Option<String>,
 }
 
@@ -33,19 +35,16 @@ pub struct Failure {
     pub retry_after: Option<Duration>,
 }
 
-/// Longest upstream description kept.
-const MAX_DESCRIPTION: usize = 200;
-
-/// Reduces an `error_description` to its first line, at most 200 characters.
-pub fn reduce_description(description: &str) -> String {
-    let first = description.lines().next().unwrap_or_default().trim();
-    first.chars().take(MAX_DESCRIPTION).collect()
+/// Reduces an `error_description` to its first line, printable, at most 200 characters, without
+/// any of `secrets`.
+pub fn reduce_description(description: &str, secrets: &[&str]) -> String {
+    super::scrub::provider_text(description, secrets)
 }
 
 /// The AADSTS number in a Microsoft `error_description` (`AADSTS70008: ...`).
 pub fn aadsts_code(description: &str) -> Option<u32> {
-    let start = description.find("AADSTS")? + "AADSTS".len();
-    let digits: String = description[start..].chars().take_while(char::is_ascii_digit).collect();
+    let (_, after) = description.split_once("AADSTS")?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).take(9).collect();
     digits.parse().ok()
 }
 
@@ -72,14 +71,18 @@ fn reason_of(err: &UpstreamError) -> (Reason, bool) {
     match err.error.as_deref() {
         Some("invalid_grant" | "interaction_required" | "login_required") => (Reason::ReauthorizationRequired, false),
         Some("invalid_scope" | "consent_required") => (Reason::ConsentRequired, false),
-        Some("invalid_client" | "unauthorized_client") => (Reason::ClientCredentialsInvalid, false),
+        Some("invalid_client") => (Reason::ClientCredentialsInvalid, false),
+        Some("invalid_request" | "unsupported_grant_type" | "unauthorized_client") => (Reason::RequestRejected, false),
         Some("slow_down") => (Reason::Throttled, true),
         Some("temporarily_unavailable" | "server_error") => (Reason::TokenEndpointUnavailable, true),
         _ => match err.status {
+            // RFC 6749 §5.2: a failed client authentication may answer 401 with no body at all.
+            Some(401) => (Reason::ClientCredentialsInvalid, false),
             Some(429) => (Reason::Throttled, true),
             Some(s) if s >= 500 => (Reason::TokenEndpointUnavailable, true),
             None => (Reason::TokenEndpointUnavailable, true),
-            // An unknown 4xx: retried slowly, as a change elsewhere may fix it.
+            // Anything else (an unknown 4xx, a 2xx that is no token response, a redirect):
+            // retried with backoff, as a change elsewhere may fix it.
             Some(_) => (Reason::TokenRequestFailed, true),
         },
     }
@@ -97,7 +100,7 @@ fn describe(err: &UpstreamError) -> String {
         out.push_str(&format!(" {e}"));
     }
     if let Some(d) = err.description.as_deref().filter(|d| !d.is_empty()) {
-        out.push_str(&format!(": {}", reduce_description(d)));
+        out.push_str(&format!(": {}", reduce_description(d, &[])));
     }
     out
 }
@@ -170,8 +173,47 @@ mod tests {
     #[test]
     fn descriptions_are_reduced_to_their_first_line_and_shortened() {
         let long = format!("AADSTS70008: expired.\r\nTrace ID: abc\r\nCorrelation ID: def {}", "x".repeat(500));
-        assert_eq!(reduce_description(&long), "AADSTS70008: expired.");
-        assert_eq!(reduce_description(&"y".repeat(500)).len(), MAX_DESCRIPTION);
+        assert_eq!(reduce_description(&long, &[]), "AADSTS70008: expired.");
+        assert_eq!(reduce_description(&"y".repeat(500), &[]).len(), crate::policy::scrub::MAX_TEXT);
+    }
+
+    #[test]
+    fn malformed_and_unsupported_requests_are_permanent_and_a_bare_401_means_bad_credentials() {
+        for code in ["invalid_request", "unsupported_grant_type", "unauthorized_client"] {
+            let f = classify(&oauth(400, code, ""));
+            assert_eq!((f.reason, f.transient), (Reason::RequestRejected, false), "{code}");
+        }
+        let bare = classify(&UpstreamError { status: Some(401), ..Default::default() });
+        assert_eq!((bare.reason, bare.transient), (Reason::ClientCredentialsInvalid, false));
+        let odd = classify(&UpstreamError {
+            status: Some(200),
+            description: Some("not a token response".into()),
+            ..Default::default()
+        });
+        assert_eq!((odd.reason, odd.transient), (Reason::TokenRequestFailed, true));
+    }
+
+    #[test]
+    fn huge_aadsts_numbers_do_not_overflow() {
+        assert_eq!(aadsts_code("AADSTS99999999999999999999"), Some(999_999_999));
+        assert_eq!(aadsts_code("AADSTS"), None);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::policy::fuzz_cases()))]
+        #[test]
+        fn any_error_classifies_without_panicking(
+            status in proptest::option::of(0_u16..1000), error in proptest::option::of("\\PC{0,40}"),
+            description in proptest::option::of("\\PC{0,400}"), retry in proptest::option::of(proptest::num::i64::ANY)
+        ) {
+            let err = UpstreamError {
+                status, error, description,
+                retry_after: retry.and_then(Duration::try_seconds),
+                transport: None,
+            };
+            let f = classify(&err);
+            proptest::prop_assert!(f.message.len() < 2_000);
+        }
     }
 
     #[test]

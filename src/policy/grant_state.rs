@@ -29,6 +29,8 @@ pub mod keys {
     pub const CLIENT_ID: &str = "client_id";
     /// `secret/key` the refresh token was imported from.
     pub const IMPORTED_FROM: &str = "imported_from";
+    /// The mailbox the grant is for (so a recreated binding can adopt its own grant).
+    pub const MAILBOX: &str = "mailbox";
 }
 
 /// What the operator holds for one binding.
@@ -54,6 +56,8 @@ pub struct GrantState {
     pub client_id: String,
     /// `secret/key` of the imported refresh token, for the refreshToken grant.
     pub imported_from: Option<String>,
+    /// The mailbox (absent in states written by older versions).
+    pub mailbox: Option<String>,
 }
 
 impl PartialEq for GrantState {
@@ -69,6 +73,7 @@ impl PartialEq for GrantState {
             && self.provider == other.provider
             && self.client_id == other.client_id
             && self.imported_from == other.imported_from
+            && self.mailbox == other.mailbox
     }
 }
 
@@ -93,17 +98,22 @@ impl GrantState {
         if let Some(from) = &self.imported_from {
             put(keys::IMPORTED_FROM, from.clone());
         }
+        if let Some(mailbox) = &self.mailbox {
+            put(keys::MAILBOX, mailbox.clone());
+        }
         data
     }
 
-    /// Reads a state back; `None` when a required key is missing or does not parse.
+    /// Reads a state back; `None` when a required key is missing or does not parse. A state
+    /// without an access token is read (it holds a refresh token rescued from a response that
+    /// had no usable access token) and is simply expired.
     pub fn decode(data: &BTreeMap<String, Vec<u8>>) -> Option<Self> {
         let text = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.clone()).ok());
         let time = |k: &str| text(k).and_then(|t| DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&Utc));
         let words = |k: &str| text(k).map(|s| s.split_whitespace().map(str::to_owned).collect()).unwrap_or_default();
         Some(Self {
             refresh_token: text(keys::REFRESH_TOKEN).filter(|t| !t.is_empty()).map(SecretString::from),
-            access_token: SecretString::from(text(keys::ACCESS_TOKEN).filter(|t| !t.is_empty())?),
+            access_token: SecretString::from(text(keys::ACCESS_TOKEN).unwrap_or_default()),
             token_type: text(keys::TOKEN_TYPE).unwrap_or_else(|| "Bearer".to_owned()),
             issued_at: time(keys::ISSUED_AT)?,
             expires_at: time(keys::EXPIRES_AT)?,
@@ -112,7 +122,9 @@ impl GrantState {
             provider: text(keys::PROVIDER)?,
             client_id: text(keys::CLIENT_ID)?,
             imported_from: text(keys::IMPORTED_FROM),
+            mailbox: text(keys::MAILBOX),
         })
+        .filter(|s| s.refresh_token.is_some() || !s.access_token.expose_secret().is_empty())
     }
 }
 
@@ -138,13 +150,14 @@ mod tests {
             provider: "MailProvider/p".into(),
             client_id: "client".into(),
             imported_from: Some("import/refresh_token".into()),
+            mailbox: Some("a@example.com".into()),
         };
         let data = state.encode().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
         assert_eq!(GrantState::decode(&data), Some(state));
     }
 
     #[test]
-    fn a_state_without_an_access_token_is_not_read() {
+    fn a_state_without_any_token_is_not_read() {
         let mut data = BTreeMap::new();
         data.insert(keys::REFRESH_TOKEN.to_owned(), b"rt".to_vec());
         assert_eq!(GrantState::decode(&data), None);
@@ -163,6 +176,7 @@ mod tests {
             provider: "MailProvider/p".into(),
             client_id: "c".into(),
             imported_from: None,
+            mailbox: None,
         };
         let shown = format!("{state:?}");
         assert!(!shown.contains("very-secret"), "{shown}");

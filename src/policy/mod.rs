@@ -4,11 +4,21 @@
 pub mod binding;
 pub mod classify;
 pub mod condition;
+pub mod duration;
 pub mod grant_state;
 pub mod ownership;
 pub mod provider;
 pub mod publish;
 pub mod reason;
 pub mod schedule;
+pub mod scrub;
+pub mod time;
+pub mod validate;
 
 pub use reason::Reason;
+
+/// Cases per property in the property (fuzz) tests: `FUZZ_CASES`, default 2,000.
+#[cfg(test)]
+pub(crate) fn fuzz_cases() -> u32 {
+    std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
+}

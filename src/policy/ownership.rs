@@ -20,6 +20,12 @@ pub fn controller_of(meta: &ObjectMeta) -> Option<&OwnerReference> {
     meta.owner_references.as_deref()?.iter().find(|o| o.controller == Some(true))
 }
 
+/// Whether the Secret with `meta` is controlled by an earlier `MailboxBinding` of the same name
+/// (deleted and recreated, or restored from a backup): a Secret the binding may adopt.
+pub fn from_predecessor(uid: &str, binding: &str, meta: &ObjectMeta) -> bool {
+    controller_of(meta).is_some_and(|o| o.kind == "MailboxBinding" && o.name == binding && o.uid != uid)
+}
+
 /// Why the binding `uid` may not write the existing Secret with `meta`, if it may not.
 pub fn existing_conflict(uid: &str, meta: &ObjectMeta) -> Option<String> {
     let name = meta.name.as_deref().unwrap_or_default();
@@ -65,6 +71,16 @@ mod tests {
             }]),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_secret_of_an_earlier_binding_of_the_same_name_is_recognised() {
+        let mut meta = owned_by("old-uid", "MailboxBinding");
+        assert!(from_predecessor("new-uid", "other", &meta));
+        assert!(!from_predecessor("old-uid", "other", &meta), "that is this binding itself");
+        assert!(!from_predecessor("new-uid", "someone-else", &meta));
+        meta.owner_references.iter_mut().flatten().for_each(|o| o.kind = "ExternalSecret".into());
+        assert!(!from_predecessor("new-uid", "other", &meta));
     }
 
     #[test]

@@ -8,6 +8,8 @@ use chrono::{DateTime, Duration, Utc};
 use super::Reason;
 use super::condition::condition;
 use super::grant_state::rfc3339;
+use super::time::{between, minus};
+use crate::api::provider::{LabelSelector, SelectorOperator};
 use crate::api::{AllowedNamespaces, ClientSecretRef, ConditionStatus, Endpoints, MailProviderStatus};
 
 /// Condition types of a provider.
@@ -21,14 +23,30 @@ pub mod conditions {
 /// Warning thresholds before a client secret expires.
 pub const EXPIRY_WARNINGS_DAYS: [i64; 3] = [60, 30, 7];
 
-/// The earliest expiry among the client secrets.
+/// A client secret's `expiresAt`, read.
+pub fn parse_expiry(r: &ClientSecretRef) -> Result<Option<DateTime<Utc>>, String> {
+    r.expires_at
+        .as_deref()
+        .map(|t| {
+            DateTime::parse_from_rfc3339(t).map(|t| t.with_timezone(&Utc)).map_err(|_| {
+                let shown: String = t.chars().take(64).collect();
+                format!(
+                    "clientAuthentication.clientSecretRefs[{}].expiresAt: {shown:?} is not an RFC 3339 time such as 2027-05-01T00:00:00Z",
+                    r.name
+                )
+            })
+        })
+        .transpose()
+}
+
+/// The earliest expiry among the client secrets (unreadable ones are reported by [`status`]).
 pub fn earliest_expiry(refs: &[ClientSecretRef]) -> Option<DateTime<Utc>> {
-    refs.iter().filter_map(|r| r.expires_at).min()
+    refs.iter().filter_map(|r| parse_expiry(r).ok().flatten()).min()
 }
 
 /// The tightest warning threshold (in days) that `expires_at` falls within, if any.
 pub fn expiry_threshold(now: DateTime<Utc>, expires_at: DateTime<Utc>) -> Option<i64> {
-    let left = expires_at - now;
+    let left = between(now, expires_at);
     EXPIRY_WARNINGS_DAYS.iter().rev().copied().find(|d| left <= Duration::days(*d))
 }
 
@@ -51,7 +69,8 @@ pub fn status(
 ) -> MailProviderStatus {
     let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
     let expires = earliest_expiry(secret_refs);
-    let ready = match (&observed.endpoints, &observed.secret_problem) {
+    let unreadable = secret_refs.iter().find_map(|r| parse_expiry(r).err()).map(|why| (Reason::InvalidSpec, why));
+    let ready = match (&observed.endpoints, unreadable.as_ref().or(observed.secret_problem.as_ref())) {
         (Err(why), _) => condition(
             prev,
             conditions::READY,
@@ -119,15 +138,16 @@ pub fn status(
 pub fn requeue_after(now: DateTime<Utc>, ready: bool, secret_refs: &[ClientSecretRef]) -> Duration {
     let base = if ready { Duration::minutes(10) } else { Duration::minutes(1) };
     let next_warning = earliest_expiry(secret_refs).and_then(|e| {
-        EXPIRY_WARNINGS_DAYS.iter().map(|d| e - Duration::days(*d)).chain([e]).filter(|t| *t > now).min()
+        EXPIRY_WARNINGS_DAYS.iter().map(|d| minus(e, Duration::days(*d))).chain([e]).filter(|t| *t > now).min()
     });
     match next_warning {
-        Some(t) => std::cmp::max(std::cmp::min(base, t - now), Duration::seconds(1)),
+        Some(t) => std::cmp::max(std::cmp::min(base, between(now, t)), Duration::seconds(1)),
         None => base,
     }
 }
 
-/// Whether a namespace with these labels may bind to a cluster provider.
+/// Whether a namespace with these labels may bind to a cluster provider. Missing or `{}` allows
+/// every namespace; a selector without any requirement matches none (see [`AllowedNamespaces`]).
 pub fn namespace_allowed(
     allowed: Option<&AllowedNamespaces>,
     namespace: &str,
@@ -137,21 +157,140 @@ pub fn namespace_allowed(
     if allowed.names.is_empty() && allowed.selector.is_none() {
         return true;
     }
-    allowed.names.iter().any(|n| n == namespace)
-        || allowed.selector.as_ref().is_some_and(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    allowed.names.iter().any(|n| n == namespace) || allowed.selector.as_ref().is_some_and(|s| selects(s, labels))
+}
+
+/// Whether a label selector selects these labels. A selector without requirements selects nothing.
+pub fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    if selector.match_labels.is_empty() && selector.match_expressions.is_empty() {
+        return false;
+    }
+    selector.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        && selector.match_expressions.iter().all(|r| {
+            let value = labels.get(&r.key);
+            match r.operator {
+                SelectorOperator::In => value.is_some_and(|v| r.values.contains(v)),
+                SelectorOperator::NotIn => value.is_none_or(|v| !r.values.contains(v)),
+                SelectorOperator::Exists => value.is_some(),
+                SelectorOperator::DoesNotExist => value.is_none(),
+            }
+        })
+}
+
+/// Whether `mailbox` matches one of `allowed` (domains or `*`/`?` globs, case-insensitive);
+/// an empty list allows every mailbox.
+pub fn mailbox_allowed(allowed: &[String], mailbox: &str) -> bool {
+    let mailbox = mailbox.to_ascii_lowercase();
+    allowed.is_empty()
+        || allowed.iter().any(|pattern| {
+            let pattern = pattern.to_ascii_lowercase();
+            if pattern.contains('@') || pattern.contains('*') || pattern.contains('?') {
+                glob(&pattern, &mailbox)
+            } else {
+                mailbox.rsplit_once('@').is_some_and(|(_, domain)| domain == pattern)
+            }
+        })
+}
+
+/// The scopes among `requested` that `allowed` does not list (none when `allowed` is empty).
+pub fn scopes_not_allowed<'a>(allowed: &[String], requested: &'a [String]) -> Vec<&'a str> {
+    if allowed.is_empty() {
+        return Vec::new();
+    }
+    requested.iter().filter(|s| !allowed.contains(s)).map(String::as_str).collect()
+}
+
+/// `*` (any run) and `?` (one character) matching, in time linear in the pattern times the text
+/// (the classic two-pointer algorithm with one backtrack point: no exponential blow-up).
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0_usize, 0_usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ti));
+                pi = pi.saturating_add(1);
+            }
+            Some(c) if *c == '?' || t.get(ti) == Some(c) => {
+                pi = pi.saturating_add(1);
+                ti = ti.saturating_add(1);
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    pi = sp.saturating_add(1);
+                    ti = st.saturating_add(1);
+                    star = Some((sp, ti));
+                }
+                None => return false,
+            },
+        }
+    }
+    p.iter().skip(pi).all(|c| *c == '*')
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::provider::LabelSelector;
 
     fn at(days: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default() + Duration::days(days)
     }
 
     fn secret(expires: Option<DateTime<Utc>>) -> ClientSecretRef {
-        ClientSecretRef { name: "s".into(), key: "client-secret".into(), expires_at: expires }
+        ClientSecretRef { name: "s".into(), key: "client-secret".into(), expires_at: expires.map(rfc3339) }
+    }
+
+    #[test]
+    fn an_unreadable_secret_expiry_makes_the_provider_not_ready_naming_the_field() {
+        let observed = Observed { endpoints: Ok(Endpoints::default()), secret_problem: None };
+        let bad = ClientSecretRef { name: "s".into(), key: "k".into(), expires_at: Some("2027-01-01T00:00:00".into()) };
+        let s = status(at(0), Some(1), None, &[bad], &observed);
+        assert_eq!((s.conditions[0].status, s.conditions[0].reason.as_str()), (ConditionStatus::False, "InvalidSpec"));
+        assert!(s.conditions[0].message.contains("clientSecretRefs[s].expiresAt"), "{}", s.conditions[0].message);
+    }
+
+    #[test]
+    fn selectors_support_expressions_and_an_empty_selector_selects_nothing() {
+        use crate::api::provider::LabelSelectorRequirement;
+        let labels = BTreeMap::from([("team".to_owned(), "mail".to_owned())]);
+        let req = |key: &str, operator, values: &[&str]| LabelSelectorRequirement {
+            key: key.into(),
+            operator,
+            values: values.iter().map(|v| (*v).to_owned()).collect(),
+        };
+        let sel = |e| LabelSelector { match_labels: BTreeMap::new(), match_expressions: vec![e] };
+        assert!(selects(&sel(req("team", SelectorOperator::In, &["mail", "ops"])), &labels));
+        assert!(!selects(&sel(req("team", SelectorOperator::NotIn, &["mail"])), &labels));
+        assert!(selects(&sel(req("env", SelectorOperator::NotIn, &["prod"])), &labels));
+        assert!(selects(&sel(req("team", SelectorOperator::Exists, &[])), &labels));
+        assert!(!selects(&sel(req("team", SelectorOperator::DoesNotExist, &[])), &labels));
+        assert!(!selects(&LabelSelector::default(), &labels), "an empty selector never widens access");
+        let empty_selector = AllowedNamespaces { names: vec![], selector: Some(LabelSelector::default()) };
+        assert!(!namespace_allowed(Some(&empty_selector), "dev", &labels));
+        assert!(namespace_allowed(Some(&AllowedNamespaces::default()), "dev", &labels), "{{}} allows all");
+    }
+
+    #[test]
+    fn mailboxes_match_domains_and_globs_case_insensitively() {
+        let allowed = vec!["contoso.com".to_owned(), "scan-*@fabrikam.com".to_owned()];
+        assert!(mailbox_allowed(&allowed, "Helpdesk@Contoso.com"));
+        assert!(!mailbox_allowed(&allowed, "helpdesk@evil-contoso.com"));
+        assert!(!mailbox_allowed(&allowed, "a@sub.contoso.com"));
+        assert!(mailbox_allowed(&allowed, "scan-3@fabrikam.com"));
+        assert!(!mailbox_allowed(&allowed, "ceo@fabrikam.com"));
+        assert!(mailbox_allowed(&[], "anyone@anywhere.org"));
+        assert!(glob("*@*.contoso.com", "a@mail.contoso.com"));
+        assert!(!glob("a*a*a*a*a*a*a*b", &"a".repeat(200)), "no exponential backtracking");
+    }
+
+    #[test]
+    fn only_listed_scopes_may_be_requested() {
+        let allowed = vec!["mail".to_owned()];
+        assert!(scopes_not_allowed(&allowed, &["mail".to_owned()]).is_empty());
+        assert_eq!(scopes_not_allowed(&allowed, &["mail".to_owned(), "admin".to_owned()]), vec!["admin"]);
+        assert!(scopes_not_allowed(&[], &["anything".to_owned()]).is_empty());
     }
 
     #[test]
@@ -213,8 +352,10 @@ mod tests {
         let by_name = AllowedNamespaces { names: vec!["ops".into()], selector: None };
         assert!(namespace_allowed(Some(&by_name), "ops", &BTreeMap::new()));
         assert!(!namespace_allowed(Some(&by_name), "dev", &labels));
-        let by_label =
-            AllowedNamespaces { names: vec![], selector: Some(LabelSelector { match_labels: labels.clone() }) };
+        let by_label = AllowedNamespaces {
+            names: vec![],
+            selector: Some(LabelSelector { match_labels: labels.clone(), match_expressions: vec![] }),
+        };
         assert!(namespace_allowed(Some(&by_label), "dev", &labels));
         assert!(!namespace_allowed(Some(&by_label), "dev", &BTreeMap::new()));
     }

@@ -18,6 +18,12 @@ pub fn xoauth2(mailbox: &str, access_token: &str) -> String {
     STANDARD.encode(format!("user={mailbox}\x01auth=Bearer {access_token}\x01\x01"))
 }
 
+/// Largest total text of `secretTemplate.data`.
+pub const TEMPLATE_MAX_BYTES: usize = 64 * 1024;
+
+/// Largest rendered published Secret data (Kubernetes allows 1 MiB per Secret).
+pub const PUBLISHED_MAX_BYTES: usize = 512 * 1024;
+
 /// A published key the template could not produce.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TemplateError {
@@ -43,6 +49,9 @@ pub enum TemplateError {
         /// The template key.
         key: String,
     },
+    /// The rendered Secret would be larger than [`PUBLISHED_MAX_BYTES`].
+    #[error("secretTemplate.data renders to more than {} KiB; use fewer or shorter placeholders", PUBLISHED_MAX_BYTES / 1024)]
+    TooLarge,
 }
 
 /// The published Secret's data for a binding.
@@ -69,34 +78,56 @@ pub fn published_data(
     if let Some(template) = template {
         let mut values = data.clone();
         values.insert("mailbox".to_owned(), mailbox.to_owned());
+        let mut budget = PUBLISHED_MAX_BYTES.saturating_sub(data.values().map(String::len).sum());
         for (key, text) in &template.data {
             if values.contains_key(key) {
                 return Err(TemplateError::ReservedKey { key: key.clone() });
             }
-            data.insert(key.clone(), render(key, text, &values)?);
+            let rendered = render(key, text, &values, budget)?;
+            budget = budget.saturating_sub(rendered.len());
+            data.insert(key.clone(), rendered);
         }
     }
     Ok(data)
 }
 
-/// Replaces `{{ name }}` with `values[name]`. Deliberately tiny: no logic, no functions.
-fn render(key: &str, text: &str, values: &BTreeMap<String, String>) -> Result<String, TemplateError> {
-    let mut out = String::with_capacity(text.len());
+/// The names used in `{{ }}` in `text`, in order; `None` for an unclosed `{{`.
+pub fn placeholders(text: &str) -> Option<Vec<&str>> {
+    let mut names = Vec::new();
     let mut rest = text;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or_else(|| TemplateError::Unclosed { key: key.to_owned() })?;
-        let name = after[..end].trim();
+    while let Some((_, after)) = rest.split_once("{{") {
+        let (name, tail) = after.split_once("}}")?;
+        names.push(name.trim());
+        rest = tail;
+    }
+    Some(names)
+}
+
+/// Replaces `{{ name }}` with `values[name]`, producing at most `budget` bytes. Deliberately tiny:
+/// no logic, no functions.
+fn render(key: &str, text: &str, values: &BTreeMap<String, String>, budget: usize) -> Result<String, TemplateError> {
+    let mut out = String::new();
+    let push = |out: &mut String, s: &str| {
+        if out.len().saturating_add(s.len()) > budget {
+            return Err(TemplateError::TooLarge);
+        }
+        out.push_str(s);
+        Ok(())
+    };
+    let mut rest = text;
+    while let Some((before, after)) = rest.split_once("{{") {
+        push(&mut out, before)?;
+        let (name, tail) = after.split_once("}}").ok_or_else(|| TemplateError::Unclosed { key: key.to_owned() })?;
+        let name = name.trim();
         let value = values.get(name).ok_or_else(|| TemplateError::UnknownPlaceholder {
             key: key.to_owned(),
-            name: name.to_owned(),
+            name: name.chars().take(80).collect(),
             known: values.keys().cloned().collect::<Vec<_>>().join(", "),
         })?;
-        out.push_str(value);
-        rest = &after[end + 2..];
+        push(&mut out, value)?;
+        rest = tail;
     }
-    out.push_str(rest);
+    push(&mut out, rest)?;
     Ok(out)
 }
 
@@ -104,6 +135,10 @@ fn render(key: &str, text: &str, values: &BTreeMap<String, String>) -> Result<St
 mod tests {
     use super::*;
     use chrono::DateTime;
+
+    fn bad(k: &str, v: &str) -> SecretTemplate {
+        SecretTemplate { data: BTreeMap::from([(k.to_owned(), v.to_owned())]), ..Default::default() }
+    }
 
     fn grant() -> GrantState {
         GrantState {
@@ -117,6 +152,7 @@ mod tests {
             provider: "MailProvider/p".into(),
             client_id: "c".into(),
             imported_from: None,
+            mailbox: None,
         }
     }
 
@@ -161,10 +197,6 @@ mod tests {
 
     #[test]
     fn templates_cannot_name_unknown_keys_or_overwrite_ours() {
-        let bad = |k: &str, v: &str| SecretTemplate {
-            data: BTreeMap::from([(k.to_owned(), v.to_owned())]),
-            ..Default::default()
-        };
         let servers = BTreeMap::new();
         let unknown = published_data("a@example.com", &grant(), &[], &servers, Some(&bad("x", "{{ refresh_token }}")));
         assert!(matches!(unknown, Err(TemplateError::UnknownPlaceholder { .. })));
@@ -172,5 +204,31 @@ mod tests {
         assert_eq!(reserved, Err(TemplateError::ReservedKey { key: "access_token".into() }));
         let unclosed = published_data("a@example.com", &grant(), &[], &servers, Some(&bad("x", "{{ mailbox")));
         assert_eq!(unclosed, Err(TemplateError::Unclosed { key: "x".into() }));
+    }
+
+    #[test]
+    fn a_template_that_would_blow_up_the_secret_is_refused_without_allocating_it() {
+        let servers = BTreeMap::new();
+        let bomb = bad("x", &"{{xoauth2}}".repeat(100_000));
+        let result = published_data("a@example.com", &grant(), &[], &servers, Some(&bomb));
+        assert_eq!(result, Err(TemplateError::TooLarge));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::policy::fuzz_cases()))]
+        #[test]
+        fn any_template_renders_or_errs_within_the_budget(text in "(\\{\\{|\\}\\}| ?[a-z_]{0,12} ?|\\PC{0,3}){0,40}") {
+            let servers = BTreeMap::new();
+            if let Ok(data) = published_data("a@example.com", &grant(), &[], &servers, Some(&bad("x", &text))) {
+                proptest::prop_assert!(data.values().map(String::len).sum::<usize>() <= PUBLISHED_MAX_BYTES);
+                proptest::prop_assert!(!data["x"].contains("refresh-secret"));
+            }
+        }
+
+        #[test]
+        fn xoauth2_decodes_to_the_exact_sasl_bytes_for_any_input(mailbox in "\\PC{0,64}", token in "\\PC{0,256}") {
+            let raw = STANDARD.decode(xoauth2(&mailbox, &token)).unwrap();
+            proptest::prop_assert_eq!(raw, format!("user={mailbox}\x01auth=Bearer {token}\x01\x01").into_bytes());
+        }
     }
 }

@@ -60,8 +60,14 @@ pub enum Reason {
     ClientSecretExpiring,
     /// No known client secret expires soon.
     ClientSecretValid,
-    /// The token endpoint answered with an error the operator does not know.
+    /// The token endpoint answered with an error the operator does not know, or with something
+    /// that is no token response.
     TokenRequestFailed,
+    /// The token endpoint refused the request itself (`invalid_request`,
+    /// `unsupported_grant_type`, `unauthorized_client`): retrying cannot help.
+    RequestRejected,
+    /// The provider has not been reconciled yet; the binding proceeds as soon as it is.
+    ProviderPending,
 }
 
 impl Reason {
@@ -96,6 +102,8 @@ impl Reason {
             Reason::ClientSecretExpiring => "ClientSecretExpiring",
             Reason::ClientSecretValid => "ClientSecretValid",
             Reason::TokenRequestFailed => "TokenRequestFailed",
+            Reason::RequestRejected => "RequestRejected",
+            Reason::ProviderPending => "ProviderPending",
         }
     }
 
@@ -138,7 +146,14 @@ impl Reason {
             Reason::ClientSecretExpiring => {
                 "create a new client secret at the provider and add it first in clientSecretRefs"
             }
-            Reason::TokenRequestFailed => "check the provider registration and the scopes",
+            Reason::TokenRequestFailed => {
+                "check the provider's token endpoint and registration; the operator retries with backoff"
+            }
+            Reason::RequestRejected => {
+                "allow this grant type for the client at the provider, or check the provider's \
+                 endpoints and clientAuthentication.method; then set mailoauth.io/refresh-requested to a new value"
+            }
+            Reason::InvalidSpec => "correct the field named in the message",
             _ => "",
         }
     }

@@ -381,8 +381,9 @@ mailbox_size_limit = 0
         self.ports["operator"] = port
         env = dict(self.env, KUBECONFIG=str(self.service_account_kubeconfig()), RUST_LOG="info",
                    CLUSTER_RESOURCE_NAMESPACE=OPERATOR_NAMESPACE)
+        # The bed's OAuth server is on 127.0.0.1, which the operator refuses unless allowed.
         self.start("operator", [str(self.operator_bin), "run", "--listen-address", f"127.0.0.1:{port}",
-                                "--log-format", "json", *args], env=env)
+                                "--log-format", "json", "--allow-private-endpoints", *args], env=env)
         wait_for("operator /readyz", lambda: self.alive("operator") and urllib.request.urlopen(
             f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200, timeout=60)
 
