@@ -15,7 +15,7 @@ use kube::{Api, Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 use tracing::{debug, info, warn};
 
-use super::secrets::{Role, desired, grant_secret_name, up_to_date};
+use super::secrets::{Role, binding_label, desired, grant_secret_name, up_to_date};
 use super::{Context, Pending};
 use crate::api::common::find_condition;
 use crate::api::{
@@ -97,12 +97,12 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
         _ if flushed => Outcome::Refreshed,
         (Decision::Obtain { source, why }, Some(usable)) => {
             let obtained = obtain(&ctx, &binding, usable, source, grant.as_ref(), now).await?;
-            failpoint("after-token-response");
+            failpoint("after-token-response", &name);
             match obtained {
                 Obtained::Token(state) => {
                     info!(binding = %name, namespace = %ns, why = ?why, expires_at = %state.expires_at, "token obtained");
                     persist_grant(&ctx, &secrets, &binding, state.clone()).await?;
-                    failpoint("after-grant-write");
+                    failpoint("after-grant-write", &name);
                     grant = Some(state);
                     Outcome::Refreshed
                 }
@@ -137,7 +137,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
                     match apply_secret(&secrets, &want).await {
                         Ok(_) => {
                             info!(binding = %name, namespace = %ns, secret = %binding.spec.secret_name, "published Secret written");
-                            failpoint("after-publish");
+                            failpoint("after-publish", &name);
                         }
                         // The apiserver refuses what it will always refuse: say so in status
                         // instead of retrying the same write.
@@ -276,12 +276,13 @@ pub async fn flush_pending(
     lost
 }
 
-/// A test hook: when `MAIL_OAUTH_OPERATOR_FAILPOINT` names this step, the process aborts here, as
-/// a SIGKILL would stop it (no flush, no cleanup). Used by the crash-safety tests.
-pub fn failpoint(step: &str) {
+/// A test hook: when `MAIL_OAUTH_OPERATOR_FAILPOINT` is `<step>/<binding>`, the process aborts at
+/// that step of that binding's reconcile, as a SIGKILL would stop it (no flush, no cleanup). Used
+/// by the crash-safety tests; unset, it does nothing.
+pub fn failpoint(step: &str, binding: &str) {
     static FAILPOINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let armed = FAILPOINT.get_or_init(|| std::env::var("MAIL_OAUTH_OPERATOR_FAILPOINT").ok().filter(|v| !v.is_empty()));
-    if armed.as_deref() == Some(step) {
+    if armed.as_deref().and_then(|a| a.split_once('/')) == Some((step, binding)) {
         tracing::error!(step, "failpoint reached; aborting");
         std::process::abort();
     }
@@ -347,6 +348,7 @@ fn secret_conflict(
 ) -> Option<String> {
     let uid = binding.uid().unwrap_or_default();
     let name = binding.name_any();
+    let label = binding_label(&name);
     let ns = binding.namespace();
     let claim = |b: &MailboxBinding| Claim {
         binding: b.name_any(),
@@ -368,10 +370,10 @@ fn secret_conflict(
         })
     };
     let published_conflict = published
-        .filter(|s| !from_predecessor(&uid, &name, &s.metadata))
+        .filter(|s| !from_predecessor(&uid, &name, &label, &s.metadata))
         .and_then(|s| existing_conflict(&uid, &s.metadata));
     let grant_conflict = grant.and_then(|s| {
-        if from_predecessor(&uid, &name, &s.metadata) {
+        if from_predecessor(&uid, &name, &label, &s.metadata) {
             (!adoptable_grant(s)).then(|| {
                 format!(
                     "grant-state Secret {} belongs to an earlier MailboxBinding {name} for another mailbox or provider; \

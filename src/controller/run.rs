@@ -72,7 +72,7 @@ pub async fn run(
         settings.namespaces.iter().cloned().map(Some).collect()
     };
 
-    let mut syncs: Vec<BoxFuture<'static, ()>> = Vec::new();
+    let mut syncs: Vec<Synced> = Vec::new();
     let mut first_ctx = None;
     for scope in scopes {
         let providers_api: Api<MailProvider> = scoped(&client, scope.as_deref());
@@ -162,12 +162,18 @@ pub async fn run(
     }
     tasks.push(
         async move {
-            tokio::select! {
-                _ = futures::future::join_all(syncs) => {
+            // Readiness is polled, not awaited: waiting on every store's readiness future from a
+            // task of its own was seen to miss the wake-up now and then.
+            loop {
+                if syncs.iter().all(|synced| synced()) {
                     ready.store(true, Ordering::SeqCst);
                     info!("caches synced; ready");
+                    break;
                 }
-                () = shutdown => {}
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                    () = shutdown.clone() => break,
+                }
             }
         }
         .boxed(),
@@ -254,15 +260,15 @@ where
     stream.take_until(shutdown).for_each(|_| std::future::ready(())).boxed()
 }
 
-fn synced<K>(store: reflector::Store<K>) -> BoxFuture<'static, ()>
+/// Whether a store has synced, asked without waiting.
+type Synced = Box<dyn Fn() -> bool + Send + Sync>;
+
+fn synced<K>(store: reflector::Store<K>) -> Synced
 where
     K: kube::Resource + Clone + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    async move {
-        let _ = store.wait_until_ready().await;
-    }
-    .boxed()
+    Box::new(move || store.wait_until_ready().now_or_never().is_some())
 }
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>

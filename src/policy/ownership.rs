@@ -4,6 +4,8 @@
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
+use crate::api::{BINDING_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+
 /// What the ownership check needs to know of another binding in the namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
@@ -20,10 +22,18 @@ pub fn controller_of(meta: &ObjectMeta) -> Option<&OwnerReference> {
     meta.owner_references.as_deref()?.iter().find(|o| o.controller == Some(true))
 }
 
-/// Whether the Secret with `meta` is controlled by an earlier `MailboxBinding` of the same name
-/// (deleted and recreated, or restored from a backup): a Secret the binding may adopt.
-pub fn from_predecessor(uid: &str, binding: &str, meta: &ObjectMeta) -> bool {
-    controller_of(meta).is_some_and(|o| o.kind == "MailboxBinding" && o.name == binding && o.uid != uid)
+/// Whether the Secret with `meta` was written by the operator for an earlier `MailboxBinding` of
+/// the same name (deleted and recreated, deleted with `--cascade=orphan`, or restored from a
+/// backup): controlled by that binding, or controlled by nobody and carrying the operator's
+/// labels for this binding name (`binding_label`). Such a Secret may be adopted.
+pub fn from_predecessor(uid: &str, binding: &str, binding_label: &str, meta: &ObjectMeta) -> bool {
+    match controller_of(meta) {
+        Some(o) => o.kind == "MailboxBinding" && o.name == binding && o.uid != uid,
+        None => meta.labels.as_ref().is_some_and(|l| {
+            l.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE)
+                && l.get(BINDING_LABEL).map(String::as_str) == Some(binding_label)
+        }),
+    }
 }
 
 /// Why the binding `uid` may not write the existing Secret with `meta`, if it may not.
@@ -76,11 +86,25 @@ mod tests {
     #[test]
     fn a_secret_of_an_earlier_binding_of_the_same_name_is_recognised() {
         let mut meta = owned_by("old-uid", "MailboxBinding");
-        assert!(from_predecessor("new-uid", "other", &meta));
-        assert!(!from_predecessor("old-uid", "other", &meta), "that is this binding itself");
-        assert!(!from_predecessor("new-uid", "someone-else", &meta));
+        assert!(from_predecessor("new-uid", "other", "other", &meta));
+        assert!(!from_predecessor("old-uid", "other", "other", &meta), "that is this binding itself");
+        assert!(!from_predecessor("new-uid", "someone-else", "someone-else", &meta));
         meta.owner_references.iter_mut().flatten().for_each(|o| o.kind = "ExternalSecret".into());
-        assert!(!from_predecessor("new-uid", "other", &meta));
+        assert!(!from_predecessor("new-uid", "other", "other", &meta));
+        // Orphaned (owner references removed) but labelled by the operator for this name.
+        let labels = |b: &str| {
+            Some(std::collections::BTreeMap::from([
+                (MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned()),
+                (BINDING_LABEL.to_owned(), b.to_owned()),
+            ]))
+        };
+        let orphan = ObjectMeta { name: Some("s".into()), labels: labels("other"), ..Default::default() };
+        assert!(from_predecessor("new-uid", "other", "other", &orphan));
+        assert!(!from_predecessor("new-uid", "third", "third", &orphan));
+        assert!(
+            !from_predecessor("new-uid", "other", "other", &ObjectMeta::default()),
+            "an unlabelled Secret is not ours"
+        );
     }
 
     #[test]

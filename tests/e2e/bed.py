@@ -376,16 +376,18 @@ mailbox_size_limit = 0
         path.chmod(0o600)
         return path
 
-    def start_operator(self, *args):
+    def start_operator(self, *args, env_extra=None, wait=True):
         port = free_port()
         self.ports["operator"] = port
         env = dict(self.env, KUBECONFIG=str(self.service_account_kubeconfig()), RUST_LOG="info",
                    CLUSTER_RESOURCE_NAMESPACE=OPERATOR_NAMESPACE)
+        env.update(env_extra or {})
         # The bed's OAuth server is on 127.0.0.1, which the operator refuses unless allowed.
         self.start("operator", [str(self.operator_bin), "run", "--listen-address", f"127.0.0.1:{port}",
                                 "--log-format", "json", "--allow-private-endpoints", *args], env=env)
-        wait_for("operator /readyz", lambda: self.alive("operator") and urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200, timeout=60)
+        if wait:
+            wait_for("operator /readyz", lambda: self.alive("operator") and urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200, timeout=60)
 
     def stop_operator(self):
         return self.stop("operator")

@@ -49,6 +49,17 @@ const clients = [
     scope: 'openid offline_access email mail',
   },
   {
+    // Like mail-app, but its refresh tokens are not rotated (Google's behaviour; Microsoft keeps
+    // old ones valid too): a token used twice still works.
+    client_id: 'mail-app-stable',
+    client_secret: 'mail-app-stable-secret',
+    grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
+    response_types: ['code'],
+    redirect_uris: ['https://127.0.0.1/callback'],
+    token_endpoint_auth_method: 'client_secret_post',
+    scope: 'openid offline_access email mail',
+  },
+  {
     // Dovecot's introspection client (HTTP Basic credentials in its introspection_url).
     client_id: 'introspector',
     client_secret: 'introspector-secret',
@@ -128,7 +139,7 @@ provider = new Provider(issuer, {
     introspection: { enabled: true },
     revocation: { enabled: true },
   },
-  rotateRefreshToken: true,
+  rotateRefreshToken: (ctx) => !(ctx.oidc.client && ctx.oidc.client.clientId === 'mail-app-stable'),
   ttl: {
     AccessToken: (ctx, token, client) => (client && client.clientId === 'mail-app-fast' ? fastTtl : accessTtl),
     ClientCredentials: (ctx, token, client) => (client && client.clientId === 'mail-app-fast' ? fastTtl : accessTtl),
