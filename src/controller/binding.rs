@@ -81,6 +81,15 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     let published = get_secret(&secrets, &ns, &binding.spec.secret_name).await?;
     let conflict = secret_conflict(&binding, &provider, grant_secret.as_ref(), published.as_ref(), &ctx);
     let mut grant = grant_secret.as_ref().filter(|_| conflict.is_none()).and_then(decode_grant);
+    // A grant state adopted from an earlier binding of this name is made this binding's own
+    // (owner reference), so that garbage collection keeps it and later writes are ours.
+    let uid = binding.uid().unwrap_or_default();
+    let adopted =
+        grant_secret.as_ref().is_some_and(|s| from_predecessor(&uid, &name, &binding_label(&name), &s.metadata));
+    if let (true, None, Some(state)) = (adopted, conflict.as_ref(), grant.as_ref()) {
+        info!(binding = %name, namespace = %ns, "adopting the grant state of an earlier binding of this name");
+        persist_grant(&ctx, &secrets, &binding, state.clone()).await?;
+    }
 
     let decision = decide(Inputs {
         now,

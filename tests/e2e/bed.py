@@ -390,7 +390,9 @@ mailbox_size_limit = 0
                 f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200, timeout=60)
 
     def stop_operator(self):
-        return self.stop("operator")
+        # A token request in flight (up to 30 s) finishes before the operator exits, as in the
+        # chart's 60 s grace period.
+        return self.stop("operator", timeout=60)
 
     # ---------- saved state, for the demo ----------
     def save(self):
