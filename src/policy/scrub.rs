@@ -54,7 +54,8 @@ pub fn provider_text(text: &str, secrets: &[&str]) -> String {
     // A credential cut by the limit may leave its head behind: drop any tail that starts one.
     for secret in secrets.iter().filter(|s| s.len() >= MIN_SECRET) {
         for form in forms(secret) {
-            for n in (MIN_SECRET..form.len()).rev() {
+            // Only a head shorter than the shown text can be left behind: bounded work.
+            for n in (MIN_SECRET..form.len().min(MAX_TEXT.saturating_add(1))).rev() {
                 let head: String = form.chars().take(n).collect();
                 if shown.ends_with(&head) {
                     let keep = shown.len().saturating_sub(head.len());
