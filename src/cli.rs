@@ -14,6 +14,7 @@ use crate::controller::run::{Settings, run};
 use crate::error::{Error, Result};
 use crate::oauth::HttpTokenEndpoint;
 use crate::oauth::http::{HttpClients, OutboundPolicy};
+use crate::policy::reference::ReferencePolicy;
 
 /// mail-oauth-operator: OAuth 2.0 tokens for mailboxes, published into Kubernetes Secrets.
 #[derive(Debug, Parser)]
@@ -73,6 +74,12 @@ pub struct RunArgs {
     /// (keep it below the pod's terminationGracePeriodSeconds).
     #[arg(long, env = "SHUTDOWN_FLUSH_TIMEOUT", default_value = "20s", value_parser = parse_flush)]
     pub shutdown_flush_timeout: std::time::Duration,
+    /// Read a Secret referenced from a `MailProvider` or `MailboxBinding` only when it is labelled
+    /// `mailoauth.io/allow-reference: "true"` (the chart turns this on). Without it, whoever may
+    /// create a `MailProvider` in a namespace can have any Secret of that namespace sent to a URL
+    /// of their choice. Secrets of `ClusterMailProvider`s never need the label.
+    #[arg(long, env = "STRICT_SECRET_REFERENCES")]
+    pub strict_secret_references: bool,
 }
 
 fn parse_bounded(text: &str, min: chrono::Duration, max: chrono::Duration) -> Result<chrono::Duration, String> {
@@ -131,6 +138,7 @@ async fn run_operator(args: RunArgs) -> Result<()> {
         instance: std::env::var("POD_NAME").unwrap_or_else(|_| "mail-oauth-operator".into()),
         default_lifetime: args.default_token_lifetime,
         flush_timeout: args.shutdown_flush_timeout,
+        references: if args.strict_secret_references { ReferencePolicy::Labelled } else { ReferencePolicy::Any },
     };
     tracing::info!(namespaces = ?settings.namespaces, cluster_namespace = %settings.cluster_namespace, "starting");
     let server = crate::server::serve(args.listen_address, Arc::clone(&ready), shutdown.clone());

@@ -24,6 +24,7 @@ use mail_oauth_operator::api::{ClusterMailProvider, MailProvider, MailboxBinding
 use mail_oauth_operator::controller::{Clock, Context, binding, provider};
 use mail_oauth_operator::oauth::HttpTokenEndpoint;
 use mail_oauth_operator::oauth::http::{HttpClients, OutboundPolicy};
+use mail_oauth_operator::policy::reference::ReferencePolicy;
 use serde_json::{Value, json};
 use support::fake_api::FakeApi;
 use support::oauth_server::OAuthServer;
@@ -69,6 +70,10 @@ fn decode(secret: &Value, key: &str) -> Option<String> {
 
 impl Harness {
     async fn start(access_ttl: u64) -> Self {
+        Self::start_with(access_ttl, ReferencePolicy::Any).await
+    }
+
+    async fn start_with(access_ttl: u64, references: ReferencePolicy) -> Self {
         let server = OAuthServer::start(access_ttl).await;
         let api = FakeApi::default();
         let clock = Arc::new(ManualClock(Mutex::new(Utc::now())));
@@ -93,6 +98,7 @@ impl Harness {
             clock: Arc::clone(&clock) as Arc<dyn Clock>,
             pending: Default::default(),
             default_lifetime: Duration::hours(1),
+            references,
         });
         Self { api, ctx, clock, server, providers, bindings }
     }
@@ -318,4 +324,76 @@ async fn a_deleted_or_edited_published_secret_is_restored_without_a_token_reques
     assert_eq!(decode(&restored, "access_token"), token);
     assert_eq!(decode(&restored, "added-by-someone").as_deref(), Some("keep me"));
     assert_eq!(h.server.token_requests().await, 1);
+}
+
+#[tokio::test]
+async fn a_refused_refresh_token_falls_back_to_the_one_it_replaced_where_the_provider_keeps_it_valid() {
+    // mail-app-stable does not rotate, as Google does not; Microsoft rotates but keeps replaced
+    // tokens valid. Either way the replaced token still works when the current copy does not.
+    let mut h = Harness::start(600).await;
+    let seed = h.server.seed_refresh_token_for("helpdesk@example.com", "mail-app-stable").await;
+    h.api.put(&secret_path("client"), secret("client", &[("client-secret", "mail-app-stable-secret")]));
+    h.api.put(&secret_path("seed"), secret("seed", &[("refresh_token", &seed)]));
+    h.provider("idp", "mail-app-stable", json!([{"name": "client"}]), "clientSecretPost").await;
+    h.binding("helpdesk", json!({"refreshToken": {"secretRef": {"name": "seed", "key": "refresh_token"}}}), json!([]));
+    let b = h.reconcile("helpdesk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready));
+
+    // The stored copy is damaged; the one it replaced is kept beside it.
+    let path = secret_path("helpdesk.mailoauth-grant");
+    let mut grant = h.api.get(&path).expect("grant Secret");
+    grant["data"]["refresh_token"] = json!(STANDARD.encode("damaged-copy"));
+    grant["data"]["previous_refresh_token"] = json!(STANDARD.encode(&seed));
+    h.api.put(&path, grant);
+
+    let renew_at = b.status.as_ref().and_then(|s| s.token.as_ref()).expect("token").renew_at;
+    h.advance_to(renew_at + Duration::seconds(1));
+    let before = h.server.token_requests().await;
+    let b = h.reconcile("helpdesk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    assert_eq!(condition(&b, "RefreshFailing").reason, "RefreshSucceeded");
+    assert_eq!(h.server.token_requests().await, before + 2, "the damaged copy, then the replaced token");
+    assert_eq!(h.stored_refresh_token("helpdesk"), seed, "the working token is stored again");
+}
+
+#[tokio::test]
+async fn a_rotated_refresh_token_is_stored_with_the_one_it_replaced() {
+    let mut h = Harness::start(600).await;
+    let seed = h.import_binding("helpdesk").await;
+    h.reconcile("helpdesk").await;
+    let grant = h.api.get(&secret_path("helpdesk.mailoauth-grant")).expect("grant Secret");
+    assert_ne!(decode(&grant, "refresh_token").as_deref(), Some(seed.as_str()), "rotated");
+    assert_eq!(decode(&grant, "previous_refresh_token"), Some(seed));
+}
+
+#[tokio::test]
+async fn in_strict_mode_an_unlabelled_secret_is_never_sent_and_labelling_it_lets_the_binding_proceed() {
+    let mut h = Harness::start_with(600, ReferencePolicy::Labelled).await;
+    h.api.put(&secret_path("idp-client"), secret("idp-client", &[("client-secret", "mail-app-secret")]));
+    let p = h.provider("idp", "mail-app", json!([{"name": "idp-client"}]), "clientSecretPost").await;
+    let ready = p.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready")).expect("Ready");
+    assert_eq!(ready.reason, "SecretReferenceNotAllowed");
+    assert!(ready.message.contains("Secret mail/idp-client is not labelled mailoauth.io/allow-reference=true"));
+
+    // Even with the provider somehow marked ready, the binding reads nothing it may not.
+    let mut labelled = secret("idp-client", &[("client-secret", "mail-app-secret")]);
+    labelled["metadata"]["labels"] = json!({"mailoauth.io/allow-reference": "true"});
+    h.api.put(&secret_path("idp-client"), labelled);
+    h.provider("idp", "mail-app", json!([{"name": "idp-client"}]), "clientSecretPost").await;
+    let seed = h.server.seed_refresh_token("helpdesk@example.com").await;
+    h.api.put(&secret_path("seed"), secret("seed", &[("refresh_token", &seed)]));
+    h.binding("helpdesk", json!({"refreshToken": {"secretRef": {"name": "seed", "key": "refresh_token"}}}), json!([]));
+    let b = h.reconcile("helpdesk").await;
+    let failing = condition(&b, "RefreshFailing");
+    assert_eq!(failing.reason, "SecretReferenceNotAllowed");
+    assert!(failing.message.contains("Secret mail/seed is not labelled"), "{}", failing.message);
+    assert_eq!(failing.message.matches("fix:").count(), 1, "{}", failing.message);
+    assert_eq!(h.server.token_requests().await, 0, "nothing was sent anywhere");
+
+    let mut seed_secret = secret("seed", &[("refresh_token", &seed)]);
+    seed_secret["metadata"]["labels"] = json!({"mailoauth.io/allow-reference": "true"});
+    h.api.put(&secret_path("seed"), seed_secret);
+    h.advance_to(h.now() + Duration::minutes(5));
+    let b = h.reconcile("helpdesk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
 }

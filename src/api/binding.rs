@@ -176,45 +176,45 @@ pub enum Phase {
 #[serde(rename_all = "camelCase")]
 pub struct MailboxBindingStatus {
     /// One word for humans.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
     /// `Ready`, `Authorized` and `RefreshFailing`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default")]
     #[schemars(transform = conditions_list_map)]
     pub conditions: Vec<Condition>,
     /// What a person has to do for an interactive grant.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub authorization: Option<AuthorizationStatus>,
     /// The published token's times and scopes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub token: Option<TokenStatus>,
     /// The identity the provider vouched for, when it says.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub account: Option<String>,
     /// When a token was last obtained.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub last_refresh_time: Option<DateTime<Utc>>,
     /// Token requests that failed in a row.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default")]
     pub failed_attempts: u32,
     /// When the last token request failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub last_failure_time: Option<DateTime<Utc>>,
     /// After a transient failure: when the next token request may be made (jittered backoff, or
     /// the token endpoint's `Retry-After` when longer). Kept across restarts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub next_attempt_time: Option<DateTime<Utc>>,
     /// The published Secret.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
     /// The last `mailoauth.io/refresh-requested` value acted on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub last_refresh_request: Option<String>,
     /// The last `mailoauth.io/reauthorize-requested` value acted on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub last_reauthorize_request: Option<String>,
     /// The generation this status was computed from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
 

@@ -4,6 +4,7 @@
 pub mod binding;
 pub mod common;
 pub mod crds;
+pub mod lenient;
 pub mod provider;
 
 pub use binding::{
@@ -33,3 +34,6 @@ pub const SECRET_ROLE_LABEL: &str = "mailoauth.io/secret-role";
 pub const REFRESH_REQUESTED_ANNOTATION: &str = "mailoauth.io/refresh-requested";
 /// Annotation: any new value drops the grant and starts it again.
 pub const REAUTHORIZE_REQUESTED_ANNOTATION: &str = "mailoauth.io/reauthorize-requested";
+/// Label a Secret carries to be readable by reference from a `MailProvider` or `MailboxBinding`
+/// when the operator runs with `--strict-secret-references` (the chart's default).
+pub const ALLOW_REFERENCE_LABEL: &str = "mailoauth.io/allow-reference";

@@ -308,17 +308,17 @@ pub enum ClientAuthMethod {
 #[serde(rename_all = "camelCase")]
 pub struct MailProviderStatus {
     /// `Ready` and `ClientSecretExpiring`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default")]
     #[schemars(transform = conditions_list_map)]
     pub conditions: Vec<Condition>,
     /// Resolved endpoints.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Endpoints>,
     /// Earliest known client-secret expiry.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub client_secret_expires_at: Option<DateTime<Utc>>,
     /// The generation this status was computed from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
 

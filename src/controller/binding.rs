@@ -35,6 +35,7 @@ use crate::policy::grant_state::GrantState;
 use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict, from_predecessor};
 use crate::policy::provider::{mailbox_allowed, scopes_not_allowed};
 use crate::policy::publish::published_data;
+use crate::policy::reference::{may_read, not_allowed};
 use crate::policy::scrub::scrub;
 
 /// Writes of a grant state tried in one reconcile before it is kept in memory for the next.
@@ -522,17 +523,32 @@ async fn namespace_allowed(ctx: &Context, allowed: &Option<crate::api::AllowedNa
     Ok(crate::policy::provider::namespace_allowed(allowed.as_ref(), ns, &labels))
 }
 
-/// Reads one key of a Secret; `None` when the Secret or key is missing or empty.
-async fn read_key(ctx: &Context, ns: &str, name: &str, key: &str) -> Result<Option<SecretString>> {
+/// One key of a referenced Secret.
+enum Read {
+    /// The trimmed, non-empty value.
+    Value(SecretString),
+    /// The Secret or key is missing or empty.
+    Missing,
+    /// The Secret lacks the opt-in label strict mode asks for.
+    NotAllowed(String),
+}
+
+/// Reads one key of a referenced Secret, if the reference policy lets it be read.
+async fn read_key(ctx: &Context, ns: &str, name: &str, key: &str) -> Result<Read> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let secret = get_secret(&api, ns, name).await?;
+    let Some(secret) = get_secret(&api, ns, name).await? else {
+        return Ok(Read::Missing);
+    };
+    if !may_read(ctx.references, ns, &ctx.cluster_namespace, secret.metadata.labels.as_ref()) {
+        return Ok(Read::NotAllowed(not_allowed(ns, name)));
+    }
     Ok(secret
-        .and_then(|s| s.data)
+        .data
         .and_then(|mut d| d.remove(key))
         .and_then(|v| String::from_utf8(v.0).ok())
         .map(|v| v.trim().to_owned())
         .filter(|v| !v.is_empty())
-        .map(SecretString::from))
+        .map_or(Read::Missing, |v| Read::Value(SecretString::from(v))))
 }
 
 /// Asks the token endpoint. The outer error is a Kubernetes failure; the inner one a token failure.
@@ -547,15 +563,17 @@ async fn obtain(
     let ns = binding.namespace().unwrap_or_default();
     let not_found = |reason: Reason, what: String| {
         Ok(Obtained::Failed {
-            failure: Failure { reason, transient: true, message: reason.message(what), retry_after: None },
+            failure: Failure { reason, transient: true, message: what, retry_after: None },
             rescued: None,
         })
     };
     let method = auth_method(&usable.spec);
     let mut client_secrets = Vec::new();
     for r in secret_refs(&usable.spec) {
-        if let Some(s) = read_key(ctx, &usable.secrets_namespace, &r.name, &r.key).await? {
-            client_secrets.push(s);
+        match read_key(ctx, &usable.secrets_namespace, &r.name, &r.key).await? {
+            Read::Value(s) => client_secrets.push(s),
+            Read::Missing => {}
+            Read::NotAllowed(what) => return not_found(Reason::SecretReferenceNotAllowed, what),
         }
     }
     if method.is_some() && client_secrets.is_empty() {
@@ -573,8 +591,9 @@ async fn obtain(
             None => return not_found(Reason::ImportSecretNotFound, "the stored grant has no refresh token".into()),
         },
         Source::ImportRefreshToken(r) => match read_key(ctx, &ns, &r.name, &r.key).await? {
-            Some(rt) => (GrantInput::RefreshToken(rt), Some(import_id(r))),
-            None => {
+            Read::Value(rt) => (GrantInput::RefreshToken(rt), Some(import_id(r))),
+            Read::NotAllowed(what) => return not_found(Reason::SecretReferenceNotAllowed, what),
+            Read::Missing => {
                 return not_found(
                     Reason::ImportSecretNotFound,
                     format!("Secret {ns}/{} has no non-empty key {}", r.name, r.key),
@@ -590,8 +609,20 @@ async fn obtain(
         scopes: &usable.scopes,
         mailbox: &binding.spec.mailbox,
     };
-    let request = request_for(&who, client_secrets, input.clone());
-    Ok(match ctx.tokens.request(&request).await {
+    let mut input = input;
+    let mut request = request_for(&who, client_secrets, input.clone());
+    let mut result = ctx.tokens.request(&request).await;
+    // A refused stored refresh token is not the end while the one it replaced is still held:
+    // providers that keep replaced tokens valid (Microsoft, Google) accept it, and the grant lives.
+    if let (Err(rejected), Some(replaced)) = (&result, replaced_token(source, grant))
+        && classify(&rejected.error).reason == Reason::ReauthorizationRequired
+    {
+        warn!(binding = %binding.name_any(), namespace = %ns, "the stored refresh token was refused; trying the one it replaced");
+        input = GrantInput::RefreshToken(replaced);
+        request = crate::oauth::TokenRequest { grant: input.clone(), ..request };
+        result = ctx.tokens.request(&request).await;
+    }
+    Ok(match result {
         Ok(set) => {
             if rotated(&set, &input) {
                 info!(binding = %binding.name_any(), namespace = %ns, "refresh token rotated; storing the new one first");
@@ -608,6 +639,7 @@ async fn obtain(
             if let Some(g) = grant {
                 held.push(g.access_token.expose_secret());
                 held.extend(g.refresh_token.as_ref().map(ExposeSecret::expose_secret));
+                held.extend(g.previous_refresh_token.as_ref().map(ExposeSecret::expose_secret));
             }
             failure.message = scrub(&failure.message, &held);
             let previous = grant.filter(|_| matches!(source, Source::StoredRefreshToken));
@@ -615,6 +647,15 @@ async fn obtain(
             Obtained::Failed { failure, rescued }
         }
     })
+}
+
+/// The refresh token the stored one replaced, when the stored one is what is being used and the
+/// two differ.
+fn replaced_token(source: &Source, grant: Option<&GrantState>) -> Option<SecretString> {
+    let g = grant.filter(|_| matches!(source, Source::StoredRefreshToken))?;
+    let previous = g.previous_refresh_token.as_ref()?;
+    let differs = g.refresh_token.as_ref().is_none_or(|rt| rt.expose_secret() != previous.expose_secret());
+    differs.then(|| previous.clone())
 }
 
 /// What a token request came to.

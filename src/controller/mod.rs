@@ -23,6 +23,7 @@ use crate::api::{ClusterMailProvider, MailProvider, MailboxBinding};
 use crate::oauth::TokenEndpoint;
 use crate::oauth::http::HttpClients;
 use crate::policy::grant_state::GrantState;
+use crate::policy::reference::ReferencePolicy;
 
 /// The clock, injected so that tests can fix time.
 pub trait Clock: Send + Sync {
@@ -65,6 +66,8 @@ pub struct Context {
     pub pending: PendingGrants,
     /// Lifetime assumed when a token endpoint gives no usable `expires_in`.
     pub default_lifetime: Duration,
+    /// Which referenced Secrets may be read (strict mode: only labelled ones).
+    pub references: ReferencePolicy,
 }
 
 /// A grant state that could not be written yet, with the Secret that holds it.

@@ -22,6 +22,7 @@ use crate::oauth::discovery::discover;
 use crate::oauth::provider::{auth_method, ca_bundle, merge_explicit, secret_refs, static_endpoints};
 use crate::policy::Reason;
 use crate::policy::provider::{Observed, requeue_after, status};
+use crate::policy::reference::{may_read, not_allowed};
 
 /// The two provider kinds, seen alike.
 pub trait ProviderObject:
@@ -133,6 +134,11 @@ async fn check_secrets(ctx: &Context, spec: &MailProviderSpec, ns: &str) -> Resu
             name: r.name.clone(),
             source,
         })?;
+        if let Some(s) = &secret
+            && !may_read(ctx.references, ns, &ctx.cluster_namespace, s.metadata.labels.as_ref())
+        {
+            return Ok(Some((Reason::SecretReferenceNotAllowed, not_allowed(ns, &r.name))));
+        }
         let value = secret.as_ref().and_then(|s| s.data.as_ref()).and_then(|d| d.get(&r.key));
         match (secret.is_some(), value) {
             (false, _) => return Ok(Some((Reason::ClientSecretNotFound, format!("Secret {ns}/{} not found", r.name)))),

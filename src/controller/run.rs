@@ -35,6 +35,8 @@ pub struct Settings {
     pub default_lifetime: chrono::Duration,
     /// How long shutdown may spend writing grant states that could not be written before.
     pub flush_timeout: std::time::Duration,
+    /// Which referenced Secrets may be read.
+    pub references: crate::policy::reference::ReferencePolicy,
 }
 
 /// Runs every controller until `shutdown`; `ready` turns true once every cache has synced.
@@ -125,6 +127,7 @@ pub async fn run(
             clock: Arc::clone(&clock),
             pending: Arc::clone(&pending),
             default_lifetime: settings.default_lifetime,
+            references: settings.references,
         });
         first_ctx.get_or_insert_with(|| Arc::clone(&ctx));
         syncs.push(synced(provider_store.clone()));

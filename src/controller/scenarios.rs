@@ -126,6 +126,7 @@ fn context(client: Client, tokens: Arc<Canned>, bindings: &[MailboxBinding]) -> 
         clock: Arc::new(Fixed(now())),
         pending: Default::default(),
         default_lifetime: Duration::hours(1),
+        references: Default::default(),
     })
 }
 
@@ -276,6 +277,7 @@ async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
     let mut b = binding_object();
     let grant = GrantState {
         refresh_token: None,
+        previous_refresh_token: None,
         access_token: "at-0".to_owned().into(),
         token_type: "Bearer".into(),
         issued_at: now() - Duration::minutes(5),

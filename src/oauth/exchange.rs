@@ -49,7 +49,9 @@ pub fn rotated(set: &TokenSet, input: &GrantInput) -> bool {
 }
 
 /// The grant state a successful response becomes; `default_lifetime` stands in for a missing
-/// `expires_in`.
+/// `expires_in`. A rotated refresh token is stored with the one it replaces beside it (see
+/// [`GrantState::previous_refresh_token`]); an unrotated one has just been proven to work, so
+/// nothing older is kept.
 pub fn grant_state_from(
     who: &Requester<'_>,
     set: TokenSet,
@@ -62,8 +64,10 @@ pub fn grant_state_from(
         GrantInput::RefreshToken(rt) => Some(rt.clone()),
         GrantInput::ClientCredentials => None,
     };
+    let previous = if rotated(&set, input) { used.clone() } else { None };
     GrantState {
         refresh_token: set.refresh_token.or(used),
+        previous_refresh_token: previous,
         access_token: set.access_token,
         token_type: "Bearer".into(),
         issued_at: now,
@@ -88,11 +92,15 @@ pub fn rescued_state(
     now: DateTime<Utc>,
 ) -> GrantState {
     match previous {
-        Some(p) => {
-            GrantState { refresh_token: Some(refresh_token), mailbox: Some(who.mailbox.to_owned()), ..p.clone() }
-        }
+        Some(p) => GrantState {
+            previous_refresh_token: p.refresh_token.clone().or_else(|| p.previous_refresh_token.clone()),
+            refresh_token: Some(refresh_token),
+            mailbox: Some(who.mailbox.to_owned()),
+            ..p.clone()
+        },
         None => GrantState {
             refresh_token: Some(refresh_token),
+            previous_refresh_token: None,
             access_token: SecretString::from(String::new()),
             token_type: "Bearer".into(),
             issued_at: now,

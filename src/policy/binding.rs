@@ -537,6 +537,7 @@ mod tests {
     fn grant(issued: i64, lifetime: i64) -> GrantState {
         GrantState {
             refresh_token: Some("rt".to_owned().into()),
+            previous_refresh_token: None,
             access_token: "at".to_owned().into(),
             token_type: "Bearer".into(),
             issued_at: t(issued),

@@ -11,6 +11,8 @@ use secrecy::{ExposeSecret, SecretString};
 pub mod keys {
     /// The refresh token (rotated copies replace it).
     pub const REFRESH_TOKEN: &str = "refresh_token";
+    /// The refresh token the current one replaced, kept until the current one has worked once.
+    pub const PREVIOUS_REFRESH_TOKEN: &str = "previous_refresh_token";
     /// The current access token.
     pub const ACCESS_TOKEN: &str = "access_token";
     /// `Bearer`.
@@ -38,6 +40,11 @@ pub mod keys {
 pub struct GrantState {
     /// The refresh token, if the grant has one.
     pub refresh_token: Option<SecretString>,
+    /// The refresh token that the current one replaced, until the current one has been used
+    /// successfully: Microsoft and Google keep a replaced refresh token valid, so if the current
+    /// one is ever refused (a damaged copy, a response whose token was unusable) the grant is
+    /// recovered with this one instead of being lost.
+    pub previous_refresh_token: Option<SecretString>,
     /// The current access token.
     pub access_token: SecretString,
     /// Token type, `Bearer`.
@@ -64,6 +71,8 @@ impl PartialEq for GrantState {
     fn eq(&self, other: &Self) -> bool {
         self.refresh_token.as_ref().map(ExposeSecret::expose_secret)
             == other.refresh_token.as_ref().map(ExposeSecret::expose_secret)
+            && self.previous_refresh_token.as_ref().map(ExposeSecret::expose_secret)
+                == other.previous_refresh_token.as_ref().map(ExposeSecret::expose_secret)
             && self.access_token.expose_secret() == other.access_token.expose_secret()
             && self.token_type == other.token_type
             && self.issued_at == other.issued_at
@@ -86,6 +95,9 @@ impl GrantState {
         };
         if let Some(rt) = &self.refresh_token {
             put(keys::REFRESH_TOKEN, rt.expose_secret().to_owned());
+        }
+        if let Some(rt) = &self.previous_refresh_token {
+            put(keys::PREVIOUS_REFRESH_TOKEN, rt.expose_secret().to_owned());
         }
         put(keys::ACCESS_TOKEN, self.access_token.expose_secret().to_owned());
         put(keys::TOKEN_TYPE, self.token_type.clone());
@@ -113,6 +125,9 @@ impl GrantState {
         let words = |k: &str| text(k).map(|s| s.split_whitespace().map(str::to_owned).collect()).unwrap_or_default();
         Some(Self {
             refresh_token: text(keys::REFRESH_TOKEN).filter(|t| !t.is_empty()).map(SecretString::from),
+            previous_refresh_token: text(keys::PREVIOUS_REFRESH_TOKEN)
+                .filter(|t| !t.is_empty())
+                .map(SecretString::from),
             access_token: SecretString::from(text(keys::ACCESS_TOKEN).unwrap_or_default()),
             token_type: text(keys::TOKEN_TYPE).unwrap_or_else(|| "Bearer".to_owned()),
             issued_at: time(keys::ISSUED_AT)?,
@@ -141,6 +156,7 @@ mod tests {
     fn a_state_survives_encoding_and_decoding() {
         let state = GrantState {
             refresh_token: Some("rt-1".to_owned().into()),
+            previous_refresh_token: Some("rt-0".to_owned().into()),
             access_token: "at-1".to_owned().into(),
             token_type: "Bearer".into(),
             issued_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
@@ -167,6 +183,7 @@ mod tests {
     fn debug_output_never_shows_tokens() {
         let state = GrantState {
             refresh_token: Some("very-secret-refresh".to_owned().into()),
+            previous_refresh_token: Some("very-secret-previous".to_owned().into()),
             access_token: "very-secret-access".to_owned().into(),
             token_type: "Bearer".into(),
             issued_at: Utc::now(),

@@ -10,6 +10,7 @@ pub mod ownership;
 pub mod provider;
 pub mod publish;
 pub mod reason;
+pub mod reference;
 pub mod schedule;
 pub mod scrub;
 pub mod time;

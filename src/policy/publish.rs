@@ -143,6 +143,7 @@ mod tests {
     fn grant() -> GrantState {
         GrantState {
             refresh_token: Some("refresh-secret".to_owned().into()),
+            previous_refresh_token: None,
             access_token: "ya29.token".to_owned().into(),
             token_type: "Bearer".into(),
             issued_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),

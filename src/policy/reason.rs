@@ -68,6 +68,8 @@ pub enum Reason {
     RequestRejected,
     /// The provider has not been reconciled yet; the binding proceeds as soon as it is.
     ProviderPending,
+    /// A referenced Secret lacks the `mailoauth.io/allow-reference: "true"` label (strict mode).
+    SecretReferenceNotAllowed,
 }
 
 impl Reason {
@@ -104,6 +106,7 @@ impl Reason {
             Reason::TokenRequestFailed => "TokenRequestFailed",
             Reason::RequestRejected => "RequestRejected",
             Reason::ProviderPending => "ProviderPending",
+            Reason::SecretReferenceNotAllowed => "SecretReferenceNotAllowed",
         }
     }
 
@@ -154,6 +157,10 @@ impl Reason {
                  endpoints and clientAuthentication.method; then set mailoauth.io/refresh-requested to a new value"
             }
             Reason::InvalidSpec => "correct the field named in the message",
+            Reason::SecretReferenceNotAllowed => {
+                "if this Secret is meant for the operator, label it mailoauth.io/allow-reference=true \
+                 (kubectl label secret -n <namespace> <name> mailoauth.io/allow-reference=true)"
+            }
             _ => "",
         }
     }

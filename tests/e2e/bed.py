@@ -379,8 +379,9 @@ mailbox_size_limit = 0
     def start_operator(self, *args, env_extra=None, wait=True):
         port = free_port()
         self.ports["operator"] = port
+        # Strict Secret references, as the chart runs it.
         env = dict(self.env, KUBECONFIG=str(self.service_account_kubeconfig()), RUST_LOG="info",
-                   CLUSTER_RESOURCE_NAMESPACE=OPERATOR_NAMESPACE)
+                   CLUSTER_RESOURCE_NAMESPACE=OPERATOR_NAMESPACE, STRICT_SECRET_REFERENCES="true")
         env.update(env_extra or {})
         # The bed's OAuth server is on 127.0.0.1, which the operator refuses unless allowed.
         self.start("operator", [str(self.operator_bin), "run", "--listen-address", f"127.0.0.1:{port}",

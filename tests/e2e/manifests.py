@@ -12,9 +12,13 @@ def example(name, kind):
     return copy.deepcopy(next(d for d in docs if d and d["kind"] == kind))
 
 
-def secret(namespace, name, data):
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
-            "type": "Opaque", "stringData": data}
+def secret(namespace, name, data, referable=True):
+    """A Secret; `referable` labels it for the operator, as strict mode (the chart's default, and
+    the bed's) requires of every Secret a MailProvider or MailboxBinding names."""
+    meta = {"name": name, "namespace": namespace}
+    if referable:
+        meta["labels"] = {"mailoauth.io/allow-reference": "true"}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "stringData": data}
 
 
 def provider(bed, namespace, name, client_id, secret_name):

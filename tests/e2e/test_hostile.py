@@ -272,6 +272,7 @@ def test_hostile_manifests_are_refused_by_the_apiserver_schema(bed):
 def test_hostile_manifests_that_pass_the_schema_end_in_a_typed_condition_and_request_nothing(bed):
     apply(bed,
           secret(NS, "foreign", {"owner": "another tool"}),
+          secret(NS, "unlabelled-seed", {"rt": "a refresh token"}, referable=False),
           cluster_provider(bed, "cp-open"),
           cluster_provider(bed, "cp-other-ns", allowedNamespaces={"names": ["elsewhere"]}),
           cluster_provider(bed, "cp-empty-selector", allowedNamespaces={"selector": {}}),
@@ -303,6 +304,7 @@ def test_hostile_manifests_that_pass_the_schema_end_in_a_typed_condition_and_req
         "a missing import Secret": (binding("r18", grant={"refreshToken": {"secretRef": {"name": "none", "key": "rt"}}}), "ImportSecretNotFound", "none"),
         "an unsupported grant": (binding("r19", grant={"deviceCode": {}}), "GrantNotSupported", "deviceCode"),
         "a foreign Secret as secretName": (binding("r20", secretName="foreign"), "SecretConflict", "foreign"),
+        "an import Secret not labelled for the operator": (binding("r22", grant={"refreshToken": {"secretRef": {"name": "unlabelled-seed", "key": "rt"}}}), "SecretReferenceNotAllowed", "kubectl label secret"),
         "a template rendering past 512 KiB": (binding("r21", secretTemplate={"data": {f"k{i}": "{{xoauth2}}" * 1150 for i in range(5)}}), "InvalidSpec", "KiB"),
     }
     before = token_requests(bed)
@@ -337,7 +339,9 @@ def test_hostile_providers_end_in_a_typed_condition(bed):
           generic(bed, "q4", issuerUrl=f"{h}/huge-discovery"),
           generic(bed, "q5", issuerUrl=f"{h}/metadata-discovery"),
           generic(bed, "q6", caBundle="not a certificate", tokenUrl=f"{h}/x/token"),
-          generic(bed, "q7", secret_name="missing"))
+          generic(bed, "q7", secret_name="missing"),
+          secret(NS, "unlabelled-client", {"client-secret": "mail-app-secret"}, referable=False),
+          generic(bed, "q9", secret_name="unlabelled-client"))
     # An expiry without a time zone: refused by the schema's date-time format, or reported.
     q8 = {**generic(bed, "q8"), "spec": {**generic(bed, "q8")["spec"], "clientAuthentication": {
         "clientSecretRefs": [{"name": "client", "key": "client-secret", "expiresAt": "2027-01-01T00:00:00"}]}}}
@@ -345,7 +349,8 @@ def test_hostile_providers_end_in_a_typed_condition(bed):
     expected = {"q1": ("EndpointsUnresolved", "refused"), "q2": ("EndpointsUnresolved", "refused"),
                 "q3": ("EndpointsUnresolved", "refused"), "q4": ("EndpointsUnresolved", "KiB"),
                 "q5": ("EndpointsUnresolved", "refused"), "q6": ("EndpointsUnresolved", "caBundle"),
-                "q7": ("ClientSecretNotFound", "missing")}
+                "q7": ("ClientSecretNotFound", "missing"),
+                "q9": ("SecretReferenceNotAllowed", "mailoauth.io/allow-reference=true")}
     if not q8_refused:
         expected["q8"] = ("InvalidSpec", "expiresAt")
     for name, (reason, words) in expected.items():

@@ -96,10 +96,15 @@ impl OAuthServer {
 
     /// Seeds a grant for `account` and returns its refresh token, as a person's consent would.
     pub async fn seed_refresh_token(&self, account: &str) -> String {
+        self.seed_refresh_token_for(account, "mail-app").await
+    }
+
+    /// Seeds a grant for `account` through `client_id`.
+    pub async fn seed_refresh_token_for(&self, account: &str, client_id: &str) -> String {
         let v: Value = self
             .http
             .post(format!("{}/test/seed", self.issuer))
-            .json(&serde_json::json!({ "accountId": account }))
+            .json(&serde_json::json!({ "accountId": account, "clientId": client_id }))
             .send()
             .await
             .expect("seed")
