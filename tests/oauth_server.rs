@@ -99,6 +99,7 @@ impl Harness {
             pending: Default::default(),
             default_lifetime: Duration::hours(1),
             references,
+            polls: Default::default(),
         });
         Self { api, ctx, clock, server, providers, bindings }
     }

@@ -8,8 +8,8 @@ pub mod lenient;
 pub mod provider;
 
 pub use binding::{
-    Grant, MailboxBinding, MailboxBindingSpec, MailboxBindingStatus, Phase, ProviderKind, ProviderRef, SecretTemplate,
-    TokenStatus,
+    AuthorizationStatus, Grant, MailboxBinding, MailboxBindingSpec, MailboxBindingStatus, Phase, ProviderKind,
+    ProviderRef, SecretTemplate, TokenStatus,
 };
 pub use common::{Condition, ConditionStatus, Protocol, SecretKeySelector, ServerAddress};
 pub use provider::{

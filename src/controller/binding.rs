@@ -23,15 +23,17 @@ use crate::api::{
     MailboxBindingStatus, Protocol, ProviderKind, ServerAddress,
 };
 use crate::error::{Error, Result};
-use crate::oauth::GrantInput;
-use crate::oauth::exchange::{Requester, grant_state_from, request_for, rescued_state, rotated};
-use crate::oauth::provider::{auth_method, scopes_for, secret_refs, servers};
+use crate::oauth::exchange::{Requester, client_for, grant_state_from, request_for, rescued_state, rotated};
+use crate::oauth::grants::{Flow, FlowInput, ProviderFacts, Step, device_code, flow_for, refresh};
+use crate::oauth::provider::{auth_method, device_flow_for_mail, preset_name, scopes_for, secret_refs, servers};
+use crate::oauth::{Client, DeviceRequest, GrantCall};
 use crate::policy::Reason;
 use crate::policy::binding::{
-    Decision, Inputs, Outcome, ProviderState, Source, conditions, decide, import_id, next_status, requeue_after,
+    Decision, Inputs, Outcome, ProviderState, conditions, decide, grant_matches, next_status, reauthorize_requested,
+    requeue_after,
 };
 use crate::policy::classify::{Failure, classify};
-use crate::policy::grant_state::GrantState;
+use crate::policy::grant_state::{GrantState, PendingAuthorization};
 use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict, from_predecessor};
 use crate::policy::provider::{mailbox_allowed, scopes_not_allowed};
 use crate::policy::publish::published_data;
@@ -77,11 +79,13 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
         None => false,
     };
 
-    let (provider, usable) = provider_for(&binding, &ctx).await?;
+    let flow = flow_for(&binding.spec.grant);
+    let (provider, usable) = provider_for(&binding, flow.as_deref(), &ctx).await?;
     let grant_secret = get_secret(&secrets, &ns, &grant_name).await?;
     let published = get_secret(&secrets, &ns, &binding.spec.secret_name).await?;
     let conflict = secret_conflict(&binding, &provider, grant_secret.as_ref(), published.as_ref(), &ctx);
     let mut grant = grant_secret.as_ref().filter(|_| conflict.is_none()).and_then(decode_grant);
+    let stored_pending = grant_secret.as_ref().filter(|_| conflict.is_none()).and_then(decode_pending);
     // A grant state adopted from an earlier binding of this name is made this binding's own
     // (owner reference), so that garbage collection keeps it and later writes are ours.
     let uid = binding.uid().unwrap_or_default();
@@ -92,25 +96,52 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
         persist_grant(&ctx, &secrets, &binding, state.clone()).await?;
     }
 
+    // Only a grant state the binding's grant produced (as the spec says it now) is used for
+    // decisions; any valid token stays published either way.
+    let owned = grant.as_ref().filter(|g| flow.as_ref().is_some_and(|f| f.owns(g)));
     let decision = decide(Inputs {
         now,
         binding: &binding,
         provider: &provider,
-        grant: grant.as_ref(),
+        grant: owned,
         secret_conflict: conflict.as_deref(),
+        supported: flow.is_some(),
     });
     let mut failure = None;
-    let mut outcome = match (&decision, &usable) {
-        (Decision::Suspended, _) => Outcome::Suspended,
-        (Decision::Blocked { reason, message }, _) => Outcome::Blocked { reason: *reason, message: message.clone() },
+    let mut next_poll = None;
+    let mut outcome = match (&decision, &usable, flow.as_deref()) {
+        (Decision::Suspended, _, _) => Outcome::Suspended,
+        (Decision::Blocked { reason, message }, _, _) => Outcome::Blocked { reason: *reason, message: message.clone() },
         // The flushed state is the token an earlier request obtained: that refresh ends here.
         _ if flushed => Outcome::Refreshed,
-        (Decision::Obtain { source, why }, Some(usable)) => {
-            let obtained = obtain(&ctx, &binding, usable, source, grant.as_ref(), now).await?;
+        (Decision::Obtain { why }, Some(usable), Some(flow)) => {
+            let reauthorize = reauthorize_requested(&binding).is_some();
+            let client_id = &usable.spec.client_id;
+            let usable_grant = owned.filter(|g| !reauthorize && grant_matches(&usable.key, client_id, g));
+            let pending = stored_pending
+                .as_ref()
+                .filter(|p| !reauthorize && p.provider == usable.key && &p.client_id == client_id)
+                .map(|p| PendingAuthorization { next_poll: ctx.next_poll(&ns, &name, p.next_poll), ..p.clone() });
+            let obtained = obtain(&ctx, &binding, usable, flow, usable_grant, pending.as_ref(), now).await?;
             failpoint("after-token-response", &name);
             match obtained {
+                Obtained::Awaiting(p) => {
+                    if !stored_pending.as_ref().is_some_and(|s| s.same_stored(&p)) {
+                        let started = stored_pending.as_ref().is_none_or(|s| s.device_code_differs(&p));
+                        persist_pending(&secrets, &binding, &p).await?;
+                        if started {
+                            info!(binding = %name, namespace = %ns, method = %p.method, "waiting for a person to authorize");
+                            // A new authorization replaces whatever grant was stored.
+                            grant = None;
+                        }
+                    }
+                    ctx.set_next_poll(&ns, &name, p.next_poll);
+                    next_poll = Some(p.next_poll);
+                    Outcome::Awaiting(p)
+                }
                 Obtained::Token(state) => {
                     info!(binding = %name, namespace = %ns, why = ?why, expires_at = %state.expires_at, "token obtained");
+                    ctx.forget_poll(&ns, &name);
                     persist_grant(&ctx, &secrets, &binding, state.clone()).await?;
                     failpoint("after-grant-write", &name);
                     grant = Some(state);
@@ -180,7 +211,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
         patch_status(&ctx, &binding, &status).await?;
     }
     announce(&ctx, &binding, &status).await;
-    let requeue = requeue_after(now, &decision, &status, failure.as_ref());
+    let requeue = requeue_after(now, &decision, &status, failure.as_ref(), next_poll);
     Ok(requeue.and_then(|d| d.to_std().ok()).map_or_else(Action::await_change, Action::requeue))
 }
 
@@ -398,13 +429,40 @@ fn secret_conflict(
     published_conflict.or(grant_conflict).or_else(|| claimed_by_other(&claim(binding), &others))
 }
 
+fn secret_bytes(secret: &Secret) -> Option<BTreeMap<String, Vec<u8>>> {
+    secret.data.as_ref().map(|d| d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
+}
+
 /// The grant state a Secret holds, if it holds one.
 fn decode_grant(secret: &Secret) -> Option<GrantState> {
-    secret.data.as_ref().and_then(|d| GrantState::decode(&d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect()))
+    secret_bytes(secret).and_then(|d| GrantState::decode(&d))
+}
+
+/// The authorization in progress a grant-state Secret holds, if any.
+fn decode_pending(secret: &Secret) -> Option<PendingAuthorization> {
+    secret_bytes(secret).and_then(|d| PendingAuthorization::decode(&d))
+}
+
+/// Writes an authorization in progress as the whole grant state: a new authorization replaces
+/// whatever grant was stored (a person asked for it, or there was none). Losing this write loses
+/// no token: the next reconcile starts a new authorization.
+async fn persist_pending(api: &Api<Secret>, binding: &MailboxBinding, pending: &PendingAuthorization) -> Result<()> {
+    let name = grant_secret_name(&binding.name_any());
+    let want = desired(binding, &name, Role::Grant, pending.encode());
+    apply_secret(api, &want).await.map_err(|source| Error::WriteGrantState {
+        namespace: binding.namespace().unwrap_or_default(),
+        name,
+        source,
+    })?;
+    Ok(())
 }
 
 /// Finds the provider and says whether this binding can use it.
-pub async fn provider_for(binding: &MailboxBinding, ctx: &Context) -> Result<(ProviderState, Option<ProviderUse>)> {
+pub async fn provider_for(
+    binding: &MailboxBinding,
+    flow: Option<&dyn Flow>,
+    ctx: &Context,
+) -> Result<(ProviderState, Option<ProviderUse>)> {
     let r = &binding.spec.provider_ref;
     let ns = binding.namespace().unwrap_or_default();
     let unusable =
@@ -471,15 +529,16 @@ pub async fn provider_for(binding: &MailboxBinding, ctx: &Context) -> Result<(Pr
             format!("{kind_name} uses privateKeyJwt, which is not supported yet"),
         );
     }
-    if method.is_none() && matches!(binding.spec.grant, crate::api::Grant::ClientCredentials {}) {
-        return unusable(
-            Reason::InvalidSpec,
-            format!(
-                "the clientCredentials grant needs a client secret, and {kind_name} has no clientAuthentication.clientSecretRefs"
-            ),
-        );
+    let facts = ProviderFacts {
+        preset: preset_name(&spec),
+        has_client_secret: !secret_refs(&spec).is_empty(),
+        device_endpoint: endpoints.device_authorization.is_some(),
+        device_flow_for_mail: device_flow_for_mail(&spec),
+    };
+    if let Some(why) = flow.and_then(|f| f.unusable(&facts)) {
+        return unusable(Reason::InvalidSpec, format!("{kind_name}: {why}"));
     }
-    let scopes = match scopes_for(&spec, &binding.spec) {
+    let scopes = match scopes_for(&spec, &binding.spec, flow.is_some_and(|f| f.app_only())) {
         Ok(s) => s,
         Err(why) => return unusable(Reason::InvalidSpec, why),
     };
@@ -551,57 +610,54 @@ async fn read_key(ctx: &Context, ns: &str, name: &str, key: &str) -> Result<Read
         .map_or(Read::Missing, |v| Read::Value(SecretString::from(v))))
 }
 
-/// Asks the token endpoint. The outer error is a Kubernetes failure; the inner one a token failure.
-async fn obtain(
-    ctx: &Context,
-    binding: &MailboxBinding,
-    usable: &ProviderUse,
-    source: &Source,
-    grant: Option<&GrantState>,
-    now: DateTime<Utc>,
-) -> Result<Obtained> {
-    let ns = binding.namespace().unwrap_or_default();
-    let not_found = |reason: Reason, what: String| {
-        Ok(Obtained::Failed {
-            failure: Failure { reason, transient: true, message: what, retry_after: None },
-            rescued: None,
-        })
-    };
-    let method = auth_method(&usable.spec);
+/// A transient failure before any request (a Secret missing or not labelled for the operator).
+fn not_ready(reason: Reason, what: String) -> Obtained {
+    Obtained::Failed { failure: Failure { reason, transient: true, message: what, retry_after: None }, rescued: None }
+}
+
+/// The client as the provider registers it, with the client secrets found, or why not.
+async fn client_of(ctx: &Context, usable: &ProviderUse, who: &Requester<'_>) -> Result<Result<Client, Obtained>> {
     let mut client_secrets = Vec::new();
     for r in secret_refs(&usable.spec) {
         match read_key(ctx, &usable.secrets_namespace, &r.name, &r.key).await? {
             Read::Value(s) => client_secrets.push(s),
             Read::Missing => {}
-            Read::NotAllowed(what) => return not_found(Reason::SecretReferenceNotAllowed, what),
+            Read::NotAllowed(what) => return Ok(Err(not_ready(Reason::SecretReferenceNotAllowed, what))),
         }
     }
-    if method.is_some() && client_secrets.is_empty() {
-        return not_found(
+    if auth_method(&usable.spec).is_some() && client_secrets.is_empty() {
+        return Ok(Err(not_ready(
             Reason::ClientSecretNotFound,
             format!(
                 "no client secret found in the Secrets {} names in namespace {}",
                 usable.key, usable.secrets_namespace
             ),
-        );
+        )));
     }
-    let (input, imported_from) = match source {
-        Source::StoredRefreshToken => match grant.and_then(|g| g.refresh_token.clone()) {
-            Some(rt) => (GrantInput::RefreshToken(rt), grant.and_then(|g| g.imported_from.clone())),
-            None => return not_found(Reason::ImportSecretNotFound, "the stored grant has no refresh token".into()),
+    Ok(Ok(client_for(who, client_secrets)))
+}
+
+/// Takes the grant's next step: asks the flow what to do, then does it. The outer error is a
+/// Kubernetes failure; the inner result what the authorization server said.
+async fn obtain(
+    ctx: &Context,
+    binding: &MailboxBinding,
+    usable: &ProviderUse,
+    flow: &dyn Flow,
+    grant: Option<&GrantState>,
+    pending: Option<&PendingAuthorization>,
+    now: DateTime<Utc>,
+) -> Result<Obtained> {
+    let ns = binding.namespace().unwrap_or_default();
+    let read = match flow.reads(grant) {
+        Some(r) => match read_key(ctx, &ns, &r.name, &r.key).await? {
+            Read::Value(v) => Some(v),
+            Read::Missing => None,
+            Read::NotAllowed(what) => return Ok(not_ready(Reason::SecretReferenceNotAllowed, what)),
         },
-        Source::ImportRefreshToken(r) => match read_key(ctx, &ns, &r.name, &r.key).await? {
-            Read::Value(rt) => (GrantInput::RefreshToken(rt), Some(import_id(r))),
-            Read::NotAllowed(what) => return not_found(Reason::SecretReferenceNotAllowed, what),
-            Read::Missing => {
-                return not_found(
-                    Reason::ImportSecretNotFound,
-                    format!("Secret {ns}/{} has no non-empty key {}", r.name, r.key),
-                );
-            }
-        },
-        Source::ClientCredentials => (GrantInput::ClientCredentials, None),
+        None => None,
     };
+    let input = FlowInput { now, grant, pending, read: read.as_ref(), scopes: &usable.scopes };
     let who = Requester {
         provider_key: &usable.key,
         provider: &usable.spec,
@@ -609,59 +665,114 @@ async fn obtain(
         scopes: &usable.scopes,
         mailbox: &binding.spec.mailbox,
     };
-    let mut input = input;
-    let mut request = request_for(&who, client_secrets, input.clone());
+    match flow.step(&input) {
+        Step::Await(p) => Ok(Obtained::Awaiting(p)),
+        Step::Fail(failure) => Ok(Obtained::Failed { failure, rescued: None }),
+        Step::StartDeviceAuthorization => {
+            let client = match client_of(ctx, usable, &who).await? {
+                Ok(c) => c,
+                Err(o) => return Ok(o),
+            };
+            let Some(url) = usable.endpoints.device_authorization.clone() else {
+                return Ok(not_ready(Reason::InvalidSpec, "the provider has no device authorization endpoint".into()));
+            };
+            let request = DeviceRequest { url, client, scopes: usable.scopes.clone() };
+            Ok(match ctx.tokens.device_authorization(&request).await {
+                Ok(code) => Obtained::Awaiting(device_code::pending(
+                    code,
+                    now,
+                    &usable.key,
+                    &who.provider.client_id,
+                    who.scopes,
+                )),
+                Err(rejected) => {
+                    let mut failure = classify(&rejected.error);
+                    let held: Vec<&str> = request.client.auth_secrets().collect();
+                    failure.message = scrub(&failure.message, &held);
+                    Obtained::Failed { failure, rescued: None }
+                }
+            })
+        }
+        Step::Token(call) => {
+            let client = match client_of(ctx, usable, &who).await? {
+                Ok(c) => c,
+                Err(o) => return Ok(o),
+            };
+            token(ctx, binding, &who, flow, request_for(&who, client, call), &input).await
+        }
+    }
+}
+
+/// Sends a grant to the token endpoint and reads the answer: a new grant state, a step the flow
+/// takes from a refusal (a device code not approved yet), or a classified failure.
+async fn token(
+    ctx: &Context,
+    binding: &MailboxBinding,
+    who: &Requester<'_>,
+    flow: &dyn Flow,
+    mut request: crate::oauth::TokenRequest,
+    input: &FlowInput<'_>,
+) -> Result<Obtained> {
+    let ns = binding.namespace().unwrap_or_default();
+    let grant = input.grant;
     let mut result = ctx.tokens.request(&request).await;
     // A refused stored refresh token is not the end while the one it replaced is still held:
     // providers that keep replaced tokens valid (Microsoft, Google) accept it, and the grant lives.
-    if let (Err(rejected), Some(replaced)) = (&result, replaced_token(source, grant))
+    if let (Err(rejected), Some(replaced)) = (&result, replaced_token(&request.grant, grant))
         && classify(&rejected.error).reason == Reason::ReauthorizationRequired
     {
         warn!(binding = %binding.name_any(), namespace = %ns, "the stored refresh token was refused; trying the one it replaced");
-        input = GrantInput::RefreshToken(replaced);
-        request = crate::oauth::TokenRequest { grant: input.clone(), ..request };
+        request.grant = refresh(&replaced, who.scopes);
         result = ctx.tokens.request(&request).await;
     }
     Ok(match result {
         Ok(set) => {
-            if rotated(&set, &input) {
+            let used = request.grant.refresh_token();
+            if rotated(&set, used) {
                 info!(binding = %binding.name_any(), namespace = %ns, "refresh token rotated; storing the new one first");
             }
-            Obtained::Token(grant_state_from(&who, set, &input, imported_from.clone(), now, ctx.default_lifetime))
+            Obtained::Token(grant_state_from(who, set, used, flow.origin(), input.now, ctx.default_lifetime))
         }
         Err(rejected) => {
+            match flow.refused(&rejected.error, input) {
+                Some(Step::Await(p)) => return Ok(Obtained::Awaiting(p)),
+                Some(Step::Fail(failure)) => return Ok(Obtained::Failed { failure, rescued: None }),
+                _ => {}
+            }
             let mut failure = classify(&rejected.error);
             // Whatever the provider said is scrubbed of every credential held for this binding.
-            let mut held: Vec<&str> = request.client_secrets.iter().map(ExposeSecret::expose_secret).collect();
-            if let GrantInput::RefreshToken(rt) = &request.grant {
-                held.push(rt.expose_secret());
-            }
+            let mut held: Vec<&str> = request.client.auth_secrets().chain(request.grant.secrets()).collect();
             if let Some(g) = grant {
                 held.push(g.access_token.expose_secret());
                 held.extend(g.refresh_token.as_ref().map(ExposeSecret::expose_secret));
                 held.extend(g.previous_refresh_token.as_ref().map(ExposeSecret::expose_secret));
             }
+            held.extend(input.pending.and_then(|p| p.device_code.as_ref()).map(ExposeSecret::expose_secret));
             failure.message = scrub(&failure.message, &held);
-            let previous = grant.filter(|_| matches!(source, Source::StoredRefreshToken));
-            let rescued = rejected.refresh_token.map(|rt| rescued_state(&who, previous, rt, imported_from, now));
+            let origin = flow.origin();
+            let rescued = rejected.refresh_token.map(|rt| rescued_state(who, grant, rt, origin, input.now));
             Obtained::Failed { failure, rescued }
         }
     })
 }
 
-/// The refresh token the stored one replaced, when the stored one is what is being used and the
-/// two differ.
-fn replaced_token(source: &Source, grant: Option<&GrantState>) -> Option<SecretString> {
-    let g = grant.filter(|_| matches!(source, Source::StoredRefreshToken))?;
+/// The refresh token the stored one replaced, when the call spends the stored one and the two
+/// differ.
+fn replaced_token(call: &GrantCall, grant: Option<&GrantState>) -> Option<SecretString> {
+    let used = call.refresh_token()?;
+    let g = grant?;
+    let stored = g.refresh_token.as_ref()?;
     let previous = g.previous_refresh_token.as_ref()?;
-    let differs = g.refresh_token.as_ref().is_none_or(|rt| rt.expose_secret() != previous.expose_secret());
-    differs.then(|| previous.clone())
+    (stored.expose_secret() == used.expose_secret() && previous.expose_secret() != used.expose_secret())
+        .then(|| previous.clone())
 }
 
 /// What a token request came to.
 enum Obtained {
     /// A new grant state, to be stored first.
     Token(GrantState),
+    /// A person has yet to act: this authorization is kept and shown.
+    Awaiting(PendingAuthorization),
     /// A failure, and a state holding a refresh token the failed response carried, if any.
     Failed {
         /// The classified failure.

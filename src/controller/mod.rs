@@ -68,7 +68,13 @@ pub struct Context {
     pub default_lifetime: Duration,
     /// Which referenced Secrets may be read (strict mode: only labelled ones).
     pub references: ReferencePolicy,
+    /// When each authorization in progress is polled next, by (namespace, binding): kept in
+    /// memory, so that a poll costs no write (after a restart the first poll is at once).
+    pub polls: Polls,
 }
+
+/// Next poll times of authorizations in progress, by (namespace, binding).
+pub type Polls = Arc<Mutex<HashMap<(String, String), DateTime<Utc>>>>;
 
 /// A grant state that could not be written yet, with the Secret that holds it.
 #[derive(Clone, Debug)]
@@ -92,6 +98,27 @@ impl Context {
     /// A grant state waiting to be written.
     pub fn take_pending(&self, namespace: &str, binding: &str) -> Option<Pending> {
         self.pending.lock().ok()?.remove(&(namespace.to_owned(), binding.to_owned()))
+    }
+
+    /// When to poll a binding's authorization next: the later of `stored` and the time kept in
+    /// memory.
+    pub fn next_poll(&self, namespace: &str, binding: &str, stored: DateTime<Utc>) -> DateTime<Utc> {
+        let kept = self.polls.lock().ok().and_then(|p| p.get(&(namespace.to_owned(), binding.to_owned())).copied());
+        kept.map_or(stored, |k| std::cmp::max(k, stored))
+    }
+
+    /// Remembers when to poll a binding's authorization next.
+    pub fn set_next_poll(&self, namespace: &str, binding: &str, at: DateTime<Utc>) {
+        if let Ok(mut p) = self.polls.lock() {
+            p.insert((namespace.to_owned(), binding.to_owned()), at);
+        }
+    }
+
+    /// Forgets a finished authorization's poll time.
+    pub fn forget_poll(&self, namespace: &str, binding: &str) {
+        if let Ok(mut p) = self.polls.lock() {
+            p.remove(&(namespace.to_owned(), binding.to_owned()));
+        }
     }
 
     /// Keeps a grant state whose write failed, to be retried first.

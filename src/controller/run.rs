@@ -128,6 +128,7 @@ pub async fn run(
             pending: Arc::clone(&pending),
             default_lifetime: settings.default_lifetime,
             references: settings.references,
+            polls: Default::default(),
         });
         first_ctx.get_or_insert_with(|| Arc::clone(&ctx));
         syncs.push(synced(provider_store.clone()));

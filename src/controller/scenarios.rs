@@ -26,7 +26,7 @@ use crate::api::{
     MailboxBindingSpec,
 };
 use crate::oauth::http::HttpClients;
-use crate::oauth::{Rejected, TokenEndpoint, TokenRequest, TokenSet};
+use crate::oauth::{DeviceCode, DeviceRequest, Rejected, TokenEndpoint, TokenRequest, TokenSet};
 use crate::policy::binding::{Outcome, next_status};
 use crate::policy::grant_state::GrantState;
 use crate::policy::publish::published_data;
@@ -60,6 +60,20 @@ impl TokenEndpoint for Canned {
                 refresh_token: None,
                 expires_in: Some(Duration::hours(1)),
                 scopes: None,
+            })
+        })
+    }
+
+    fn device_authorization<'a>(&'a self, _request: &'a DeviceRequest) -> BoxFuture<'a, Result<DeviceCode, Rejected>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            Ok(DeviceCode {
+                device_code: "dc-1".to_owned().into(),
+                user_code: "WDJB-MJHT".into(),
+                verification_uri: "https://microsoft.com/devicelogin".into(),
+                verification_uri_complete: None,
+                expires_in: Duration::minutes(15),
+                interval: Duration::seconds(5),
             })
         })
     }
@@ -127,6 +141,7 @@ fn context(client: Client, tokens: Arc<Canned>, bindings: &[MailboxBinding]) -> 
         pending: Default::default(),
         default_lifetime: Duration::hours(1),
         references: Default::default(),
+        polls: Default::default(),
     })
 }
 

@@ -1,28 +1,113 @@
-//! The token endpoint client: one request type for every grant, a trait the controller calls (so
-//! scenario tests can replace the network), and the HTTP implementation with client-secret
-//! fallback (secrets are tried in order, the next one after an `invalid_client`).
+//! The token endpoint client: one request shape for every grant (a `grant_type` and its
+//! parameters, see [`crate::oauth::grants`]), client authentication as one exhaustive type, a
+//! trait the controller calls (so scenario tests can replace the network), and the HTTP
+//! implementation with client-secret fallback (secrets are tried in order, the next one after an
+//! `invalid_client`).
+//!
+//! Requests are plain form POSTs (RFC 6749 §4, RFC 8628 §3.1 and §3.4) rather than oauth2's typed
+//! builders: those cannot poll a device code once (their poll loops and sleeps inside one call,
+//! which would hold a reconcile for up to the code's lifetime and not survive a restart) and have
+//! no custom grant type (the JWT bearer grant), and their response parsing is strict where a
+//! rotated refresh token must be kept (see `oauth::response`).
 
 use chrono::Duration;
 use futures::future::BoxFuture;
-use oauth2::basic::BasicClient;
-use oauth2::{AuthType, ClientId, ClientSecret, TokenUrl};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::grants::client_credentials::ClientCredentialsGrant;
-use super::grants::refresh_token::RefreshTokenGrant;
-use super::grants::{Grant, TokenClient};
-use super::http::{Http, HttpClients, Recorded};
-use crate::api::ClientAuthMethod;
+use super::http::{Basic, HttpClients, Recorded, post_form};
 use crate::policy::Reason;
 use crate::policy::classify::{UpstreamError, classify, reduce_description};
 
-/// What to exchange.
+/// A value in a grant's request.
 #[derive(Clone, Debug)]
-pub enum GrantInput {
-    /// A refresh token.
-    RefreshToken(SecretString),
-    /// Client credentials.
-    ClientCredentials,
+pub enum Param {
+    /// Shown freely (`scope`, `redirect_uri`).
+    Plain(String),
+    /// A credential (a refresh token, a device code, a code verifier, an assertion): scrubbed from
+    /// whatever the endpoint answers.
+    Secret(SecretString),
+}
+
+impl Param {
+    fn value(&self) -> &str {
+        match self {
+            Param::Plain(v) => v,
+            Param::Secret(v) => v.expose_secret(),
+        }
+    }
+}
+
+/// What a grant sends to the token endpoint: its `grant_type` and parameters.
+#[derive(Clone, Debug)]
+pub struct GrantCall {
+    /// `grant_type`.
+    pub grant_type: &'static str,
+    /// The grant's parameters.
+    pub params: Vec<(&'static str, Param)>,
+}
+
+impl GrantCall {
+    /// The credential this call spends, if it is a refresh: a rotated response replaces it.
+    pub fn refresh_token(&self) -> Option<&SecretString> {
+        (self.grant_type == "refresh_token")
+            .then(|| {
+                self.params.iter().find_map(|(k, v)| match (k, v) {
+                    (&"refresh_token", Param::Secret(s)) => Some(s),
+                    _ => None,
+                })
+            })
+            .flatten()
+    }
+
+    /// Every secret value in the call.
+    pub fn secrets(&self) -> impl Iterator<Item = &str> {
+        self.params.iter().filter_map(|(_, v)| match v {
+            Param::Secret(s) => Some(s.expose_secret()),
+            Param::Plain(_) => None,
+        })
+    }
+}
+
+/// How the client proves who it is. Exhaustive: a new method is a new variant, and every place
+/// that sends a request handles it.
+#[derive(Clone, Debug)]
+pub enum ClientAuth {
+    /// A public client: `client_id` in the body and nothing else.
+    Public,
+    /// Client secrets, tried in order (the next after an `invalid_client`).
+    Secrets {
+        /// HTTP Basic (`client_secret_basic`) rather than the body (`client_secret_post`).
+        basic: bool,
+        /// The secrets; never empty.
+        secrets: Vec<SecretString>,
+    },
+}
+
+impl ClientAuth {
+    fn secrets(&self) -> &[SecretString] {
+        match self {
+            ClientAuth::Public => &[],
+            ClientAuth::Secrets { secrets, .. } => secrets,
+        }
+    }
+}
+
+/// Where and as whom a request is sent.
+#[derive(Clone, Debug)]
+pub struct Client {
+    /// Client id.
+    pub client_id: String,
+    /// Client authentication.
+    pub auth: ClientAuth,
+    /// Extra trust roots.
+    pub ca_bundle: Option<String>,
+}
+
+impl Client {
+    /// The client secrets, for scrubbing provider text.
+    pub fn auth_secrets(&self) -> impl Iterator<Item = &str> {
+        self.auth.secrets().iter().map(ExposeSecret::expose_secret)
+    }
 }
 
 /// One token request, whatever the grant.
@@ -30,18 +115,21 @@ pub enum GrantInput {
 pub struct TokenRequest {
     /// Token endpoint (https).
     pub token_url: String,
-    /// Client id.
-    pub client_id: String,
-    /// Client secrets, tried in order; empty for a public client.
-    pub client_secrets: Vec<SecretString>,
-    /// How to send the secret.
-    pub method: ClientAuthMethod,
-    /// Extra trust roots.
-    pub ca_bundle: Option<String>,
-    /// Scopes to request.
-    pub scopes: Vec<String>,
+    /// The client.
+    pub client: Client,
     /// The grant.
-    pub grant: GrantInput,
+    pub grant: GrantCall,
+}
+
+/// A device authorization request (RFC 8628 §3.1).
+#[derive(Clone, Debug)]
+pub struct DeviceRequest {
+    /// Device authorization endpoint (https).
+    pub url: String,
+    /// The client.
+    pub client: Client,
+    /// Scopes to ask the person for.
+    pub scopes: Vec<String>,
 }
 
 /// A successful token response.
@@ -55,6 +143,23 @@ pub struct TokenSet {
     pub expires_in: Option<Duration>,
     /// Granted scopes, when the server said.
     pub scopes: Option<Vec<String>>,
+}
+
+/// A device code for a person to enter (RFC 8628 §3.2).
+#[derive(Clone, Debug)]
+pub struct DeviceCode {
+    /// The code the operator polls with.
+    pub device_code: SecretString,
+    /// The code the person types.
+    pub user_code: String,
+    /// Where to type it.
+    pub verification_uri: String,
+    /// The same with the code filled in, when the server offers one.
+    pub verification_uri_complete: Option<String>,
+    /// How long the code is valid.
+    pub expires_in: Duration,
+    /// How long to wait between polls (default 5 s).
+    pub interval: Duration,
 }
 
 /// A failed token request: what went wrong, and any refresh token the response carried anyway
@@ -74,17 +179,23 @@ impl From<UpstreamError> for Rejected {
     }
 }
 
-/// The token endpoint, as the controller sees it.
+/// The authorization server, as the controller sees it.
 pub trait TokenEndpoint: Send + Sync {
-    /// Sends the request; failures are reduced to [`Rejected`].
+    /// Sends a token request; failures are reduced to [`Rejected`].
     fn request<'a>(&'a self, request: &'a TokenRequest) -> BoxFuture<'a, Result<TokenSet, Rejected>>;
+
+    /// Starts a device authorization; failures are reduced to [`Rejected`].
+    fn device_authorization<'a>(&'a self, request: &'a DeviceRequest) -> BoxFuture<'a, Result<DeviceCode, Rejected>>;
 }
 
-/// The real token endpoint over HTTPS.
+/// The real authorization server over HTTPS.
 #[derive(Clone, Debug, Default)]
 pub struct HttpTokenEndpoint {
     clients: HttpClients,
 }
+
+/// How a response becomes a result: `(recorded, credentials to scrub)`.
+type Reader<T> = fn(Recorded, &[&str]) -> Result<T, Rejected>;
 
 impl HttpTokenEndpoint {
     /// A token endpoint client sharing `clients`.
@@ -92,72 +203,124 @@ impl HttpTokenEndpoint {
         Self { clients }
     }
 
-    async fn request_once(&self, request: &TokenRequest, secret: Option<&SecretString>) -> Result<TokenSet, Rejected> {
+    /// One POST with one client secret (or none).
+    async fn post_once(
+        &self,
+        url: &str,
+        client: &Client,
+        secret: Option<&SecretString>,
+        form: &[(&str, &str)],
+    ) -> Result<Recorded, Rejected> {
         let config_error = |m: String| Rejected::from(UpstreamError { transport: Some(m), ..Default::default() });
-        let url = self.clients.policy().check_endpoint(&request.token_url).map_err(config_error)?;
-        let http_client = self.clients.get(request.ca_bundle.as_deref()).map_err(|e| config_error(e.to_string()))?;
-        let http = Http::new(http_client);
-        let mut client: TokenClient =
-            BasicClient::new(ClientId::new(request.client_id.clone())).set_token_uri(TokenUrl::from_url(url));
-        if let Some(secret) = secret {
-            client = client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()));
-        }
-        client = client.set_auth_type(match request.method {
-            ClientAuthMethod::ClientSecretBasic => AuthType::BasicAuth,
-            _ => AuthType::RequestBody,
-        });
-        // oauth2 builds and sends the request; the answer is taken from what the recorder read,
-        // not from oauth2's strict parse (see `oauth::response`).
-        let _strict = match &request.grant {
-            GrantInput::RefreshToken(rt) => {
-                RefreshTokenGrant { refresh_token: rt.clone() }.exchange(&client, &http, &request.scopes).await
+        let url = self.clients.policy().check_endpoint(url).map_err(config_error)?;
+        let http = self.clients.get(client.ca_bundle.as_deref()).map_err(|e| config_error(e.to_string()))?;
+        let basic = matches!(client.auth, ClientAuth::Secrets { basic: true, .. });
+        let mut body: Vec<(&str, &str)> = form.to_vec();
+        if !basic {
+            body.push(("client_id", &client.client_id));
+            if let Some(s) = secret {
+                body.push(("client_secret", s.expose_secret()));
             }
-            GrantInput::ClientCredentials => ClientCredentialsGrant.exchange(&client, &http, &request.scopes).await,
-        };
-        outcome(http.recorded(), &credentials(request))
+        }
+        let credentials = secret.filter(|_| basic).map(|s| Basic { id: &client.client_id, secret: s.expose_secret() });
+        Ok(post_form(&http, url, &body, credentials).await)
+    }
+
+    /// POSTs `form` with the client's authentication, trying each client secret in turn while
+    /// the endpoint says the client credentials are wrong.
+    async fn post<T>(
+        &self,
+        url: &str,
+        client: &Client,
+        form: &[(&str, &str)],
+        scrub: &[&str],
+        read: Reader<T>,
+    ) -> Result<T, Rejected> {
+        let secrets = client.auth.secrets();
+        if secrets.is_empty() {
+            return read(self.post_once(url, client, None, form).await?, scrub);
+        }
+        let mut last = Rejected::default();
+        for (i, secret) in secrets.iter().enumerate() {
+            match self.post_once(url, client, Some(secret), form).await.and_then(|r| read(r, scrub)) {
+                Ok(t) => {
+                    if i > 0 {
+                        tracing::warn!(
+                            index = i,
+                            "an earlier client secret was rejected; the next one in clientSecretRefs worked"
+                        );
+                    }
+                    return Ok(t);
+                }
+                Err(e) => {
+                    let reason = classify(&e.error).reason;
+                    if e.refresh_token.is_some()
+                        || !matches!(reason, Reason::ClientCredentialsInvalid | Reason::ClientSecretExpired)
+                    {
+                        return Err(e);
+                    }
+                    last = e;
+                }
+            }
+        }
+        Err(last)
     }
 }
 
 /// Every credential a request carries, for scrubbing provider text.
-fn credentials(request: &TokenRequest) -> Vec<&str> {
-    let mut out: Vec<&str> = request.client_secrets.iter().map(ExposeSecret::expose_secret).collect();
-    if let GrantInput::RefreshToken(rt) = &request.grant {
-        out.push(rt.expose_secret());
-    }
-    out
+fn credentials<'a>(client: &'a Client, extra: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    client.auth.secrets().iter().map(ExposeSecret::expose_secret).chain(extra).collect()
 }
 
 impl TokenEndpoint for HttpTokenEndpoint {
     fn request<'a>(&'a self, request: &'a TokenRequest) -> BoxFuture<'a, Result<TokenSet, Rejected>> {
         Box::pin(async move {
-            if request.client_secrets.is_empty() {
-                return self.request_once(request, None).await;
-            }
-            let mut last = Rejected::default();
-            for (i, secret) in request.client_secrets.iter().enumerate() {
-                match self.request_once(request, Some(secret)).await {
-                    Ok(t) => {
-                        if i > 0 {
-                            tracing::warn!(
-                                index = i,
-                                "an earlier client secret was rejected; the next one in clientSecretRefs worked"
-                            );
-                        }
-                        return Ok(t);
-                    }
-                    Err(e) => {
-                        let reason = classify(&e.error).reason;
-                        if e.refresh_token.is_some()
-                            || !matches!(reason, Reason::ClientCredentialsInvalid | Reason::ClientSecretExpired)
-                        {
-                            return Err(e);
-                        }
-                        last = e;
-                    }
-                }
-            }
-            Err(last)
+            let mut form: Vec<(&str, &str)> = vec![("grant_type", request.grant.grant_type)];
+            form.extend(request.grant.params.iter().map(|(k, v)| (*k, v.value())));
+            let scrub = credentials(&request.client, request.grant.secrets());
+            self.post(&request.token_url, &request.client, &form, &scrub, outcome).await
         })
+    }
+
+    fn device_authorization<'a>(&'a self, request: &'a DeviceRequest) -> BoxFuture<'a, Result<DeviceCode, Rejected>> {
+        Box::pin(async move {
+            let scope = request.scopes.join(" ");
+            let form: Vec<(&str, &str)> = vec![("scope", &scope)];
+            let scrub = credentials(&request.client, std::iter::empty());
+            self.post(&request.url, &request.client, &form, &scrub, device_outcome).await
+        })
+    }
+}
+
+/// Default poll interval (RFC 8628 §3.2).
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::seconds(5);
+
+/// The answer to a device authorization request.
+pub fn device_outcome(recorded: Recorded, secrets: &[&str]) -> Result<DeviceCode, Rejected> {
+    let success = recorded.status.is_some_and(|s| (200..300).contains(&s)) && recorded.transport.is_none();
+    if !success {
+        // A non-2xx answer or a transport failure: read as a token endpoint error would be.
+        return Err(outcome(Recorded { token: None, ..recorded }, secrets).err().unwrap_or_default());
+    }
+    let fields = recorded.device.clone().unwrap_or_default();
+    match (fields.device_code, fields.user_code, fields.verification_uri) {
+        (Some(device_code), Some(user_code), Some(verification_uri)) => Ok(DeviceCode {
+            device_code,
+            user_code,
+            verification_uri,
+            verification_uri_complete: fields.verification_uri_complete,
+            expires_in: fields.expires_in.unwrap_or(Duration::minutes(15)),
+            interval: fields.interval.unwrap_or(DEFAULT_POLL_INTERVAL),
+        }),
+        _ => Err(UpstreamError {
+            status: recorded.status,
+            description: Some(
+                "the response is not a device authorization (device_code, user_code and verification_uri are required)"
+                    .into(),
+            ),
+            ..Default::default()
+        }
+        .into()),
     }
 }
 

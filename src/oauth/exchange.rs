@@ -4,7 +4,8 @@
 use chrono::{DateTime, Duration, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{GrantInput, TokenRequest, TokenSet};
+use super::client::{Client, ClientAuth, GrantCall};
+use super::{TokenRequest, TokenSet};
 use crate::api::{ClientAuthMethod, Endpoints, MailProviderSpec};
 use crate::policy::grant_state::GrantState;
 
@@ -27,23 +28,30 @@ pub struct Requester<'a> {
     pub mailbox: &'a str,
 }
 
-/// The token request for `input`, with the client secrets found.
-pub fn request_for(who: &Requester<'_>, client_secrets: Vec<SecretString>, input: GrantInput) -> TokenRequest {
-    TokenRequest {
-        token_url: who.endpoints.token.clone().unwrap_or_default(),
+/// The token request for `grant`, as `client`.
+pub fn request_for(who: &Requester<'_>, client: Client, grant: GrantCall) -> TokenRequest {
+    TokenRequest { token_url: who.endpoints.token.clone().unwrap_or_default(), client, grant }
+}
+
+/// The client as `who`'s provider registers it, authenticating with `secrets` (none: public).
+pub fn client_for(who: &Requester<'_>, secrets: Vec<SecretString>) -> Client {
+    let auth = if secrets.is_empty() {
+        ClientAuth::Public
+    } else {
+        let basic = super::provider::auth_method(who.provider) == Some(ClientAuthMethod::ClientSecretBasic);
+        ClientAuth::Secrets { basic, secrets }
+    };
+    Client {
         client_id: who.provider.client_id.clone(),
-        client_secrets,
-        method: super::provider::auth_method(who.provider).unwrap_or(ClientAuthMethod::ClientSecretPost),
+        auth,
         ca_bundle: super::provider::ca_bundle(who.provider).map(str::to_owned),
-        scopes: who.scopes.to_vec(),
-        grant: input,
     }
 }
 
 /// Whether the response carries a refresh token other than the one used.
-pub fn rotated(set: &TokenSet, input: &GrantInput) -> bool {
-    match (&set.refresh_token, input) {
-        (Some(new), GrantInput::RefreshToken(old)) => new.expose_secret() != old.expose_secret(),
+pub fn rotated(set: &TokenSet, used: Option<&SecretString>) -> bool {
+    match (&set.refresh_token, used) {
+        (Some(new), Some(old)) => new.expose_secret() != old.expose_secret(),
         _ => false,
     }
 }
@@ -55,18 +63,14 @@ pub fn rotated(set: &TokenSet, input: &GrantInput) -> bool {
 pub fn grant_state_from(
     who: &Requester<'_>,
     set: TokenSet,
-    input: &GrantInput,
+    used: Option<&SecretString>,
     imported_from: Option<String>,
     now: DateTime<Utc>,
     default_lifetime: Duration,
 ) -> GrantState {
-    let used = match input {
-        GrantInput::RefreshToken(rt) => Some(rt.clone()),
-        GrantInput::ClientCredentials => None,
-    };
-    let previous = if rotated(&set, input) { used.clone() } else { None };
+    let previous = if rotated(&set, used) { used.cloned() } else { None };
     GrantState {
-        refresh_token: set.refresh_token.or(used),
+        refresh_token: set.refresh_token.or_else(|| used.cloned()),
         previous_refresh_token: previous,
         access_token: set.access_token,
         token_type: "Bearer".into(),

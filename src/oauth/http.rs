@@ -1,21 +1,19 @@
 //! HTTP for token and discovery endpoints: one reqwest client per trust configuration (system
 //! roots plus a provider's CA bundle, a bounded cache), https only, no redirects, timeouts, an
 //! outbound address policy enforced where connections are made, response bodies read with a
-//! small cap, and a recorder that keeps what the operator needs of a response (status,
-//! `Retry-After`, the token or error fields) so that oauth2's own response handling, which hides
-//! them, is not relied on.
+//! small cap, and one client-authenticated form POST (token, device authorization and revocation
+//! endpoints all take one) that keeps what the operator needs of a response: status,
+//! `Retry-After`, and the token, device or error fields read leniently.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
 use url::Url;
 
-use super::response::{ErrorFields, TokenFields, parse_error, parse_token};
+use super::response::{DeviceFields, ErrorFields, TokenFields, parse_device, parse_error, parse_token};
 
 /// Largest response body read from a token or discovery endpoint.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -208,7 +206,7 @@ impl HttpClients {
     }
 }
 
-/// What the recorder kept of the last response.
+/// What the operator keeps of a response to a form POST.
 #[derive(Clone, Debug, Default)]
 pub struct Recorded {
     /// HTTP status.
@@ -219,6 +217,8 @@ pub struct Recorded {
     pub transport: Option<String>,
     /// The token fields of a 2xx body, read leniently.
     pub token: Option<TokenFields>,
+    /// The device authorization fields of a 2xx body, read leniently.
+    pub device: Option<DeviceFields>,
     /// The error fields of a non-2xx body, raw (scrub them before use).
     pub error: Option<ErrorFields>,
 }
@@ -228,73 +228,61 @@ pub struct Recorded {
 #[error("{0}")]
 pub struct TransportError(pub String);
 
-/// The HTTP function oauth2 calls: a client plus the recorder of the last response.
-#[derive(Clone, Debug)]
-pub struct Http {
-    client: reqwest::Client,
-    record: Arc<Mutex<Recorded>>,
+/// HTTP Basic client authentication (RFC 6749 §2.3.1: id and secret form-encoded first).
+pub struct Basic<'a> {
+    /// The client id.
+    pub id: &'a str,
+    /// The client secret.
+    pub secret: &'a str,
 }
 
-impl Http {
-    /// Wraps a client with a fresh recorder.
-    pub fn new(client: reqwest::Client) -> Self {
-        Self { client, record: Arc::default() }
-    }
-
-    /// What was recorded of the last response.
-    pub fn recorded(&self) -> Recorded {
-        self.record.lock().map(|r| r.clone()).unwrap_or_default()
-    }
-}
-
-impl<'c> oauth2::AsyncHttpClient<'c> for Http {
-    type Error = TransportError;
-    type Future = Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, TransportError>> + Send + 'c>>;
-
-    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
-        let record = Arc::clone(&self.record);
-        let client = self.client.clone();
-        Box::pin(async move {
-            let result = send(client, request).await;
-            if let Ok(mut r) = record.lock() {
-                *r = match &result {
-                    Ok((_, recorded)) => recorded.clone(),
-                    Err(e) => Recorded { transport: Some(e.0.clone()), ..Default::default() },
-                };
-            }
-            result.map(|(response, _)| response)
-        })
+/// POSTs `form` to `url` (a token, device authorization or revocation endpoint) and keeps what
+/// the operator needs of the answer. Never fails: a transport failure is recorded as such.
+pub async fn post_form(
+    client: &reqwest::Client,
+    url: Url,
+    form: &[(&str, &str)],
+    basic: Option<Basic<'_>>,
+) -> Recorded {
+    match send(client, url, form, basic).await {
+        Ok(r) => r,
+        Err(e) => Recorded { transport: Some(e.0), ..Default::default() },
     }
 }
 
-/// Sends one oauth2 request with `client` and records what the operator needs of the answer.
 async fn send(
-    client: reqwest::Client,
-    request: oauth2::HttpRequest,
-) -> Result<(oauth2::HttpResponse, Recorded), TransportError> {
-    let request = reqwest::Request::try_from(request).map_err(|e| TransportError(describe(&e)))?;
-    let response = client.execute(request).await.map_err(|e| TransportError(describe(&e)))?;
+    client: &reqwest::Client,
+    url: Url,
+    form: &[(&str, &str)],
+    basic: Option<Basic<'_>>,
+) -> Result<Recorded, TransportError> {
+    let body: String = url::form_urlencoded::Serializer::new(String::new()).extend_pairs(form).finish();
+    let mut request = client
+        .post(url)
+        .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(http::header::ACCEPT, "application/json")
+        .body(body);
+    if let Some(b) = basic {
+        let encode = |v: &str| url::form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
+        request = request.basic_auth(encode(b.id), Some(encode(b.secret)));
+    }
+    let response = request.send().await.map_err(|e| TransportError(describe(&e)))?;
     let status = response.status();
     let retry_after = response
         .headers()
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| retry_after(v, Utc::now()));
-    let headers = response.headers().clone();
     let body = read_capped(response).await?;
-    let recorded = Recorded {
+    let ok = status.is_success();
+    Ok(Recorded {
         status: Some(status.as_u16()),
         retry_after,
         transport: None,
-        token: status.is_success().then(|| parse_token(&body)).flatten(),
-        error: (!status.is_success()).then(|| parse_error(&body)).flatten(),
-    };
-    let mut out = http::Response::builder().status(status);
-    if let Some(h) = out.headers_mut() {
-        *h = headers;
-    }
-    let response = out.body(body).map_err(|_| TransportError("the response could not be read".into()))?;
-    Ok((response, recorded))
+        token: ok.then(|| parse_token(&body)).flatten(),
+        device: ok.then(|| parse_device(&body)).flatten(),
+        error: (!ok).then(|| parse_error(&body)).flatten(),
+    })
 }
 
 /// Reads a body of at most [`MAX_BODY`] bytes; a longer one is an error, and what was read of it

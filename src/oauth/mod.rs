@@ -1,5 +1,5 @@
 //! The OAuth 2.0 client: provider presets as data, provider resolution and discovery, one module
-//! per grant, and the token endpoint behind the [`TokenEndpoint`] trait.
+//! per grant behind one flow trait, and the authorization server behind the [`TokenEndpoint`] trait.
 
 pub mod client;
 pub mod discovery;
@@ -10,4 +10,7 @@ pub mod presets;
 pub mod provider;
 pub mod response;
 
-pub use client::{GrantInput, HttpTokenEndpoint, Rejected, TokenEndpoint, TokenRequest, TokenSet};
+pub use client::{
+    Client, ClientAuth, DeviceCode, DeviceRequest, GrantCall, HttpTokenEndpoint, Param, Rejected, TokenEndpoint,
+    TokenRequest, TokenSet,
+};

@@ -3,8 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::api::{
-    ClientAuthMethod, ClientSecretRef, Endpoints, Grant, MailProviderSpec, MailboxBindingSpec, Preset, Protocol,
-    ServerAddress,
+    ClientAuthMethod, ClientSecretRef, Endpoints, MailProviderSpec, MailboxBindingSpec, Preset, Protocol, ServerAddress,
 };
 
 use super::presets::{GOOGLE, MICROSOFT, PresetData};
@@ -52,6 +51,16 @@ fn preset_of(spec: &MailProviderSpec) -> Option<&'static PresetData> {
     }
 }
 
+/// `microsoft` or `google` for a preset, `None` for a generic provider.
+pub fn preset_name(spec: &MailProviderSpec) -> Option<&'static str> {
+    preset_of(spec).map(|p| p.name)
+}
+
+/// Whether the provider's device flow may ask for mail scopes (a generic provider's may).
+pub fn device_flow_for_mail(spec: &MailProviderSpec) -> bool {
+    preset_of(spec).is_none_or(|p| p.device_flow_for_mail)
+}
+
 /// The client authentication method in effect.
 pub fn auth_method(spec: &MailProviderSpec) -> Option<ClientAuthMethod> {
     let auth = spec.client_authentication.as_ref()?;
@@ -96,13 +105,18 @@ pub fn servers(spec: &MailProviderSpec) -> BTreeMap<Protocol, ServerAddress> {
     }
 }
 
-/// The scopes a binding requests from this provider, or why it cannot.
-pub fn scopes_for(provider: &MailProviderSpec, binding: &MailboxBindingSpec) -> Result<Vec<String>, String> {
+/// The scopes a binding requests from this provider, or why it cannot; `app_only` for a grant
+/// that gets an app-only token (see [`crate::oauth::grants::Flow::app_only`]).
+pub fn scopes_for(
+    provider: &MailProviderSpec,
+    binding: &MailboxBindingSpec,
+    app_only: bool,
+) -> Result<Vec<String>, String> {
     if !binding.scopes.is_empty() {
         return Ok(dedup(binding.scopes.iter().cloned()));
     }
     let preset = preset_of(provider);
-    if let Grant::ClientCredentials {} = binding.grant {
+    if app_only {
         return match (preset, &provider.preset) {
             (Some(p), _) => p.client_credentials_scopes.map(|s| s.iter().map(|s| (*s).to_owned()).collect()).ok_or_else(|| {
                 format!("the {} provider offers no client credentials grant for mail; use the jwtBearer grant (service account)", p.name)
@@ -144,6 +158,7 @@ fn dedup(items: impl Iterator<Item = String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::Grant;
     use crate::api::{GenericPreset, GooglePreset, MicrosoftPreset, ProtocolScopes};
 
     fn provider(preset: Preset) -> MailProviderSpec {
@@ -166,7 +181,7 @@ mod tests {
             vec![Protocol::Imap, Protocol::Smtp],
         );
         assert_eq!(
-            scopes_for(&p, &b),
+            scopes_for(&p, &b, matches!(b.grant, Grant::ClientCredentials {})),
             Ok(vec![
                 "https://outlook.office365.com/IMAP.AccessAsUser.All".to_owned(),
                 "https://outlook.office365.com/SMTP.Send".to_owned(),
@@ -181,14 +196,17 @@ mod tests {
     fn microsoft_client_credentials_use_the_default_scope() {
         let p = provider(Preset::Microsoft(MicrosoftPreset::default()));
         let b = binding(Grant::ClientCredentials {}, vec![Protocol::Imap]);
-        assert_eq!(scopes_for(&p, &b), Ok(vec!["https://outlook.office365.com/.default".to_owned()]));
+        assert_eq!(
+            scopes_for(&p, &b, matches!(b.grant, Grant::ClientCredentials {})),
+            Ok(vec!["https://outlook.office365.com/.default".to_owned()])
+        );
     }
 
     #[test]
     fn google_refuses_client_credentials_with_a_hint() {
         let p = provider(Preset::Google(GooglePreset {}));
         let b = binding(Grant::ClientCredentials {}, vec![Protocol::Imap]);
-        let err = scopes_for(&p, &b).err().unwrap_or_default();
+        let err = scopes_for(&p, &b, matches!(b.grant, Grant::ClientCredentials {})).err().unwrap_or_default();
         assert!(err.contains("jwtBearer"), "{err}");
         assert_eq!(servers(&p)[&Protocol::Imap], ServerAddress { host: "imap.gmail.com".into(), port: 993 });
     }
@@ -205,7 +223,10 @@ mod tests {
             ..Default::default()
         })));
         let b = binding(Grant::ClientCredentials {}, vec![Protocol::Imap, Protocol::Smtp]);
-        assert_eq!(scopes_for(&p, &b), Ok(vec!["mail".to_owned(), "send".to_owned()]));
+        assert_eq!(
+            scopes_for(&p, &b, matches!(b.grant, Grant::ClientCredentials {})),
+            Ok(vec!["mail".to_owned(), "send".to_owned()])
+        );
         assert!(servers(&p).is_empty());
         let discovery_only = provider(Preset::Generic(Box::new(GenericPreset {
             issuer_url: Some("https://idp".into()),

@@ -29,6 +29,46 @@ pub struct TokenFields {
     pub scopes: Option<Vec<String>>,
 }
 
+/// The fields of a 2xx device authorization response (RFC 8628 §3.2).
+#[derive(Clone, Debug, Default)]
+pub struct DeviceFields {
+    /// `device_code`, kept secret: whoever holds it can collect the person's tokens.
+    pub device_code: Option<SecretString>,
+    /// `user_code`, the code the person types.
+    pub user_code: Option<String>,
+    /// `verification_uri` (Google says `verification_url`).
+    pub verification_uri: Option<String>,
+    /// `verification_uri_complete`, the URI with the code filled in.
+    pub verification_uri_complete: Option<String>,
+    /// `expires_in`, bounded like a token lifetime.
+    pub expires_in: Option<Duration>,
+    /// `interval`, when a positive number.
+    pub interval: Option<Duration>,
+}
+
+/// Longest user code or verification URI shown.
+const MAX_SHOWN: usize = 512;
+
+fn shown(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && t.len() <= MAX_SHOWN && t.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_owned)
+}
+
+/// Reads a 2xx device authorization response; `None` when the body is not a JSON object.
+pub fn parse_device(body: &[u8]) -> Option<DeviceFields> {
+    let map = object(body)?;
+    Some(DeviceFields {
+        device_code: token(map.get("device_code")),
+        user_code: shown(map.get("user_code")),
+        verification_uri: shown(map.get("verification_uri")).or_else(|| shown(map.get("verification_url"))),
+        verification_uri_complete: shown(map.get("verification_uri_complete")),
+        expires_in: lifetime(map.get("expires_in")),
+        interval: lifetime(map.get("interval")),
+    })
+}
+
 /// The error fields of a non-2xx response, as sent (scrub before showing).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ErrorFields {
@@ -133,12 +173,24 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_device_response_is_read_with_googles_spelling_too() {
+        let d = parse_device(br#"{"device_code":"dc","user_code":"ABCD-EFGH","verification_url":"https://www.google.com/device","expires_in":1800,"interval":5}"#).unwrap();
+        assert_eq!(d.device_code.as_ref().map(ExposeSecret::expose_secret), Some("dc"));
+        assert_eq!(d.user_code.as_deref(), Some("ABCD-EFGH"));
+        assert_eq!(d.verification_uri.as_deref(), Some("https://www.google.com/device"));
+        assert_eq!((d.expires_in, d.interval), (Some(Duration::seconds(1800)), Some(Duration::seconds(5))));
+        let odd = parse_device(br#"{"device_code":"dc","user_code":"bad\ncode","verification_uri":5}"#).unwrap();
+        assert_eq!((odd.user_code, odd.verification_uri), (None, None));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(crate::policy::fuzz_cases()))]
         #[test]
         fn any_body_parses_or_not_without_panicking(body in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = parse_token(&body);
             let _ = parse_error(&body);
+            let _ = parse_device(&body);
         }
 
         #[test]

@@ -6,13 +6,13 @@ use chrono::{DateTime, Duration, Utc};
 use super::Reason;
 use super::classify::Failure;
 use super::condition::condition;
-use super::grant_state::{GrantState, rfc3339};
+use super::grant_state::{GrantState, PendingAuthorization, rfc3339};
 use super::time::{between, plus};
 use super::{schedule, validate};
 use crate::api::common::find_condition;
 use crate::api::{
-    Condition, ConditionStatus, Grant, MailboxBinding, MailboxBindingStatus, Phase, REAUTHORIZE_REQUESTED_ANNOTATION,
-    REFRESH_REQUESTED_ANNOTATION, SecretKeySelector, TokenStatus,
+    AuthorizationStatus, Condition, ConditionStatus, MailboxBinding, MailboxBindingStatus, Phase,
+    REAUTHORIZE_REQUESTED_ANNOTATION, REFRESH_REQUESTED_ANNOTATION, TokenStatus,
 };
 
 /// Condition types of a binding.
@@ -55,21 +55,13 @@ pub struct Inputs<'a> {
     pub binding: &'a MailboxBinding,
     /// The provider.
     pub provider: &'a ProviderState,
-    /// The stored grant state, when one exists and parses.
+    /// The stored grant state, when one exists, parses and came from the binding's grant as the
+    /// spec says it now (see `oauth::grants::Flow::owns`).
     pub grant: Option<&'a GrantState>,
     /// Why the binding may not write its Secrets, if it may not.
     pub secret_conflict: Option<&'a str>,
-}
-
-/// Where the next token comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// The stored (possibly rotated) refresh token.
-    StoredRefreshToken,
-    /// Import the refresh token from the Secret the spec names.
-    ImportRefreshToken(SecretKeySelector),
-    /// The client credentials grant.
-    ClientCredentials,
+    /// Whether this version implements the binding's grant.
+    pub supported: bool,
 }
 
 /// Why a token is requested now.
@@ -99,10 +91,8 @@ pub enum Decision {
         /// What to do.
         message: String,
     },
-    /// Ask the token endpoint.
+    /// Take the grant's next step (ask the token endpoint, start or poll an authorization).
     Obtain {
-        /// With which credential.
-        source: Source,
         /// Why now.
         why: Why,
     },
@@ -164,22 +154,9 @@ pub fn reauthorize_requested(binding: &MailboxBinding) -> Option<&str> {
     (seen != Some(value)).then_some(value)
 }
 
-/// `secret/key` of an import reference, as stored in the grant state.
-pub fn import_id(r: &SecretKeySelector) -> String {
-    format!("{}/{}", r.name, r.key)
-}
-
-/// Whether the stored grant belongs to this binding's current spec and provider.
-pub fn grant_matches(binding: &MailboxBinding, provider_key: &str, client_id: &str, grant: &GrantState) -> bool {
-    if grant.provider != provider_key || grant.client_id != client_id {
-        return false;
-    }
-    match &binding.spec.grant {
-        Grant::RefreshToken { secret_ref } => {
-            grant.refresh_token.is_some() && grant.imported_from.as_deref() == Some(import_id(secret_ref).as_str())
-        }
-        _ => true,
-    }
+/// Whether the stored grant was issued through the binding's current provider and client.
+pub fn grant_matches(provider_key: &str, client_id: &str, grant: &GrantState) -> bool {
+    grant.provider == provider_key && grant.client_id == client_id
 }
 
 /// The permanent failure recorded in status for the current generation, if any.
@@ -200,6 +177,9 @@ pub fn is_permanent(reason: &str) -> bool {
         Reason::ClientCredentialsInvalid,
         Reason::ClientSecretExpired,
         Reason::IdentityMismatch,
+        Reason::AuthorizationExpired,
+        Reason::AuthorizationDenied,
+        Reason::RequestRejected,
     ]
     .iter()
     .any(|r| r.as_str() == reason)
@@ -219,24 +199,20 @@ fn backoff_until(binding: &MailboxBinding) -> Option<DateTime<Utc>> {
 
 /// What to do now.
 pub fn decide(inputs: Inputs<'_>) -> Decision {
-    let Inputs { now, binding, provider, grant, secret_conflict } = inputs;
+    let Inputs { now, binding, provider, grant, secret_conflict, supported } = inputs;
     if binding.spec.suspend {
         return Decision::Suspended;
     }
     if let Err(why) = validate::spec(&binding.spec) {
         return Decision::Blocked { reason: Reason::InvalidSpec, message: Reason::InvalidSpec.message(why) };
     }
-    let source_kind = match &binding.spec.grant {
-        Grant::RefreshToken { secret_ref } => Some(secret_ref),
-        Grant::ClientCredentials {} => None,
-        other => {
-            return Decision::Blocked {
-                reason: Reason::GrantNotSupported,
-                message: Reason::GrantNotSupported
-                    .message(format!("the {} grant is not supported yet by this version", other.name())),
-            };
-        }
-    };
+    if !supported {
+        return Decision::Blocked {
+            reason: Reason::GrantNotSupported,
+            message: Reason::GrantNotSupported
+                .message(format!("the {} grant is not supported yet by this version", binding.spec.grant.name())),
+        };
+    }
     let (key, client_id, scopes) = match provider {
         ProviderState::Usable { key, client_id, scopes } => (key, client_id, scopes),
         ProviderState::Unusable { reason, message } => {
@@ -248,12 +224,7 @@ pub fn decide(inputs: Inputs<'_>) -> Decision {
     }
 
     let reauthorize = reauthorize_requested(binding).is_some();
-    let usable = grant.filter(|g| !reauthorize && grant_matches(binding, key, client_id, g));
-    let source = match (source_kind, usable) {
-        (None, _) => Source::ClientCredentials,
-        (Some(_), Some(g)) if g.refresh_token.is_some() => Source::StoredRefreshToken,
-        (Some(r), _) => Source::ImportRefreshToken(r.clone()),
-    };
+    let usable = grant.filter(|g| !reauthorize && grant_matches(key, client_id, g));
     let why = match usable {
         None => Some(Why::Initial),
         Some(_) if refresh_requested(binding).is_some() => Some(Why::Requested),
@@ -279,7 +250,7 @@ pub fn decide(inputs: Inputs<'_>) -> Decision {
         }
     }
     let why = if !asked && backoff_until(binding).is_some() { Why::Retry } else { why };
-    Decision::Obtain { source, why }
+    Decision::Obtain { why }
 }
 
 /// What happened in this reconcile, for the status.
@@ -300,6 +271,8 @@ pub enum Outcome {
     Refreshed,
     /// The token request failed.
     Failed(Failure),
+    /// A person has yet to complete an authorization.
+    Awaiting(PendingAuthorization),
 }
 
 /// The status after a reconcile. Equal to the previous status when nothing changed, so that the
@@ -337,7 +310,7 @@ pub fn next_status(
     let cond = |type_: &str, s: ConditionStatus, r: Reason, m: String| condition(prev, type_, s, r, m, now, generation);
 
     // Annotations are acted on by any reconcile that requested a token.
-    if matches!(outcome, Outcome::Refreshed | Outcome::Failed(_)) {
+    if matches!(outcome, Outcome::Refreshed | Outcome::Failed(_) | Outcome::Awaiting(_)) {
         if let Some(v) = refresh_requested(binding) {
             status.last_refresh_request = Some(v.to_owned());
         }
@@ -441,8 +414,54 @@ pub fn next_status(
             status.conditions.push(cond(conditions::REFRESH_FAILING, ConditionStatus::True, failure.reason, message));
             status.phase = Some(phase_of(&status.conditions, valid.is_some()));
         }
+        Outcome::Awaiting(p) => {
+            // Waiting for a person is no failure: nothing is counted, and the way to go on is shown.
+            status.failed_attempts = 0;
+            status.last_failure_time = None;
+            status.next_attempt_time = None;
+            status.phase = Some(Phase::AwaitingAuthorization);
+            status.authorization = Some(AuthorizationStatus {
+                method: p.method.clone(),
+                user_code: p.user_code.clone(),
+                verification_uri: p.verification_uri.clone(),
+                verification_uri_complete: p.verification_uri_complete.clone(),
+                url: None,
+                expires_at: Some(p.expires_at),
+            });
+            let message = awaiting_message(&binding.spec.mailbox, p);
+            status.conditions.push(match valid {
+                Some(_) => ready(valid),
+                None => cond(conditions::READY, ConditionStatus::False, Reason::AwaitingAuthorization, message.clone()),
+            });
+            status.conditions.push(cond(
+                conditions::AUTHORIZED,
+                ConditionStatus::False,
+                Reason::AwaitingAuthorization,
+                message,
+            ));
+            status.conditions.push(cond(
+                conditions::REFRESH_FAILING,
+                ConditionStatus::False,
+                Reason::AwaitingAuthorization,
+                "no token request has failed; waiting for a person to authorize".into(),
+            ));
+        }
     }
     status
+}
+
+/// What a person has to do, in one line (shown in the wide `MESSAGE` column and the Event).
+pub fn awaiting_message(mailbox: &str, p: &PendingAuthorization) -> String {
+    let uri = p.verification_uri.as_deref().unwrap_or("the provider's verification page");
+    let code = p.user_code.as_deref().unwrap_or("?");
+    let mut m = format!(
+        "to authorize {mailbox}, open {uri} and enter the code {code} before {}, signed in as {mailbox}",
+        rfc3339(p.expires_at)
+    );
+    if let Some(complete) = &p.verification_uri_complete {
+        m.push_str(&format!(" (or open {complete})"));
+    }
+    m
 }
 
 fn failure_message(failure: &Failure, valid: Option<&GrantState>) -> String {
@@ -477,6 +496,7 @@ pub fn requeue_after(
     decision: &Decision,
     status: &MailboxBindingStatus,
     failure: Option<&Failure>,
+    next_poll: Option<DateTime<Utc>>,
 ) -> Option<Duration> {
     let expiry = status.token.as_ref().map(|t| t.expires_at).filter(|e| *e > now);
     let next = match decision {
@@ -487,7 +507,7 @@ pub fn requeue_after(
         Decision::Keep { renew_at } => Some(*renew_at),
         Decision::Wait { until } => *until,
         Decision::Obtain { .. } => match failure {
-            None => status.token.as_ref().map(|t| t.renew_at),
+            None => next_poll.or_else(|| status.token.as_ref().map(|t| t.renew_at)),
             Some(f) if f.transient => status.next_attempt_time,
             Some(_) => None,
         },
@@ -551,25 +571,33 @@ mod tests {
         }
     }
 
+    /// Decides as the controller does: the stored grant counts only when the binding's flow owns it.
     fn decide_at(now: DateTime<Utc>, b: &MailboxBinding, g: Option<&GrantState>) -> Decision {
-        decide(Inputs { now, binding: b, provider: &provider(), grant: g, secret_conflict: None })
+        decide(inputs(now, b, &provider(), g))
+    }
+
+    fn inputs<'a>(
+        now: DateTime<Utc>,
+        b: &'a MailboxBinding,
+        p: &'a ProviderState,
+        g: Option<&'a GrantState>,
+    ) -> Inputs<'a> {
+        let flow = crate::oauth::grants::flow_for(&b.spec.grant);
+        let grant = g.filter(|g| flow.as_ref().is_some_and(|f| f.owns(g)));
+        Inputs { now, binding: b, provider: p, grant, secret_conflict: None, supported: flow.is_some() }
     }
 
     #[test]
     fn a_new_import_binding_imports_its_refresh_token() {
         let b = import();
-        let want = Source::ImportRefreshToken(SecretKeySelector { name: "seed".into(), key: "refresh_token".into() });
-        assert_eq!(decide_at(t(0), &b, None), Decision::Obtain { source: want, why: Why::Initial });
+        assert_eq!(decide_at(t(0), &b, None), Decision::Obtain { why: Why::Initial });
     }
 
     #[test]
     fn once_a_token_is_stored_the_imported_copy_is_never_used_again() {
         let b = import();
         let g = grant(0, 3600);
-        assert_eq!(
-            decide_at(t(3000), &b, Some(&g)),
-            Decision::Obtain { source: Source::StoredRefreshToken, why: Why::Due }
-        );
+        assert_eq!(decide_at(t(3000), &b, Some(&g)), Decision::Obtain { why: Why::Due });
     }
 
     #[test]
@@ -595,10 +623,7 @@ mod tests {
         let mut b = import();
         let g = grant(0, 3600);
         b.metadata.annotations = Some([(REFRESH_REQUESTED_ANNOTATION.to_owned(), "1".to_owned())].into());
-        assert_eq!(
-            decide_at(t(10), &b, Some(&g)),
-            Decision::Obtain { source: Source::StoredRefreshToken, why: Why::Requested }
-        );
+        assert_eq!(decide_at(t(10), &b, Some(&g)), Decision::Obtain { why: Why::Requested });
         b.status = Some(next_status(t(10), &b, Some(&g), &Outcome::Refreshed));
         assert!(matches!(decide_at(t(11), &b, Some(&g)), Decision::Keep { .. }));
     }
@@ -608,10 +633,7 @@ mod tests {
         let mut b = import();
         let g = grant(0, 3600);
         b.metadata.annotations = Some([(REAUTHORIZE_REQUESTED_ANNOTATION.to_owned(), "x".to_owned())].into());
-        assert!(matches!(
-            decide_at(t(10), &b, Some(&g)),
-            Decision::Obtain { source: Source::ImportRefreshToken(_), why: Why::Initial }
-        ));
+        assert!(matches!(decide_at(t(10), &b, Some(&g)), Decision::Obtain { why: Why::Initial }));
     }
 
     #[test]
@@ -676,12 +698,9 @@ mod tests {
         assert!(next >= t(2515) && next <= t(2530), "{next}");
         b.status = Some(status.clone());
         assert_eq!(decide_at(t(2510), &b, Some(&g)), Decision::Wait { until: Some(next) });
-        assert_eq!(
-            decide_at(next, &b, Some(&g)),
-            Decision::Obtain { source: Source::StoredRefreshToken, why: Why::Retry }
-        );
-        let decision = Decision::Obtain { source: Source::StoredRefreshToken, why: Why::Due };
-        assert_eq!(requeue_after(t(2500), &decision, &status, Some(&failure)), Some(next - t(2500)));
+        assert_eq!(decide_at(next, &b, Some(&g)), Decision::Obtain { why: Why::Retry });
+        let decision = Decision::Obtain { why: Why::Due };
+        assert_eq!(requeue_after(t(2500), &decision, &status, Some(&failure), None), Some(next - t(2500)));
     }
 
     #[test]
@@ -709,7 +728,7 @@ mod tests {
             client_id: "client".into(),
             scopes: vec!["mail".into(), "b".into()],
         };
-        let d = decide(Inputs { now: t(10), binding: &import(), provider: &p, grant: Some(&g), secret_conflict: None });
+        let d = decide(inputs(t(10), &import(), &p, Some(&g)));
         assert!(matches!(d, Decision::Keep { .. }), "{d:?}");
     }
 
@@ -724,7 +743,7 @@ mod tests {
 
     #[test]
     fn unsupported_grants_say_so_instead_of_staying_silent() {
-        for grant in ["deviceCode", "authorizationCode", "jwtBearer"] {
+        for grant in ["authorizationCode", "jwtBearer"] {
             let b = binding(serde_json::json!({ grant: {} }));
             let d = decide_at(t(0), &b, None);
             let Decision::Blocked { reason, message } = d else { panic!("{grant}: expected Blocked") };
@@ -740,20 +759,12 @@ mod tests {
     fn provider_problems_and_conflicts_block_without_a_token_request() {
         let b = binding(serde_json::json!({"clientCredentials": {}}));
         let missing = ProviderState::Unusable { reason: Reason::ProviderNotFound, message: "no".into() };
-        let d = decide(Inputs { now: t(0), binding: &b, provider: &missing, grant: None, secret_conflict: None });
+        let d = decide(inputs(t(0), &b, &missing, None));
         assert_eq!(d, Decision::Blocked { reason: Reason::ProviderNotFound, message: "no".into() });
-        let d = decide(Inputs {
-            now: t(0),
-            binding: &b,
-            provider: &provider(),
-            grant: None,
-            secret_conflict: Some("taken"),
-        });
+        let p = provider();
+        let d = decide(Inputs { secret_conflict: Some("taken"), ..inputs(t(0), &b, &p, None) });
         assert_eq!(d, Decision::Blocked { reason: Reason::SecretConflict, message: "taken".into() });
-        assert_eq!(
-            decide_at(t(0), &b, None),
-            Decision::Obtain { source: Source::ClientCredentials, why: Why::Initial }
-        );
+        assert_eq!(decide_at(t(0), &b, None), Decision::Obtain { why: Why::Initial });
     }
 
     #[test]
@@ -771,8 +782,8 @@ mod tests {
         let status = next_status(t(1), &b, Some(&g), &Outcome::Refreshed);
         b.status = Some(status.clone());
         let keep = Decision::Keep { renew_at: renew_at(&b, &g) };
-        assert_eq!(requeue_after(t(100), &keep, &status, None), Some(renew_at(&b, &g) - t(100)));
+        assert_eq!(requeue_after(t(100), &keep, &status, None, None), Some(renew_at(&b, &g) - t(100)));
         let wait = Decision::Wait { until: None };
-        assert_eq!(requeue_after(t(100), &wait, &status, None), Some(Duration::seconds(3500)));
+        assert_eq!(requeue_after(t(100), &wait, &status, None, None), Some(Duration::seconds(3500)));
     }
 }

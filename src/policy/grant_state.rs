@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
 /// Keys of the grant-state Secret.
@@ -143,6 +143,131 @@ impl GrantState {
     }
 }
 
+/// Keys of an authorization in progress, beside (or instead of) the grant state's keys.
+pub mod pending_keys {
+    /// `deviceCode`.
+    pub const METHOD: &str = "pending_method";
+    /// The device code the operator polls with (secret).
+    pub const DEVICE_CODE: &str = "pending_device_code";
+    /// The code the person types.
+    pub const USER_CODE: &str = "pending_user_code";
+    /// Where to type it.
+    pub const VERIFICATION_URI: &str = "pending_verification_uri";
+    /// The same with the code filled in.
+    pub const VERIFICATION_URI_COMPLETE: &str = "pending_verification_uri_complete";
+    /// RFC 3339.
+    pub const STARTED_AT: &str = "pending_started_at";
+    /// RFC 3339.
+    pub const EXPIRES_AT: &str = "pending_expires_at";
+    /// Seconds between polls.
+    pub const INTERVAL: &str = "pending_interval";
+    /// `Kind/name` of the provider it was started with.
+    pub const PROVIDER: &str = "pending_provider";
+    /// The client id it was started with.
+    pub const CLIENT_ID: &str = "pending_client_id";
+    /// Scopes asked for, space separated.
+    pub const SCOPES: &str = "pending_scopes";
+}
+
+/// An authorization a person has yet to complete, kept in the grant-state Secret so that it
+/// survives a restart (the device code stays secret there, like a refresh token).
+#[derive(Clone, Debug)]
+pub struct PendingAuthorization {
+    /// The grant that started it (`deviceCode`).
+    pub method: String,
+    /// The device code to poll with.
+    pub device_code: Option<SecretString>,
+    /// The code the person types.
+    pub user_code: Option<String>,
+    /// Where to type it.
+    pub verification_uri: Option<String>,
+    /// The same with the code filled in.
+    pub verification_uri_complete: Option<String>,
+    /// When it was started.
+    pub started_at: DateTime<Utc>,
+    /// When the code stops working.
+    pub expires_at: DateTime<Utc>,
+    /// Time between polls.
+    pub interval: Duration,
+    /// When to poll next (not stored: after a restart the next poll is at once).
+    pub next_poll: DateTime<Utc>,
+    /// `Kind/name` of the provider.
+    pub provider: String,
+    /// Client id.
+    pub client_id: String,
+    /// Scopes asked for.
+    pub scopes: Vec<String>,
+}
+
+impl PartialEq for PendingAuthorization {
+    fn eq(&self, other: &Self) -> bool {
+        self.same_stored(other) && self.next_poll == other.next_poll
+    }
+}
+
+impl Eq for PendingAuthorization {}
+
+impl PendingAuthorization {
+    /// Whether `other` is another authorization rather than this one with a new interval.
+    pub fn device_code_differs(&self, other: &Self) -> bool {
+        self.method != other.method
+            || self.device_code.as_ref().map(ExposeSecret::expose_secret)
+                != other.device_code.as_ref().map(ExposeSecret::expose_secret)
+    }
+
+    /// Whether two pending authorizations store the same data (`next_poll` is not stored).
+    pub fn same_stored(&self, other: &Self) -> bool {
+        self.encode() == other.encode()
+    }
+
+    /// The Secret data for this pending authorization.
+    pub fn encode(&self) -> BTreeMap<String, String> {
+        use pending_keys as k;
+        let mut data = BTreeMap::new();
+        let mut put = |key: &str, v: Option<String>| {
+            if let Some(v) = v {
+                data.insert(key.to_owned(), v);
+            }
+        };
+        put(k::METHOD, Some(self.method.clone()));
+        put(k::DEVICE_CODE, self.device_code.as_ref().map(|c| c.expose_secret().to_owned()));
+        put(k::USER_CODE, self.user_code.clone());
+        put(k::VERIFICATION_URI, self.verification_uri.clone());
+        put(k::VERIFICATION_URI_COMPLETE, self.verification_uri_complete.clone());
+        put(k::STARTED_AT, Some(rfc3339(self.started_at)));
+        put(k::EXPIRES_AT, Some(rfc3339(self.expires_at)));
+        put(k::INTERVAL, Some(self.interval.num_seconds().to_string()));
+        put(k::PROVIDER, Some(self.provider.clone()));
+        put(k::CLIENT_ID, Some(self.client_id.clone()));
+        put(k::SCOPES, Some(self.scopes.join(" ")));
+        data
+    }
+
+    /// Reads a pending authorization back; `None` when there is none or it does not parse.
+    pub fn decode(data: &BTreeMap<String, Vec<u8>>) -> Option<Self> {
+        use pending_keys as k;
+        let text = |key: &str| data.get(key).and_then(|v| String::from_utf8(v.clone()).ok()).filter(|t| !t.is_empty());
+        let time =
+            |key: &str| text(key).and_then(|t| DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&Utc));
+        let interval = text(k::INTERVAL).and_then(|t| t.parse::<i64>().ok()).filter(|s| (1..=3600).contains(s))?;
+        let started_at = time(k::STARTED_AT)?;
+        Some(Self {
+            method: text(k::METHOD)?,
+            device_code: text(k::DEVICE_CODE).map(SecretString::from),
+            user_code: text(k::USER_CODE),
+            verification_uri: text(k::VERIFICATION_URI),
+            verification_uri_complete: text(k::VERIFICATION_URI_COMPLETE),
+            started_at,
+            expires_at: time(k::EXPIRES_AT)?,
+            interval: Duration::seconds(interval),
+            next_poll: started_at,
+            provider: text(k::PROVIDER)?,
+            client_id: text(k::CLIENT_ID)?,
+            scopes: text(k::SCOPES).map(|s| s.split_whitespace().map(str::to_owned).collect()).unwrap_or_default(),
+        })
+    }
+}
+
 /// RFC 3339 in UTC with seconds, as written everywhere (`2026-01-02T03:04:05Z`).
 pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -170,6 +295,31 @@ mod tests {
         };
         let data = state.encode().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
         assert_eq!(GrantState::decode(&data), Some(state));
+    }
+
+    #[test]
+    fn a_pending_authorization_survives_encoding_and_decoding_but_not_its_next_poll() {
+        let t = DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default();
+        let p = PendingAuthorization {
+            method: "deviceCode".into(),
+            device_code: Some("dc-secret".to_owned().into()),
+            user_code: Some("ABCD-EFGH".into()),
+            verification_uri: Some("https://idp/device".into()),
+            verification_uri_complete: None,
+            started_at: t,
+            expires_at: t + Duration::minutes(10),
+            interval: Duration::seconds(5),
+            next_poll: t + Duration::seconds(35),
+            provider: "MailProvider/p".into(),
+            client_id: "c".into(),
+            scopes: vec!["openid".into(), "mail".into()],
+        };
+        let data = p.encode().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+        let back = PendingAuthorization::decode(&data).unwrap();
+        assert!(back.same_stored(&p));
+        assert_eq!(back.next_poll, t, "after a restart the next poll is at once");
+        assert!(!format!("{back:?}").contains("dc-secret"));
+        assert!(PendingAuthorization::decode(&BTreeMap::new()).is_none());
     }
 
     #[test]

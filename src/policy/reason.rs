@@ -12,6 +12,8 @@ pub enum Reason {
     AwaitingAuthorization,
     /// The person did not complete the interactive grant in time.
     AuthorizationExpired,
+    /// The person declined the interactive grant (`access_denied`).
+    AuthorizationDenied,
     /// The grant is dead (`invalid_grant`: revoked, expired, password changed).
     ReauthorizationRequired,
     /// The user or an admin has not consented to the scopes (`invalid_scope`, AADSTS65001).
@@ -79,6 +81,7 @@ impl Reason {
             Reason::TokenValid => "TokenValid",
             Reason::AwaitingAuthorization => "AwaitingAuthorization",
             Reason::AuthorizationExpired => "AuthorizationExpired",
+            Reason::AuthorizationDenied => "AuthorizationDenied",
             Reason::ReauthorizationRequired => "ReauthorizationRequired",
             Reason::ConsentRequired => "ConsentRequired",
             Reason::ClientCredentialsInvalid => "ClientCredentialsInvalid",
@@ -114,8 +117,8 @@ impl Reason {
     pub fn fix(self) -> &'static str {
         match self {
             Reason::ReauthorizationRequired => {
-                "authorize again: put a new refresh token into the import Secret and set the \
-                 mailoauth.io/reauthorize-requested annotation to a new value"
+                "authorize again: set the mailoauth.io/reauthorize-requested annotation to a new value (for \
+                 the refreshToken grant, put a new refresh token into the import Secret first)"
             }
             Reason::ConsentRequired => {
                 "grant consent for the requested scopes (an admin may have to consent for the \
@@ -129,6 +132,10 @@ impl Reason {
                  clientAuthentication.clientSecretRefs"
             }
             Reason::IdentityMismatch => "authorize with the account named in spec.mailbox",
+            Reason::AuthorizationExpired | Reason::AuthorizationDenied => {
+                "set the mailoauth.io/reauthorize-requested annotation to a new value for a new code, and \
+                 complete it in time (kubectl annotate mbx <name> mailoauth.io/reauthorize-requested=$(date +%s) --overwrite)"
+            }
             Reason::ProviderNotFound => "create the provider or fix spec.providerRef",
             Reason::ProviderNotReady => "see the provider's Ready condition",
             Reason::ProviderNotAllowed => {
@@ -137,7 +144,9 @@ impl Reason {
             Reason::SecretConflict => "choose another spec.secretName",
             Reason::TokenEndpointUnavailable | Reason::Throttled => "nothing: the operator retries with backoff",
             Reason::Expired => "see the other conditions for why the token could not be renewed",
-            Reason::GrantNotSupported => "use the refreshToken or clientCredentials grant with this version",
+            Reason::GrantNotSupported => {
+                "use the deviceCode, refreshToken or clientCredentials grant with this version"
+            }
             Reason::ImportSecretNotFound => {
                 "create the Secret named in spec.grant.refreshToken.secretRef with the refresh token"
             }

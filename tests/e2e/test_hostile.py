@@ -330,6 +330,24 @@ def test_hostile_manifests_that_pass_the_schema_end_in_a_typed_condition_and_req
     REPORT["token requests for blocked manifests"] = requested
 
 
+def test_a_status_no_type_can_read_stops_neither_that_binding_nor_the_others(bed):
+    # The status subresource is checked only against the schema: a number out of range for the
+    # operator's types (or a foreign writer's time format) must not fail the whole watch list.
+    patch = {"status": {"failedAttempts": 99999999999}}
+    result = bed.kubectl("patch", "mailboxbinding", "baseline", "-n", NS, "--subresource=status", "--type=merge",
+                         "-p", json.dumps(patch), check=False)
+    assert result.returncode == 0, result.stderr
+    # The watch still lists (a new binding is served) and a restart still starts.
+    apply(bed, binding("during-bad-status"))
+    wait_reason(bed, "mailboxbinding", "during-bad-status", "TokenValid")
+    assert bed.stop_operator() == 0
+    bed.start_operator()
+    apply(bed, binding("after-bad-status"))
+    wait_reason(bed, "mailboxbinding", "after-bad-status", "TokenValid")
+    wait_reason(bed, "mailboxbinding", "baseline", "TokenValid")
+    operator_alive(bed)
+
+
 def test_hostile_providers_end_in_a_typed_condition(bed):
     h = bed.hostile.url
     apply(bed,

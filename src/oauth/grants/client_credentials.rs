@@ -1,20 +1,30 @@
-//! The client credentials grant (RFC 6749 §4.4): an app-only token.
+//! The client credentials grant (RFC 6749 §4.4): an app-only token for the client itself
+//! (Microsoft `https://outlook.office365.com/.default` with Exchange application permissions).
 
-use oauth2::basic::BasicTokenResponse;
+use super::{Flow, FlowInput, ProviderFacts, Step, scope};
+use crate::oauth::client::GrantCall;
 
-use super::{Grant, GrantError, TokenClient, scopes};
-use crate::oauth::http::Http;
+/// App-only tokens, requested anew whenever one is due.
+pub struct ClientCredentialsFlow;
 
-/// App-only token for the client itself.
-pub struct ClientCredentialsGrant;
+impl Flow for ClientCredentialsFlow {
+    fn name(&self) -> &'static str {
+        "clientCredentials"
+    }
 
-impl Grant for ClientCredentialsGrant {
-    async fn exchange(
-        &self,
-        client: &TokenClient,
-        http: &Http,
-        requested: &[String],
-    ) -> Result<BasicTokenResponse, GrantError> {
-        client.exchange_client_credentials().add_scopes(scopes(requested)).request_async(http).await
+    fn unusable(&self, provider: &ProviderFacts<'_>) -> Option<String> {
+        (!provider.has_client_secret).then(|| {
+            "the clientCredentials grant needs a client secret, and the provider has no \
+             clientAuthentication.clientSecretRefs"
+                .to_owned()
+        })
+    }
+
+    fn app_only(&self) -> bool {
+        true
+    }
+
+    fn step(&self, input: &FlowInput<'_>) -> Step {
+        Step::Token(GrantCall { grant_type: "client_credentials", params: scope(input.scopes).into_iter().collect() })
     }
 }

@@ -1,27 +1,56 @@
-//! The refresh token grant (RFC 6749 §6): the stored or imported refresh token for a new access
-//! token, and often a rotated refresh token.
+//! The refresh token grant with an imported refresh token (RFC 6749 §6): the token obtained
+//! elsewhere is read once from the Secret the spec names; after that the operator's own stored
+//! (and rotated) refresh token is used.
 
-use oauth2::RefreshToken;
-use oauth2::basic::BasicTokenResponse;
-use secrecy::{ExposeSecret, SecretString};
+use super::{Flow, FlowInput, Step, refresh, refresh_stored};
+use crate::api::SecretKeySelector;
+use crate::policy::Reason;
+use crate::policy::classify::Failure;
+use crate::policy::grant_state::GrantState;
 
-use super::{Grant, GrantError, TokenClient, scopes};
-use crate::oauth::http::Http;
-
-/// Refresh with this token.
-pub struct RefreshTokenGrant {
-    /// The refresh token.
-    pub refresh_token: SecretString,
+/// Import from `secret_ref`, then keep the rotated token.
+pub struct RefreshTokenFlow {
+    /// The Secret key holding the refresh token to import.
+    pub secret_ref: SecretKeySelector,
 }
 
-impl Grant for RefreshTokenGrant {
-    async fn exchange(
-        &self,
-        client: &TokenClient,
-        http: &Http,
-        requested: &[String],
-    ) -> Result<BasicTokenResponse, GrantError> {
-        let token = RefreshToken::new(self.refresh_token.expose_secret().to_owned());
-        client.exchange_refresh_token(&token).add_scopes(scopes(requested)).request_async(http).await
+impl RefreshTokenFlow {
+    fn import_id(&self) -> String {
+        format!("{}/{}", self.secret_ref.name, self.secret_ref.key)
+    }
+}
+
+impl Flow for RefreshTokenFlow {
+    fn name(&self) -> &'static str {
+        "refreshToken"
+    }
+
+    fn reads(&self, grant: Option<&GrantState>) -> Option<&SecretKeySelector> {
+        grant.is_none_or(|g| g.refresh_token.is_none()).then_some(&self.secret_ref)
+    }
+
+    /// A grant imported from another Secret (or obtained otherwise) is not this one: changing
+    /// the `secretRef` imports again.
+    fn owns(&self, grant: &GrantState) -> bool {
+        grant.refresh_token.is_some() && grant.imported_from.as_deref() == Some(self.import_id().as_str())
+    }
+
+    fn origin(&self) -> Option<String> {
+        Some(self.import_id())
+    }
+
+    fn step(&self, input: &FlowInput<'_>) -> Step {
+        if let Some(step) = refresh_stored(input) {
+            return step;
+        }
+        match input.read {
+            Some(rt) => Step::Token(refresh(rt, input.scopes)),
+            None => Step::Fail(Failure {
+                reason: Reason::ImportSecretNotFound,
+                transient: true,
+                message: format!("Secret {} has no non-empty key {}", self.secret_ref.name, self.secret_ref.key),
+                retry_after: None,
+            }),
+        }
     }
 }
