@@ -68,6 +68,37 @@ fn decode(secret: &Value, key: &str) -> Option<String> {
     String::from_utf8(STANDARD.decode(b64).ok()?).ok()
 }
 
+fn context(
+    api: &FakeApi,
+    clock: &Arc<ManualClock>,
+    providers: Store<MailProvider>,
+    bindings: Store<MailboxBinding>,
+    references: ReferencePolicy,
+) -> Arc<Context> {
+    let (cluster_store, _): (Store<ClusterMailProvider>, _) = store();
+    // The test server listens on 127.0.0.1, which the default outbound policy refuses.
+    let http = HttpClients::new(OutboundPolicy { allow_private: true });
+    let client = api.client();
+    Arc::new(Context {
+        client: client.clone(),
+        tokens: Arc::new(HttpTokenEndpoint::new(http.clone())),
+        http,
+        providers,
+        cluster_providers: cluster_store,
+        bindings,
+        cluster_namespace: "mail-oauth-operator".into(),
+        recorder: kube::runtime::events::Recorder::new(
+            client,
+            kube::runtime::events::Reporter { controller: "mail-oauth-operator".into(), instance: None },
+        ),
+        clock: Arc::clone(clock) as Arc<dyn Clock>,
+        pending: Default::default(),
+        default_lifetime: Duration::hours(1),
+        references,
+        polls: Default::default(),
+    })
+}
+
 impl Harness {
     async fn start(access_ttl: u64) -> Self {
         Self::start_with(access_ttl, ReferencePolicy::Any).await
@@ -78,30 +109,16 @@ impl Harness {
         let api = FakeApi::default();
         let clock = Arc::new(ManualClock(Mutex::new(Utc::now())));
         let (provider_store, providers): (Store<MailProvider>, _) = store();
-        let (cluster_store, _): (Store<ClusterMailProvider>, _) = store();
         let (binding_store, bindings) = store();
-        // The test server listens on 127.0.0.1, which the default outbound policy refuses.
-        let http = HttpClients::new(OutboundPolicy { allow_private: true });
-        let client = api.client();
-        let ctx = Arc::new(Context {
-            client: client.clone(),
-            tokens: Arc::new(HttpTokenEndpoint::new(http.clone())),
-            http,
-            providers: provider_store,
-            cluster_providers: cluster_store,
-            bindings: binding_store,
-            cluster_namespace: "mail-oauth-operator".into(),
-            recorder: kube::runtime::events::Recorder::new(
-                client,
-                kube::runtime::events::Reporter { controller: "mail-oauth-operator".into(), instance: None },
-            ),
-            clock: Arc::clone(&clock) as Arc<dyn Clock>,
-            pending: Default::default(),
-            default_lifetime: Duration::hours(1),
-            references,
-            polls: Default::default(),
-        });
+        let ctx = context(&api, &clock, provider_store, binding_store, references);
         Self { api, ctx, clock, server, providers, bindings }
+    }
+
+    /// A new process: the same API and OAuth server, nothing kept in memory.
+    fn restart(&mut self) {
+        let providers = self.ctx.providers.clone();
+        let bindings = self.ctx.bindings.clone();
+        self.ctx = context(&self.api, &self.clock, providers, bindings, self.ctx.references);
     }
 
     fn advance_to(&self, t: DateTime<Utc>) {
@@ -134,6 +151,37 @@ impl Harness {
             serde_json::from_value(self.api.get(&provider_path(name)).expect("stored")).expect("provider parses");
         self.providers.apply_watcher_event(&watcher::Event::Apply(stored.clone()));
         stored
+    }
+
+    /// A provider for a public client (no client authentication), reconciled until Ready.
+    async fn public_provider(&mut self, name: &str, client_id: &str) {
+        let object = json!({
+            "apiVersion": "mailoauth.io/v1alpha1", "kind": "MailProvider",
+            "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1},
+            "spec": {
+                "generic": {
+                    "issuerUrl": self.server.issuer, "caBundle": self.server.ca_pem,
+                    "scopes": {"imap": ["openid", "offline_access", "email", "mail"]},
+                    "servers": {"imap": {"host": "127.0.0.1", "port": 10143}}
+                },
+                "clientId": client_id
+            }
+        });
+        self.api.put(&provider_path(name), object.clone());
+        let p: MailProvider = serde_json::from_value(object).expect("provider");
+        provider::reconcile(Arc::new(p), Arc::clone(&self.ctx)).await.expect("provider reconcile");
+        let stored: MailProvider =
+            serde_json::from_value(self.api.get(&provider_path(name)).expect("stored")).expect("provider parses");
+        self.providers.apply_watcher_event(&watcher::Event::Apply(stored));
+    }
+
+    /// Sets an annotation on the stored binding.
+    fn annotate(&mut self, name: &str, key: &str, value: &str) {
+        let mut object = self.api.get(&binding_path(name)).expect("binding");
+        object["metadata"]["annotations"][key] = json!(value);
+        self.api.put(&binding_path(name), object.clone());
+        let b: MailboxBinding = serde_json::from_value(object).expect("binding");
+        self.bindings.apply_watcher_event(&watcher::Event::Apply(b));
     }
 
     fn binding(&mut self, name: &str, grant: Value, scopes: Value) {
@@ -396,5 +444,130 @@ async fn in_strict_mode_an_unlabelled_secret_is_never_sent_and_labelling_it_lets
     h.api.put(&secret_path("seed"), seed_secret);
     h.advance_to(h.now() + Duration::minutes(5));
     let b = h.reconcile("helpdesk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+}
+
+fn authorization(b: &MailboxBinding) -> mail_oauth_operator::api::AuthorizationStatus {
+    b.status.as_ref().and_then(|s| s.authorization.clone()).expect("status.authorization")
+}
+
+#[tokio::test]
+async fn a_device_code_is_shown_polled_at_its_interval_and_once_approved_the_binding_is_ready_and_refreshes() {
+    let mut h = Harness::start(600).await;
+    h.public_provider("idp", "mail-device").await;
+    h.binding("desk", json!({"deviceCode": {}}), json!([]));
+
+    let b = h.reconcile("desk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::AwaitingAuthorization));
+    let shown = authorization(&b);
+    let code = shown.user_code.clone().expect("user code");
+    assert_eq!(shown.method, "deviceCode");
+    assert_eq!(shown.verification_uri.as_deref(), Some(format!("{}/device", h.server.issuer).as_str()));
+    let ready = condition(&b, "Ready");
+    assert_eq!(ready.reason, "AwaitingAuthorization");
+    assert!(ready.message.contains(&code) && ready.message.contains("/device"), "{}", ready.message);
+    assert_eq!((h.server.count("device_codes").await, h.server.count("device_polls").await), (1, 0));
+    let grant = h.api.get(&secret_path("desk.mailoauth-grant")).expect("the pending code is stored");
+    assert!(decode(&grant, "pending_device_code").is_some());
+
+    // No poll before the interval; a poll after it, answered authorization_pending.
+    h.advance_to(h.now() + Duration::seconds(2));
+    h.reconcile("desk").await;
+    assert_eq!(h.server.count("device_polls").await, 0, "polled before the interval");
+    h.advance_to(h.now() + Duration::seconds(3));
+    let b = h.reconcile("desk").await;
+    assert_eq!(h.server.count("device_polls").await, 1);
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::AwaitingAuthorization));
+    let writes = h.api.writes().len();
+
+    // slow_down: the interval grows by 5 s and is stored; polls wait for it.
+    h.server.slow_down(1).await;
+    h.advance_to(h.now() + Duration::seconds(5));
+    h.reconcile("desk").await;
+    assert_eq!(h.server.count("device_polls").await, 2);
+    let grant = h.api.get(&secret_path("desk.mailoauth-grant")).expect("grant");
+    assert_eq!(decode(&grant, "pending_interval").as_deref(), Some("10"));
+    assert!(h.api.writes().len() > writes, "the new interval was written");
+    h.advance_to(h.now() + Duration::seconds(5));
+    h.reconcile("desk").await;
+    assert_eq!(h.server.count("device_polls").await, 2, "slow_down is honoured");
+
+    // A restart in the middle: the stored code is polled again at once.
+    h.restart();
+    h.server.approve_device(&code, "desk@example.com").await;
+    let b = h.reconcile("desk").await;
+    assert_eq!(h.server.count("device_polls").await, 3);
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    assert!(b.status.as_ref().and_then(|s| s.authorization.as_ref()).is_none(), "nothing left to do for a person");
+    assert_eq!(condition(&b, "Authorized").reason, "Authorized");
+    let grant = h.api.get(&secret_path("desk.mailoauth-grant")).expect("grant");
+    assert!(decode(&grant, "refresh_token").is_some(), "the device grant gave a refresh token");
+    assert!(decode(&grant, "pending_device_code").is_none(), "the spent device code is gone");
+    let token = decode(&h.published("desk"), "access_token").expect("published");
+    assert!(!token.is_empty());
+
+    // From now on it is an ordinary refresh, with the refresh token the device grant gave.
+    let renew_at = b.status.as_ref().and_then(|s| s.token.as_ref()).expect("token").renew_at;
+    h.advance_to(renew_at + Duration::seconds(1));
+    let b = h.reconcile("desk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready));
+    assert_eq!(h.server.grants("refresh_token").await, 1);
+    assert_ne!(decode(&h.published("desk"), "access_token"), Some(token));
+    assert_eq!(h.server.count("device_codes").await, 1, "one code in all");
+}
+
+#[tokio::test]
+async fn a_declined_or_expired_device_code_waits_for_a_reauthorize_request_and_then_starts_a_new_code() {
+    let mut h = Harness::start(600).await;
+    h.public_provider("idp", "mail-device").await;
+    h.binding("desk", json!({"deviceCode": {}}), json!([]));
+    let b = h.reconcile("desk").await;
+    let first = authorization(&b).user_code.expect("code");
+
+    h.server.deny_device(&first).await;
+    h.advance_to(h.now() + Duration::seconds(5));
+    let b = h.reconcile("desk").await;
+    assert_eq!(condition(&b, "Authorized").reason, "AuthorizationDenied");
+    assert!(condition(&b, "Authorized").message.contains("reauthorize-requested"));
+    let (codes, polls) = (h.server.count("device_codes").await, h.server.count("device_polls").await);
+    h.advance_to(h.now() + Duration::minutes(30));
+    h.reconcile("desk").await;
+    assert_eq!(
+        (h.server.count("device_codes").await, h.server.count("device_polls").await),
+        (codes, polls),
+        "a declined code is not polled again and no new code is started unasked"
+    );
+
+    h.annotate("desk", "mailoauth.io/reauthorize-requested", "1");
+    let b = h.reconcile("desk").await;
+    let second = authorization(&b).user_code.expect("a new code");
+    assert_ne!(second, first);
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::AwaitingAuthorization));
+
+    // Nobody enters it: once it expires the binding says so and asks for nothing more.
+    let expires = authorization(&b).expires_at.expect("expiry");
+    h.advance_to(expires + Duration::seconds(1));
+    let b = h.reconcile("desk").await;
+    assert_eq!(condition(&b, "Authorized").reason, "AuthorizationExpired");
+    assert!(condition(&b, "Authorized").message.contains(&second));
+    let codes = h.server.count("device_codes").await;
+    for _ in 0..3 {
+        h.advance_to(h.now() + Duration::minutes(20));
+        h.reconcile("desk").await;
+    }
+    assert_eq!(h.server.count("device_codes").await, codes, "no endless series of codes nobody reads");
+}
+
+#[tokio::test]
+async fn a_confidential_client_authenticates_its_device_requests() {
+    let mut h = Harness::start(600).await;
+    h.api.put(&secret_path("client"), secret("client", &[("client-secret", "mail-app-secret")]));
+    h.provider("idp", "mail-app", json!([{"name": "client"}]), "clientSecretPost").await;
+    h.binding("desk", json!({"deviceCode": {}}), json!([]));
+    let b = h.reconcile("desk").await;
+    let code = authorization(&b).user_code.expect("code");
+    h.server.approve_device(&code, "desk@example.com").await;
+    h.advance_to(h.now() + Duration::seconds(5));
+    let b = h.reconcile("desk").await;
     assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
 }

@@ -1,7 +1,8 @@
 // A real OAuth 2.0 / OpenID Connect server for the operator's tests: oidc-provider over TLS on
 // 127.0.0.1, refresh tokens rotated on every use (a replayed one revokes the whole grant),
-// client credentials, introspection and revocation. Test-only routes under /test/ seed a refresh
-// token the way a person's consent would, and count token requests.
+// client credentials, the device flow, introspection and revocation. Test-only routes under /test/
+// seed a refresh token the way a person's consent would, approve or decline a device code as a
+// person at /device would, make the next device polls answer slow_down, and count requests.
 //
 // Environment: TLS_CERT, TLS_KEY (PEM files), PORT (0 = any), ACCESS_TOKEN_TTL (seconds),
 // FAST_ACCESS_TOKEN_TTL (seconds, for client mail-app-fast), INTROSPECTION_PORT (optional
@@ -14,7 +15,12 @@ import Provider from 'oidc-provider';
 
 const accessTtl = Number(process.env.ACCESS_TOKEN_TTL || 3600);
 const fastTtl = Number(process.env.FAST_ACCESS_TOKEN_TTL || 60);
-const stats = { token_requests: 0, token_requests_by_grant: {}, grants_by_client: {}, errors_by_client: {} };
+const stats = {
+  token_requests: 0, token_requests_by_grant: {}, grants_by_client: {}, errors_by_client: {}, device_polls: 0, device_codes: 0,
+};
+// Device polls to answer with slow_down before the provider sees them (oidc-provider never sends it).
+let slowDown = 0;
+const DEVICE_GRANT = 'urn:ietf:params:oauth:grant-type:device_code';
 const bump = (map, key) => {
   map[key] = (map[key] || 0) + 1;
 };
@@ -23,7 +29,7 @@ const clients = [
   {
     client_id: 'mail-app',
     client_secret: 'mail-app-secret',
-    grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
+    grant_types: ['authorization_code', 'refresh_token', 'client_credentials', 'urn:ietf:params:oauth:grant-type:device_code'],
     response_types: ['code'],
     redirect_uris: ['https://127.0.0.1/callback'],
     token_endpoint_auth_method: 'client_secret_post',
@@ -57,6 +63,15 @@ const clients = [
     response_types: ['code'],
     redirect_uris: ['https://127.0.0.1/callback'],
     token_endpoint_auth_method: 'client_secret_post',
+    scope: 'openid offline_access email mail',
+  },
+  {
+    // A public client for the device flow (Entra's "allow public client flows"): no secret.
+    client_id: 'mail-device',
+    grant_types: ['urn:ietf:params:oauth:grant-type:device_code', 'refresh_token'],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: 'none',
     scope: 'openid offline_access email mail',
   },
   {
@@ -109,9 +124,35 @@ async function seed({ accountId, clientId = 'mail-app', scope = 'openid offline_
   return { refresh_token: await refreshToken.save(), grant_id: grantId };
 }
 
+// Completes a device authorization as a person approving (or declining) it at /device would.
+async function decide({ userCode, accountId, deny = false }) {
+  // Stored as oidc-provider's code verification page would look it up: without separators.
+  const code = await provider.DeviceCode.findByUserCode(String(userCode).replace(/[^a-zA-Z0-9]/g, '').toUpperCase());
+  if (!code) return { error: 'unknown user code' };
+  if (deny) {
+    Object.assign(code, { error: 'access_denied', errorDescription: 'the person declined' });
+  } else {
+    // The scope the device asked for, as the consent page would grant it.
+    const scope = code.scope || (code.params && code.params.scope) || 'openid';
+    const grant = new provider.Grant({ accountId, clientId: code.clientId });
+    grant.addOIDCScope(scope);
+    Object.assign(code, { accountId, authTime: epoch(), grantId: await grant.save(), scope });
+  }
+  await code.save();
+  return { ok: true, clientId: code.clientId };
+}
+
 async function testRoute(req, res) {
   try {
     if (req.method === 'POST' && req.url === '/test/seed') return send(res, 200, await seed(await readJson(req)));
+    if (req.method === 'POST' && req.url === '/test/device/approve') return send(res, 200, await decide(await readJson(req)));
+    if (req.method === 'POST' && req.url === '/test/device/deny') {
+      return send(res, 200, await decide({ ...(await readJson(req)), deny: true }));
+    }
+    if (req.method === 'POST' && req.url === '/test/device/slow-down') {
+      slowDown += Number((await readJson(req)).polls || 1);
+      return send(res, 200, { slowDown });
+    }
     if (req.method === 'GET' && req.url === '/test/stats') return send(res, 200, stats);
     return send(res, 404, { error: 'not_found' });
   } catch (e) {
@@ -121,9 +162,24 @@ async function testRoute(req, res) {
 
 const tls = { cert: fs.readFileSync(process.env.TLS_CERT), key: fs.readFileSync(process.env.TLS_KEY) };
 let callback;
-const server = https.createServer(tls, (req, res) => {
+const server = https.createServer(tls, async (req, res) => {
   if (req.url.startsWith('/test/')) return testRoute(req, res);
-  if (req.method === 'POST' && req.url.startsWith('/token')) stats.token_requests += 1;
+  if (req.method === 'POST' && req.url.startsWith('/device/auth')) stats.device_codes += 1;
+  if (req.method === 'POST' && req.url.startsWith('/token')) {
+    stats.token_requests += 1;
+    // Read the form here (oidc-provider takes an already read body from req.body) to count device
+    // polls and answer slow_down when a test asked for it.
+    const chunks = [];
+    for await (const chunk of req) chunks.push(chunk);
+    req.body = Buffer.concat(chunks);
+    if (new URLSearchParams(req.body.toString()).get('grant_type') === DEVICE_GRANT) {
+      stats.device_polls += 1;
+      if (slowDown > 0) {
+        slowDown -= 1;
+        return send(res, 400, { error: 'slow_down', error_description: 'polling too fast' });
+      }
+    }
+  }
   return callback(req, res);
 });
 const port = await listen(server, Number(process.env.PORT || 0));
@@ -138,12 +194,14 @@ provider = new Provider(issuer, {
     clientCredentials: { enabled: true },
     introspection: { enabled: true },
     revocation: { enabled: true },
+    deviceFlow: { enabled: true },
   },
   rotateRefreshToken: (ctx) => !(ctx.oidc.client && ctx.oidc.client.clientId === 'mail-app-stable'),
   ttl: {
     AccessToken: (ctx, token, client) => (client && client.clientId === 'mail-app-fast' ? fastTtl : accessTtl),
     ClientCredentials: (ctx, token, client) => (client && client.clientId === 'mail-app-fast' ? fastTtl : accessTtl),
     RefreshToken: 30 * 24 * 3600,
+    DeviceCode: Number(process.env.DEVICE_CODE_TTL || 600),
     Grant: 30 * 24 * 3600,
   },
   findAccount: async (ctx, id) => ({ accountId: id, claims: async () => ({ sub: id, email: id }) }),

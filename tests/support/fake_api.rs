@@ -1,5 +1,6 @@
 //! An in-memory stand-in for the Kubernetes API, just deep enough for the operator's calls:
-//! GET, server-side apply (data keys merged, so other writers' keys survive), status apply,
+//! GET, server-side apply (data keys merged, so other writers' keys survive, and keys the
+//! applier set before but leaves out now removed, as field ownership does), status apply,
 //! DELETE, and Event creation. The real apiserver is exercised by the end-to-end suite; this
 //! lets the integration tests drive the real reconcilers against the real OAuth server.
 
@@ -17,6 +18,8 @@ use serde_json::{Value, json};
 pub struct FakeApi {
     objects: Arc<Mutex<BTreeMap<String, Value>>>,
     writes: Arc<Mutex<Vec<String>>>,
+    /// Data keys each object's applier set in its last apply.
+    applied: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
 }
 
 fn merge_object(old: &mut Value, new: &Value) {
@@ -91,8 +94,16 @@ impl FakeApi {
                 respond(StatusCode::OK, &object)
             }
             Method::PATCH => {
+                let keys: Vec<String> =
+                    body["data"].as_object().map(|d| d.keys().cloned().collect()).unwrap_or_default();
+                let before = self.applied.lock().expect("lock").insert(path.clone(), keys.clone()).unwrap_or_default();
                 let mut objects = self.objects.lock().expect("lock");
                 let stored = objects.entry(path).or_insert_with(|| json!({}));
+                if let Some(data) = stored["data"].as_object_mut() {
+                    for gone in before.iter().filter(|k| !keys.contains(k)) {
+                        data.remove(gone);
+                    }
+                }
                 merge_object(stored, &body);
                 respond(StatusCode::OK, stored)
             }

@@ -114,6 +114,41 @@ impl OAuthServer {
         v["refresh_token"].as_str().expect("refresh_token").to_owned()
     }
 
+    /// Approves a device code as the person `account` would at the verification page.
+    pub async fn approve_device(&self, user_code: &str, account: &str) {
+        self.test_post("device/approve", serde_json::json!({ "userCode": user_code, "accountId": account })).await;
+    }
+
+    /// Declines a device code as a person would.
+    pub async fn deny_device(&self, user_code: &str) {
+        self.test_post("device/deny", serde_json::json!({ "userCode": user_code })).await;
+    }
+
+    /// Makes the next `polls` device polls answer `slow_down`.
+    pub async fn slow_down(&self, polls: u64) {
+        self.test_post("device/slow-down", serde_json::json!({ "polls": polls })).await;
+    }
+
+    async fn test_post(&self, route: &str, body: Value) -> Value {
+        let v: Value = self
+            .http
+            .post(format!("{}/test/{route}", self.issuer))
+            .json(&body)
+            .send()
+            .await
+            .expect("test route")
+            .json()
+            .await
+            .expect("test route json");
+        assert!(v.get("error").is_none(), "{route}: {v}");
+        v
+    }
+
+    /// A counter of the server's (`device_polls`, `device_codes`, `token_requests`).
+    pub async fn count(&self, what: &str) -> u64 {
+        self.stats().await[what].as_u64().unwrap_or(0)
+    }
+
     /// The server's request counters.
     async fn stats(&self) -> Value {
         let response = self.http.get(format!("{}/test/stats", self.issuer)).send().await.expect("stats");
