@@ -345,8 +345,9 @@ async fn patch_status(ctx: &Context, binding: &MailboxBinding, status: &MailboxB
 }
 
 /// Events that tell a person what changed, once: a Warning when the binding enters a failure it
-/// did not have before, a Normal Event when it first becomes Ready and when it recovers. Waiting
-/// states (`Pending`, `ProviderPending`) are no failure and get no Warning.
+/// did not have before, a Normal Event when it first becomes Ready and when it recovers, and a
+/// Normal Event with the code and URL whenever a new authorization waits for a person. Waiting
+/// states (`Pending`, `ProviderPending`, `AwaitingAuthorization`) are no failure and get no Warning.
 async fn announce(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindingStatus) {
     let before = binding.status.as_ref();
     let failing = |s: Option<&MailboxBindingStatus>| {
@@ -354,15 +355,29 @@ async fn announce(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindi
             .flat_map(|s| s.conditions.iter())
             .filter(|c| c.type_ == conditions::READY || c.type_ == conditions::AUTHORIZED)
             .filter(|c| c.status == ConditionStatus::False)
-            .filter(|c| c.reason != Reason::Pending.as_str() && c.reason != Reason::ProviderPending.as_str())
+            .filter(|c| {
+                ![Reason::Pending, Reason::ProviderPending, Reason::AwaitingAuthorization]
+                    .iter()
+                    .any(|r| r.as_str() == c.reason)
+            })
             .map(|c| (c.reason.clone(), c.message.clone()))
             .collect::<Vec<_>>()
     };
     let old = failing(before);
+    // One Normal Event per new code or link a person has to use.
+    let shown =
+        |s: Option<&MailboxBindingStatus>| s.and_then(|s| s.authorization.as_ref()).map(|a| a.user_code.clone());
+    let awaiting = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == conditions::AUTHORIZED && c.reason == Reason::AwaitingAuthorization.as_str())
+        .filter(|_| shown(before) != shown(Some(status)))
+        .map(|c| (EventType::Normal, Reason::AwaitingAuthorization.as_str().to_owned(), c.message.clone()));
     let mut events: Vec<(EventType, String, String)> = failing(Some(status))
         .into_iter()
         .filter(|(reason, _)| !old.iter().any(|(r, _)| r == reason))
         .map(|(reason, message)| (EventType::Warning, reason, message))
+        .chain(awaiting)
         .collect();
     let ready = |s: Option<&MailboxBindingStatus>| {
         s.and_then(|s| find_condition(&s.conditions, conditions::READY)).filter(|c| c.is_true()).cloned()

@@ -52,3 +52,20 @@ def binding(namespace, name, provider_name, mailbox, seed_secret, smtp=True):
 
 def apply(bed, *docs):
     bed.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+
+
+def device_binding(bed, namespace, name, provider_name, mailbox):
+    """examples/device-code.yaml's MailboxBinding for the bed (IMAP, the bed's provider)."""
+    b = example("device-code.yaml", "MailboxBinding")
+    b["metadata"] = {"name": name, "namespace": namespace}
+    b["spec"].update(providerRef={"name": provider_name}, mailbox=mailbox, protocols=["imap"],
+                     secretName=f"{name}-mail-token")
+    return b
+
+
+def public_provider(bed, namespace, name, client_id):
+    """A public client (no clientAuthentication) on the bed's OAuth server, as
+    examples/device-code.yaml registers one with Microsoft."""
+    p = provider(bed, namespace, name, client_id, "unused")
+    del p["spec"]["clientAuthentication"]
+    return p
