@@ -454,10 +454,8 @@ pub fn next_status(
 pub fn awaiting_message(mailbox: &str, p: &PendingAuthorization) -> String {
     let uri = p.verification_uri.as_deref().unwrap_or("the provider's verification page");
     let code = p.user_code.as_deref().unwrap_or("?");
-    let mut m = format!(
-        "to authorize {mailbox}, open {uri} and enter the code {code} before {}, signed in as {mailbox}",
-        rfc3339(p.expires_at)
-    );
+    let mut m =
+        format!("open {uri} and enter the code {code} before {}, signed in as {mailbox}", rfc3339(p.expires_at));
     if let Some(complete) = &p.verification_uri_complete {
         m.push_str(&format!(" (or open {complete})"));
     }

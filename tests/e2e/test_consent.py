@@ -83,6 +83,7 @@ def test_a_device_code_binding_shows_its_code_in_kubectl_and_an_event_then_turns
     assert code in waiting["message"]
     wide = bed.kubectl("get", "mbx", "scanner", "-n", NS, "-o", "wide").stdout
     assert code in wide and f"{bed.issuer}/device" in wide, wide
+    print("\n" + wide)
     row = wide.splitlines()[1].split()
     assert row[1:5] == ["False", "scanner@example.com", "idp-public", "AwaitingAuthorization"], row
     events = wait_for("the AwaitingAuthorization event", lambda: [
@@ -93,6 +94,7 @@ def test_a_device_code_binding_shows_its_code_in_kubectl_and_an_event_then_turns
     polls = bed.oauth("/test/stats")["device_polls"]
     bed.oauth("/test/device/approve", {"userCode": code, "accountId": "scanner@example.com"})
     wait_reason(bed, "scanner", "TokenValid", timeout=30)
+    print("\n" + bed.kubectl("get", "mbx", "scanner", "-n", NS, "-o", "wide").stdout)
     REPORT["device code: apply to Ready (s)"] = round(time.monotonic() - started, 1)
     REPORT["device polls while waiting"] = bed.oauth("/test/stats")["device_polls"]
     assert bed.oauth("/test/stats")["device_polls"] - polls <= 3, "polled at the interval, not in a loop"
