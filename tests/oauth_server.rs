@@ -456,6 +456,7 @@ async fn a_device_code_is_shown_polled_at_its_interval_and_once_approved_the_bin
     let mut h = Harness::start(600).await;
     h.public_provider("idp", "mail-device").await;
     h.binding("desk", json!({"deviceCode": {}}), json!([]));
+    set_mailbox(&mut h, "desk", "desk@example.com", &[]);
 
     let b = h.reconcile("desk").await;
     assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::AwaitingAuthorization));
@@ -500,6 +501,7 @@ async fn a_device_code_is_shown_polled_at_its_interval_and_once_approved_the_bin
     assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
     assert!(b.status.as_ref().and_then(|s| s.authorization.as_ref()).is_none(), "nothing left to do for a person");
     assert_eq!(condition(&b, "Authorized").reason, "Authorized");
+    assert_eq!(b.status.as_ref().and_then(|s| s.account.as_deref()), Some("desk@example.com"), "identity vouched for");
     let grant = h.api.get(&secret_path("desk.mailoauth-grant")).expect("grant");
     assert!(decode(&grant, "refresh_token").is_some(), "the device grant gave a refresh token");
     assert!(decode(&grant, "pending_device_code").is_none(), "the spent device code is gone");
@@ -566,8 +568,53 @@ async fn a_confidential_client_authenticates_its_device_requests() {
     h.binding("desk", json!({"deviceCode": {}}), json!([]));
     let b = h.reconcile("desk").await;
     let code = authorization(&b).user_code.expect("code");
-    h.server.approve_device(&code, "desk@example.com").await;
+    h.server.approve_device(&code, "helpdesk@example.com").await;
     h.advance_to(h.now() + Duration::seconds(5));
     let b = h.reconcile("desk").await;
     assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+}
+
+/// Changes the stored binding's mailbox and identity aliases.
+fn set_mailbox(h: &mut Harness, name: &str, mailbox: &str, aliases: &[&str]) {
+    let mut object = h.api.get(&binding_path(name)).expect("binding");
+    object["spec"]["mailbox"] = json!(mailbox);
+    object["spec"]["identityAliases"] = json!(aliases);
+    h.api.put(&binding_path(name), object.clone());
+    let b: MailboxBinding = serde_json::from_value(object).expect("binding");
+    h.bindings.apply_watcher_event(&watcher::Event::Apply(b));
+}
+
+#[tokio::test]
+async fn a_person_who_signs_in_as_someone_else_gets_nothing_stored_and_an_identity_mismatch() {
+    let mut h = Harness::start(600).await;
+    h.public_provider("idp", "mail-device").await;
+    h.binding("desk", json!({"deviceCode": {}}), json!([]));
+    set_mailbox(&mut h, "desk", "desk@example.com", &[]);
+    let b = h.reconcile("desk").await;
+    let code = authorization(&b).user_code.expect("code");
+    h.server.approve_device(&code, "mallory@example.com").await;
+    h.advance_to(h.now() + Duration::seconds(5));
+    let b = h.reconcile("desk").await;
+    let authorized = condition(&b, "Authorized");
+    assert_eq!(authorized.reason, "IdentityMismatch");
+    assert!(
+        authorized.message.contains("mallory@example.com") && authorized.message.contains("desk@example.com"),
+        "{}",
+        authorized.message
+    );
+    let grant = h.api.get(&secret_path("desk.mailoauth-grant")).expect("grant");
+    assert_eq!(decode(&grant, "refresh_token"), None, "nothing stored");
+    assert!(h.api.get(&secret_path("desk-mail-token")).is_none(), "nothing published");
+    assert_eq!(b.status.as_ref().and_then(|s| s.account.as_deref()), None);
+
+    // The same person under a declared alias is accepted.
+    set_mailbox(&mut h, "desk", "desk@example.com", &["shared-desk@example.com"]);
+    h.annotate("desk", "mailoauth.io/reauthorize-requested", "1");
+    let b = h.reconcile("desk").await;
+    let code = authorization(&b).user_code.expect("a new code");
+    h.server.approve_device(&code, "Shared-Desk@example.com").await;
+    h.advance_to(h.now() + Duration::seconds(5));
+    let b = h.reconcile("desk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    assert_eq!(b.status.as_ref().and_then(|s| s.account.as_deref()), Some("Shared-Desk@example.com"));
 }

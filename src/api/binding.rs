@@ -45,6 +45,13 @@ pub struct MailboxBindingSpec {
     /// The mailbox address: the identity, and XOAUTH2's `user=`.
     #[schemars(length(min = 3, max = 254), regex(pattern = MAILBOX))]
     pub mailbox: String,
+    /// Other identities the provider may vouch for that belong to this mailbox's owner (a user
+    /// principal name that differs from the address, an alias). When the provider says who
+    /// consented (an id_token's `email`, `preferred_username` or `upn`), it must be `mailbox` or
+    /// one of these, compared without case; otherwise nothing is stored (`IdentityMismatch`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 3, max = 254), regex(pattern = MAILBOX)))]
+    pub identity_aliases: Vec<String>,
     /// Protocols the token is for; default scopes and servers come from the provider.
     #[serde(default = "default_protocols")]
     #[schemars(length(min = 1))]

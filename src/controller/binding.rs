@@ -34,6 +34,7 @@ use crate::policy::binding::{
 };
 use crate::policy::classify::{Failure, classify};
 use crate::policy::grant_state::{GrantState, PendingAuthorization};
+use crate::policy::identity::pinned;
 use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict, from_predecessor};
 use crate::policy::provider::{mailbox_allowed, scopes_not_allowed};
 use crate::policy::publish::published_data;
@@ -742,11 +743,22 @@ async fn token(
     }
     Ok(match result {
         Ok(set) => {
+            // Identity pinning: a token for someone else is not stored at all.
+            let account = match pinned(&set.identities, &binding.spec.mailbox, &binding.spec.identity_aliases) {
+                Ok(account) => account,
+                Err(message) => {
+                    let failure =
+                        Failure { reason: Reason::IdentityMismatch, transient: false, message, retry_after: None };
+                    return Ok(Obtained::Failed { failure, rescued: None });
+                }
+            };
             let used = request.grant.refresh_token();
             if rotated(&set, used) {
                 info!(binding = %binding.name_any(), namespace = %ns, "refresh token rotated; storing the new one first");
             }
-            Obtained::Token(grant_state_from(who, set, used, flow.origin(), input.now, ctx.default_lifetime))
+            let mut state = grant_state_from(who, set, used, flow.origin(), input.now, ctx.default_lifetime);
+            state.account = account.or_else(|| grant.and_then(|g| g.account.clone()));
+            Obtained::Token(state)
         }
         Err(rejected) => {
             match flow.refused(&rejected.error, input) {

@@ -60,6 +60,7 @@ impl TokenEndpoint for Canned {
                 refresh_token: None,
                 expires_in: Some(Duration::hours(1)),
                 scopes: None,
+                identities: Vec::new(),
             })
         })
     }
@@ -303,6 +304,7 @@ async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
         client_id: "app-id".into(),
         imported_from: None,
         mailbox: Some("helpdesk@contoso.com".into()),
+        account: None,
     };
     b.status = Some(next_status(now() - Duration::minutes(5), &b, Some(&grant), &Outcome::Refreshed));
     let servers = crate::oauth::provider::servers(&provider().spec);

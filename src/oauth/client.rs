@@ -143,6 +143,8 @@ pub struct TokenSet {
     pub expires_in: Option<Duration>,
     /// Granted scopes, when the server said.
     pub scopes: Option<Vec<String>>,
+    /// Who consented, when the server said (from an `id_token`).
+    pub identities: Vec<String>,
 }
 
 /// A device code for a person to enter (RFC 8628 §3.2).
@@ -339,6 +341,7 @@ pub fn outcome(recorded: Recorded, secrets: &[&str]) -> Result<TokenSet, Rejecte
                 refresh_token: fields.refresh_token,
                 expires_in: fields.expires_in,
                 scopes: fields.scopes,
+                identities: fields.identities,
             }),
             None => Err(Rejected {
                 error: UpstreamError {

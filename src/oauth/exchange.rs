@@ -82,6 +82,7 @@ pub fn grant_state_from(
         client_id: who.provider.client_id.clone(),
         imported_from,
         mailbox: Some(who.mailbox.to_owned()),
+        account: None,
     }
 }
 
@@ -100,6 +101,7 @@ pub fn rescued_state(
             previous_refresh_token: p.refresh_token.clone().or_else(|| p.previous_refresh_token.clone()),
             refresh_token: Some(refresh_token),
             mailbox: Some(who.mailbox.to_owned()),
+            account: None,
             ..p.clone()
         },
         None => GrantState {
@@ -115,6 +117,7 @@ pub fn rescued_state(
             client_id: who.provider.client_id.clone(),
             imported_from,
             mailbox: Some(who.mailbox.to_owned()),
+            account: None,
         },
     }
 }

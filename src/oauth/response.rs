@@ -27,6 +27,9 @@ pub struct TokenFields {
     pub expires_in: Option<Duration>,
     /// `scope`, split on spaces.
     pub scopes: Option<Vec<String>>,
+    /// Who the provider says consented: the `email`, `preferred_username` and `upn` claims of
+    /// the `id_token`, in that order, when there is one.
+    pub identities: Vec<String>,
 }
 
 /// The fields of a 2xx device authorization response (RFC 8628 §3.2).
@@ -121,7 +124,28 @@ pub fn parse_token(body: &[u8]) -> Option<TokenFields> {
         refresh_token: token(map.get("refresh_token")),
         expires_in: lifetime(map.get("expires_in")),
         scopes,
+        identities: map.get("id_token").and_then(Value::as_str).map(identities).unwrap_or_default(),
     })
+}
+
+/// The identities an id_token names. Its signature is not checked: it came straight from the
+/// token endpoint over TLS, which OpenID Connect Core §3.1.3.7 allows in place of the signature.
+pub fn identities(id_token: &str) -> Vec<String> {
+    use base64::Engine;
+    let Some(payload) = id_token.split('.').nth(1) else { return Vec::new() };
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')) else {
+        return Vec::new();
+    };
+    let Some(claims) = object(&bytes) else { return Vec::new() };
+    let mut out: Vec<String> = Vec::new();
+    for claim in ["email", "preferred_username", "upn"] {
+        if let Some(v) = shown(claims.get(claim)).filter(|v| v.len() <= 254)
+            && !out.iter().any(|o| o.eq_ignore_ascii_case(&v))
+        {
+            out.push(v);
+        }
+    }
+    out
 }
 
 /// Reads an error response; `None` when the body is not a JSON object.
@@ -174,6 +198,19 @@ mod tests {
     }
 
     #[test]
+    fn an_id_token_names_who_consented_without_duplicates() {
+        use base64::Engine;
+        let claims = r#"{"sub":"x","email":"Helpdesk@Contoso.com","preferred_username":"helpdesk@contoso.com","upn":"hd@contoso.onmicrosoft.com"}"#;
+        let jwt =
+            format!("eyJhbGciOiJSUzI1NiJ9.{}.sig", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims));
+        assert_eq!(identities(&jwt), ["Helpdesk@Contoso.com", "hd@contoso.onmicrosoft.com"]);
+        assert!(identities("not a jwt").is_empty());
+        assert!(identities("a.!!!.c").is_empty());
+        let body = format!(r#"{{"access_token":"at","id_token":"{jwt}"}}"#);
+        assert_eq!(parse_token(body.as_bytes()).unwrap().identities.len(), 2);
+    }
+
+    #[test]
     fn a_device_response_is_read_with_googles_spelling_too() {
         let d = parse_device(br#"{"device_code":"dc","user_code":"ABCD-EFGH","verification_url":"https://www.google.com/device","expires_in":1800,"interval":5}"#).unwrap();
         assert_eq!(d.device_code.as_ref().map(ExposeSecret::expose_secret), Some("dc"));
@@ -191,6 +228,7 @@ mod tests {
             let _ = parse_token(&body);
             let _ = parse_error(&body);
             let _ = parse_device(&body);
+            let _ = identities(&String::from_utf8_lossy(&body));
         }
 
         #[test]

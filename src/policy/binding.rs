@@ -296,7 +296,7 @@ pub fn next_status(
             renew_at: renew_at(binding, g),
             scopes: g.scopes.clone(),
         }),
-        account: previous.account.clone(),
+        account: grant.and_then(|g| g.account.clone()).or_else(|| previous.account.clone()),
         last_refresh_time: previous.last_refresh_time,
         failed_attempts: previous.failed_attempts,
         last_failure_time: previous.last_failure_time,
@@ -566,6 +566,7 @@ mod tests {
             client_id: "client".into(),
             imported_from: Some("seed/refresh_token".into()),
             mailbox: Some("a@example.com".into()),
+            account: None,
         }
     }
 

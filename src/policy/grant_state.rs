@@ -33,6 +33,8 @@ pub mod keys {
     pub const IMPORTED_FROM: &str = "imported_from";
     /// The mailbox the grant is for (so a recreated binding can adopt its own grant).
     pub const MAILBOX: &str = "mailbox";
+    /// The identity the provider vouched for, when it said.
+    pub const ACCOUNT: &str = "account";
 }
 
 /// What the operator holds for one binding.
@@ -65,6 +67,8 @@ pub struct GrantState {
     pub imported_from: Option<String>,
     /// The mailbox (absent in states written by older versions).
     pub mailbox: Option<String>,
+    /// The identity the provider vouched for (an id_token's claim), when it said.
+    pub account: Option<String>,
 }
 
 impl PartialEq for GrantState {
@@ -83,6 +87,7 @@ impl PartialEq for GrantState {
             && self.client_id == other.client_id
             && self.imported_from == other.imported_from
             && self.mailbox == other.mailbox
+            && self.account == other.account
     }
 }
 
@@ -113,6 +118,9 @@ impl GrantState {
         if let Some(mailbox) = &self.mailbox {
             put(keys::MAILBOX, mailbox.clone());
         }
+        if let Some(account) = &self.account {
+            put(keys::ACCOUNT, account.clone());
+        }
         data
     }
 
@@ -138,6 +146,7 @@ impl GrantState {
             client_id: text(keys::CLIENT_ID)?,
             imported_from: text(keys::IMPORTED_FROM),
             mailbox: text(keys::MAILBOX),
+            account: text(keys::ACCOUNT),
         })
         .filter(|s| s.refresh_token.is_some() || !s.access_token.expose_secret().is_empty())
     }
@@ -292,6 +301,7 @@ mod tests {
             client_id: "client".into(),
             imported_from: Some("import/refresh_token".into()),
             mailbox: Some("a@example.com".into()),
+            account: None,
         };
         let data = state.encode().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
         assert_eq!(GrantState::decode(&data), Some(state));
@@ -344,6 +354,7 @@ mod tests {
             client_id: "c".into(),
             imported_from: None,
             mailbox: None,
+            account: None,
         };
         let shown = format!("{state:?}");
         assert!(!shown.contains("very-secret"), "{shown}");

@@ -6,6 +6,7 @@ pub mod classify;
 pub mod condition;
 pub mod duration;
 pub mod grant_state;
+pub mod identity;
 pub mod ownership;
 pub mod provider;
 pub mod publish;

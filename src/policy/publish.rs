@@ -154,6 +154,7 @@ mod tests {
             client_id: "c".into(),
             imported_from: None,
             mailbox: None,
+            account: None,
         }
     }
 

@@ -131,7 +131,11 @@ impl Reason {
                 "create a new client secret at the provider, add it first in \
                  clientAuthentication.clientSecretRefs"
             }
-            Reason::IdentityMismatch => "authorize with the account named in spec.mailbox",
+            Reason::IdentityMismatch => {
+                "authorize again signed in as the account named in spec.mailbox (or list the other \
+                 identity in spec.identityAliases if it is the same person's), then set \
+                 mailoauth.io/reauthorize-requested to a new value"
+            }
             Reason::AuthorizationExpired | Reason::AuthorizationDenied => {
                 "set the mailoauth.io/reauthorize-requested annotation to a new value for a new code, and \
                  complete it in time (kubectl annotate mbx <name> mailoauth.io/reauthorize-requested=$(date +%s) --overwrite)"

@@ -189,6 +189,8 @@ provider = new Provider(issuer, {
   clients,
   scopes: ['openid', 'offline_access', 'email', 'mail'],
   claims: { email: ['email'] },
+  // id_tokens carry the scope's claims (email), as Google's and Microsoft's do: identity pinning.
+  conformIdTokenClaims: false,
   features: {
     devInteractions: { enabled: false },
     clientCredentials: { enabled: true },
