@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use futures::FutureExt;
 use tracing_subscriber::EnvFilter;
 
-use crate::controller::SystemClock;
 use crate::controller::run::{Settings, run};
+use crate::controller::{AuthorizationSettings, SystemClock};
 use crate::error::{Error, Result};
 use crate::oauth::HttpTokenEndpoint;
 use crate::oauth::http::{HttpClients, OutboundPolicy};
@@ -80,6 +80,27 @@ pub struct RunArgs {
     /// of their choice. Secrets of `ClusterMailProvider`s never need the label.
     #[arg(long, env = "STRICT_SECRET_REFERENCES")]
     pub strict_secret_references: bool,
+    /// Address of the authorization listener (`/authorize/<namespace>/<name>` and `/callback`
+    /// for the authorizationCode grant), separate from /healthz and /readyz; off when not set.
+    #[arg(long, env = "CALLBACK_ADDRESS")]
+    pub callback_address: Option<SocketAddr>,
+    /// The base URL people's browsers use to reach the authorization listener (an Ingress URL,
+    /// or http://localhost:8400 behind `kubectl port-forward`); the redirect URI registered at
+    /// providers is `<public URL>/callback`.
+    #[arg(long, env = "PUBLIC_URL", default_value = "http://localhost:8400", value_parser = parse_public_url)]
+    pub public_url: String,
+}
+
+fn parse_public_url(text: &str) -> Result<String, String> {
+    let url = url::Url::parse(text).map_err(|e| e.to_string())?;
+    let loopback = matches!(url.host_str(), Some("localhost" | "127.0.0.1" | "[::1]"));
+    if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+        return Err("must be https (http only for localhost)".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must have no query or fragment".into());
+    }
+    Ok(text.trim_end_matches('/').to_owned())
 }
 
 fn parse_bounded(text: &str, min: chrono::Duration, max: chrono::Duration) -> Result<chrono::Duration, String> {
@@ -139,6 +160,10 @@ async fn run_operator(args: RunArgs) -> Result<()> {
         default_lifetime: args.default_token_lifetime,
         flush_timeout: args.shutdown_flush_timeout,
         references: if args.strict_secret_references { ReferencePolicy::Labelled } else { ReferencePolicy::Any },
+        authorization: AuthorizationSettings {
+            redirect_uri: format!("{}/callback", args.public_url),
+            link_base: args.callback_address.map(|_| args.public_url.clone()),
+        },
     };
     tracing::info!(namespaces = ?settings.namespaces, cluster_namespace = %settings.cluster_namespace, "starting");
     let server = crate::server::serve(args.listen_address, Arc::clone(&ready), shutdown.clone());

@@ -96,6 +96,7 @@ fn context(
         default_lifetime: Duration::hours(1),
         references,
         polls: Default::default(),
+        authorization: Default::default(),
     })
 }
 

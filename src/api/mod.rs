@@ -37,3 +37,6 @@ pub const REAUTHORIZE_REQUESTED_ANNOTATION: &str = "mailoauth.io/reauthorize-req
 /// Label a Secret carries to be readable by reference from a `MailProvider` or `MailboxBinding`
 /// when the operator runs with `--strict-secret-references` (the chart's default).
 pub const ALLOW_REFERENCE_LABEL: &str = "mailoauth.io/allow-reference";
+/// Annotation a person sets to the final redirect URL (or its `code=...&state=...`) of an
+/// authorization code request when the browser cannot reach the operator; consumed once, then removed.
+pub const AUTHORIZATION_RESPONSE_ANNOTATION: &str = "mailoauth.io/authorization-response";

@@ -19,13 +19,16 @@ use super::secrets::{Role, binding_label, desired, grant_secret_name, up_to_date
 use super::{Context, Pending};
 use crate::api::common::find_condition;
 use crate::api::{
-    ClientAuthMethod, ConditionStatus, Endpoints, FIELD_MANAGER, MailProviderSpec, MailProviderStatus, MailboxBinding,
-    MailboxBindingStatus, Protocol, ProviderKind, ServerAddress,
+    AUTHORIZATION_RESPONSE_ANNOTATION, ClientAuthMethod, ConditionStatus, Endpoints, FIELD_MANAGER, MailProviderSpec,
+    MailProviderStatus, MailboxBinding, MailboxBindingStatus, Protocol, ProviderKind, ServerAddress,
 };
 use crate::error::{Error, Result};
+use crate::oauth::authorize::{Response, parse_response};
 use crate::oauth::exchange::{Requester, client_for, grant_state_from, request_for, rescued_state, rotated};
-use crate::oauth::grants::{Flow, FlowInput, ProviderFacts, Step, device_code, flow_for, refresh};
-use crate::oauth::provider::{auth_method, device_flow_for_mail, preset_name, scopes_for, secret_refs, servers};
+use crate::oauth::grants::{Flow, FlowInput, ProviderFacts, Step, authorization_code, device_code, flow_for, refresh};
+use crate::oauth::provider::{
+    auth_method, authorize_params, device_flow_for_mail, preset_name, scopes_for, secret_refs, servers,
+};
 use crate::oauth::{Client, DeviceRequest, GrantCall};
 use crate::policy::Reason;
 use crate::policy::binding::{
@@ -123,9 +126,32 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
                 .as_ref()
                 .filter(|p| !reauthorize && p.provider == usable.key && &p.client_id == client_id)
                 .map(|p| PendingAuthorization { next_poll: ctx.next_poll(&ns, &name, p.next_poll), ..p.clone() });
-            let obtained = obtain(&ctx, &binding, usable, flow, usable_grant, pending.as_ref(), now).await?;
+            // What a person's browser brought back: a pasted redirect URL, or the callback's code.
+            let pasted = annotation(&binding, AUTHORIZATION_RESPONSE_ANNOTATION);
+            let response = match (pasted, pending.as_ref()) {
+                (Some(text), _) => parse_response(text),
+                (None, Some(p)) => match (&p.code, &p.state) {
+                    (Some(code), Some(state)) => Some(Response::Code { code: code.clone(), state: state.clone() }),
+                    _ => None,
+                },
+                (None, None) => None,
+            };
+            let known = Known { grant: usable_grant, pending: pending.as_ref(), response: response.as_ref() };
+            let obtained = obtain(&ctx, &binding, usable, flow, known, now).await?;
             failpoint("after-token-response", &name);
+            if pasted.is_some() {
+                // Consumed once, then removed: the code in it is single-use anyway.
+                forget_pasted_response(&ctx, &binding).await;
+            }
+            if response.is_some() && matches!(obtained, Obtained::Failed { .. }) {
+                // A response is answered once: the request it answered is spent.
+                persist_pending_data(&secrets, &binding, BTreeMap::new()).await?;
+            }
             match obtained {
+                Obtained::Awaiting(p) if !p.persistent() => {
+                    next_poll = Some(p.next_poll);
+                    Outcome::Awaiting(p)
+                }
                 Obtained::Awaiting(p) => {
                     if !stored_pending.as_ref().is_some_and(|s| s.same_stored(&p)) {
                         let started = stored_pending.as_ref().is_none_or(|s| s.device_code_differs(&p));
@@ -463,8 +489,17 @@ fn decode_pending(secret: &Secret) -> Option<PendingAuthorization> {
 /// whatever grant was stored (a person asked for it, or there was none). Losing this write loses
 /// no token: the next reconcile starts a new authorization.
 async fn persist_pending(api: &Api<Secret>, binding: &MailboxBinding, pending: &PendingAuthorization) -> Result<()> {
+    persist_pending_data(api, binding, pending.encode()).await
+}
+
+/// Writes `data` as the whole grant-state Secret's content.
+async fn persist_pending_data(
+    api: &Api<Secret>,
+    binding: &MailboxBinding,
+    data: BTreeMap<String, String>,
+) -> Result<()> {
     let name = grant_secret_name(&binding.name_any());
-    let want = desired(binding, &name, Role::Grant, pending.encode());
+    let want = desired(binding, &name, Role::Grant, data);
     apply_secret(api, &want).await.map_err(|source| Error::WriteGrantState {
         namespace: binding.namespace().unwrap_or_default(),
         name,
@@ -550,6 +585,7 @@ pub async fn provider_for(
         has_client_secret: !secret_refs(&spec).is_empty(),
         device_endpoint: endpoints.device_authorization.is_some(),
         device_flow_for_mail: device_flow_for_mail(&spec),
+        authorization_endpoint: endpoints.authorization.is_some(),
     };
     if let Some(why) = flow.and_then(|f| f.unusable(&facts)) {
         return unusable(Reason::InvalidSpec, format!("{kind_name}: {why}"));
@@ -626,6 +662,94 @@ async fn read_key(ctx: &Context, ns: &str, name: &str, key: &str) -> Result<Read
         .map_or(Read::Missing, |v| Read::Value(SecretString::from(v))))
 }
 
+fn annotation<'a>(binding: &'a MailboxBinding, key: &str) -> Option<&'a str> {
+    binding.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
+/// Removes the pasted authorization response from the binding (best effort: a response read
+/// again answers no request and changes nothing).
+async fn forget_pasted_response(ctx: &Context, binding: &MailboxBinding) {
+    let api: Api<MailboxBinding> = Api::namespaced(ctx.client.clone(), &binding.namespace().unwrap_or_default());
+    let patch = serde_json::json!({"metadata": {"annotations": {AUTHORIZATION_RESPONSE_ANNOTATION: null}}});
+    if let Err(e) = api.patch_metadata(&binding.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await {
+        warn!(binding = %binding.name_any(), error = %e, "removing the pasted authorization response failed");
+    }
+}
+
+/// A new authorization request for a person's browser: with the callback listener, the status
+/// shows the operator's stable link (each visit makes a fresh request); without it, a request is
+/// made now and its provider URL shown, for the person to paste the final redirect URL back.
+fn start_authorization(
+    ctx: &Context,
+    binding: &MailboxBinding,
+    usable: &ProviderUse,
+    now: DateTime<Utc>,
+) -> std::result::Result<PendingAuthorization, String> {
+    let ns = binding.namespace().unwrap_or_default();
+    let name = binding.name_any();
+    let mut p = PendingAuthorization {
+        method: authorization_code::METHOD.into(),
+        device_code: None,
+        user_code: None,
+        verification_uri: None,
+        verification_uri_complete: None,
+        started_at: now,
+        expires_at: crate::policy::time::plus(now, AUTHORIZATION_REQUEST_LIFETIME),
+        interval: chrono::Duration::seconds(1),
+        next_poll: crate::policy::time::plus(now, AUTHORIZATION_REQUEST_LIFETIME),
+        provider: usable.key.clone(),
+        client_id: usable.spec.client_id.clone(),
+        scopes: usable.scopes.clone(),
+        state: None,
+        code_verifier: None,
+        redirect_uri: None,
+        url: None,
+        code: None,
+        binding_uid: binding.uid(),
+        generation: binding.metadata.generation,
+    };
+    if let Some(base) = &ctx.authorization.link_base {
+        p.url = Some(format!("{base}/authorize/{ns}/{name}"));
+        return Ok(p);
+    }
+    let made = authorization_request(
+        &usable.spec,
+        &usable.endpoints,
+        &usable.scopes,
+        binding,
+        &ctx.authorization.redirect_uri,
+    )?;
+    p.state = Some(made.state);
+    p.code_verifier = Some(made.code_verifier);
+    p.redirect_uri = Some(ctx.authorization.redirect_uri.clone());
+    p.url = Some(made.url);
+    Ok(p)
+}
+
+/// How long an authorization request (its state and verifier) may be answered.
+pub const AUTHORIZATION_REQUEST_LIFETIME: chrono::Duration = chrono::Duration::minutes(15);
+
+/// An authorization request for `binding` at its provider.
+pub fn authorization_request(
+    spec: &MailProviderSpec,
+    endpoints: &Endpoints,
+    scopes: &[String],
+    binding: &MailboxBinding,
+    redirect_uri: &str,
+) -> std::result::Result<crate::oauth::authorize::AuthorizationRequest, String> {
+    let authorize_url = endpoints.authorization.as_deref().ok_or("the provider has no authorization endpoint")?;
+    crate::oauth::authorize::request(&crate::oauth::authorize::Params {
+        authorize_url,
+        client_id: &spec.client_id,
+        redirect_uri,
+        scopes,
+        login_hint: &binding.spec.mailbox,
+        extra: authorize_params(spec),
+        namespace: &binding.namespace().unwrap_or_default(),
+        name: &binding.name_any(),
+    })
+}
+
 /// A transient failure before any request (a Secret missing or not labelled for the operator).
 fn not_ready(reason: Reason, what: String) -> Obtained {
     Obtained::Failed { failure: Failure { reason, transient: true, message: what, retry_after: None }, rescued: None }
@@ -653,6 +777,17 @@ async fn client_of(ctx: &Context, usable: &ProviderUse, who: &Requester<'_>) -> 
     Ok(Ok(client_for(who, client_secrets)))
 }
 
+/// What is known of a grant before its next step.
+#[derive(Clone, Copy)]
+struct Known<'a> {
+    /// The stored grant the flow may use.
+    grant: Option<&'a GrantState>,
+    /// The authorization in progress.
+    pending: Option<&'a PendingAuthorization>,
+    /// What a person's browser brought back.
+    response: Option<&'a Response>,
+}
+
 /// Takes the grant's next step: asks the flow what to do, then does it. The outer error is a
 /// Kubernetes failure; the inner result what the authorization server said.
 async fn obtain(
@@ -660,10 +795,10 @@ async fn obtain(
     binding: &MailboxBinding,
     usable: &ProviderUse,
     flow: &dyn Flow,
-    grant: Option<&GrantState>,
-    pending: Option<&PendingAuthorization>,
+    known: Known<'_>,
     now: DateTime<Utc>,
 ) -> Result<Obtained> {
+    let Known { grant, pending, response } = known;
     let ns = binding.namespace().unwrap_or_default();
     let read = match flow.reads(grant) {
         Some(r) => match read_key(ctx, &ns, &r.name, &r.key).await? {
@@ -673,7 +808,16 @@ async fn obtain(
         },
         None => None,
     };
-    let input = FlowInput { now, grant, pending, read: read.as_ref(), scopes: &usable.scopes };
+    let input = FlowInput {
+        now,
+        grant,
+        pending,
+        read: read.as_ref(),
+        scopes: &usable.scopes,
+        response,
+        binding_uid: binding.metadata.uid.as_deref(),
+        generation: binding.metadata.generation,
+    };
     let who = Requester {
         provider_key: &usable.key,
         provider: &usable.spec,
@@ -684,6 +828,10 @@ async fn obtain(
     match flow.step(&input) {
         Step::Await(p) => Ok(Obtained::Awaiting(p)),
         Step::Fail(failure) => Ok(Obtained::Failed { failure, rescued: None }),
+        Step::StartAuthorization => Ok(match start_authorization(ctx, binding, usable, now) {
+            Ok(p) => Obtained::Awaiting(p),
+            Err(why) => not_ready(Reason::InvalidSpec, why),
+        }),
         Step::StartDeviceAuthorization => {
             let client = match client_of(ctx, usable, &who).await? {
                 Ok(c) => c,

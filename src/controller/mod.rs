@@ -68,10 +68,33 @@ pub struct Context {
     pub default_lifetime: Duration,
     /// Which referenced Secrets may be read (strict mode: only labelled ones).
     pub references: ReferencePolicy,
+    /// Where people's browsers go for the authorization code grant.
+    pub authorization: AuthorizationSettings,
     /// When each authorization in progress is polled next, by (namespace, binding): kept in
     /// memory, so that a poll costs no write (after a restart the first poll is at once).
     pub polls: Polls,
 }
+
+/// Where people's browsers go for the authorization code grant.
+#[derive(Clone, Debug)]
+pub struct AuthorizationSettings {
+    /// The redirect URI registered at providers: `<public URL>/callback`, or
+    /// `http://localhost:8400/callback` when no public URL is set (the paste path).
+    pub redirect_uri: String,
+    /// With the callback listener on: the public URL the browser uses, for the
+    /// `/authorize/<namespace>/<name>` link shown in status.
+    pub link_base: Option<String>,
+}
+
+impl Default for AuthorizationSettings {
+    fn default() -> Self {
+        Self { redirect_uri: DEFAULT_REDIRECT_URI.into(), link_base: None }
+    }
+}
+
+/// The redirect URI without a public URL: a loopback address, which Entra and Google desktop
+/// clients allow, reached with `kubectl port-forward` or not at all (the paste path).
+pub const DEFAULT_REDIRECT_URI: &str = "http://localhost:8400/callback";
 
 /// Next poll times of authorizations in progress, by (namespace, binding).
 pub type Polls = Arc<Mutex<HashMap<(String, String), DateTime<Utc>>>>;

@@ -37,6 +37,8 @@ pub struct Settings {
     pub flush_timeout: std::time::Duration,
     /// Which referenced Secrets may be read.
     pub references: crate::policy::reference::ReferencePolicy,
+    /// Where people's browsers go for the authorization code grant.
+    pub authorization: super::AuthorizationSettings,
 }
 
 /// Runs every controller until `shutdown`; `ready` turns true once every cache has synced.
@@ -129,6 +131,7 @@ pub async fn run(
             default_lifetime: settings.default_lifetime,
             references: settings.references,
             polls: Default::default(),
+            authorization: settings.authorization.clone(),
         });
         first_ctx.get_or_insert_with(|| Arc::clone(&ctx));
         syncs.push(synced(provider_store.clone()));

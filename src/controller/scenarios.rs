@@ -143,6 +143,7 @@ fn context(client: Client, tokens: Arc<Canned>, bindings: &[MailboxBinding]) -> 
         default_lifetime: Duration::hours(1),
         references: Default::default(),
         polls: Default::default(),
+        authorization: Default::default(),
     })
 }
 

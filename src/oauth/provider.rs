@@ -56,6 +56,12 @@ pub fn preset_name(spec: &MailProviderSpec) -> Option<&'static str> {
     preset_of(spec).map(|p| p.name)
 }
 
+/// Extra authorize parameters of the provider's preset (Google: `access_type=offline`,
+/// `prompt=consent`, so that a refresh token is issued every time).
+pub fn authorize_params(spec: &MailProviderSpec) -> &'static [(&'static str, &'static str)] {
+    preset_of(spec).map_or(&[], |p| p.authorize_params)
+}
+
 /// Whether the provider's device flow may ask for mail scopes (a generic provider's may).
 pub fn device_flow_for_mail(spec: &MailProviderSpec) -> bool {
     preset_of(spec).is_none_or(|p| p.device_flow_for_mail)

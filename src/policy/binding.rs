@@ -255,6 +255,7 @@ pub fn decide(inputs: Inputs<'_>) -> Decision {
 
 /// What happened in this reconcile, for the status.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Outcome {
     /// `spec.suspend`.
     Suspended,
@@ -425,8 +426,9 @@ pub fn next_status(
                 user_code: p.user_code.clone(),
                 verification_uri: p.verification_uri.clone(),
                 verification_uri_complete: p.verification_uri_complete.clone(),
-                url: None,
-                expires_at: Some(p.expires_at),
+                url: p.url.clone(),
+                // An operator link makes a fresh request at each visit: it does not expire.
+                expires_at: p.persistent().then_some(p.expires_at),
             });
             let message = awaiting_message(&binding.spec.mailbox, p);
             status.conditions.push(match valid {
@@ -452,6 +454,17 @@ pub fn next_status(
 
 /// What a person has to do, in one line (shown in the wide `MESSAGE` column and the Event).
 pub fn awaiting_message(mailbox: &str, p: &PendingAuthorization) -> String {
+    if let Some(url) = &p.url {
+        let mut m = format!("open {url} and sign in as {mailbox}");
+        if p.persistent() {
+            m.push_str(&format!(
+                " before {}; if the browser cannot reach the redirect page, paste its address into the \
+                 mailoauth.io/authorization-response annotation",
+                rfc3339(p.expires_at)
+            ));
+        }
+        return m;
+    }
     let uri = p.verification_uri.as_deref().unwrap_or("the provider's verification page");
     let code = p.user_code.as_deref().unwrap_or("?");
     let mut m =
@@ -742,7 +755,7 @@ mod tests {
 
     #[test]
     fn unsupported_grants_say_so_instead_of_staying_silent() {
-        for grant in ["authorizationCode", "jwtBearer"] {
+        for grant in ["jwtBearer"] {
             let b = binding(serde_json::json!({ grant: {} }));
             let d = decide_at(t(0), &b, None);
             let Decision::Blocked { reason, message } = d else { panic!("{grant}: expected Blocked") };

@@ -176,6 +176,20 @@ pub mod pending_keys {
     pub const CLIENT_ID: &str = "pending_client_id";
     /// Scopes asked for, space separated.
     pub const SCOPES: &str = "pending_scopes";
+    /// The single-use `state` of an authorization request.
+    pub const STATE: &str = "pending_state";
+    /// The PKCE code verifier (secret).
+    pub const CODE_VERIFIER: &str = "pending_code_verifier";
+    /// The redirect URI the request named.
+    pub const REDIRECT_URI: &str = "pending_redirect_uri";
+    /// Where the person goes: the provider's authorize URL, or the operator's link to it.
+    pub const URL: &str = "pending_url";
+    /// The authorization code the callback received, waiting to be exchanged once (secret).
+    pub const CODE: &str = "pending_code";
+    /// The binding's uid when the request was made.
+    pub const BINDING_UID: &str = "pending_binding_uid";
+    /// The binding's generation when the request was made.
+    pub const GENERATION: &str = "pending_generation";
 }
 
 /// An authorization a person has yet to complete, kept in the grant-state Secret so that it
@@ -206,6 +220,20 @@ pub struct PendingAuthorization {
     pub client_id: String,
     /// Scopes asked for.
     pub scopes: Vec<String>,
+    /// The single-use `state` (authorization code).
+    pub state: Option<String>,
+    /// The PKCE code verifier (authorization code).
+    pub code_verifier: Option<SecretString>,
+    /// The redirect URI (authorization code).
+    pub redirect_uri: Option<String>,
+    /// Where the person goes (authorization code).
+    pub url: Option<String>,
+    /// The code the callback received, to be exchanged once.
+    pub code: Option<SecretString>,
+    /// The binding's uid when the request was made.
+    pub binding_uid: Option<String>,
+    /// The binding's generation when the request was made.
+    pub generation: Option<i64>,
 }
 
 impl PartialEq for PendingAuthorization {
@@ -217,9 +245,11 @@ impl PartialEq for PendingAuthorization {
 impl Eq for PendingAuthorization {}
 
 impl PendingAuthorization {
-    /// Whether `other` is another authorization rather than this one with a new interval.
+    /// Whether `other` is another authorization rather than this one with a new interval or a
+    /// received code.
     pub fn device_code_differs(&self, other: &Self) -> bool {
         self.method != other.method
+            || self.state != other.state
             || self.device_code.as_ref().map(ExposeSecret::expose_secret)
                 != other.device_code.as_ref().map(ExposeSecret::expose_secret)
     }
@@ -249,7 +279,19 @@ impl PendingAuthorization {
         put(k::PROVIDER, Some(self.provider.clone()));
         put(k::CLIENT_ID, Some(self.client_id.clone()));
         put(k::SCOPES, Some(self.scopes.join(" ")));
+        put(k::STATE, self.state.clone());
+        put(k::CODE_VERIFIER, self.code_verifier.as_ref().map(|c| c.expose_secret().to_owned()));
+        put(k::REDIRECT_URI, self.redirect_uri.clone());
+        put(k::URL, self.url.clone());
+        put(k::CODE, self.code.as_ref().map(|c| c.expose_secret().to_owned()));
+        put(k::BINDING_UID, self.binding_uid.clone());
+        put(k::GENERATION, self.generation.map(|g| g.to_string()));
         data
+    }
+
+    /// Whether there is anything to store: a device code, or an authorization request's state.
+    pub fn persistent(&self) -> bool {
+        self.device_code.is_some() || self.state.is_some()
     }
 
     /// Reads a pending authorization back; `None` when there is none or it does not parse.
@@ -273,6 +315,13 @@ impl PendingAuthorization {
             provider: text(k::PROVIDER)?,
             client_id: text(k::CLIENT_ID)?,
             scopes: text(k::SCOPES).map(|s| s.split_whitespace().map(str::to_owned).collect()).unwrap_or_default(),
+            state: text(k::STATE),
+            code_verifier: text(k::CODE_VERIFIER).map(SecretString::from),
+            redirect_uri: text(k::REDIRECT_URI),
+            url: text(k::URL),
+            code: text(k::CODE).map(SecretString::from),
+            binding_uid: text(k::BINDING_UID),
+            generation: text(k::GENERATION).and_then(|g| g.parse().ok()),
         })
     }
 }
@@ -323,6 +372,13 @@ mod tests {
             provider: "MailProvider/p".into(),
             client_id: "c".into(),
             scopes: vec!["openid".into(), "mail".into()],
+            state: None,
+            code_verifier: None,
+            redirect_uri: None,
+            url: None,
+            code: None,
+            binding_uid: None,
+            generation: None,
         };
         let data = p.encode().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
         let back = PendingAuthorization::decode(&data).unwrap();

@@ -137,6 +137,13 @@ pub fn pending(
         provider: provider.to_owned(),
         client_id: client_id.to_owned(),
         scopes: scopes.to_vec(),
+        state: None,
+        code_verifier: None,
+        redirect_uri: None,
+        url: None,
+        code: None,
+        binding_uid: None,
+        generation: None,
     }
 }
 
@@ -164,7 +171,16 @@ mod tests {
     }
 
     fn input(now: DateTime<Utc>, pending: Option<&PendingAuthorization>) -> FlowInput<'_> {
-        FlowInput { now, grant: None, pending, read: None, scopes: &[] }
+        FlowInput {
+            now,
+            grant: None,
+            pending,
+            read: None,
+            scopes: &[],
+            response: None,
+            binding_uid: None,
+            generation: None,
+        }
     }
 
     fn upstream(code: &str) -> UpstreamError {

@@ -7,6 +7,7 @@
 //! Adding a grant: a module here implementing [`Flow`], its variant in `api::Grant`, its row in
 //! [`flow_for`], and its docs.
 
+pub mod authorization_code;
 pub mod client_credentials;
 pub mod device_code;
 pub mod refresh_token;
@@ -14,6 +15,7 @@ pub mod refresh_token;
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 
+use super::authorize::Response;
 use super::client::{GrantCall, Param};
 use crate::api::SecretKeySelector;
 use crate::policy::classify::{Failure, UpstreamError};
@@ -30,6 +32,8 @@ pub struct ProviderFacts<'a> {
     pub device_endpoint: bool,
     /// Whether the provider's device flow may ask for mail scopes (Google's may not).
     pub device_flow_for_mail: bool,
+    /// Whether an authorization endpoint is known.
+    pub authorization_endpoint: bool,
 }
 
 /// What a flow sees when asked what to do.
@@ -47,15 +51,24 @@ pub struct FlowInput<'a> {
     pub read: Option<&'a SecretString>,
     /// Scopes to request.
     pub scopes: &'a [String],
+    /// What a person's browser brought back (a callback, or a pasted redirect URL), if anything.
+    pub response: Option<&'a Response>,
+    /// The binding's uid.
+    pub binding_uid: Option<&'a str>,
+    /// The binding's generation.
+    pub generation: Option<i64>,
 }
 
-/// What to do next.
+/// What to do next. (Short-lived; the waiting variant is larger than the others on purpose.)
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Step {
     /// Send this grant to the token endpoint.
     Token(GrantCall),
     /// Ask the device authorization endpoint for a code a person enters.
     StartDeviceAuthorization,
+    /// Make an authorization request (PKCE, a single-use state) for a person's browser.
+    StartAuthorization,
     /// A person has yet to act: keep this authorization and look again at its `next_poll`.
     Await(PendingAuthorization),
     /// The flow cannot go on.
@@ -113,7 +126,8 @@ pub fn flow_for(grant: &crate::api::Grant) -> Option<Box<dyn Flow>> {
         }
         G::ClientCredentials {} => Some(Box::new(client_credentials::ClientCredentialsFlow)),
         G::DeviceCode {} => Some(Box::new(device_code::DeviceCodeFlow)),
-        G::AuthorizationCode {} | G::JwtBearer {} => None,
+        G::AuthorizationCode {} => Some(Box::new(authorization_code::AuthorizationCodeFlow)),
+        G::JwtBearer {} => None,
     }
 }
 
