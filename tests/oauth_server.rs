@@ -619,3 +619,103 @@ async fn a_person_who_signs_in_as_someone_else_gets_nothing_stored_and_an_identi
     assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
     assert_eq!(b.status.as_ref().and_then(|s| s.account.as_deref()), Some("Shared-Desk@example.com"));
 }
+
+#[tokio::test]
+async fn an_authorization_code_pasted_back_is_exchanged_once_with_pkce_and_the_binding_turns_ready() {
+    let mut h = Harness::start(600).await;
+    h.public_provider("idp", "mail-device").await;
+    h.binding("desk", json!({"authorizationCode": {}}), json!([]));
+    set_mailbox(&mut h, "desk", "desk@example.com", &[]);
+
+    let b = h.reconcile("desk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::AwaitingAuthorization));
+    let shown = authorization(&b);
+    assert_eq!(shown.method, "authorizationCode");
+    let url = shown.url.clone().expect("the provider URL, for the paste path");
+    assert!(url.starts_with(&format!("{}/auth?", h.server.issuer)), "{url}");
+    assert!(url.contains("code_challenge_method=S256") && url.contains("login_hint=desk%40example.com"), "{url}");
+    assert!(url.contains("redirect_uri=http%3A%2F%2Flocalhost%3A8400%2Fcallback"), "{url}");
+    assert!(shown.expires_at.is_some());
+    assert!(condition(&b, "Ready").message.contains("mailoauth.io/authorization-response"));
+
+    // A person signs in; the browser lands on the loopback redirect, which nothing serves: the
+    // person copies its address into the annotation.
+    let landed = h.server.browse(&url, None, false).await;
+    assert!(landed.starts_with("http://localhost:8400/callback?code="), "{landed}");
+    h.annotate("desk", "mailoauth.io/authorization-response", &landed);
+    let b = h.reconcile("desk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    assert_eq!(b.status.as_ref().and_then(|s| s.account.as_deref()), Some("desk@example.com"));
+    assert_eq!(h.server.grants("authorization_code").await, 1);
+    let grant = h.api.get(&secret_path("desk.mailoauth-grant")).expect("grant");
+    assert!(decode(&grant, "refresh_token").is_some());
+    assert!(decode(&grant, "pending_code_verifier").is_none(), "the spent request is gone");
+    assert!(
+        h.api.writes().iter().any(|w| w == &format!("PATCH {}", binding_path("desk"))),
+        "the pasted response was removed from the binding"
+    );
+
+    // The same response again (replayed) answers no request: nothing is sent, nothing changes.
+    h.reauthorize_and_paste_old(&landed).await;
+}
+
+impl Harness {
+    /// After a reauthorize request, pastes a response of the previous request: it must be refused
+    /// without a token request.
+    async fn reauthorize_and_paste_old(&mut self, old: &str) {
+        self.annotate("desk", "mailoauth.io/reauthorize-requested", "1");
+        let b = self.reconcile("desk").await;
+        assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::AwaitingAuthorization));
+        let requests = self.server.token_requests().await;
+        self.annotate("desk", "mailoauth.io/authorization-response", old);
+        let b = self.reconcile("desk").await;
+        assert_eq!(condition(&b, "Authorized").reason, "AuthorizationExpired", "{:?}", b.status);
+        assert!(
+            condition(&b, "Authorized").message.contains("state differs"),
+            "{}",
+            condition(&b, "Authorized").message
+        );
+        assert_eq!(self.server.token_requests().await, requests, "a replayed state is refused before any request");
+    }
+}
+
+#[tokio::test]
+async fn a_confidential_client_gets_a_code_for_the_right_person_and_a_declined_consent_says_so() {
+    let mut h = Harness::start(600).await;
+    h.api.put(&secret_path("client"), secret("client", &[("client-secret", "mail-web-secret")]));
+    h.provider("idp", "mail-web", json!([{"name": "client"}]), "clientSecretPost").await;
+    h.binding("desk", json!({"authorizationCode": {}}), json!([]));
+
+    let b = h.reconcile("desk").await;
+    let url = authorization(&b).url.expect("url");
+    let landed = h.server.browse(&url, None, true).await;
+    assert!(landed.contains("error=access_denied"), "{landed}");
+    h.annotate("desk", "mailoauth.io/authorization-response", &landed);
+    let b = h.reconcile("desk").await;
+    assert_eq!(condition(&b, "Authorized").reason, "AuthorizationDenied");
+
+    // Someone signs in as another account: nothing is stored.
+    h.annotate("desk", "mailoauth.io/reauthorize-requested", "1");
+    let b = h.reconcile("desk").await;
+    let url = authorization(&b).url.expect("url");
+    let landed = h.server.browse(&url, Some("mallory@example.com"), false).await;
+    h.annotate("desk", "mailoauth.io/authorization-response", &landed);
+    let b = h.reconcile("desk").await;
+    assert_eq!(condition(&b, "Authorized").reason, "IdentityMismatch", "{:?}", b.status);
+    let grant = h.api.get(&secret_path("desk.mailoauth-grant")).expect("grant");
+    assert_eq!(decode(&grant, "refresh_token"), None);
+
+    // The right person: Ready, and renewals use the refresh token the code gave.
+    h.annotate("desk", "mailoauth.io/reauthorize-requested", "2");
+    let b = h.reconcile("desk").await;
+    let url = authorization(&b).url.expect("url");
+    let landed = h.server.browse(&url, None, false).await;
+    h.annotate("desk", "mailoauth.io/authorization-response", &landed);
+    let b = h.reconcile("desk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    let renew_at = b.status.as_ref().and_then(|s| s.token.as_ref()).expect("token").renew_at;
+    h.advance_to(renew_at + Duration::seconds(1));
+    let b = h.reconcile("desk").await;
+    assert_eq!(condition(&b, "RefreshFailing").reason, "RefreshSucceeded");
+    assert_eq!(h.server.grants("refresh_token").await, 1);
+}

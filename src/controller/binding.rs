@@ -744,7 +744,7 @@ pub fn authorization_request(
         redirect_uri,
         scopes,
         login_hint: &binding.spec.mailbox,
-        extra: authorize_params(spec),
+        extra: authorize_params(spec, scopes),
         namespace: &binding.namespace().unwrap_or_default(),
         name: &binding.name_any(),
     })

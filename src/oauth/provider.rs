@@ -56,10 +56,16 @@ pub fn preset_name(spec: &MailProviderSpec) -> Option<&'static str> {
     preset_of(spec).map(|p| p.name)
 }
 
-/// Extra authorize parameters of the provider's preset (Google: `access_type=offline`,
-/// `prompt=consent`, so that a refresh token is issued every time).
-pub fn authorize_params(spec: &MailProviderSpec) -> &'static [(&'static str, &'static str)] {
-    preset_of(spec).map_or(&[], |p| p.authorize_params)
+/// Extra authorize parameters: the preset's (Google: `access_type=offline`, `prompt=consent`, so
+/// that a refresh token is issued every time), or `prompt=consent` for a generic provider asked
+/// for `offline_access`.
+pub fn authorize_params(spec: &MailProviderSpec, scopes: &[String]) -> &'static [(&'static str, &'static str)] {
+    match preset_of(spec) {
+        Some(p) => p.authorize_params,
+        // OpenID Connect servers grant offline_access only with prompt=consent (Core §11).
+        None if scopes.iter().any(|s| s == "offline_access") => &[("prompt", "consent")],
+        None => &[],
+    }
 }
 
 /// Whether the provider's device flow may ask for mail scopes (a generic provider's may).

@@ -2,7 +2,8 @@
 // 127.0.0.1, refresh tokens rotated on every use (a replayed one revokes the whole grant),
 // client credentials, the device flow, introspection and revocation. Test-only routes under /test/
 // seed a refresh token the way a person's consent would, approve or decline a device code as a
-// person at /device would, make the next device polls answer slow_down, and count requests.
+// person at /device would, make the next device polls answer slow_down, and count requests;
+// /interaction/<uid> plays the login and consent pages of the authorization code flow.
 //
 // Environment: TLS_CERT, TLS_KEY (PEM files), PORT (0 = any), ACCESS_TOKEN_TTL (seconds),
 // FAST_ACCESS_TOKEN_TTL (seconds, for client mail-app-fast), INTROSPECTION_PORT (optional
@@ -66,12 +67,25 @@ const clients = [
     scope: 'openid offline_access email mail',
   },
   {
-    // A public client for the device flow (Entra's "allow public client flows"): no secret.
+    // A public client (Entra's "allow public client flows", a Google desktop client): no secret;
+    // device flow, and authorization code with PKCE to a loopback redirect URI on any port.
     client_id: 'mail-device',
-    grant_types: ['urn:ietf:params:oauth:grant-type:device_code', 'refresh_token'],
-    response_types: [],
-    redirect_uris: [],
+    application_type: 'native',
+    grant_types: ['urn:ietf:params:oauth:grant-type:device_code', 'authorization_code', 'refresh_token'],
+    response_types: ['code'],
+    redirect_uris: ['http://127.0.0.1/callback', 'http://localhost/callback'],
     token_endpoint_auth_method: 'none',
+    scope: 'openid offline_access email mail',
+  },
+  {
+    // A confidential web client whose redirect URI is the operator's loopback callback (any port).
+    client_id: 'mail-web',
+    client_secret: 'mail-web-secret',
+    application_type: 'native',
+    grant_types: ['authorization_code', 'refresh_token'],
+    response_types: ['code'],
+    redirect_uris: ['http://127.0.0.1/callback', 'http://localhost/callback'],
+    token_endpoint_auth_method: 'client_secret_post',
     scope: 'openid offline_access email mail',
   },
   {
@@ -142,6 +156,35 @@ async function decide({ userCode, accountId, deny = false }) {
   return { ok: true, clientId: code.clientId };
 }
 
+// The login and consent pages, played by a test: /interaction/<uid>?account=<id> signs in as
+// <id> (default: the login_hint) and consents to what was asked; &deny=1 declines.
+async function interaction(req, res) {
+  try {
+    const url = new URL(req.url, issuer);
+    const details = await provider.interactionDetails(req, res);
+    const { prompt, params } = details;
+    if (url.searchParams.get('deny')) {
+      return await provider.interactionFinished(req, res, { error: 'access_denied', error_description: 'the person declined' }, { mergeWithLastSubmission: false });
+    }
+    if (prompt.name === 'login') {
+      const accountId = url.searchParams.get('account') || params.login_hint;
+      return await provider.interactionFinished(req, res, { login: { accountId } }, { mergeWithLastSubmission: false });
+    }
+    const grant = details.grantId
+      ? await provider.Grant.find(details.grantId)
+      : new provider.Grant({ accountId: details.session.accountId, clientId: params.client_id });
+    if (prompt.details.missingOIDCScope) grant.addOIDCScope(prompt.details.missingOIDCScope.join(' '));
+    if (prompt.details.missingOIDCClaims) grant.addOIDCClaims(prompt.details.missingOIDCClaims);
+    for (const [indicator, scopes] of Object.entries(prompt.details.missingResourceScopes || {})) {
+      grant.addResourceScope(indicator, scopes.join(' '));
+    }
+    const grantId = await grant.save();
+    return await provider.interactionFinished(req, res, { consent: { grantId } }, { mergeWithLastSubmission: true });
+  } catch (e) {
+    return send(res, 400, { error: 'interaction_failed', error_description: String(e && e.message) });
+  }
+}
+
 async function testRoute(req, res) {
   try {
     if (req.method === 'POST' && req.url === '/test/seed') return send(res, 200, await seed(await readJson(req)));
@@ -164,6 +207,7 @@ const tls = { cert: fs.readFileSync(process.env.TLS_CERT), key: fs.readFileSync(
 let callback;
 const server = https.createServer(tls, async (req, res) => {
   if (req.url.startsWith('/test/')) return testRoute(req, res);
+  if (req.method === 'GET' && req.url.startsWith('/interaction/')) return interaction(req, res);
   if (req.method === 'POST' && req.url.startsWith('/device/auth')) stats.device_codes += 1;
   if (req.method === 'POST' && req.url.startsWith('/token')) {
     stats.token_requests += 1;
@@ -191,6 +235,7 @@ provider = new Provider(issuer, {
   claims: { email: ['email'] },
   // id_tokens carry the scope's claims (email), as Google's and Microsoft's do: identity pinning.
   conformIdTokenClaims: false,
+  interactions: { url: (ctx, i) => `/interaction/${i.uid}` },
   features: {
     devInteractions: { enabled: false },
     clientCredentials: { enabled: true },

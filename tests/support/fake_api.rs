@@ -26,7 +26,10 @@ fn merge_object(old: &mut Value, new: &Value) {
     match (old, new) {
         (Value::Object(o), Value::Object(n)) => {
             for (k, v) in n {
-                if k == "data" || k == "metadata" || k == "labels" || k == "annotations" {
+                if v.is_null() {
+                    // A merge patch's null removes the key.
+                    o.remove(k);
+                } else if k == "data" || k == "metadata" || k == "labels" || k == "annotations" {
                     merge_object(o.entry(k.clone()).or_insert_with(|| json!({})), v);
                 } else {
                     o.insert(k.clone(), v.clone());

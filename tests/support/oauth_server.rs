@@ -144,6 +144,50 @@ impl OAuthServer {
         v
     }
 
+    /// Plays a person's browser through an authorization request: follows the provider's
+    /// redirects (keeping its cookies), signs in at the login page as `account` (default: the
+    /// request's login_hint), consents (or declines with `deny`), and returns the URL the provider
+    /// finally sends the browser to (the redirect URI with `code` and `state`, or an `error`).
+    pub async fn browse(&self, url: &str, account: Option<&str>, deny: bool) -> String {
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).expect("CA"))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("browser");
+        let mut cookies: std::collections::BTreeMap<String, String> = Default::default();
+        let mut next = url.to_owned();
+        for _ in 0..10 {
+            if !next.starts_with(&self.issuer) {
+                return next;
+            }
+            let mut target = url::Url::parse(&next).expect("url");
+            if target.path().starts_with("/interaction/") {
+                if let Some(a) = account {
+                    target.query_pairs_mut().append_pair("account", a);
+                }
+                if deny {
+                    target.query_pairs_mut().append_pair("deny", "1");
+                }
+            }
+            let cookie = cookies.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; ");
+            let response = client.get(target).header("cookie", cookie).send().await.expect("browser request");
+            for c in response.headers().get_all("set-cookie") {
+                let pair = c.to_str().unwrap_or_default().split(';').next().unwrap_or_default().to_owned();
+                if let Some((k, v)) = pair.split_once('=') {
+                    cookies.insert(k.to_owned(), v.to_owned());
+                }
+            }
+            let status = response.status();
+            let location = response.headers().get("location").and_then(|l| l.to_str().ok()).map(str::to_owned);
+            match location {
+                Some(l) if l.starts_with('/') => next = format!("{}{l}", self.issuer),
+                Some(l) => next = l,
+                None => panic!("the provider stopped at {status}: {}", response.text().await.unwrap_or_default()),
+            }
+        }
+        panic!("too many redirects")
+    }
+
     /// A counter of the server's (`device_polls`, `device_codes`, `token_requests`).
     pub async fn count(&self, what: &str) -> u64 {
         self.stats().await[what].as_u64().unwrap_or(0)
