@@ -236,7 +236,7 @@ def test_bad_input_is_refused_by_the_schema_or_reported_in_status_and_an_event(b
         assert refused.returncode != 0, f"the apiserver accepted {why}"
         assert "spec." in refused.stderr, refused.stderr
 
-    apply(bed, doc("device", {"deviceCode": {}}))
+    apply(bed, doc("device", {"jwtBearer": {}}))
     ready = wait_for("Ready=False with GrantNotSupported", lambda: (lambda c: c if c.get("reason") == "GrantNotSupported"
                                                                     else None)(condition(binding_of(bed, "device"), "Ready")),
                      timeout=30, interval=0.5)
