@@ -10,7 +10,7 @@ use futures::FutureExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::controller::run::{Settings, run};
-use crate::controller::{AuthorizationSettings, SystemClock};
+use crate::controller::{AuthorizationSettings, Contexts, SystemClock};
 use crate::error::{Error, Result};
 use crate::oauth::HttpTokenEndpoint;
 use crate::oauth::http::{HttpClients, OutboundPolicy};
@@ -164,6 +164,13 @@ async fn run_operator(args: RunArgs) -> Result<()> {
             redirect_uri: format!("{}/callback", args.public_url),
             link_base: args.callback_address.map(|_| args.public_url.clone()),
         },
+        contexts: Contexts::default(),
+    };
+    let callback = match args.callback_address {
+        Some(address) => {
+            crate::server::authorize::serve(address, Arc::clone(&settings.contexts), shutdown.clone()).boxed()
+        }
+        None => futures::future::ready(Ok(())).boxed(),
     };
     tracing::info!(namespaces = ?settings.namespaces, cluster_namespace = %settings.cluster_namespace, "starting");
     let server = crate::server::serve(args.listen_address, Arc::clone(&ready), shutdown.clone());
@@ -176,9 +183,9 @@ async fn run_operator(args: RunArgs) -> Result<()> {
         ready,
         shutdown,
     );
-    let (served, ()) = tokio::join!(server, controllers);
+    let (served, called_back, ()) = tokio::join!(server, callback, controllers);
     tracing::info!("stopped");
-    served
+    served.and(called_back)
 }
 
 async fn shutdown_signal() {

@@ -488,7 +488,11 @@ fn decode_pending(secret: &Secret) -> Option<PendingAuthorization> {
 /// Writes an authorization in progress as the whole grant state: a new authorization replaces
 /// whatever grant was stored (a person asked for it, or there was none). Losing this write loses
 /// no token: the next reconcile starts a new authorization.
-async fn persist_pending(api: &Api<Secret>, binding: &MailboxBinding, pending: &PendingAuthorization) -> Result<()> {
+pub async fn persist_pending(
+    api: &Api<Secret>,
+    binding: &MailboxBinding,
+    pending: &PendingAuthorization,
+) -> Result<()> {
     persist_pending_data(api, binding, pending.encode()).await
 }
 

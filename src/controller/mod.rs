@@ -75,6 +75,10 @@ pub struct Context {
     pub polls: Polls,
 }
 
+/// The controllers' contexts, one per watched scope, filled in as the controllers start (the
+/// authorization listener finds a binding's context here).
+pub type Contexts = Arc<Mutex<Vec<Arc<Context>>>>;
+
 /// Where people's browsers go for the authorization code grant.
 #[derive(Clone, Debug)]
 pub struct AuthorizationSettings {

@@ -39,6 +39,8 @@ pub struct Settings {
     pub references: crate::policy::reference::ReferencePolicy,
     /// Where people's browsers go for the authorization code grant.
     pub authorization: super::AuthorizationSettings,
+    /// Filled with each context as it is made, for the authorization listener.
+    pub contexts: super::Contexts,
 }
 
 /// Runs every controller until `shutdown`; `ready` turns true once every cache has synced.
@@ -134,6 +136,9 @@ pub async fn run(
             authorization: settings.authorization.clone(),
         });
         first_ctx.get_or_insert_with(|| Arc::clone(&ctx));
+        if let Ok(mut all) = settings.contexts.lock() {
+            all.push(Arc::clone(&ctx));
+        }
         syncs.push(synced(provider_store.clone()));
         syncs.push(synced(binding_store.clone()));
         tasks.push(until_shutdown(

@@ -1,5 +1,7 @@
 //! The operator's HTTP endpoints: `/healthz` (the process answers) and `/readyz` (every cache
-//! has synced). The authorization callback and `/metrics` will live here too.
+//! has synced) on the listen address, and the authorization listener ([`authorize`]) on its own.
+
+pub mod authorize;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,16 +1,21 @@
-"""A person consents once: the device flow on real parts. The chart's CRDs in a real
+"""A person consents once: the device flow and the authorization code flow on real parts. The chart's CRDs in a real
 kube-apiserver, the operator as the chart's ServiceAccount, the local OAuth server (oidc-provider)
 as the identity provider, and Dovecot checking the resulting token. The person is played by the
-OAuth server's test route that approves or declines a user code as its /device page would.
+OAuth server's test route that approves or declines a user code as its /device page would, and
+by a small browser (cookies, no automatic redirects) that signs in at its login and consent pages.
 
 The tests run in file order and share one bed."""
 import base64
+import http.cookiejar
 import json
 import socket
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import pytest
-from bed import Bed, wait_for
+from bed import Bed, free_port, wait_for
 from manifests import apply, device_binding, public_provider
 
 NS = "consent"
@@ -133,11 +138,132 @@ def test_a_declined_code_says_so_and_a_reauthorize_request_starts_a_new_one(bed)
     wait_reason(bed, "declined", "TokenValid", timeout=30)
 
 
-def test_no_device_code_or_token_appears_in_the_operator_log(bed):
+# ---------- authorization code with PKCE, through the operator's own listener ----------
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def browser(bed):
+    """A person's browser: keeps cookies, trusts the bed's CA, follows no redirect by itself."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar), NoRedirect(),
+                                         urllib.request.HTTPSHandler(context=bed.oauth_ctx))
+
+    def get(url):
+        try:
+            with opener.open(url, timeout=30) as r:
+                return r.status, r.headers.get("location"), r.read().decode(errors="replace")
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("location"), e.read().decode(errors="replace")
+    return get
+
+
+def sign_in(bed, get, url, account=None, deny=False, until=None):
+    """Follows redirects from `url` through the provider's login and consent pages (signing in as
+    `account`, or declining) until a URL starting with `until` (returned unvisited), or a page."""
+    for _ in range(12):
+        if until and url.startswith(until):
+            return url
+        if "/interaction/" in url:
+            extra = {"account": account} if account else {}
+            if deny:
+                extra["deny"] = "1"
+            if extra:
+                url += ("&" if "?" in url else "?") + urllib.parse.urlencode(extra)
+        status, location, body = get(url)
+        if location is None:
+            return status, body
+        url = urllib.parse.urljoin(url, location)
+    raise AssertionError("too many redirects")
+
+
+def operator_with_listener(bed):
+    port = free_port()
+    bed.callback = f"http://127.0.0.1:{port}"
+    assert bed.stop_operator() == 0
+    bed.start_operator("--callback-address", f"127.0.0.1:{port}", "--public-url", bed.callback)
+
+
+def code_binding(name, mailbox, provider="idp-public"):
+    return {"apiVersion": "mailoauth.io/v1alpha1", "kind": "MailboxBinding",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"providerRef": {"name": provider}, "mailbox": mailbox, "protocols": ["imap"],
+                     "grant": {"authorizationCode": {}}, "secretName": f"{name}-mail-token"}}
+
+
+def test_an_authorization_code_through_the_callback_turns_the_binding_ready_and_the_page_says_so(bed):
+    operator_with_listener(bed)
+    apply(bed, code_binding("web", "web@example.com"))
+    waiting = wait_reason(bed, "web", "AwaitingAuthorization")
+    link = mbx(bed, "web")["status"]["authorization"]["url"]
+    assert link == f"{bed.callback}/authorize/{NS}/web" and link in waiting["message"]
+    get = browser(bed)
+    status, body = sign_in(bed, get, link)
+    assert status == 200 and "Done" in body and "web@example.com" in body, body
+    wait_reason(bed, "web", "TokenValid", timeout=30)
+    s = mbx(bed, "web")["status"]
+    assert s["account"] == "web@example.com"
+    reply = imap_login(bed, published(bed, "web")["xoauth2"])
+    assert reply.startswith("a1 OK"), reply
+
+
+def test_a_replayed_or_forged_callback_changes_nothing(bed):
+    apply(bed, code_binding("replay", "replay@example.com"))
+    wait_reason(bed, "replay", "AwaitingAuthorization")
+    link = mbx(bed, "replay")["status"]["authorization"]["url"]
+    get = browser(bed)
+    callback = sign_in(bed, get, link, until=f"{bed.callback}/callback")
+    status, _, body = get(callback)
+    assert status == 200 and "Done" in body, body
+    wait_reason(bed, "replay", "TokenValid", timeout=30)
+    requests = bed.oauth("/test/stats")["token_requests"]
+    status, _, body = get(callback)
+    assert status == 400 and "already used" in body, body
+    forged = callback.replace("state=", "state=x")
+    status, _, body = get(forged)
+    assert status == 400, body
+    time.sleep(2)
+    assert bed.oauth("/test/stats")["token_requests"] == requests, "no token request for a replayed or forged callback"
+    assert condition(mbx(bed, "replay"), "Ready")["reason"] == "TokenValid"
+
+
+def test_signing_in_as_someone_else_is_refused_and_nothing_is_stored(bed):
+    apply(bed, code_binding("pinned", "pinned@example.com"))
+    wait_reason(bed, "pinned", "AwaitingAuthorization")
+    link = mbx(bed, "pinned")["status"]["authorization"]["url"]
+    status, body = sign_in(bed, browser(bed), link, account="mallory@example.com")
+    assert "Not authorized" in body and "mallory@example.com" in body, body
+    c = wait_reason(bed, "pinned", "IdentityMismatch", type_="Authorized", timeout=30)
+    assert "pinned@example.com" in c["message"]
+    grant = bed.kubectl_json("get", "secret", "pinned.mailoauth-grant", "-n", NS)
+    assert "refresh_token" not in (grant.get("data") or {})
+
+
+def test_the_paste_path_and_an_authorization_interrupted_by_a_restart(bed):
+    apply(bed, code_binding("pasted", "pasted@example.com"))
+    wait_reason(bed, "pasted", "AwaitingAuthorization")
+    link = mbx(bed, "pasted")["status"]["authorization"]["url"]
+    get = browser(bed)
+    # The browser cannot reach the operator's callback: the person copies the address instead.
+    callback = sign_in(bed, get, link, until=f"{bed.callback}/callback")
+    # The operator restarts between the request and the response; the request is in the grant state.
+    assert bed.stop_operator() == 0
+    bed.start_operator("--callback-address", bed.callback.replace("http://", ""), "--public-url", bed.callback)
+    bed.kubectl("annotate", "mbx", "pasted", "-n", NS, f"mailoauth.io/authorization-response={callback}")
+    wait_reason(bed, "pasted", "TokenValid", timeout=30)
+    annotations = mbx(bed, "pasted")["metadata"].get("annotations") or {}
+    assert "mailoauth.io/authorization-response" not in annotations, "consumed once, then removed"
+    reply = imap_login(bed, published(bed, "pasted")["xoauth2"])
+    assert reply.startswith("a1 OK"), reply
+
+
+def test_no_token_appears_in_the_operator_log(bed):
     log = (bed.dir / "operator.log").read_text(errors="replace")
-    grants = [bed.kubectl_json("get", "secret", f"{n}.mailoauth-grant", "-n", NS) for n in ("scanner", "restart")]
+    grants = [bed.kubectl_json("get", "secret", f"{n}.mailoauth-grant", "-n", NS) for n in ("scanner", "restart", "web", "replay", "pasted")]
     for g in grants:
         for key in ("refresh_token", "access_token"):
             value = base64.b64decode(g["data"][key]).decode()
             assert value not in log, f"{key} in the log"
     assert "panicked" not in log
+    REPORT["operator log lines"] = len(log.splitlines())

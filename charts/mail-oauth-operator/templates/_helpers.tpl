@@ -34,8 +34,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/* Rules for the namespaced kinds the operator reads and writes. */}}
 {{- define "mail-oauth-operator.namespacedRules" -}}
 - apiGroups: ["mailoauth.io"]
-  resources: ["mailproviders", "mailboxbindings"]
+  resources: ["mailproviders"]
   verbs: ["get", "list", "watch"]
+# patch: a pasted mailoauth.io/authorization-response annotation is removed once consumed.
+- apiGroups: ["mailoauth.io"]
+  resources: ["mailboxbindings"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["mailoauth.io"]
   resources: ["mailproviders/status", "mailboxbindings/status"]
   verbs: ["get", "patch"]
