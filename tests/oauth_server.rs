@@ -719,3 +719,46 @@ async fn a_confidential_client_gets_a_code_for_the_right_person_and_a_declined_c
     assert_eq!(condition(&b, "RefreshFailing").reason, "RefreshSucceeded");
     assert_eq!(h.server.grants("refresh_token").await, 1);
 }
+
+#[tokio::test]
+async fn a_client_authenticated_by_a_certificate_signs_an_assertion_the_server_accepts() {
+    let mut h = Harness::start(600).await;
+    let mut cert = secret("cert", &[("tls.crt", &h.server.client_cert_pem), ("tls.key", &h.server.client_key_pem)]);
+    cert["type"] = json!("kubernetes.io/tls");
+    h.api.put(&secret_path("cert"), cert);
+    let object = json!({
+        "apiVersion": "mailoauth.io/v1alpha1", "kind": "MailProvider",
+        "metadata": {"name": "idp", "namespace": NS, "uid": "uid-idp", "generation": 1},
+        "spec": {
+            "generic": {"issuerUrl": h.server.issuer, "caBundle": h.server.ca_pem, "scopes": {"imap": ["mail"]}},
+            "clientId": "mail-cert",
+            "clientAuthentication": {"method": "privateKeyJwt", "certificateRef": {"name": "cert"}}
+        }
+    });
+    h.api.put(&provider_path("idp"), object.clone());
+    let p: MailProvider = serde_json::from_value(object).expect("provider");
+    provider::reconcile(Arc::new(p), Arc::clone(&h.ctx)).await.expect("provider reconcile");
+    let stored: MailProvider =
+        serde_json::from_value(h.api.get(&provider_path("idp")).expect("stored")).expect("parse");
+    let status = stored.status.clone().expect("status");
+    assert_eq!(status.conditions[0].reason, "ProviderReady", "{:?}", status.conditions);
+    assert!(status.client_secret_expires_at.is_some(), "the certificate's expiry is tracked");
+    h.providers.apply_watcher_event(&watcher::Event::Apply(stored));
+
+    h.binding("app", json!({"clientCredentials": {}}), json!(["mail"]));
+    let b = h.reconcile("app").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    assert_eq!(h.server.grants("client_credentials").await, 1);
+
+    // Another key than the registered one is refused as invalid client credentials.
+    let other = rcgen::KeyPair::generate().expect("key");
+    let other_cert =
+        rcgen::CertificateParams::new(vec!["x".to_owned()]).expect("params").self_signed(&other).expect("cert");
+    h.api.put(
+        &secret_path("cert"),
+        secret("cert", &[("tls.crt", &other_cert.pem()), ("tls.key", &other.serialize_pem())]),
+    );
+    h.annotate("app", "mailoauth.io/refresh-requested", "1");
+    let b = h.reconcile("app").await;
+    assert_eq!(condition(&b, "Authorized").reason, "ClientCredentialsInvalid", "{:?}", b.status);
+}

@@ -29,7 +29,7 @@ use crate::oauth::grants::{Flow, FlowInput, ProviderFacts, Step, authorization_c
 use crate::oauth::provider::{
     auth_method, authorize_params, device_flow_for_mail, preset_name, scopes_for, secret_refs, servers,
 };
-use crate::oauth::{Client, DeviceRequest, GrantCall};
+use crate::oauth::{Client, ClientAuth, DeviceRequest, GrantCall};
 use crate::policy::Reason;
 use crate::policy::binding::{
     Decision, Inputs, Outcome, ProviderState, conditions, decide, grant_matches, next_status, reauthorize_requested,
@@ -577,16 +577,10 @@ pub async fn provider_for(
             )),
         };
     };
-    let method = auth_method(&spec);
-    if method == Some(ClientAuthMethod::PrivateKeyJwt) {
-        return unusable(
-            Reason::GrantNotSupported,
-            format!("{kind_name} uses privateKeyJwt, which is not supported yet"),
-        );
-    }
     let facts = ProviderFacts {
         preset: preset_name(&spec),
-        has_client_secret: !secret_refs(&spec).is_empty(),
+        confidential: !secret_refs(&spec).is_empty()
+            || spec.client_authentication.as_ref().is_some_and(|a| a.certificate_ref.is_some()),
         device_endpoint: endpoints.device_authorization.is_some(),
         device_flow_for_mail: device_flow_for_mail(&spec),
         authorization_endpoint: endpoints.authorization.is_some(),
@@ -761,6 +755,20 @@ fn not_ready(reason: Reason, what: String) -> Obtained {
 
 /// The client as the provider registers it, with the client secrets found, or why not.
 async fn client_of(ctx: &Context, usable: &ProviderUse, who: &Requester<'_>) -> Result<Result<Client, Obtained>> {
+    if auth_method(&usable.spec) == Some(ClientAuthMethod::PrivateKeyJwt) {
+        return Ok(match super::certificate::read(ctx, &usable.spec, &usable.secrets_namespace).await? {
+            Some(Ok(cert)) => Ok(Client {
+                client_id: usable.spec.client_id.clone(),
+                auth: ClientAuth::PrivateKey(Arc::new(cert.key)),
+                ca_bundle: crate::oauth::provider::ca_bundle(&usable.spec).map(str::to_owned),
+            }),
+            Some(Err((reason, what))) => Err(not_ready(reason, what)),
+            None => Err(not_ready(
+                Reason::InvalidSpec,
+                "clientAuthentication.method is privateKeyJwt but no certificateRef is given".into(),
+            )),
+        });
+    }
     let mut client_secrets = Vec::new();
     for r in secret_refs(&usable.spec) {
         match read_key(ctx, &usable.secrets_namespace, &r.name, &r.key).await? {

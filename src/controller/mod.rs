@@ -3,6 +3,7 @@
 //! say — Secrets and status by server-side apply, skipped when nothing changed.
 
 pub mod binding;
+pub mod certificate;
 pub mod provider;
 pub mod run;
 pub mod secrets;

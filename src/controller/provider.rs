@@ -69,11 +69,27 @@ pub async fn reconcile<K: ProviderObject>(provider: Arc<K>, ctx: Arc<Context>) -
     let spec = provider.registration();
     let secrets_namespace = provider.namespace().unwrap_or_else(|| ctx.cluster_namespace.clone());
     let endpoints = resolve(&ctx, spec).await;
-    let secret_problem = check_secrets(&ctx, spec, &secrets_namespace).await?;
+    let mut secret_problem = check_secrets(&ctx, spec, &secrets_namespace).await?;
+    let certificate = super::certificate::read(&ctx, spec, &secrets_namespace).await?;
+    let certificate_expires_at = match certificate {
+        Some(Ok(c)) => Some(c.expires_at),
+        Some(Err(problem)) => {
+            secret_problem = secret_problem.or(Some(problem));
+            None
+        }
+        None if auth_method(spec) == Some(ClientAuthMethod::PrivateKeyJwt) => {
+            secret_problem = secret_problem.or(Some((
+                Reason::InvalidSpec,
+                "clientAuthentication.method is privateKeyJwt but no certificateRef is given".into(),
+            )));
+            None
+        }
+        None => None,
+    };
     let now = ctx.now();
     let refs = secret_refs(spec);
-    let next =
-        status(now, provider.meta().generation, provider.observed(), refs, &Observed { endpoints, secret_problem });
+    let observed = Observed { endpoints, secret_problem, certificate_expires_at };
+    let next = status(now, provider.meta().generation, provider.observed(), refs, &observed);
     if provider.observed() != Some(&next) {
         let api = provider.api(ctx.client.clone());
         let body = serde_json::json!({
@@ -87,7 +103,8 @@ pub async fn reconcile<K: ProviderObject>(provider: Arc<K>, ctx: Arc<Context>) -
             .map_err(|source| Error::WriteStatus { kind: K::KIND, name: provider.name_any(), source })?;
     }
     let ready = next.conditions.first().is_some_and(crate::api::Condition::is_true);
-    Ok(Action::requeue(requeue_after(now, ready, refs).to_std().unwrap_or(StdDuration::from_secs(60))))
+    let wait = requeue_after(now, ready, refs, certificate_expires_at);
+    Ok(Action::requeue(wait.to_std().unwrap_or(StdDuration::from_secs(60))))
 }
 
 /// What to do when a provider reconcile fails.
@@ -124,9 +141,6 @@ async fn resolve(ctx: &Context, spec: &MailProviderSpec) -> Result<Endpoints, St
 
 /// The first problem with a referenced Secret, if any.
 async fn check_secrets(ctx: &Context, spec: &MailProviderSpec, ns: &str) -> Result<Option<(Reason, String)>> {
-    if auth_method(spec) == Some(ClientAuthMethod::PrivateKeyJwt) {
-        return Ok(Some((Reason::InvalidSpec, "privateKeyJwt client authentication is not supported yet".into())));
-    }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     for r in secret_refs(spec) {
         let secret = api.get_opt(&r.name).await.map_err(|source| Error::ReadSecret {

@@ -14,6 +14,9 @@ use chrono::Duration;
 use futures::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 
+use std::sync::Arc;
+
+use super::assertion::{SigningKey, client_assertion};
 use super::http::{Basic, HttpClients, Recorded, post_form};
 use crate::policy::Reason;
 use crate::policy::classify::{UpstreamError, classify, reduce_description};
@@ -81,12 +84,14 @@ pub enum ClientAuth {
         /// The secrets; never empty.
         secrets: Vec<SecretString>,
     },
+    /// `private_key_jwt` (RFC 7523 §2.2): a fresh signed assertion with every request.
+    PrivateKey(Arc<SigningKey>),
 }
 
 impl ClientAuth {
     fn secrets(&self) -> &[SecretString] {
         match self {
-            ClientAuth::Public => &[],
+            ClientAuth::Public | ClientAuth::PrivateKey(_) => &[],
             ClientAuth::Secrets { secrets, .. } => secrets,
         }
     }
@@ -205,27 +210,35 @@ impl HttpTokenEndpoint {
         Self { clients }
     }
 
-    /// One POST with one client secret (or none).
+    /// One POST with one credential (a client secret, an assertion, or none).
     async fn post_once(
         &self,
         url: &str,
         client: &Client,
-        secret: Option<&SecretString>,
+        credential: Credential<'_>,
         form: &[(&str, &str)],
     ) -> Result<Recorded, Rejected> {
         let config_error = |m: String| Rejected::from(UpstreamError { transport: Some(m), ..Default::default() });
         let url = self.clients.policy().check_endpoint(url).map_err(config_error)?;
         let http = self.clients.get(client.ca_bundle.as_deref()).map_err(|e| config_error(e.to_string()))?;
-        let basic = matches!(client.auth, ClientAuth::Secrets { basic: true, .. });
         let mut body: Vec<(&str, &str)> = form.to_vec();
-        if !basic {
-            body.push(("client_id", &client.client_id));
-            if let Some(s) = secret {
+        let mut basic = None;
+        match credential {
+            Credential::None => body.push(("client_id", &client.client_id)),
+            Credential::Secret(s) if matches!(client.auth, ClientAuth::Secrets { basic: true, .. }) => {
+                basic = Some(Basic { id: &client.client_id, secret: s.expose_secret() });
+            }
+            Credential::Secret(s) => {
+                body.push(("client_id", &client.client_id));
                 body.push(("client_secret", s.expose_secret()));
             }
+            Credential::Assertion(a) => {
+                body.push(("client_id", &client.client_id));
+                body.push(("client_assertion_type", CLIENT_ASSERTION_TYPE));
+                body.push(("client_assertion", a.expose_secret()));
+            }
         }
-        let credentials = secret.filter(|_| basic).map(|s| Basic { id: &client.client_id, secret: s.expose_secret() });
-        Ok(post_form(&http, url, &body, credentials).await)
+        Ok(post_form(&http, url, &body, basic).await)
     }
 
     /// POSTs `form` with the client's authentication, trying each client secret in turn while
@@ -238,13 +251,21 @@ impl HttpTokenEndpoint {
         scrub: &[&str],
         read: Reader<T>,
     ) -> Result<T, Rejected> {
-        let secrets = client.auth.secrets();
-        if secrets.is_empty() {
-            return read(self.post_once(url, client, None, form).await?, scrub);
-        }
+        let secrets = match &client.auth {
+            ClientAuth::Public => return read(self.post_once(url, client, Credential::None, form).await?, scrub),
+            ClientAuth::PrivateKey(key) => {
+                let assertion = client_assertion(key, &client.client_id, url, chrono::Utc::now())
+                    .map_err(|m| Rejected::from(UpstreamError { transport: Some(m), ..Default::default() }))?;
+                let mut scrub = scrub.to_vec();
+                scrub.push(assertion.expose_secret());
+                let recorded = self.post_once(url, client, Credential::Assertion(&assertion), form).await?;
+                return read(recorded, &scrub);
+            }
+            ClientAuth::Secrets { secrets, .. } => secrets,
+        };
         let mut last = Rejected::default();
         for (i, secret) in secrets.iter().enumerate() {
-            match self.post_once(url, client, Some(secret), form).await.and_then(|r| read(r, scrub)) {
+            match self.post_once(url, client, Credential::Secret(secret), form).await.and_then(|r| read(r, scrub)) {
                 Ok(t) => {
                     if i > 0 {
                         tracing::warn!(
@@ -267,6 +288,17 @@ impl HttpTokenEndpoint {
         }
         Err(last)
     }
+}
+
+/// `client_assertion_type` of a JWT client assertion.
+pub const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// What proves the client in one request.
+#[derive(Clone, Copy)]
+enum Credential<'a> {
+    None,
+    Secret(&'a SecretString),
+    Assertion(&'a SecretString),
 }
 
 /// Every credential a request carries, for scrubbing provider text.

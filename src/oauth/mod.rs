@@ -1,6 +1,7 @@
 //! The OAuth 2.0 client: provider presets as data, provider resolution and discovery, one module
 //! per grant behind one flow trait, and the authorization server behind the [`TokenEndpoint`] trait.
 
+pub mod assertion;
 pub mod authorize;
 pub mod client;
 pub mod discovery;

@@ -57,6 +57,8 @@ pub struct Observed {
     pub endpoints: Result<Endpoints, String>,
     /// A problem with a referenced Secret (missing, empty), if any.
     pub secret_problem: Option<(Reason, String)>,
+    /// When the client certificate (`certificateRef`) expires, if there is one.
+    pub certificate_expires_at: Option<DateTime<Utc>>,
 }
 
 /// The provider's status.
@@ -68,7 +70,7 @@ pub fn status(
     observed: &Observed,
 ) -> MailProviderStatus {
     let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
-    let expires = earliest_expiry(secret_refs);
+    let expires = earliest(earliest_expiry(secret_refs), observed.certificate_expires_at);
     let unreadable = secret_refs.iter().find_map(|r| parse_expiry(r).err()).map(|why| (Reason::InvalidSpec, why));
     let ready = match (&observed.endpoints, unreadable.as_ref().or(observed.secret_problem.as_ref())) {
         (Err(why), _) => condition(
@@ -99,7 +101,7 @@ pub fn status(
             conditions::CLIENT_SECRET_EXPIRING,
             ConditionStatus::True,
             Reason::ClientSecretExpired,
-            Reason::ClientSecretExpired.message(format!("a client secret expired at {}", rfc3339(e))),
+            Reason::ClientSecretExpired.message(format!("a client secret or certificate expired at {}", rfc3339(e))),
             now,
             generation,
         ),
@@ -109,7 +111,7 @@ pub fn status(
             ConditionStatus::True,
             Reason::ClientSecretExpiring,
             Reason::ClientSecretExpiring
-                .message(format!("a client secret expires at {} (within {days} days)", rfc3339(e))),
+                .message(format!("a client secret or certificate expires at {} (within {days} days)", rfc3339(e))),
             now,
             generation,
         ),
@@ -119,8 +121,8 @@ pub fn status(
             ConditionStatus::False,
             Reason::ClientSecretValid,
             match expires {
-                Some(e) => format!("the earliest client secret expiry is {}", rfc3339(e)),
-                None => "no client secret expiry is known".to_owned(),
+                Some(e) => format!("the earliest client secret or certificate expiry is {}", rfc3339(e)),
+                None => "no client secret or certificate expiry is known".to_owned(),
             },
             now,
             generation,
@@ -134,10 +136,22 @@ pub fn status(
     }
 }
 
+fn earliest(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// When to look at a provider again: sooner while it is not ready, and at each expiry warning.
-pub fn requeue_after(now: DateTime<Utc>, ready: bool, secret_refs: &[ClientSecretRef]) -> Duration {
+pub fn requeue_after(
+    now: DateTime<Utc>,
+    ready: bool,
+    secret_refs: &[ClientSecretRef],
+    certificate_expires_at: Option<DateTime<Utc>>,
+) -> Duration {
     let base = if ready { Duration::minutes(10) } else { Duration::minutes(1) };
-    let next_warning = earliest_expiry(secret_refs).and_then(|e| {
+    let next_warning = earliest(earliest_expiry(secret_refs), certificate_expires_at).and_then(|e| {
         EXPIRY_WARNINGS_DAYS.iter().map(|d| minus(e, Duration::days(*d))).chain([e]).filter(|t| *t > now).min()
     });
     match next_warning {
@@ -244,7 +258,8 @@ mod tests {
 
     #[test]
     fn an_unreadable_secret_expiry_makes_the_provider_not_ready_naming_the_field() {
-        let observed = Observed { endpoints: Ok(Endpoints::default()), secret_problem: None };
+        let observed =
+            Observed { endpoints: Ok(Endpoints::default()), secret_problem: None, certificate_expires_at: None };
         let bad = ClientSecretRef { name: "s".into(), key: "k".into(), expires_at: Some("2027-01-01T00:00:00".into()) };
         let s = status(at(0), Some(1), None, &[bad], &observed);
         assert_eq!((s.conditions[0].status, s.conditions[0].reason.as_str()), (ConditionStatus::False, "InvalidSpec"));
@@ -307,6 +322,7 @@ mod tests {
         let observed = Observed {
             endpoints: Ok(Endpoints { token: Some("https://t".into()), ..Default::default() }),
             secret_problem: None,
+            certificate_expires_at: None,
         };
         let s = status(at(0), Some(3), None, &[secret(Some(at(20))), secret(Some(at(400)))], &observed);
         assert_eq!(s.conditions[0].status, ConditionStatus::True);
@@ -322,6 +338,7 @@ mod tests {
         let observed = Observed {
             endpoints: Ok(Endpoints::default()),
             secret_problem: Some((Reason::ClientSecretNotFound, "Secret contoso-oauth not found".into())),
+            certificate_expires_at: None,
         };
         let s = status(at(0), Some(1), None, &[], &observed);
         assert_eq!(s.conditions[0].status, ConditionStatus::False);
@@ -331,7 +348,8 @@ mod tests {
 
     #[test]
     fn an_unchanged_provider_keeps_its_transition_times() {
-        let observed = Observed { endpoints: Ok(Endpoints::default()), secret_problem: None };
+        let observed =
+            Observed { endpoints: Ok(Endpoints::default()), secret_problem: None, certificate_expires_at: None };
         let first = status(at(0), Some(1), None, &[], &observed);
         let second = status(at(1), Some(1), Some(&first), &[], &observed);
         assert_eq!(first, second);
@@ -340,9 +358,21 @@ mod tests {
     #[test]
     fn requeue_happens_at_the_next_expiry_warning() {
         let refs = [secret(Some(at(61)))];
-        assert_eq!(requeue_after(at(0), true, &refs), Duration::minutes(10));
+        assert_eq!(requeue_after(at(0), true, &refs, None), Duration::minutes(10));
         let soon = at(61) - Duration::days(60) - Duration::minutes(3);
-        assert_eq!(requeue_after(soon, true, &refs), Duration::minutes(3));
+        assert_eq!(requeue_after(soon, true, &refs, None), Duration::minutes(3));
+    }
+
+    #[test]
+    fn a_client_certificate_expiry_warns_like_a_client_secret() {
+        let observed =
+            Observed { endpoints: Ok(Endpoints::default()), secret_problem: None, certificate_expires_at: Some(at(6)) };
+        let s = status(at(0), Some(1), None, &[secret(Some(at(90)))], &observed);
+        assert_eq!(s.conditions[1].reason, "ClientSecretExpiring");
+        assert!(s.conditions[1].message.contains("within 7 days"), "{}", s.conditions[1].message);
+        assert_eq!(s.client_secret_expires_at, Some(at(6)));
+        let soon = at(6) - Duration::days(7) - Duration::minutes(2);
+        assert_eq!(requeue_after(soon, true, &[], Some(at(6))), Duration::minutes(2));
     }
 
     #[test]

@@ -6,9 +6,11 @@
 // /interaction/<uid> plays the login and consent pages of the authorization code flow.
 //
 // Environment: TLS_CERT, TLS_KEY (PEM files), PORT (0 = any), ACCESS_TOKEN_TTL (seconds),
+// CLIENT_CERT_FILE (optional: the certificate of the private_key_jwt client mail-cert),
 // FAST_ACCESS_TOKEN_TTL (seconds, for client mail-app-fast), INTROSPECTION_PORT (optional
 // plain-http listener for Dovecot on 127.0.0.1).
 // Prints one JSON line {"issuer", "port", "introspectionPort"} on stdout when listening.
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
@@ -98,6 +100,22 @@ const clients = [
     token_endpoint_auth_method: 'client_secret_basic',
   },
 ];
+
+// A private_key_jwt client whose key is the certificate in CLIENT_CERT_FILE (Entra's
+// certificate credentials; oidc-provider checks the signed client assertion against it).
+if (process.env.CLIENT_CERT_FILE) {
+  const jwk = new crypto.X509Certificate(fs.readFileSync(process.env.CLIENT_CERT_FILE)).publicKey.export({ format: 'jwk' });
+  clients.push({
+    client_id: 'mail-cert',
+    application_type: 'native',
+    grant_types: ['client_credentials', 'refresh_token', 'authorization_code', 'urn:ietf:params:oauth:grant-type:device_code'],
+    response_types: ['code'],
+    redirect_uris: ['http://127.0.0.1/callback', 'http://localhost/callback'],
+    token_endpoint_auth_method: 'private_key_jwt',
+    jwks: { keys: [jwk] },
+    scope: 'openid offline_access email mail',
+  });
+}
 
 function listen(server, port) {
   return new Promise((resolve) => server.listen(port, '127.0.0.1', () => resolve(server.address().port)));

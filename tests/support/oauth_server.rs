@@ -16,6 +16,10 @@ pub struct OAuthServer {
     pub issuer: String,
     /// PEM of the CA that signed the server certificate.
     pub ca_pem: String,
+    /// The certificate of the `private_key_jwt` client `mail-cert` (P-256).
+    pub client_cert_pem: String,
+    /// Its private key.
+    pub client_key_pem: String,
     child: Child,
     _dir: tempfile::TempDir,
     http: reqwest::Client,
@@ -61,11 +65,19 @@ impl OAuthServer {
         let (ca_pem, cert, key) = certificates();
         std::fs::write(dir.path().join("tls.crt"), &cert).expect("write cert");
         std::fs::write(dir.path().join("tls.key"), &key).expect("write key");
+        let client_key = KeyPair::generate().expect("client key");
+        let client_cert = CertificateParams::new(vec!["mail-cert".to_owned()])
+            .expect("client params")
+            .self_signed(&client_key)
+            .expect("client cert");
+        let (client_cert_pem, client_key_pem) = (client_cert.pem(), client_key.serialize_pem());
+        std::fs::write(dir.path().join("client.crt"), &client_cert_pem).expect("write client cert");
         let mut child = Command::new("node")
             .arg(server_dir().join("server.mjs"))
             .env("TLS_CERT", dir.path().join("tls.crt"))
             .env("TLS_KEY", dir.path().join("tls.key"))
             .env("ACCESS_TOKEN_TTL", access_ttl.to_string())
+            .env("CLIENT_CERT_FILE", dir.path().join("client.crt"))
             .env("PORT", "0")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -91,7 +103,7 @@ impl OAuthServer {
             .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("CA"))
             .build()
             .expect("client");
-        Self { issuer, ca_pem, child, _dir: dir, http }
+        Self { issuer, ca_pem, client_cert_pem, client_key_pem, child, _dir: dir, http }
     }
 
     /// Seeds a grant for `account` and returns its refresh token, as a person's consent would.

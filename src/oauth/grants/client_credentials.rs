@@ -13,9 +13,9 @@ impl Flow for ClientCredentialsFlow {
     }
 
     fn unusable(&self, provider: &ProviderFacts<'_>) -> Option<String> {
-        (!provider.has_client_secret).then(|| {
-            "the clientCredentials grant needs a client secret, and the provider has no \
-             clientAuthentication.clientSecretRefs"
+        (!provider.confidential).then(|| {
+            "the clientCredentials grant needs client authentication, and the provider has neither \
+             clientAuthentication.clientSecretRefs nor clientAuthentication.certificateRef"
                 .to_owned()
         })
     }

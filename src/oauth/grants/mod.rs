@@ -26,8 +26,8 @@ use crate::policy::grant_state::{GrantState, PendingAuthorization};
 pub struct ProviderFacts<'a> {
     /// `microsoft`, `google`, or `None` for a generic provider.
     pub preset: Option<&'a str>,
-    /// Whether the provider has client secrets (a confidential client).
-    pub has_client_secret: bool,
+    /// Whether the client authenticates (client secrets or a certificate): a confidential client.
+    pub confidential: bool,
     /// Whether a device authorization endpoint is known.
     pub device_endpoint: bool,
     /// Whether the provider's device flow may ask for mail scopes (Google's may not).
