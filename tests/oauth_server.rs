@@ -762,3 +762,37 @@ async fn a_client_authenticated_by_a_certificate_signs_an_assertion_the_server_a
     let b = h.reconcile("app").await;
     assert_eq!(condition(&b, "Authorized").reason, "ClientCredentialsInvalid", "{:?}", b.status);
 }
+
+#[tokio::test]
+async fn a_service_account_gets_tokens_for_the_mailbox_with_a_new_assertion_each_time() {
+    let mut h = Harness::start(600).await;
+    h.api.put(&secret_path("sa"), secret("sa", &[("key.json", &h.server.service_account_json)]));
+    let object = json!({
+        "apiVersion": "mailoauth.io/v1alpha1", "kind": "MailProvider",
+        "metadata": {"name": "idp", "namespace": NS, "uid": "uid-idp", "generation": 1},
+        "spec": {
+            "generic": {"issuerUrl": h.server.issuer, "caBundle": h.server.ca_pem, "scopes": {"imap": ["email", "mail"]}},
+            "clientId": "mail-sa",
+            "serviceAccountKeyRef": {"name": "sa", "key": "key.json"}
+        }
+    });
+    h.api.put(&provider_path("idp"), object.clone());
+    let p: MailProvider = serde_json::from_value(object).expect("provider");
+    provider::reconcile(Arc::new(p), Arc::clone(&h.ctx)).await.expect("provider reconcile");
+    let stored: MailProvider =
+        serde_json::from_value(h.api.get(&provider_path("idp")).expect("stored")).expect("parse");
+    h.providers.apply_watcher_event(&watcher::Event::Apply(stored));
+    h.binding("desk", json!({"jwtBearer": {}}), json!([]));
+
+    let b = h.reconcile("desk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    let grant = h.api.get(&secret_path("desk.mailoauth-grant")).expect("grant");
+    assert_eq!(decode(&grant, "refresh_token"), None, "no refresh token in this grant");
+    let first = decode(&h.published("desk"), "access_token");
+    let renew_at = b.status.as_ref().and_then(|s| s.token.as_ref()).expect("token").renew_at;
+    h.advance_to(renew_at + Duration::seconds(1));
+    let b = h.reconcile("desk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready));
+    assert_ne!(decode(&h.published("desk"), "access_token"), first);
+    assert_eq!(h.server.grants("urn:ietf:params:oauth:grant-type:jwt-bearer").await, 2, "a new assertion each time");
+}

@@ -25,7 +25,9 @@ use crate::api::{
 use crate::error::{Error, Result};
 use crate::oauth::authorize::{Response, parse_response};
 use crate::oauth::exchange::{Requester, client_for, grant_state_from, request_for, rescued_state, rotated};
-use crate::oauth::grants::{Flow, FlowInput, ProviderFacts, Step, authorization_code, device_code, flow_for, refresh};
+use crate::oauth::grants::{
+    Flow, FlowInput, Needs, ProviderFacts, Step, authorization_code, device_code, flow_for, refresh,
+};
 use crate::oauth::provider::{
     auth_method, authorize_params, device_flow_for_mail, preset_name, scopes_for, secret_refs, servers,
 };
@@ -584,6 +586,7 @@ pub async fn provider_for(
         device_endpoint: endpoints.device_authorization.is_some(),
         device_flow_for_mail: device_flow_for_mail(&spec),
         authorization_endpoint: endpoints.authorization.is_some(),
+        service_account: spec.service_account_key_ref.is_some(),
     };
     if let Some(why) = flow.and_then(|f| f.unusable(&facts)) {
         return unusable(Reason::InvalidSpec, format!("{kind_name}: {why}"));
@@ -812,8 +815,13 @@ async fn obtain(
 ) -> Result<Obtained> {
     let Known { grant, pending, response } = known;
     let ns = binding.namespace().unwrap_or_default();
-    let read = match flow.reads(grant) {
-        Some(r) => match read_key(ctx, &ns, &r.name, &r.key).await? {
+    let needed = match flow.reads(grant, &usable.spec) {
+        Some(Needs::Binding(r)) => Some((ns.as_str(), r)),
+        Some(Needs::Provider(r)) => Some((usable.secrets_namespace.as_str(), r)),
+        None => None,
+    };
+    let read = match needed {
+        Some((secret_ns, r)) => match read_key(ctx, secret_ns, &r.name, &r.key).await? {
             Read::Value(v) => Some(v),
             Read::Missing => None,
             Read::NotAllowed(what) => return Ok(not_ready(Reason::SecretReferenceNotAllowed, what)),
@@ -829,6 +837,8 @@ async fn obtain(
         response,
         binding_uid: binding.metadata.uid.as_deref(),
         generation: binding.metadata.generation,
+        mailbox: &binding.spec.mailbox,
+        token_url: usable.endpoints.token.as_deref().unwrap_or_default(),
     };
     let who = Requester {
         provider_key: &usable.key,

@@ -142,7 +142,9 @@ async fn resolve(ctx: &Context, spec: &MailProviderSpec) -> Result<Endpoints, St
 /// The first problem with a referenced Secret, if any.
 async fn check_secrets(ctx: &Context, spec: &MailProviderSpec, ns: &str) -> Result<Option<(Reason, String)>> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    for r in secret_refs(spec) {
+    let service_account = spec.service_account_key_ref.as_ref().map(|r| (&r.name, &r.key));
+    for (name, key) in secret_refs(spec).iter().map(|r| (&r.name, &r.key)).chain(service_account) {
+        let r = crate::api::SecretKeySelector { name: name.clone(), key: key.clone() };
         let secret = api.get_opt(&r.name).await.map_err(|source| Error::ReadSecret {
             namespace: ns.to_owned(),
             name: r.name.clone(),

@@ -1,7 +1,8 @@
 //! Signed JWT assertions (RFC 7523): client authentication with a private key (`private_key_jwt`,
 //! with the certificate's `x5t#S256` thumbprint in the header, as Entra expects), and the JWT
 //! bearer grant's assertion (a Google service account acting for a mailbox). RS256 for RSA keys,
-//! ES256 for P-256 keys; assertions live five minutes and carry a unique `jti`.
+//! ES256 for P-256 keys; assertions live five minutes from a minute back (clock skew) and carry a
+//! unique `jti`. They are signed with the wall clock, which is what the server checks them against.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -12,6 +13,10 @@ use sha2::{Digest, Sha256};
 
 /// How long an assertion is valid.
 pub const ASSERTION_LIFETIME: Duration = Duration::minutes(5);
+
+/// How far `iat`/`nbf` are put back, so that a server whose clock is a little behind still takes
+/// the assertion (AADSTS700024, Google's "invalid JWT": clock skew).
+pub const CLOCK_SKEW: Duration = Duration::seconds(60);
 
 /// A private key to sign assertions with, and what identifies it.
 #[derive(Clone)]
@@ -74,7 +79,7 @@ pub fn client_assertion(
     audience: &str,
     now: DateTime<Utc>,
 ) -> Result<SecretString, String> {
-    let iat = now.timestamp();
+    let iat = now.timestamp().saturating_sub(CLOCK_SKEW.num_seconds());
     key.sign(&serde_json::json!({
         "iss": client_id,
         "sub": client_id,
@@ -96,7 +101,7 @@ pub fn bearer_assertion(
     audience: &str,
     now: DateTime<Utc>,
 ) -> Result<SecretString, String> {
-    let iat = now.timestamp();
+    let iat = now.timestamp().saturating_sub(CLOCK_SKEW.num_seconds());
     key.sign(&serde_json::json!({
         "iss": issuer,
         "sub": subject,
@@ -161,6 +166,7 @@ mod tests {
             (Some("app"), Some("app"), Some("https://idp/token"))
         );
         assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 300);
+        assert_eq!(claims["iat"].as_i64().unwrap(), now.timestamp() - 60, "put back for clock skew");
         assert_ne!(claims_of(b.expose_secret()).1["jti"], claims["jti"], "a unique jti each time");
         assert!(!format!("{signer:?}").contains("PRIVATE"));
         let expiry = certificate_expiry(cert.pem().as_bytes()).unwrap();

@@ -756,13 +756,23 @@ mod tests {
     #[test]
     fn an_unsupported_grant_says_so_instead_of_staying_silent() {
         let b = binding(serde_json::json!({ "jwtBearer": {} }));
-        let d = decide_at(t(0), &b, None);
+        let p = provider();
+        let d = decide(Inputs { supported: false, ..inputs(t(0), &b, &p, None) });
         let Decision::Blocked { reason, message } = d else { panic!("expected Blocked") };
         assert_eq!(reason, Reason::GrantNotSupported);
         assert!(message.contains("jwtBearer") && message.contains("not supported yet"), "{message}");
         let status = next_status(t(0), &b, None, &Outcome::Blocked { reason, message });
         assert_eq!(status.phase, Some(Phase::Error));
         assert_eq!(status.conditions[0].reason, "GrantNotSupported");
+    }
+
+    #[test]
+    fn every_grant_of_the_api_has_a_flow() {
+        for grant in ["deviceCode", "authorizationCode", "clientCredentials", "jwtBearer"] {
+            let b = binding(serde_json::json!({ grant: {} }));
+            let flow = crate::oauth::grants::flow_for(&b.spec.grant);
+            assert_eq!(flow.map(|f| f.name()), Some(grant));
+        }
     }
 
     #[test]

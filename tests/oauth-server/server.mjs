@@ -7,6 +7,7 @@
 //
 // Environment: TLS_CERT, TLS_KEY (PEM files), PORT (0 = any), ACCESS_TOKEN_TTL (seconds),
 // CLIENT_CERT_FILE (optional: the certificate of the private_key_jwt client mail-cert),
+// SERVICE_ACCOUNT_PUBLIC_KEY_FILE and SERVICE_ACCOUNT_EMAIL (optional: a JWT bearer service account),
 // FAST_ACCESS_TOKEN_TTL (seconds, for client mail-app-fast), INTROSPECTION_PORT (optional
 // plain-http listener for Dovecot on 127.0.0.1).
 // Prints one JSON line {"issuer", "port", "introspectionPort"} on stdout when listening.
@@ -14,7 +15,8 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
 import https from 'node:https';
-import Provider from 'oidc-provider';
+import { jwtVerify } from 'jose';
+import Provider, { errors } from 'oidc-provider';
 
 const accessTtl = Number(process.env.ACCESS_TOKEN_TTL || 3600);
 const fastTtl = Number(process.env.FAST_ACCESS_TOKEN_TTL || 60);
@@ -114,6 +116,20 @@ if (process.env.CLIENT_CERT_FILE) {
     token_endpoint_auth_method: 'private_key_jwt',
     jwks: { keys: [jwk] },
     scope: 'openid offline_access email mail',
+  });
+}
+
+// A service account for the JWT bearer grant (Google's domain-wide delegation): its public key
+// is in SERVICE_ACCOUNT_PUBLIC_KEY_FILE, its email SERVICE_ACCOUNT_EMAIL; it may act for anyone.
+const JWT_BEARER = 'urn:ietf:params:oauth:grant-type:jwt-bearer';
+if (process.env.SERVICE_ACCOUNT_PUBLIC_KEY_FILE) {
+  clients.push({
+    client_id: 'mail-sa',
+    grant_types: [JWT_BEARER],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: 'none',
+    scope: 'openid email mail',
   });
 }
 
@@ -274,6 +290,26 @@ provider = new Provider(issuer, {
   issueRefreshToken: async (ctx, client, code) =>
     client.grantTypeAllowed('refresh_token') && code.scopes.has('offline_access'),
 });
+if (process.env.SERVICE_ACCOUNT_PUBLIC_KEY_FILE) {
+  const key = crypto.createPublicKey(fs.readFileSync(process.env.SERVICE_ACCOUNT_PUBLIC_KEY_FILE));
+  provider.registerGrantType(JWT_BEARER, async (ctx) => {
+    let claims;
+    try {
+      ({ payload: claims } = await jwtVerify(ctx.oidc.params.assertion, key, {
+        issuer: process.env.SERVICE_ACCOUNT_EMAIL, audience: `${issuer}/token`, maxTokenAge: '1h',
+      }));
+    } catch (e) {
+      throw new errors.InvalidGrant(`invalid JWT: ${e.message}`);
+    }
+    const scope = String(claims.scope || '');
+    const grant = new provider.Grant({ accountId: claims.sub, clientId: ctx.oidc.client.clientId });
+    grant.addOIDCScope(scope);
+    const grantId = await grant.save();
+    const at = new provider.AccessToken({ accountId: claims.sub, client: ctx.oidc.client, grantId, scope, gty: 'jwt_bearer' });
+    ctx.body = { access_token: await at.save(), token_type: 'Bearer', expires_in: at.expiration, scope };
+  }, new Set(['assertion']));
+}
+
 provider.on('grant.success', (ctx) => {
   bump(stats.token_requests_by_grant, ctx.oidc.params.grant_type);
   if (ctx.oidc.client) bump(stats.grants_by_client, ctx.oidc.client.clientId);
@@ -282,6 +318,7 @@ provider.on('grant.error', (ctx, err) => {
   if (ctx.oidc && ctx.oidc.client) bump(stats.errors_by_client, ctx.oidc.client.clientId);
   console.error(`grant.error ${ctx.oidc.params.grant_type}: ${err.error} ${err.error_detail || ''}`);
 });
+provider.on('server_error', (ctx, err) => console.error(`server_error: ${err && err.stack}`));
 callback = provider.callback();
 
 let introspectionPort = null;

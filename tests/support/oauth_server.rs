@@ -10,6 +10,9 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// The service account's email.
+pub const SERVICE_ACCOUNT: &str = "mailer@test-project.iam.gserviceaccount.com";
+
 /// A running OAuth server.
 pub struct OAuthServer {
     /// `https://127.0.0.1:<port>`.
@@ -20,6 +23,8 @@ pub struct OAuthServer {
     pub client_cert_pem: String,
     /// Its private key.
     pub client_key_pem: String,
+    /// A service-account key file (JSON) for the JWT bearer grant, as Google issues them.
+    pub service_account_json: String,
     child: Child,
     _dir: tempfile::TempDir,
     http: reqwest::Client,
@@ -72,12 +77,21 @@ impl OAuthServer {
             .expect("client cert");
         let (client_cert_pem, client_key_pem) = (client_cert.pem(), client_key.serialize_pem());
         std::fs::write(dir.path().join("client.crt"), &client_cert_pem).expect("write client cert");
+        let sa_key = KeyPair::generate().expect("service account key");
+        std::fs::write(dir.path().join("sa.pub"), sa_key.public_key_pem()).expect("write service account key");
+        let service_account_json = serde_json::json!({
+            "type": "service_account", "client_email": SERVICE_ACCOUNT, "private_key_id": "k1",
+            "private_key": sa_key.serialize_pem(), "token_uri": "https://oauth2.googleapis.com/token",
+        })
+        .to_string();
         let mut child = Command::new("node")
             .arg(server_dir().join("server.mjs"))
             .env("TLS_CERT", dir.path().join("tls.crt"))
             .env("TLS_KEY", dir.path().join("tls.key"))
             .env("ACCESS_TOKEN_TTL", access_ttl.to_string())
             .env("CLIENT_CERT_FILE", dir.path().join("client.crt"))
+            .env("SERVICE_ACCOUNT_PUBLIC_KEY_FILE", dir.path().join("sa.pub"))
+            .env("SERVICE_ACCOUNT_EMAIL", SERVICE_ACCOUNT)
             .env("PORT", "0")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -103,7 +117,7 @@ impl OAuthServer {
             .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("CA"))
             .build()
             .expect("client");
-        Self { issuer, ca_pem, client_cert_pem, client_key_pem, child, _dir: dir, http }
+        Self { issuer, ca_pem, client_cert_pem, client_key_pem, service_account_json, child, _dir: dir, http }
     }
 
     /// Seeds a grant for `account` and returns its refresh token, as a person's consent would.

@@ -158,6 +158,8 @@ mod tests {
             response: r,
             binding_uid: Some("uid-1"),
             generation: Some(1),
+            mailbox: "m@example.com",
+            token_url: "https://idp/token",
         }
     }
 

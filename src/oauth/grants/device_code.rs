@@ -180,6 +180,8 @@ mod tests {
             response: None,
             binding_uid: None,
             generation: None,
+            mailbox: "m@example.com",
+            token_url: "https://idp/token",
         }
     }
 

@@ -10,6 +10,7 @@
 pub mod authorization_code;
 pub mod client_credentials;
 pub mod device_code;
+pub mod jwt_bearer;
 pub mod refresh_token;
 
 use chrono::{DateTime, Utc};
@@ -17,7 +18,7 @@ use secrecy::SecretString;
 
 use super::authorize::Response;
 use super::client::{GrantCall, Param};
-use crate::api::SecretKeySelector;
+use crate::api::{MailProviderSpec, SecretKeySelector};
 use crate::policy::classify::{Failure, UpstreamError};
 use crate::policy::grant_state::{GrantState, PendingAuthorization};
 
@@ -34,6 +35,17 @@ pub struct ProviderFacts<'a> {
     pub device_flow_for_mail: bool,
     /// Whether an authorization endpoint is known.
     pub authorization_endpoint: bool,
+    /// Whether the provider names a service-account key (`serviceAccountKeyRef`).
+    pub service_account: bool,
+}
+
+/// A Secret a flow reads, and whose it is.
+#[derive(Clone, Copy, Debug)]
+pub enum Needs<'a> {
+    /// In the binding's namespace (an imported refresh token).
+    Binding(&'a SecretKeySelector),
+    /// Among the provider's Secrets (a service-account key).
+    Provider(&'a SecretKeySelector),
 }
 
 /// What a flow sees when asked what to do.
@@ -57,6 +69,10 @@ pub struct FlowInput<'a> {
     pub binding_uid: Option<&'a str>,
     /// The binding's generation.
     pub generation: Option<i64>,
+    /// The mailbox.
+    pub mailbox: &'a str,
+    /// The token endpoint (an assertion's audience).
+    pub token_url: &'a str,
 }
 
 /// What to do next. (Short-lived; the waiting variant is larger than the others on purpose.)
@@ -91,9 +107,8 @@ pub trait Flow: Send + Sync {
         false
     }
 
-    /// The Secret (in the binding's namespace) to read before [`Flow::step`], given the stored
-    /// grant, if any.
-    fn reads(&self, _grant: Option<&GrantState>) -> Option<&SecretKeySelector> {
+    /// The Secret to read before [`Flow::step`], given the stored grant and the provider, if any.
+    fn reads<'a>(&'a self, _grant: Option<&GrantState>, _provider: &'a MailProviderSpec) -> Option<Needs<'a>> {
         None
     }
 
@@ -127,7 +142,7 @@ pub fn flow_for(grant: &crate::api::Grant) -> Option<Box<dyn Flow>> {
         G::ClientCredentials {} => Some(Box::new(client_credentials::ClientCredentialsFlow)),
         G::DeviceCode {} => Some(Box::new(device_code::DeviceCodeFlow)),
         G::AuthorizationCode {} => Some(Box::new(authorization_code::AuthorizationCodeFlow)),
-        G::JwtBearer {} => None,
+        G::JwtBearer {} => Some(Box::new(jwt_bearer::JwtBearerFlow)),
     }
 }
 

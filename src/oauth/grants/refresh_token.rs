@@ -2,8 +2,8 @@
 //! elsewhere is read once from the Secret the spec names; after that the operator's own stored
 //! (and rotated) refresh token is used.
 
-use super::{Flow, FlowInput, Step, refresh, refresh_stored};
-use crate::api::SecretKeySelector;
+use super::{Flow, FlowInput, Needs, Step, refresh, refresh_stored};
+use crate::api::{MailProviderSpec, SecretKeySelector};
 use crate::policy::Reason;
 use crate::policy::classify::Failure;
 use crate::policy::grant_state::GrantState;
@@ -25,8 +25,8 @@ impl Flow for RefreshTokenFlow {
         "refreshToken"
     }
 
-    fn reads(&self, grant: Option<&GrantState>) -> Option<&SecretKeySelector> {
-        grant.is_none_or(|g| g.refresh_token.is_none()).then_some(&self.secret_ref)
+    fn reads<'a>(&'a self, grant: Option<&GrantState>, _provider: &'a MailProviderSpec) -> Option<Needs<'a>> {
+        grant.is_none_or(|g| g.refresh_token.is_none()).then_some(Needs::Binding(&self.secret_ref))
     }
 
     /// A grant imported from another Secret (or obtained otherwise) is not this one: changing
