@@ -796,3 +796,27 @@ async fn a_service_account_gets_tokens_for_the_mailbox_with_a_new_assertion_each
     assert_ne!(decode(&h.published("desk"), "access_token"), first);
     assert_eq!(h.server.grants("urn:ietf:params:oauth:grant-type:jwt-bearer").await, 2, "a new assertion each time");
 }
+
+#[tokio::test]
+async fn revoke_on_delete_keeps_a_finalizer_and_revokes_the_refresh_token_when_the_binding_is_deleted() {
+    let mut h = Harness::start(600).await;
+    h.import_binding("helpdesk").await;
+    let mut object = h.api.get(&binding_path("helpdesk")).expect("binding");
+    object["spec"]["revokeOnDelete"] = json!(true);
+    h.api.put(&binding_path("helpdesk"), object);
+    let b = h.reconcile("helpdesk").await;
+    assert!(b.metadata.finalizers.as_ref().is_some_and(|f| f.iter().any(|f| f == "mailoauth.io/revoke-on-delete")));
+    let b = h.reconcile("helpdesk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    let rt = h.stored_refresh_token("helpdesk");
+
+    // kubectl delete: the apiserver sets deletionTimestamp and waits for the finalizer.
+    let mut object = h.api.get(&binding_path("helpdesk")).expect("binding");
+    object["metadata"]["deletionTimestamp"] =
+        json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    h.api.put(&binding_path("helpdesk"), object);
+    let b = h.reconcile("helpdesk").await;
+    assert!(b.metadata.finalizers.as_ref().is_none_or(|f| f.is_empty()), "the finalizer is removed once revoked");
+    let replay = h.server.refresh_directly(&rt).await;
+    assert_eq!(replay["error"], "invalid_grant", "the refresh token was revoked at the provider: {replay}");
+}

@@ -71,6 +71,10 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     let name = binding.name_any();
     let ns =
         binding.namespace().ok_or_else(|| Error::MissingNamespace { kind: "MailboxBinding", name: name.clone() })?;
+    // revokeOnDelete's finalizer, and a deletion: nothing else is done for a deleted binding.
+    if let Some(action) = super::revoke::handle(&ctx, &binding).await? {
+        return Ok(action);
+    }
     let now = ctx.now();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let grant_name = grant_secret_name(&name);
@@ -588,6 +592,16 @@ pub async fn provider_for(
         authorization_endpoint: endpoints.authorization.is_some(),
         service_account: spec.service_account_key_ref.is_some(),
     };
+    if binding.spec.revoke_on_delete && endpoints.revocation.is_none() {
+        return unusable(
+            Reason::InvalidSpec,
+            format!(
+                "spec.revokeOnDelete: {kind_name} has no revocation endpoint (Microsoft offers none; a generic \
+                 provider needs revocationUrl or an issuer whose discovery lists revocation_endpoint); set \
+                 revokeOnDelete: false"
+            ),
+        );
+    }
     if let Some(why) = flow.and_then(|f| f.unusable(&facts)) {
         return unusable(Reason::InvalidSpec, format!("{kind_name}: {why}"));
     }
@@ -757,7 +771,11 @@ fn not_ready(reason: Reason, what: String) -> Obtained {
 }
 
 /// The client as the provider registers it, with the client secrets found, or why not.
-async fn client_of(ctx: &Context, usable: &ProviderUse, who: &Requester<'_>) -> Result<Result<Client, Obtained>> {
+pub(crate) async fn client_of(
+    ctx: &Context,
+    usable: &ProviderUse,
+    who: &Requester<'_>,
+) -> Result<Result<Client, Obtained>> {
     if auth_method(&usable.spec) == Some(ClientAuthMethod::PrivateKeyJwt) {
         return Ok(match super::certificate::read(ctx, &usable.spec, &usable.secrets_namespace).await? {
             Some(Ok(cert)) => Ok(Client {
@@ -965,7 +983,7 @@ fn replaced_token(call: &GrantCall, grant: Option<&GrantState>) -> Option<Secret
 }
 
 /// What a token request came to.
-enum Obtained {
+pub(crate) enum Obtained {
     /// A new grant state, to be stored first.
     Token(GrantState),
     /// A person has yet to act: this authorization is kept and shown.

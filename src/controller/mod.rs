@@ -5,6 +5,7 @@
 pub mod binding;
 pub mod certificate;
 pub mod provider;
+pub mod revoke;
 pub mod run;
 pub mod secrets;
 

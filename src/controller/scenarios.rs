@@ -26,7 +26,7 @@ use crate::api::{
     MailboxBindingSpec,
 };
 use crate::oauth::http::HttpClients;
-use crate::oauth::{DeviceCode, DeviceRequest, Rejected, TokenEndpoint, TokenRequest, TokenSet};
+use crate::oauth::{DeviceCode, DeviceRequest, Rejected, RevokeRequest, TokenEndpoint, TokenRequest, TokenSet};
 use crate::policy::binding::{Outcome, next_status};
 use crate::policy::grant_state::GrantState;
 use crate::policy::publish::published_data;
@@ -63,6 +63,11 @@ impl TokenEndpoint for Canned {
                 identities: Vec::new(),
             })
         })
+    }
+
+    fn revoke<'a>(&'a self, _request: &'a RevokeRequest) -> BoxFuture<'a, Result<(), Rejected>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
     }
 
     fn device_authorization<'a>(&'a self, _request: &'a DeviceRequest) -> BoxFuture<'a, Result<DeviceCode, Rejected>> {

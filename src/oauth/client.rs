@@ -137,6 +137,19 @@ pub struct DeviceRequest {
     pub scopes: Vec<String>,
 }
 
+/// A token revocation request (RFC 7009).
+#[derive(Clone, Debug)]
+pub struct RevokeRequest {
+    /// Revocation endpoint (https).
+    pub url: String,
+    /// The client.
+    pub client: Client,
+    /// The token to revoke.
+    pub token: SecretString,
+    /// `refresh_token` or `access_token`.
+    pub hint: &'static str,
+}
+
 /// A successful token response.
 #[derive(Clone, Debug)]
 pub struct TokenSet {
@@ -193,6 +206,9 @@ pub trait TokenEndpoint: Send + Sync {
 
     /// Starts a device authorization; failures are reduced to [`Rejected`].
     fn device_authorization<'a>(&'a self, request: &'a DeviceRequest) -> BoxFuture<'a, Result<DeviceCode, Rejected>>;
+
+    /// Revokes a token; failures are reduced to [`Rejected`].
+    fn revoke<'a>(&'a self, request: &'a RevokeRequest) -> BoxFuture<'a, Result<(), Rejected>>;
 }
 
 /// The real authorization server over HTTPS.
@@ -316,6 +332,15 @@ impl TokenEndpoint for HttpTokenEndpoint {
         })
     }
 
+    fn revoke<'a>(&'a self, request: &'a RevokeRequest) -> BoxFuture<'a, Result<(), Rejected>> {
+        Box::pin(async move {
+            let form: Vec<(&str, &str)> =
+                vec![("token", request.token.expose_secret()), ("token_type_hint", request.hint)];
+            let scrub = credentials(&request.client, std::iter::once(request.token.expose_secret()));
+            self.post(&request.url, &request.client, &form, &scrub, revoke_outcome).await
+        })
+    }
+
     fn device_authorization<'a>(&'a self, request: &'a DeviceRequest) -> BoxFuture<'a, Result<DeviceCode, Rejected>> {
         Box::pin(async move {
             let scope = request.scopes.join(" ");
@@ -324,6 +349,15 @@ impl TokenEndpoint for HttpTokenEndpoint {
             self.post(&request.url, &request.client, &form, &scrub, device_outcome).await
         })
     }
+}
+
+/// The answer to a revocation: any 2xx is done (RFC 7009 §2.2: also for a token already invalid).
+pub fn revoke_outcome(recorded: Recorded, secrets: &[&str]) -> Result<(), Rejected> {
+    let success = recorded.status.is_some_and(|s| (200..300).contains(&s)) && recorded.transport.is_none();
+    if success {
+        return Ok(());
+    }
+    Err(outcome(Recorded { token: None, ..recorded }, secrets).err().unwrap_or_default())
 }
 
 /// Default poll interval (RFC 8628 §3.2).

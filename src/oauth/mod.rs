@@ -13,6 +13,6 @@ pub mod provider;
 pub mod response;
 
 pub use client::{
-    Client, ClientAuth, DeviceCode, DeviceRequest, GrantCall, HttpTokenEndpoint, Param, Rejected, TokenEndpoint,
-    TokenRequest, TokenSet,
+    Client, ClientAuth, DeviceCode, DeviceRequest, GrantCall, HttpTokenEndpoint, Param, Rejected, RevokeRequest,
+    TokenEndpoint, TokenRequest, TokenSet,
 };

@@ -13,7 +13,6 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
@@ -226,19 +225,22 @@ async fn callback(State(contexts): State<Contexts>, RawQuery(query): RawQuery) -
         );
     }
     tracing::info!(binding = %name, namespace = %namespace, "authorization code received");
-    outcome(&ctx, &namespace, &name, &binding.spec.mailbox, now).await
+    outcome(&ctx, &namespace, &name, &binding.spec.mailbox).await
 }
 
 /// Waits for the reconciler to exchange the code, then says how it went.
-async fn outcome(ctx: &Context, namespace: &str, name: &str, mailbox: &str, since: DateTime<Utc>) -> Response {
+async fn outcome(ctx: &Context, namespace: &str, name: &str, mailbox: &str) -> Response {
     let key = ObjectRef::new(name).within(namespace);
     let deadline = tokio::time::Instant::now().checked_add(RESULT_WAIT).unwrap_or_else(tokio::time::Instant::now);
     while tokio::time::Instant::now() < deadline {
+        // The binding waited for a person when the request was made; once its status no longer
+        // shows an authorization to do, the code has been dealt with, one way or the other.
         let status = ctx.bindings.get(&key).and_then(|b| b.status.clone());
         let authorized = status
             .as_ref()
+            .filter(|s| s.authorization.is_none() && s.phase != Some(Phase::AwaitingAuthorization))
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Authorized"))
-            .filter(|c| c.last_transition_time >= since && c.reason != "AwaitingAuthorization")
+            .filter(|c| c.reason != "AwaitingAuthorization")
             .cloned();
         if let Some(c) = authorized {
             return if c.is_true() {

@@ -258,6 +258,31 @@ def test_the_paste_path_and_an_authorization_interrupted_by_a_restart(bed):
     assert reply.startswith("a1 OK"), reply
 
 
+def test_revoke_on_delete_revokes_the_refresh_token_before_the_binding_goes(bed):
+    doc = device_binding(bed, NS, "revoked", "idp-public", "revoked@example.com")
+    doc["spec"]["revokeOnDelete"] = True
+    apply(bed, doc)
+    wait_reason(bed, "revoked", "AwaitingAuthorization")
+    assert "mailoauth.io/revoke-on-delete" in mbx(bed, "revoked")["metadata"].get("finalizers", [])
+    code = mbx(bed, "revoked")["status"]["authorization"]["userCode"]
+    bed.oauth("/test/device/approve", {"userCode": code, "accountId": "revoked@example.com"})
+    wait_reason(bed, "revoked", "TokenValid", timeout=30)
+    grant = bed.kubectl_json("get", "secret", "revoked.mailoauth-grant", "-n", NS)
+    rt = base64.b64decode(grant["data"]["refresh_token"]).decode()
+    bed.kubectl("delete", "mailboxbinding", "revoked", "-n", NS, "--wait=true", "--timeout=60s")
+    form = urllib.parse.urlencode({"grant_type": "refresh_token", "refresh_token": rt, "client_id": "mail-device"}).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{bed.issuer}/token", data=form), context=bed.oauth_ctx,
+                                    timeout=10) as r:
+            answer = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        answer = json.loads(e.read())
+    assert answer.get("error") == "invalid_grant", f"the refresh token still works after the delete: {answer}"
+    events = [e for e in bed.kubectl_json("get", "events.events.k8s.io", "-n", NS)["items"]
+              if e.get("regarding", {}).get("name") == "revoked" and e.get("reason") == "Revoked"]
+    assert events, "a Normal Revoked event"
+
+
 def test_no_token_appears_in_the_operator_log(bed):
     log = (bed.dir / "operator.log").read_text(errors="replace")
     grants = [bed.kubectl_json("get", "secret", f"{n}.mailoauth-grant", "-n", NS) for n in ("scanner", "restart", "web", "replay", "pasted")]
