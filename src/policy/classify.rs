@@ -88,7 +88,71 @@ fn reason_of(err: &UpstreamError) -> (Reason, bool) {
     }
 }
 
+/// Provider answers whose cause a person could not guess from the text, with what to do. Data,
+/// not branches: a new one is a row.
+const HINTS: &[(Hint, &str)] = &[
+    (
+        Hint::Aadsts(53003),
+        "Conditional Access blocked the sign-in; Microsoft-managed policies block the device code flow since \
+         2025: use the authorizationCode grant, or have an admin exclude this app from the policy",
+    ),
+    (
+        Hint::Aadsts(700082),
+        "the refresh token was not used for 90 days and expired: authorize again, and keep the binding \
+         unsuspended so that it is used",
+    ),
+    (
+        Hint::Aadsts(700024),
+        "the client assertion's times are outside what Entra accepts: the operator's clock is off; check \
+         the node's time synchronisation (NTP)",
+    ),
+    (
+        Hint::Aadsts(7000215),
+        "the client secret is wrong: use the secret's Value, not its ID, from the app registration",
+    ),
+    (
+        Hint::Text("Invalid JWT"),
+        "Google refused the service-account assertion: check the node's clock (NTP), that the key in \
+         serviceAccountKeyRef is current, and that domain-wide delegation lists this client id and scope",
+    ),
+    (
+        Hint::Text("Token has been expired or revoked"),
+        "if this happens about a week after consent, the Google consent screen is still in Testing: \
+         publish it (In production), then authorize again",
+    ),
+];
+
+/// What a hint matches.
+#[derive(Clone, Copy, Debug)]
+enum Hint {
+    /// A Microsoft AADSTS number.
+    Aadsts(u32),
+    /// Text in the `error_description`.
+    Text(&'static str),
+}
+
+/// The hint for a provider answer, if there is one.
+pub fn hint(err: &UpstreamError) -> Option<&'static str> {
+    let description = err.description.as_deref()?;
+    let code = aadsts_code(description);
+    HINTS
+        .iter()
+        .find(|(h, _)| match h {
+            Hint::Aadsts(n) => code == Some(*n),
+            Hint::Text(t) => description.contains(t),
+        })
+        .map(|(_, text)| *text)
+}
+
 fn describe(err: &UpstreamError) -> String {
+    let plain = describe_plain(err);
+    match hint(err) {
+        Some(h) => format!("{plain} ({h})"),
+        None => plain,
+    }
+}
+
+fn describe_plain(err: &UpstreamError) -> String {
     if let Some(t) = &err.transport {
         return format!("token endpoint unreachable: {t}");
     }
@@ -108,6 +172,30 @@ fn describe(err: &UpstreamError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn provider_answers_nobody_could_guess_carry_what_to_do() {
+        let cases = [
+            (
+                "invalid_grant",
+                "AADSTS53003: Access has been blocked by Conditional Access policies.",
+                "authorizationCode grant",
+            ),
+            ("invalid_grant", "AADSTS700082: The refresh token has expired due to inactivity.", "90 days"),
+            ("invalid_client", "AADSTS700024: Client assertion is not within its valid time range.", "NTP"),
+            (
+                "invalid_grant",
+                "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe.",
+                "clock",
+            ),
+            ("invalid_grant", "Token has been expired or revoked.", "consent screen is still in Testing"),
+        ];
+        for (error, description, words) in cases {
+            let f = classify(&oauth(400, error, description));
+            assert!(f.message.contains(words), "{description}: {}", f.message);
+        }
+        assert_eq!(hint(&oauth(400, "invalid_grant", "grant request is invalid")), None);
+    }
 
     fn oauth(status: u16, error: &str, description: &str) -> UpstreamError {
         UpstreamError {
