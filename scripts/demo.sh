@@ -4,6 +4,8 @@
 #   scripts/demo.sh        start a local kube-apiserver, OAuth server and IMAP server, install the
 #                          chart, run the operator as the chart's ServiceAccount, apply an
 #                          example and show the result
+#   scripts/demo.sh approve  approve the device code the demo's scanner binding shows, as the
+#                          person at the verification page would
 #   scripts/demo.sh down   stop everything it started
 # The first run builds kube-apiserver 1.20.2 from Debian's source package (about 6-7 minutes on
 # 2 cores; cached afterwards); later runs are ready in well under a minute.
@@ -11,6 +13,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${MAIL_OAUTH_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mail-oauth-operator}
 state=$cache/demo
+
+if [ "${1:-up}" = approve ]; then
+  python3 - "$state" <<'PY'
+import sys
+sys.path.insert(0, "tests/e2e")
+from bed import Bed
+
+bed = Bed.load(sys.argv[1])
+status = bed.kubectl_json("get", "mailboxbinding", "scanner", "-n", "demo").get("status") or {}
+code = (status.get("authorization") or {}).get("userCode")
+if not code:
+    sys.exit(f"the scanner binding shows no code to approve (phase {status.get('phase')})")
+bed.oauth("/test/device/approve", {"userCode": code, "accountId": "scanner@example.com"})
+print(f"approved {code} as scanner@example.com")
+PY
+  exit 0
+fi
 
 if [ "${1:-up}" = down ]; then
   if [ -d "$state" ]; then python3 tests/e2e/bed.py down "$state"; fi
@@ -30,7 +49,7 @@ python3 - "$state" <<'PY'
 import sys
 sys.path.insert(0, "tests/e2e")
 from bed import Bed
-from manifests import apply, binding, provider, secret
+from manifests import apply, binding, device_binding, provider, public_provider, secret
 
 bed = Bed.load(sys.argv[1])
 seed = bed.oauth("/test/seed", {"accountId": "helpdesk@example.com"})["refresh_token"]
@@ -42,6 +61,9 @@ apply(bed,
       binding("demo", "helpdesk", "idp", "helpdesk@example.com", "helpdesk-refresh-token",
               smtp="submission" in bed.ports))
 bed.kubectl("wait", "--for=condition=Ready", "mailboxbinding/helpdesk", "-n", "demo", "--timeout=90s")
+# A device-code binding (examples/device-code.yaml) with a public client: a person enters a code.
+apply(bed, public_provider(bed, "demo", "idp-public", "mail-device"),
+      device_binding(bed, "demo", "scanner", "idp-public", "scanner@example.com"))
 PY
 
 echo
@@ -50,10 +72,35 @@ kubectl get mbx -n demo -o wide
 echo
 echo "\$ kubectl get secret helpdesk-mail-token -n demo   (keys of the published Secret)"
 kubectl get secret helpdesk-mail-token -n demo -o go-template='{{range $k, $v := .data}}{{$k}}{{"\n"}}{{end}}'
+echo
+echo "A second mailbox waits for a person (the device flow):"
+for _ in $(seq 1 60); do
+  code=$(kubectl get mbx scanner -n demo -o jsonpath='{.status.authorization.userCode}' 2>/dev/null || true)
+  [ -n "$code" ] && break
+  sleep 1
+done
+echo "\$ kubectl get mbx scanner -n demo -o wide"
+kubectl get mbx scanner -n demo -o wide
+uri=$(kubectl get mbx scanner -n demo -o jsonpath='{.status.authorization.verificationUri}')
 cat <<EOT
 
-The demo is running. To look around:
-  export KUBECONFIG=$KUBECONFIG
+Open $uri in a browser on this machine (its certificate is the demo's own CA:
+$state/ca.crt), enter the code $code and confirm; or, from another terminal:
+  scripts/demo.sh approve
+Waiting up to 10 minutes for the binding to turn Ready ...
+EOT
+for _ in $(seq 1 600); do
+  phase=$(kubectl get mbx scanner -n demo -o jsonpath='{.status.phase}' 2>/dev/null || true)
+  [ "$phase" = Ready ] && break
+  sleep 1
+done
+echo "\$ kubectl get mbx scanner -n demo -o wide"
+kubectl get mbx scanner -n demo -o wide
+cat <<EOT
+
+The demo is running. To look around (kubectl and helm are the ones the demo installed):
+  $(command -v kubectl)
+  export PATH=$(dirname "$(command -v kubectl)"):\$PATH KUBECONFIG=$KUBECONFIG
   kubectl get mailoauth -A
   kubectl describe mbx helpdesk -n demo
 Operator log: $state/operator.log

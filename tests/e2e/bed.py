@@ -197,7 +197,8 @@ class Bed:
         self.ports["introspection"] = introspection
         env = dict(self.env, TLS_CERT=str(self.dir / "oauth.crt"), TLS_KEY=str(self.dir / "oauth.key"),
                    PORT="0", INTROSPECTION_PORT=str(introspection),
-                   ACCESS_TOKEN_TTL=str(self.access_ttl), FAST_ACCESS_TOKEN_TTL=str(self.fast_ttl))
+                   ACCESS_TOKEN_TTL=str(self.access_ttl), FAST_ACCESS_TOKEN_TTL=str(self.fast_ttl),
+                   DEFAULT_ACCOUNT="scanner@example.com")
         self.start("oauth-server", ["node", str(ROOT / "tests" / "oauth-server" / "server.mjs")], env=env)
         def announcement():
             # oidc-provider prints warnings first; the JSON line comes once it is listening.

@@ -201,7 +201,8 @@ async function interaction(req, res) {
       return await provider.interactionFinished(req, res, { error: 'access_denied', error_description: 'the person declined' }, { mergeWithLastSubmission: false });
     }
     if (prompt.name === 'login') {
-      const accountId = url.searchParams.get('account') || params.login_hint;
+      // A device code entered at /device has no login_hint: DEFAULT_ACCOUNT stands in (the demo).
+      const accountId = url.searchParams.get('account') || params.login_hint || process.env.DEFAULT_ACCOUNT;
       return await provider.interactionFinished(req, res, { login: { accountId } }, { mergeWithLastSubmission: false });
     }
     const grant = details.grantId
