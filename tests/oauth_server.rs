@@ -820,3 +820,21 @@ async fn revoke_on_delete_keeps_a_finalizer_and_revokes_the_refresh_token_when_t
     let replay = h.server.refresh_directly(&rt).await;
     assert_eq!(replay["error"], "invalid_grant", "the refresh token was revoked at the provider: {replay}");
 }
+
+#[tokio::test]
+async fn an_authorization_response_after_its_request_expired_is_refused_without_a_request() {
+    let mut h = Harness::start(600).await;
+    h.public_provider("idp", "mail-device").await;
+    h.binding("desk", json!({"authorizationCode": {}}), json!([]));
+    set_mailbox(&mut h, "desk", "desk@example.com", &[]);
+    let b = h.reconcile("desk").await;
+    let url = authorization(&b).url.expect("url");
+    let expires = authorization(&b).expires_at.expect("expiry");
+    let landed = h.server.browse(&url, None, false).await;
+    h.advance_to(expires + Duration::seconds(1));
+    h.annotate("desk", "mailoauth.io/authorization-response", &landed);
+    let requests = h.server.token_requests().await;
+    let b = h.reconcile("desk").await;
+    assert_eq!(condition(&b, "Authorized").reason, "AuthorizationExpired", "{:?}", b.status);
+    assert_eq!(h.server.token_requests().await, requests, "an expired state is refused before any request");
+}

@@ -35,6 +35,9 @@ OPERATOR_NAMESPACE = "mail-oauth-operator"
 RELEASE = "mail-oauth-operator"
 
 
+SERVICE_ACCOUNT = "mailer@e2e-project.iam.gserviceaccount.com"
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,6 +109,12 @@ class Bed:
         self.sign("oauth", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
         self.openssl("genrsa", "-out", "sa.key", "2048")
         self.openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
+        # The OAuth server's private_key_jwt client (mail-cert), with an RSA certificate as Entra
+        # wants, and a service account for the JWT bearer grant, with a key as Google issues them.
+        self.openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.crt",
+                     "-days", "2", "-subj", "/CN=mail-cert")
+        self.openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "gsa.key")
+        self.openssl("pkey", "-in", "gsa.key", "-pubout", "-out", "gsa.pub")
 
     # ---------- processes ----------
     def start(self, name, cmd, env=None, cwd=None):
@@ -198,7 +207,8 @@ class Bed:
         env = dict(self.env, TLS_CERT=str(self.dir / "oauth.crt"), TLS_KEY=str(self.dir / "oauth.key"),
                    PORT="0", INTROSPECTION_PORT=str(introspection),
                    ACCESS_TOKEN_TTL=str(self.access_ttl), FAST_ACCESS_TOKEN_TTL=str(self.fast_ttl),
-                   DEFAULT_ACCOUNT="scanner@example.com")
+                   DEFAULT_ACCOUNT="scanner@example.com", CLIENT_CERT_FILE=str(self.dir / "client.crt"),
+                   SERVICE_ACCOUNT_PUBLIC_KEY_FILE=str(self.dir / "gsa.pub"), SERVICE_ACCOUNT_EMAIL=SERVICE_ACCOUNT)
         self.start("oauth-server", ["node", str(ROOT / "tests" / "oauth-server" / "server.mjs")], env=env)
         def announcement():
             # oidc-provider prints warnings first; the JSON line comes once it is listening.

@@ -15,8 +15,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from bed import Bed, free_port, wait_for
-from manifests import apply, device_binding, public_provider
+from bed import SERVICE_ACCOUNT, Bed, free_port, wait_for
+from manifests import apply, device_binding, public_provider, secret
 
 NS = "consent"
 REPORT = {}
@@ -255,6 +255,46 @@ def test_the_paste_path_and_an_authorization_interrupted_by_a_restart(bed):
     annotations = mbx(bed, "pasted")["metadata"].get("annotations") or {}
     assert "mailoauth.io/authorization-response" not in annotations, "consumed once, then removed"
     reply = imap_login(bed, published(bed, "pasted")["xoauth2"])
+    assert reply.startswith("a1 OK"), reply
+
+
+def generic_provider(bed, name, client_id, **spec):
+    p = public_provider(bed, NS, name, client_id)
+    p["spec"].update(spec)
+    return p
+
+
+def test_a_client_with_a_certificate_gets_a_persons_token_that_logs_in_to_imap(bed):
+    cert = secret(NS, "mail-cert-tls", {"tls.crt": (bed.dir / "client.crt").read_text(),
+                                        "tls.key": (bed.dir / "client.key").read_text()})
+    cert["type"] = "kubernetes.io/tls"
+    apply(bed, cert, generic_provider(bed, "idp-cert", "mail-cert", clientAuthentication={
+        "method": "privateKeyJwt", "certificateRef": {"name": "mail-cert-tls"}}))
+    ready = wait_for("idp-cert Ready", lambda: (lambda c: c if c.get("reason") == "ProviderReady" else None)(
+        condition(bed.kubectl_json("get", "mailprovider", "idp-cert", "-n", NS), "Ready")), timeout=30)
+    assert ready
+    provider_status = bed.kubectl_json("get", "mailprovider", "idp-cert", "-n", NS)["status"]
+    assert provider_status.get("clientSecretExpiresAt"), "the certificate's expiry is shown"
+    apply(bed, code_binding("certified", "certified@example.com", provider="idp-cert"))
+    wait_reason(bed, "certified", "AwaitingAuthorization")
+    status, body = sign_in(bed, browser(bed), mbx(bed, "certified")["status"]["authorization"]["url"])
+    assert status == 200 and "Done" in body, body
+    wait_reason(bed, "certified", "TokenValid", timeout=30)
+    reply = imap_login(bed, published(bed, "certified")["xoauth2"])
+    assert reply.startswith("a1 OK"), reply
+
+
+def test_a_service_account_acting_for_a_mailbox_gets_a_token_that_logs_in_to_imap(bed):
+    key = {"type": "service_account", "client_email": SERVICE_ACCOUNT, "private_key_id": "e2e",
+           "private_key": (bed.dir / "gsa.key").read_text()}
+    apply(bed, secret(NS, "gsa", {"key.json": json.dumps(key)}),
+          generic_provider(bed, "idp-sa", "mail-sa", serviceAccountKeyRef={"name": "gsa", "key": "key.json"}))
+    doc = code_binding("delegated", "delegated@example.com", provider="idp-sa")
+    doc["spec"]["grant"] = {"jwtBearer": {}}
+    apply(bed, doc)
+    wait_reason(bed, "delegated", "TokenValid", timeout=30)
+    assert "refresh_token" not in bed.kubectl_json("get", "secret", "delegated.mailoauth-grant", "-n", NS)["data"]
+    reply = imap_login(bed, published(bed, "delegated")["xoauth2"])
     assert reply.startswith("a1 OK"), reply
 
 
