@@ -239,9 +239,27 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
         }
     }
 
-    let status = next_status(now, &binding, grant.as_ref(), &outcome);
+    let mut status = next_status(now, &binding, grant.as_ref(), &outcome);
     if binding.status.as_ref() != Some(&status) {
-        patch_status(&ctx, &binding, &status).await?;
+        match patch_status(&ctx, &binding, &status).await {
+            // The cached copy was stale (our own last status write had not reached the cache yet).
+            // A reconcile that did something (a refresh, an annotation acted on) must not lose it
+            // to a retry that sees nothing to do: the status is computed again from the current
+            // object and written once more.
+            Err(e) if e.is_conflict() && !matches!(outcome, Outcome::Unchanged) => {
+                let api: Api<MailboxBinding> = Api::namespaced(ctx.client.clone(), &ns);
+                let fresh = api.get(&name).await.map_err(|source| Error::WriteStatus {
+                    kind: "MailboxBinding",
+                    name: name.clone(),
+                    source,
+                })?;
+                status = next_status(now, &fresh, grant.as_ref(), &outcome);
+                if fresh.status.as_ref() != Some(&status) {
+                    patch_status(&ctx, &fresh, &status).await?;
+                }
+            }
+            other => other?,
+        }
     }
     announce(&ctx, &binding, &status).await;
     let requeue = requeue_after(now, &decision, &status, failure.as_ref(), next_poll);

@@ -423,3 +423,45 @@ async fn a_grant_state_that_cannot_be_written_is_kept_and_written_first_on_the_n
     second.await.expect("joined").expect("second reconcile");
     assert_eq!(tokens.calls.load(Ordering::SeqCst), 1, "the rotated token was not dropped and re-requested");
 }
+
+fn conflict() -> Response<Body> {
+    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"});
+    Response::builder()
+        .status(StatusCode::CONFLICT)
+        .body(Body::from(serde_json::to_vec(&status).expect("json")))
+        .expect("response")
+}
+
+#[tokio::test]
+async fn a_refresh_whose_status_write_meets_a_stale_copy_is_written_again_from_the_current_object() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let mut b = binding_object();
+    b.metadata.resource_version = Some("41".into());
+    let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+
+    server.get(GRANT_PATH, None).await;
+    server.get(PUBLISHED_PATH, None).await;
+    server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
+    server.apply(GRANT_PATH).await;
+    server.apply(PUBLISHED_PATH).await;
+    let (_, send) = server.expect(Method::PATCH, STATUS_PATH).await;
+    send.send_response(conflict());
+    // The current object, with the status an earlier reconcile wrote.
+    let mut current = b.clone();
+    current.metadata.resource_version = Some("42".into());
+    server
+        .get(
+            "/apis/mailoauth.io/v1alpha1/namespaces/mail/mailboxbindings/helpdesk",
+            Some(serde_json::to_value(&current).expect("json")),
+        )
+        .await;
+    let status = server.apply_status(STATUS_PATH, &current).await;
+    assert_eq!(status["metadata"]["resourceVersion"], "42");
+    assert!(status["status"]["lastRefreshTime"].is_string(), "the refresh is recorded: {status}");
+    server.event("Normal", "Ready").await;
+    server.nothing_more().await;
+    reconcile.await.expect("joined").expect("reconcile");
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+}

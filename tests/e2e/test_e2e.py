@@ -236,15 +236,16 @@ def test_bad_input_is_refused_by_the_schema_or_reported_in_status_and_an_event(b
         assert refused.returncode != 0, f"the apiserver accepted {why}"
         assert "spec." in refused.stderr, refused.stderr
 
+    # A grant the provider cannot serve: jwtBearer needs a service-account key the provider lacks.
     apply(bed, doc("device", {"jwtBearer": {}}))
-    ready = wait_for("Ready=False with GrantNotSupported", lambda: (lambda c: c if c.get("reason") == "GrantNotSupported"
-                                                                    else None)(condition(binding_of(bed, "device"), "Ready")),
+    ready = wait_for("Ready=False with InvalidSpec", lambda: (lambda c: c if c.get("reason") == "InvalidSpec"
+                                                               else None)(condition(binding_of(bed, "device"), "Ready")),
                      timeout=30, interval=0.5)
-    assert ready["status"] == "False" and "not supported yet" in ready["message"]
+    assert ready["status"] == "False" and "serviceAccountKeyRef" in ready["message"]
     warnings = wait_for("a Warning Event", lambda: [
         e for e in bed.kubectl_json("get", "events.events.k8s.io", "-n", NS)["items"]
         if e.get("regarding", {}).get("name") == "device" and e.get("type") == "Warning"], timeout=30, interval=0.5)
-    assert [e["reason"] for e in warnings] == ["GrantNotSupported"], "one Warning Event, not one per reconcile"
+    assert [e["reason"] for e in warnings] == ["InvalidSpec"], "one Warning Event, not one per reconcile"
     bed.kubectl("delete", "mailboxbinding", "device", "-n", NS)
 
 

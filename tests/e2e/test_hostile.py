@@ -302,7 +302,7 @@ def test_hostile_manifests_that_pass_the_schema_end_in_a_typed_condition_and_req
         "a scope the cluster provider does not allow": (binding("r16", provider="cp-scopes", kind="ClusterMailProvider"), "ProviderNotAllowed", "allowedScopes"),
         "a mailbox the cluster provider does not allow": (binding("r17", provider="cp-mailboxes", kind="ClusterMailProvider"), "ProviderNotAllowed", "allowedMailboxes"),
         "a missing import Secret": (binding("r18", grant={"refreshToken": {"secretRef": {"name": "none", "key": "rt"}}}), "ImportSecretNotFound", "none"),
-        "an unsupported grant": (binding("r19", grant={"jwtBearer": {}}), "GrantNotSupported", "jwtBearer"),
+        "a grant the provider cannot serve": (binding("r19", grant={"jwtBearer": {}}), "InvalidSpec", "serviceAccountKeyRef"),
         "a foreign Secret as secretName": (binding("r20", secretName="foreign"), "SecretConflict", "foreign"),
         "an import Secret not labelled for the operator": (binding("r22", grant={"refreshToken": {"secretRef": {"name": "unlabelled-seed", "key": "rt"}}}), "SecretReferenceNotAllowed", "kubectl label secret"),
         "a template rendering past 512 KiB": (binding("r21", secretTemplate={"data": {f"k{i}": "{{xoauth2}}" * 1150 for i in range(5)}}), "InvalidSpec", "KiB"),
