@@ -1,0 +1,34 @@
+//! The published Secret: the SASL XOAUTH2 value and `secretTemplate` substitution, with any
+//! mailbox, token and template text.
+#![no_main]
+use std::collections::BTreeMap;
+
+use libfuzzer_sys::fuzz_target;
+use mail_oauth_operator::api::SecretTemplate;
+use mail_oauth_operator::policy::grant_state::GrantState;
+use mail_oauth_operator::policy::publish::{placeholders, published_data, xoauth2};
+
+fuzz_target!(|input: (&str, &str, &str, &str)| {
+    let (mailbox, token, key, template) = input;
+    let _ = xoauth2(mailbox, token);
+    let _ = placeholders(template);
+    let now = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+    let grant = GrantState {
+        refresh_token: None,
+        previous_refresh_token: None,
+        access_token: secrecy::SecretString::from(token.to_owned()),
+        token_type: "Bearer".into(),
+        issued_at: now,
+        expires_at: now,
+        scopes: vec![],
+        requested_scopes: vec![],
+        provider: "MailProvider/p".into(),
+        client_id: "c".into(),
+        imported_from: None,
+        mailbox: Some(mailbox.to_owned()),
+        account: None,
+    };
+    let template =
+        SecretTemplate { data: BTreeMap::from([(key.to_owned(), template.to_owned())]), ..Default::default() };
+    let _ = published_data(mailbox, &grant, &[], &BTreeMap::new(), Some(&template));
+});
