@@ -623,7 +623,8 @@ pub async fn provider_for(
     if let Some(why) = flow.and_then(|f| f.unusable(&facts)) {
         return unusable(Reason::InvalidSpec, format!("{kind_name}: {why}"));
     }
-    let scopes = match scopes_for(&spec, &binding.spec, flow.is_some_and(|f| f.app_only())) {
+    let kind = flow.map_or(crate::oauth::grants::ScopeKind::Delegated, |f| f.scope_kind());
+    let scopes = match scopes_for(&spec, &binding.spec, kind) {
         Ok(s) => s,
         Err(why) => return unusable(Reason::InvalidSpec, why),
     };

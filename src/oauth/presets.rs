@@ -20,6 +20,9 @@ pub struct PresetData {
     pub scopes: &'static [(Protocol, &'static [&'static str])],
     /// Scope that asks for a refresh token, added to delegated requests.
     pub offline_scope: Option<&'static str>,
+    /// Scopes that make the provider say who consented (an id_token), added when a person
+    /// consents through the operator (device code, authorization code): identity pinning.
+    pub identity_scopes: &'static [&'static str],
     /// Scopes for the client credentials grant; `None` when the provider has none for mail.
     pub client_credentials_scopes: Option<&'static [&'static str]>,
     /// Mail servers per protocol.
@@ -43,6 +46,8 @@ pub static MICROSOFT: PresetData = PresetData {
         (Protocol::Pop3, &["https://outlook.office365.com/POP.AccessAsUser.All"]),
     ],
     offline_scope: Some("offline_access"),
+    // id_token with preferred_username (the UPN) and email; allowed beside any resource's scopes.
+    identity_scopes: &["openid", "email"],
     client_credentials_scopes: Some(&["https://outlook.office365.com/.default"]),
     servers: &[
         (Protocol::Imap, "outlook.office365.com", 993),
@@ -66,6 +71,7 @@ pub static GOOGLE: PresetData = PresetData {
         (Protocol::Pop3, &["https://mail.google.com/"]),
     ],
     offline_scope: None,
+    identity_scopes: &["openid", "email"],
     client_credentials_scopes: None,
     servers: &[
         (Protocol::Imap, "imap.gmail.com", 993),

@@ -117,18 +117,30 @@ pub fn servers(spec: &MailProviderSpec) -> BTreeMap<Protocol, ServerAddress> {
     }
 }
 
+/// Whose token a grant gets, as far as scopes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScopeKind {
+    /// The application's own (client credentials: the provider's `.default`-style scopes).
+    AppOnly,
+    /// A person's, through a refresh token obtained elsewhere or a service account.
+    Delegated,
+    /// A person's, who consents through the operator: the preset's identity scopes are added,
+    /// so that the provider says who consented.
+    Consent,
+}
+
 /// The scopes a binding requests from this provider, or why it cannot; `app_only` for a grant
 /// that gets an app-only token (see [`crate::oauth::grants::Flow::app_only`]).
 pub fn scopes_for(
     provider: &MailProviderSpec,
     binding: &MailboxBindingSpec,
-    app_only: bool,
+    kind: ScopeKind,
 ) -> Result<Vec<String>, String> {
     if !binding.scopes.is_empty() {
         return Ok(dedup(binding.scopes.iter().cloned()));
     }
     let preset = preset_of(provider);
-    if app_only {
+    if kind == ScopeKind::AppOnly {
         return match (preset, &provider.preset) {
             (Some(p), _) => p.client_credentials_scopes.map(|s| s.iter().map(|s| (*s).to_owned()).collect()).ok_or_else(|| {
                 format!("the {} provider offers no client credentials grant for mail; use the jwtBearer grant (service account)", p.name)
@@ -141,7 +153,8 @@ pub fn scopes_for(
             let per_protocol = binding.protocols.iter().flat_map(|proto| {
                 p.scopes.iter().filter(move |(q, _)| q == proto).flat_map(|(_, s)| s.iter().map(|s| (*s).to_owned()))
             });
-            dedup(per_protocol.chain(p.offline_scope.map(str::to_owned)))
+            let identity = p.identity_scopes.iter().filter(|_| kind == ScopeKind::Consent).map(|s| (*s).to_owned());
+            dedup(per_protocol.chain(p.offline_scope.map(str::to_owned)).chain(identity))
         }
         None => generic_scopes(provider, &binding.protocols),
     })
@@ -185,6 +198,29 @@ mod tests {
         .unwrap_or_else(|e| panic!("binding: {e}"))
     }
 
+    fn kind(b: &MailboxBindingSpec) -> ScopeKind {
+        match b.grant {
+            Grant::ClientCredentials {} => ScopeKind::AppOnly,
+            Grant::DeviceCode {} | Grant::AuthorizationCode {} => ScopeKind::Consent,
+            _ => ScopeKind::Delegated,
+        }
+    }
+
+    #[test]
+    fn a_person_consenting_through_the_operator_is_also_asked_who_they_are() {
+        let p = provider(Preset::Microsoft(MicrosoftPreset { tenant: "contoso.com".into() }));
+        let b = binding(Grant::DeviceCode {}, vec![Protocol::Smtp]);
+        assert_eq!(
+            scopes_for(&p, &b, kind(&b)),
+            Ok(vec![
+                "https://outlook.office365.com/SMTP.Send".to_owned(),
+                "offline_access".to_owned(),
+                "openid".to_owned(),
+                "email".to_owned()
+            ])
+        );
+    }
+
     #[test]
     fn microsoft_delegated_scopes_follow_the_protocols_and_ask_for_offline_access() {
         let p = provider(Preset::Microsoft(MicrosoftPreset { tenant: "contoso.com".into() }));
@@ -193,7 +229,7 @@ mod tests {
             vec![Protocol::Imap, Protocol::Smtp],
         );
         assert_eq!(
-            scopes_for(&p, &b, matches!(b.grant, Grant::ClientCredentials {})),
+            scopes_for(&p, &b, kind(&b)),
             Ok(vec![
                 "https://outlook.office365.com/IMAP.AccessAsUser.All".to_owned(),
                 "https://outlook.office365.com/SMTP.Send".to_owned(),
@@ -208,17 +244,14 @@ mod tests {
     fn microsoft_client_credentials_use_the_default_scope() {
         let p = provider(Preset::Microsoft(MicrosoftPreset::default()));
         let b = binding(Grant::ClientCredentials {}, vec![Protocol::Imap]);
-        assert_eq!(
-            scopes_for(&p, &b, matches!(b.grant, Grant::ClientCredentials {})),
-            Ok(vec!["https://outlook.office365.com/.default".to_owned()])
-        );
+        assert_eq!(scopes_for(&p, &b, kind(&b)), Ok(vec!["https://outlook.office365.com/.default".to_owned()]));
     }
 
     #[test]
     fn google_refuses_client_credentials_with_a_hint() {
         let p = provider(Preset::Google(GooglePreset {}));
         let b = binding(Grant::ClientCredentials {}, vec![Protocol::Imap]);
-        let err = scopes_for(&p, &b, matches!(b.grant, Grant::ClientCredentials {})).err().unwrap_or_default();
+        let err = scopes_for(&p, &b, kind(&b)).err().unwrap_or_default();
         assert!(err.contains("jwtBearer"), "{err}");
         assert_eq!(servers(&p)[&Protocol::Imap], ServerAddress { host: "imap.gmail.com".into(), port: 993 });
     }
@@ -235,10 +268,7 @@ mod tests {
             ..Default::default()
         })));
         let b = binding(Grant::ClientCredentials {}, vec![Protocol::Imap, Protocol::Smtp]);
-        assert_eq!(
-            scopes_for(&p, &b, matches!(b.grant, Grant::ClientCredentials {})),
-            Ok(vec!["mail".to_owned(), "send".to_owned()])
-        );
+        assert_eq!(scopes_for(&p, &b, kind(&b)), Ok(vec!["mail".to_owned(), "send".to_owned()]));
         assert!(servers(&p).is_empty());
         let discovery_only = provider(Preset::Generic(Box::new(GenericPreset {
             issuer_url: Some("https://idp".into()),

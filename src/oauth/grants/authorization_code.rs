@@ -5,7 +5,7 @@
 //! only for the request it answers, with the verifier only the operator holds. Then the stored
 //! refresh token is used like any other.
 
-use super::{Flow, FlowInput, ProviderFacts, Step, refresh_stored};
+use super::{Flow, FlowInput, ProviderFacts, ScopeKind, Step, refresh_stored};
 use crate::oauth::authorize::{Response, same_state};
 use crate::oauth::client::{GrantCall, Param};
 use crate::policy::Reason;
@@ -33,6 +33,10 @@ impl Flow for AuthorizationCodeFlow {
              discovery document lists authorization_endpoint"
                 .to_owned()
         })
+    }
+
+    fn scope_kind(&self) -> ScopeKind {
+        ScopeKind::Consent
     }
 
     fn owns(&self, grant: &GrantState) -> bool {

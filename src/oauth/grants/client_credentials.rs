@@ -1,7 +1,7 @@
 //! The client credentials grant (RFC 6749 §4.4): an app-only token for the client itself
 //! (Microsoft `https://outlook.office365.com/.default` with Exchange application permissions).
 
-use super::{Flow, FlowInput, ProviderFacts, Step, scope};
+use super::{Flow, FlowInput, ProviderFacts, ScopeKind, Step, scope};
 use crate::oauth::client::GrantCall;
 
 /// App-only tokens, requested anew whenever one is due.
@@ -20,8 +20,8 @@ impl Flow for ClientCredentialsFlow {
         })
     }
 
-    fn app_only(&self) -> bool {
-        true
+    fn scope_kind(&self) -> ScopeKind {
+        ScopeKind::AppOnly
     }
 
     fn step(&self, input: &FlowInput<'_>) -> Step {

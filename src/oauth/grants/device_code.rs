@@ -7,7 +7,7 @@
 
 use chrono::Duration;
 
-use super::{Flow, FlowInput, ProviderFacts, Step, refresh_stored};
+use super::{Flow, FlowInput, ProviderFacts, ScopeKind, Step, refresh_stored};
 use crate::oauth::client::{DeviceCode, GrantCall, Param};
 use crate::policy::Reason;
 use crate::policy::classify::{Failure, UpstreamError};
@@ -46,6 +46,10 @@ impl Flow for DeviceCodeFlow {
              issuerUrl whose discovery document lists device_authorization_endpoint"
                 .to_owned()
         })
+    }
+
+    fn scope_kind(&self) -> ScopeKind {
+        ScopeKind::Consent
     }
 
     fn owns(&self, grant: &GrantState) -> bool {

@@ -18,6 +18,7 @@ use secrecy::SecretString;
 
 use super::authorize::Response;
 use super::client::{GrantCall, Param};
+pub use super::provider::ScopeKind;
 use crate::api::{MailProviderSpec, SecretKeySelector};
 use crate::policy::classify::{Failure, UpstreamError};
 use crate::policy::grant_state::{GrantState, PendingAuthorization};
@@ -101,10 +102,10 @@ pub trait Flow: Send + Sync {
         None
     }
 
-    /// Whether the grant gets an app-only token (the provider's client-credentials scopes)
-    /// rather than a person's.
-    fn app_only(&self) -> bool {
-        false
+    /// Whose token the grant gets: the application's, a person's, or a person's who consents
+    /// through the operator (asked who they are as well, for identity pinning).
+    fn scope_kind(&self) -> ScopeKind {
+        ScopeKind::Delegated
     }
 
     /// The Secret to read before [`Flow::step`], given the stored grant and the provider, if any.
