@@ -165,7 +165,9 @@ async fn run_operator(args: RunArgs) -> Result<()> {
             link_base: args.callback_address.map(|_| args.public_url.clone()),
         },
         contexts: Contexts::default(),
+        metrics: Arc::default(),
     };
+    let registry = crate::metrics::registry(&settings.metrics, Arc::clone(&settings.contexts));
     let callback = match args.callback_address {
         Some(address) => {
             crate::server::authorize::serve(address, Arc::clone(&settings.contexts), shutdown.clone()).boxed()
@@ -173,7 +175,8 @@ async fn run_operator(args: RunArgs) -> Result<()> {
         None => futures::future::ready(Ok(())).boxed(),
     };
     tracing::info!(namespaces = ?settings.namespaces, cluster_namespace = %settings.cluster_namespace, "starting");
-    let server = crate::server::serve(args.listen_address, Arc::clone(&ready), shutdown.clone());
+    let admin = crate::server::Admin { ready: Arc::clone(&ready), registry: Arc::new(registry) };
+    let server = crate::server::serve(args.listen_address, admin, shutdown.clone());
     let controllers = run(
         client,
         settings,

@@ -98,6 +98,24 @@ pub enum Error {
 impl Error {
     /// Whether a write lost an optimistic-concurrency race (HTTP 409): the object changed since
     /// it was read, so the reconcile is retried from a fresh copy.
+    /// A bounded name of the failing step, for the reconcile metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::ReadSecret { .. } => "read_secret",
+            Error::WriteGrantState { .. } => "write_grant_state",
+            Error::WritePublishedSecret { .. } => "write_published_secret",
+            Error::WriteStatus { .. } => "write_status",
+            Error::ReadNamespace { .. } => "read_namespace",
+            Error::MissingNamespace { .. } => "missing_namespace",
+            Error::Encode { .. } => "encode",
+            Error::Connect(_) => "connect",
+            Error::Serve { .. } => "serve",
+            Error::WriteFile { .. } => "write_file",
+            Error::Crds(_) => "crds",
+            Error::Panicked => "panicked",
+        }
+    }
+
     pub fn is_conflict(&self) -> bool {
         match self {
             Error::WriteStatus { source: kube::Error::Api(status), .. } => status.code == 409,

@@ -97,6 +97,7 @@ fn context(
         references,
         polls: Default::default(),
         authorization: Default::default(),
+        metrics: Default::default(),
     })
 }
 

@@ -938,7 +938,7 @@ async fn token(
 ) -> Result<Obtained> {
     let ns = binding.namespace().unwrap_or_default();
     let grant = input.grant;
-    let mut result = ctx.tokens.request(&request).await;
+    let mut result = timed(ctx, &ns, who, &request).await;
     // A refused stored refresh token is not the end while the one it replaced is still held:
     // providers that keep replaced tokens valid (Microsoft, Google) accept it, and the grant lives.
     if let (Err(rejected), Some(replaced)) = (&result, replaced_token(&request.grant, grant))
@@ -946,7 +946,7 @@ async fn token(
     {
         warn!(binding = %binding.name_any(), namespace = %ns, "the stored refresh token was refused; trying the one it replaced");
         request.grant = refresh(&replaced, who.scopes);
-        result = ctx.tokens.request(&request).await;
+        result = timed(ctx, &ns, who, &request).await;
     }
     Ok(match result {
         Ok(set) => {
@@ -988,6 +988,30 @@ async fn token(
             Obtained::Failed { failure, rescued }
         }
     })
+}
+
+/// A token request, counted and timed for `/metrics` (outcome `ok` or the condition reason).
+async fn timed(
+    ctx: &Context,
+    ns: &str,
+    who: &Requester<'_>,
+    request: &crate::oauth::TokenRequest,
+) -> std::result::Result<crate::oauth::TokenSet, crate::oauth::Rejected> {
+    let started = std::time::Instant::now();
+    let result = ctx.tokens.request(request).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(r) => classify(&r.error).reason.as_str(),
+    };
+    let namespace = request_namespace(ns, who);
+    ctx.metrics.token_request(&namespace, who.provider_key, outcome, started.elapsed().as_secs_f64());
+    result
+}
+
+/// The namespace a provider key is named in, for metrics: the provider's Secrets' namespace for a
+/// `MailProvider` (its own), empty for a `ClusterMailProvider`.
+fn request_namespace(ns: &str, who: &Requester<'_>) -> String {
+    if who.provider_key.starts_with("ClusterMailProvider/") { String::new() } else { ns.to_owned() }
 }
 
 /// The refresh token the stored one replaced, when the call spends the stored one and the two

@@ -72,6 +72,8 @@ pub struct Context {
     pub references: ReferencePolicy,
     /// Where people's browsers go for the authorization code grant.
     pub authorization: AuthorizationSettings,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// When each authorization in progress is polled next, by (namespace, binding): kept in
     /// memory, so that a poll costs no write (after a restart the first poll is at once).
     pub polls: Polls,

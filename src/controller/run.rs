@@ -39,8 +39,10 @@ pub struct Settings {
     pub references: crate::policy::reference::ReferencePolicy,
     /// Where people's browsers go for the authorization code grant.
     pub authorization: super::AuthorizationSettings,
-    /// Filled with each context as it is made, for the authorization listener.
+    /// Filled with each context as it is made, for the authorization listener and `/metrics`.
     pub contexts: super::Contexts,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Runs every controller until `shutdown`; `ready` turns true once every cache has synced.
@@ -134,6 +136,7 @@ pub async fn run(
             references: settings.references,
             polls: Default::default(),
             authorization: settings.authorization.clone(),
+            metrics: Arc::clone(&settings.metrics),
         });
         first_ctx.get_or_insert_with(|| Arc::clone(&ctx));
         if let Ok(mut all) = settings.contexts.lock() {
@@ -144,7 +147,11 @@ pub async fn run(
         tasks.push(until_shutdown(
             provider_controller
                 .graceful_shutdown_on(shutdown.clone())
-                .run(|p, c| guarded(provider::reconcile(p, c)), provider::error_policy, Arc::clone(&ctx))
+                .run(
+                    |p, c| counted("MailProvider", guarded(provider::reconcile(p, Arc::clone(&c))), c),
+                    provider::error_policy,
+                    Arc::clone(&ctx),
+                )
                 .for_each(log_result)
                 .boxed(),
             provider_store,
@@ -153,7 +160,11 @@ pub async fn run(
         tasks.push(until_shutdown(
             binding_controller
                 .graceful_shutdown_on(shutdown.clone())
-                .run(|b, c| guarded(binding::reconcile(b, c)), binding::error_policy, ctx)
+                .run(
+                    |b, c| counted("MailboxBinding", guarded(binding::reconcile(b, Arc::clone(&c))), c),
+                    binding::error_policy,
+                    ctx,
+                )
                 .for_each(log_result)
                 .boxed(),
             binding_store,
@@ -165,7 +176,11 @@ pub async fn run(
         tasks.push(until_shutdown(
             cluster_controller
                 .graceful_shutdown_on(shutdown.clone())
-                .run(|p, c| guarded(provider::reconcile(p, c)), provider::error_policy, ctx)
+                .run(
+                    |p, c| counted("ClusterMailProvider", guarded(provider::reconcile(p, Arc::clone(&c))), c),
+                    provider::error_policy,
+                    ctx,
+                )
                 .for_each(log_result)
                 .boxed(),
             cluster_store,
@@ -205,6 +220,17 @@ pub async fn run(
     if lost > 0 {
         tracing::error!(lost, "grant states could not be written before shutdown");
     }
+}
+
+/// Counts a reconcile's outcome for `/metrics`.
+async fn counted(
+    kind: &'static str,
+    reconcile: impl std::future::Future<Output = crate::Result<kube::runtime::controller::Action>>,
+    ctx: Arc<Context>,
+) -> crate::Result<kube::runtime::controller::Action> {
+    let result = reconcile.await;
+    ctx.metrics.reconcile(kind, result.as_ref().map_or_else(crate::Error::category, |_| "ok"));
+    result
 }
 
 /// Runs one reconcile so that a panic in it (a bug) becomes an error for that object only,

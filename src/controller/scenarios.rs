@@ -149,6 +149,7 @@ fn context(client: Client, tokens: Arc<Canned>, bindings: &[MailboxBinding]) -> 
         references: Default::default(),
         polls: Default::default(),
         authorization: Default::default(),
+        metrics: Default::default(),
     })
 }
 

@@ -1,5 +1,6 @@
-//! The operator's HTTP endpoints: `/healthz` (the process answers) and `/readyz` (every cache
-//! has synced) on the listen address, and the authorization listener ([`authorize`]) on its own.
+//! The operator's HTTP endpoints: `/healthz` (the process answers), `/readyz` (every cache has
+//! synced) and `/metrics` (see [`crate::metrics`]) on the listen address, and the authorization
+//! listener ([`authorize`]) on its own.
 
 pub mod authorize;
 
@@ -14,13 +15,37 @@ use axum::routing::get;
 
 use crate::error::{Error, Result};
 
-/// The router.
-pub fn router(ready: Arc<AtomicBool>) -> Router {
-    Router::new().route("/healthz", get(|| async { "ok" })).route("/readyz", get(readyz)).with_state(ready)
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct Admin {
+    /// Every cache has synced.
+    pub ready: Arc<AtomicBool>,
+    /// What `/metrics` encodes.
+    pub registry: Arc<prometheus_client::registry::Registry>,
 }
 
-async fn readyz(State(ready): State<Arc<AtomicBool>>) -> (StatusCode, &'static str) {
-    if ready.load(Ordering::SeqCst) {
+/// The router.
+pub fn router(admin: Admin) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(admin)
+}
+
+async fn metrics(State(admin): State<Admin>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match crate::metrics::encode(&admin.registry) {
+        Ok(text) => {
+            ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+                .into_response()
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn readyz(State(admin): State<Admin>) -> (StatusCode, &'static str) {
+    if admin.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "caches not synced yet")
@@ -30,13 +55,13 @@ async fn readyz(State(ready): State<Arc<AtomicBool>>) -> (StatusCode, &'static s
 /// Serves until `shutdown`.
 pub async fn serve(
     address: SocketAddr,
-    ready: Arc<AtomicBool>,
+    admin: Admin,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let serve_error = |source| Error::Serve { address: address.to_string(), source };
     let listener = tokio::net::TcpListener::bind(address).await.map_err(serve_error)?;
-    tracing::info!(%address, "serving /healthz and /readyz");
-    axum::serve(listener, router(ready)).with_graceful_shutdown(shutdown).await.map_err(serve_error)
+    tracing::info!(%address, "serving /healthz, /readyz and /metrics");
+    axum::serve(listener, router(admin)).with_graceful_shutdown(shutdown).await.map_err(serve_error)
 }
 
 #[cfg(test)]
@@ -46,7 +71,8 @@ mod tests {
     async fn get_status(ready: bool, path: &str) -> StatusCode {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let app = router(Arc::new(AtomicBool::new(ready)));
+        let registry = crate::metrics::registry(&Arc::default(), crate::controller::Contexts::default());
+        let app = router(Admin { ready: Arc::new(AtomicBool::new(ready)), registry: Arc::new(registry) });
         tokio::spawn(async move { axum::serve(listener, app).await });
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("{e}"));
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -63,5 +89,6 @@ mod tests {
         assert_eq!(get_status(false, "/readyz").await, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(get_status(true, "/readyz").await, StatusCode::OK);
         assert_eq!(get_status(false, "/healthz").await, StatusCode::OK);
+        assert_eq!(get_status(false, "/metrics").await, StatusCode::OK);
     }
 }

@@ -332,3 +332,19 @@ def test_no_token_appears_in_the_operator_log(bed):
             assert value not in log, f"{key} in the log"
     assert "panicked" not in log
     REPORT["operator log lines"] = len(log.splitlines())
+
+
+def test_metrics_show_each_binding_from_the_caches_and_no_credential(bed):
+    with urllib.request.urlopen(f"http://127.0.0.1:{bed.ports['operator']}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert 'mailoauth_binding_ready{namespace="consent",binding="scanner"} 1' in text, text
+    assert 'mailoauth_binding_token_expiry_timestamp_seconds{namespace="consent",binding="scanner"}' in text
+    assert 'mailoauth_provider_client_secret_expiry_timestamp_seconds{namespace="consent",provider="MailProvider/idp-cert"}' in text
+    assert 'outcome="ok"' in text and "mailoauth_token_request_duration_seconds_bucket" in text
+    assert 'mailoauth_reconciles_total{kind="MailboxBinding",outcome="ok"}' in text
+    assert 'binding="revoked"' not in text, "a deleted binding leaves no series"
+    for name in ("scanner", "web", "pasted"):
+        g = bed.kubectl_json("get", "secret", f"{name}.mailoauth-grant", "-n", NS)
+        for key in ("refresh_token", "access_token"):
+            assert base64.b64decode(g["data"][key]).decode() not in text
+    REPORT["metrics lines"] = len(text.splitlines())

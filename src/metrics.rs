@@ -1,0 +1,194 @@
+//! Prometheus metrics. State metrics (token expiry and renewal per binding, readiness, client
+//! secret expiry per provider) are computed from the controllers' caches at scrape time, so a
+//! deleted object leaves no series. Event metrics (token requests by provider and outcome, their
+//! duration, reconciles by kind and outcome) are counters with bounded label values: provider
+//! keys, condition reasons and fixed words, never a token, a mailbox or a message.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::controller::Contexts;
+
+/// Label pairs: names are fixed words, values bounded (provider keys, reasons, kinds).
+type Labels = Vec<(&'static str, String)>;
+
+/// A histogram family with the token-request buckets.
+type Durations = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// The counters the controllers update.
+#[derive(Debug)]
+pub struct Metrics {
+    token_requests: Family<Labels, Counter>,
+    token_request_seconds: Durations,
+    reconciles: Family<Labels, Counter>,
+}
+
+fn request_buckets() -> Histogram {
+    Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            token_requests: Family::default(),
+            token_request_seconds: Family::new_with_constructor(request_buckets),
+            reconciles: Family::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one token-endpoint request (any grant) and how long it took; `namespace` is the
+    /// binding's (a `MailProvider` is named within it).
+    pub fn token_request(&self, namespace: &str, provider: &str, outcome: &str, seconds: f64) {
+        let provider = vec![("namespace", namespace.to_owned()), ("provider", provider.to_owned())];
+        let mut labels = provider.clone();
+        labels.push(("outcome", outcome.to_owned()));
+        self.token_requests.get_or_create(&labels).inc();
+        self.token_request_seconds.get_or_create(&provider).observe(seconds);
+    }
+
+    /// Counts one reconcile of `kind` that ended in `outcome` (`ok` or an error category).
+    pub fn reconcile(&self, kind: &'static str, outcome: &'static str) {
+        self.reconciles.get_or_create(&vec![("kind", kind.to_owned()), ("outcome", outcome.to_owned())]).inc();
+    }
+}
+
+/// The registry `/metrics` encodes: the counters, and the state computed from `contexts`.
+pub fn registry(metrics: &Arc<Metrics>, contexts: Contexts) -> Registry {
+    let mut registry = Registry::with_prefix("mailoauth");
+    registry.register(
+        "token_requests",
+        "Requests to token endpoints, by provider and outcome (ok, or the condition reason)",
+        metrics.token_requests.clone(),
+    );
+    registry.register(
+        "token_request_duration_seconds",
+        "Duration of token-endpoint requests, by provider",
+        metrics.token_request_seconds.clone(),
+    );
+    registry.register("reconciles", "Reconciles, by kind and outcome", metrics.reconciles.clone());
+    registry.register_collector(Box::new(State { contexts }));
+    registry
+}
+
+/// Metrics read from the caches at scrape time.
+struct State {
+    contexts: Contexts,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("State")
+    }
+}
+
+fn gauge<'a>(
+    encoder: &mut DescriptorEncoder<'a>,
+    name: &str,
+    help: &str,
+    series: &[(Labels, f64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in series {
+        ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for State {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let contexts = self.contexts.lock().map(|c| c.clone()).unwrap_or_default();
+        let (mut expiry, mut renew, mut ready, mut secret_expiry) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut providers_seen = std::collections::BTreeSet::new();
+        for ctx in &contexts {
+            for b in ctx.bindings.state() {
+                let labels = vec![
+                    ("namespace", b.metadata.namespace.clone().unwrap_or_default()),
+                    ("binding", b.metadata.name.clone().unwrap_or_default()),
+                ];
+                let status = b.status.as_ref();
+                if let Some(t) = status.and_then(|s| s.token.as_ref()) {
+                    #[allow(clippy::cast_precision_loss)]
+                    {
+                        expiry.push((labels.clone(), t.expires_at.timestamp() as f64));
+                        renew.push((labels.clone(), t.renew_at.timestamp() as f64));
+                    }
+                }
+                let is_ready = status
+                    .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+                    .is_some_and(crate::api::Condition::is_true);
+                ready.push((labels, if is_ready { 1.0 } else { 0.0 }));
+            }
+            let namespaced = ctx.providers.state().into_iter().map(|p| {
+                let labels = vec![
+                    ("namespace", p.metadata.namespace.clone().unwrap_or_default()),
+                    ("provider", format!("MailProvider/{}", p.metadata.name.clone().unwrap_or_default())),
+                ];
+                (labels, p.status.as_ref().and_then(|s| s.client_secret_expires_at))
+            });
+            let cluster = ctx.cluster_providers.state().into_iter().map(|p| {
+                let labels = vec![
+                    ("namespace", String::new()),
+                    ("provider", format!("ClusterMailProvider/{}", p.metadata.name.clone().unwrap_or_default())),
+                ];
+                (labels, p.status.as_ref().and_then(|s| s.client_secret_expires_at))
+            });
+            for (labels, at) in namespaced.chain(cluster) {
+                if let Some(at) = at
+                    && providers_seen.insert(labels.clone())
+                {
+                    #[allow(clippy::cast_precision_loss)]
+                    secret_expiry.push((labels, at.timestamp() as f64));
+                }
+            }
+        }
+        gauge(&mut encoder, "binding_token_expiry_timestamp_seconds", "When the published token expires", &expiry)?;
+        gauge(&mut encoder, "binding_token_renew_timestamp_seconds", "When the operator renews the token", &renew)?;
+        gauge(&mut encoder, "binding_ready", "1 when the binding's Ready condition is True", &ready)?;
+        gauge(
+            &mut encoder,
+            "provider_client_secret_expiry_timestamp_seconds",
+            "The earliest known client secret or certificate expiry of a provider",
+            &secret_expiry,
+        )
+    }
+}
+
+/// The text exposition of `registry`.
+pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_carry_bounded_labels_and_the_state_of_no_cache_is_empty() {
+        let metrics = Arc::new(Metrics::default());
+        metrics.token_request("mail", "MailProvider/idp", "ok", 0.2);
+        metrics.token_request("mail", "MailProvider/idp", "ReauthorizationRequired", 0.1);
+        metrics.reconcile("MailboxBinding", "ok");
+        let text = encode(&registry(&metrics, crate::controller::Contexts::default())).unwrap();
+        assert!(
+            text.contains(
+                r#"mailoauth_token_requests_total{namespace="mail",provider="MailProvider/idp",outcome="ok"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains("mailoauth_token_request_duration_seconds_bucket"), "{text}");
+        assert!(text.contains(r#"mailoauth_reconciles_total{kind="MailboxBinding",outcome="ok"} 1"#), "{text}");
+        assert!(text.contains("# TYPE mailoauth_binding_ready gauge"), "{text}");
+    }
+}
