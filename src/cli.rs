@@ -89,6 +89,21 @@ pub struct RunArgs {
     /// providers is `<public URL>/callback`.
     #[arg(long, env = "PUBLIC_URL", default_value = "http://localhost:8400", value_parser = parse_public_url)]
     pub public_url: String,
+    /// Token requests per second to each provider (all its bindings together); when more are
+    /// due, the binding whose token expires first goes first.
+    #[arg(long, env = "PROVIDER_TOKEN_RATE", default_value = "10", value_parser = parse_rate)]
+    pub provider_token_rate: f64,
+    /// Reconciles running at once, per controller.
+    #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value = "16", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub max_concurrent_reconciles: u16,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text.parse().map_err(|_| "must be a number of requests per second".to_owned())?;
+    if !(0.01..=10_000.0).contains(&rate) {
+        return Err("must be between 0.01 and 10000 requests per second".into());
+    }
+    Ok(rate)
 }
 
 fn parse_public_url(text: &str) -> Result<String, String> {
@@ -166,6 +181,8 @@ async fn run_operator(args: RunArgs) -> Result<()> {
         },
         contexts: Contexts::default(),
         metrics: Arc::default(),
+        limits: Arc::new(crate::controller::limits::RateLimits::new(args.provider_token_rate)),
+        concurrency: args.max_concurrent_reconciles,
     };
     let registry = crate::metrics::registry(&settings.metrics, Arc::clone(&settings.contexts));
     let callback = match args.callback_address {

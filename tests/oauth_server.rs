@@ -74,6 +74,7 @@ fn context(
     providers: Store<MailProvider>,
     bindings: Store<MailboxBinding>,
     references: ReferencePolicy,
+    rate: f64,
 ) -> Arc<Context> {
     let (cluster_store, _): (Store<ClusterMailProvider>, _) = store();
     // The test server listens on 127.0.0.1, which the default outbound policy refuses.
@@ -98,6 +99,7 @@ fn context(
         polls: Default::default(),
         authorization: Default::default(),
         metrics: Default::default(),
+        limits: Arc::new(mail_oauth_operator::controller::limits::RateLimits::new(rate)),
     })
 }
 
@@ -112,7 +114,7 @@ impl Harness {
         let clock = Arc::new(ManualClock(Mutex::new(Utc::now())));
         let (provider_store, providers): (Store<MailProvider>, _) = store();
         let (binding_store, bindings) = store();
-        let ctx = context(&api, &clock, provider_store, binding_store, references);
+        let ctx = context(&api, &clock, provider_store, binding_store, references, 100.0);
         Self { api, ctx, clock, server, providers, bindings }
     }
 
@@ -120,7 +122,7 @@ impl Harness {
     fn restart(&mut self) {
         let providers = self.ctx.providers.clone();
         let bindings = self.ctx.bindings.clone();
-        self.ctx = context(&self.api, &self.clock, providers, bindings, self.ctx.references);
+        self.ctx = context(&self.api, &self.clock, providers, bindings, self.ctx.references, 100.0);
     }
 
     fn advance_to(&self, t: DateTime<Utc>) {
@@ -838,4 +840,30 @@ async fn an_authorization_response_after_its_request_expired_is_refused_without_
     let b = h.reconcile("desk").await;
     assert_eq!(condition(&b, "Authorized").reason, "AuthorizationExpired", "{:?}", b.status);
     assert_eq!(h.server.token_requests().await, requests, "an expired state is refused before any request");
+}
+
+#[tokio::test]
+async fn token_requests_to_one_provider_never_exceed_its_rate() {
+    let mut h = Harness::start(600).await;
+    h.api.put(&secret_path("idp-client"), secret("idp-client", &[("client-secret", "mail-app-secret")]));
+    h.provider("idp", "mail-app", json!([{"name": "idp-client"}]), "clientSecretPost").await;
+    let providers = h.ctx.providers.clone();
+    let bindings = h.ctx.bindings.clone();
+    h.ctx = context(&h.api, &h.clock, providers, bindings, ReferencePolicy::Any, 2.0);
+    let names: Vec<String> = (0..6).map(|i| format!("app{i}")).collect();
+    for n in &names {
+        h.binding(n, json!({"clientCredentials": {}}), json!(["mail"]));
+    }
+    let started = std::time::Instant::now();
+    let runs = names.iter().map(|n| {
+        let b: MailboxBinding = serde_json::from_value(h.api.get(&binding_path(n)).expect("binding")).expect("parse");
+        binding::reconcile(Arc::new(b), Arc::clone(&h.ctx))
+    });
+    for r in futures::future::join_all(runs).await {
+        r.expect("reconcile");
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(h.server.grants("client_credentials").await, 6);
+    // Six requests at two per second: the first at once, the last 2.5 s later.
+    assert!(elapsed >= std::time::Duration::from_millis(2400), "{elapsed:?}");
 }

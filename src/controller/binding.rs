@@ -938,7 +938,7 @@ async fn token(
 ) -> Result<Obtained> {
     let ns = binding.namespace().unwrap_or_default();
     let grant = input.grant;
-    let mut result = timed(ctx, &ns, who, &request).await;
+    let mut result = timed(ctx, &ns, grant.map(|g| g.expires_at), who, &request).await;
     // A refused stored refresh token is not the end while the one it replaced is still held:
     // providers that keep replaced tokens valid (Microsoft, Google) accept it, and the grant lives.
     if let (Err(rejected), Some(replaced)) = (&result, replaced_token(&request.grant, grant))
@@ -946,7 +946,7 @@ async fn token(
     {
         warn!(binding = %binding.name_any(), namespace = %ns, "the stored refresh token was refused; trying the one it replaced");
         request.grant = refresh(&replaced, who.scopes);
-        result = timed(ctx, &ns, who, &request).await;
+        result = timed(ctx, &ns, grant.map(|g| g.expires_at), who, &request).await;
     }
     Ok(match result {
         Ok(set) => {
@@ -994,11 +994,26 @@ async fn token(
 async fn timed(
     ctx: &Context,
     ns: &str,
+    deadline: Option<DateTime<Utc>>,
     who: &Requester<'_>,
     request: &crate::oauth::TokenRequest,
 ) -> std::result::Result<crate::oauth::TokenSet, crate::oauth::Rejected> {
+    // The provider's rate limit; the binding whose token expires first goes first.
+    let deadline = deadline.unwrap_or_else(|| ctx.now());
+    ctx.limits.acquire(&format!("{}/{}", request_namespace(ns, who), who.provider_key), deadline).await;
     let started = std::time::Instant::now();
     let result = ctx.tokens.request(request).await;
+    // A 429 or a Retry-After pauses this provider only.
+    if let Err(r) = &result
+        && let Some(wait) =
+            r.error.retry_after.or_else(|| (r.error.status == Some(429)).then(|| chrono::Duration::seconds(30)))
+        && let Some(until) = wait
+            .to_std()
+            .ok()
+            .and_then(|w| tokio::time::Instant::now().checked_add(w.min(std::time::Duration::from_secs(3600))))
+    {
+        ctx.limits.pause(&format!("{}/{}", request_namespace(ns, who), who.provider_key), until);
+    }
     let outcome = match &result {
         Ok(_) => "ok",
         Err(r) => classify(&r.error).reason.as_str(),

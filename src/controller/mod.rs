@@ -4,6 +4,7 @@
 
 pub mod binding;
 pub mod certificate;
+pub mod limits;
 pub mod provider;
 pub mod revoke;
 pub mod run;
@@ -74,6 +75,8 @@ pub struct Context {
     pub authorization: AuthorizationSettings,
     /// Counters for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Token requests per provider.
+    pub limits: Arc<limits::RateLimits>,
     /// When each authorization in progress is polled next, by (namespace, binding): kept in
     /// memory, so that a poll costs no write (after a restart the first poll is at once).
     pub polls: Polls,

@@ -43,6 +43,10 @@ pub struct Settings {
     pub contexts: super::Contexts,
     /// Counters for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Token requests per provider.
+    pub limits: Arc<super::limits::RateLimits>,
+    /// Reconciles running at once, per controller.
+    pub concurrency: u16,
 }
 
 /// Runs every controller until `shutdown`; `ready` turns true once every cache has synced.
@@ -137,6 +141,7 @@ pub async fn run(
             polls: Default::default(),
             authorization: settings.authorization.clone(),
             metrics: Arc::clone(&settings.metrics),
+            limits: Arc::clone(&settings.limits),
         });
         first_ctx.get_or_insert_with(|| Arc::clone(&ctx));
         if let Ok(mut all) = settings.contexts.lock() {
@@ -146,6 +151,7 @@ pub async fn run(
         syncs.push(synced(binding_store.clone()));
         tasks.push(until_shutdown(
             provider_controller
+                .with_config(controller_config(settings.concurrency))
                 .graceful_shutdown_on(shutdown.clone())
                 .run(
                     |p, c| counted("MailProvider", guarded(provider::reconcile(p, Arc::clone(&c))), c),
@@ -159,6 +165,7 @@ pub async fn run(
         ));
         tasks.push(until_shutdown(
             binding_controller
+                .with_config(controller_config(settings.concurrency))
                 .graceful_shutdown_on(shutdown.clone())
                 .run(
                     |b, c| counted("MailboxBinding", guarded(binding::reconcile(b, Arc::clone(&c))), c),
@@ -175,6 +182,7 @@ pub async fn run(
         syncs.push(synced(cluster_store.clone()));
         tasks.push(until_shutdown(
             cluster_controller
+                .with_config(controller_config(settings.concurrency))
                 .graceful_shutdown_on(shutdown.clone())
                 .run(
                     |p, c| counted("ClusterMailProvider", guarded(provider::reconcile(p, Arc::clone(&c))), c),
@@ -220,6 +228,11 @@ pub async fn run(
     if lost > 0 {
         tracing::error!(lost, "grant states could not be written before shutdown");
     }
+}
+
+/// Every controller's configuration: a bounded number of reconciles at once.
+fn controller_config(concurrency: u16) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(concurrency)
 }
 
 /// Counts a reconcile's outcome for `/metrics`.

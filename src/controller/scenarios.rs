@@ -150,6 +150,7 @@ fn context(client: Client, tokens: Arc<Canned>, bindings: &[MailboxBinding]) -> 
         polls: Default::default(),
         authorization: Default::default(),
         metrics: Default::default(),
+        limits: Arc::new(super::limits::RateLimits::new(100.0)),
     })
 }
 
