@@ -184,7 +184,8 @@ async fn run_operator(args: RunArgs) -> Result<()> {
         limits: Arc::new(crate::controller::limits::RateLimits::new(args.provider_token_rate)),
         concurrency: args.max_concurrent_reconciles,
     };
-    let registry = crate::metrics::registry(&settings.metrics, Arc::clone(&settings.contexts));
+    let registry =
+        crate::metrics::registry(&settings.metrics, Arc::clone(&settings.contexts), Arc::clone(&settings.limits));
     let callback = match args.callback_address {
         Some(address) => {
             crate::server::authorize::serve(address, Arc::clone(&settings.contexts), shutdown.clone()).boxed()

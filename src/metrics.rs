@@ -16,6 +16,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::controller::Contexts;
+use crate::controller::limits::RateLimits;
 
 /// Label pairs: names are fixed words, values bounded (provider keys, reasons, kinds).
 type Labels = Vec<(&'static str, String)>;
@@ -63,7 +64,7 @@ impl Metrics {
 }
 
 /// The registry `/metrics` encodes: the counters, and the state computed from `contexts`.
-pub fn registry(metrics: &Arc<Metrics>, contexts: Contexts) -> Registry {
+pub fn registry(metrics: &Arc<Metrics>, contexts: Contexts, limits: Arc<RateLimits>) -> Registry {
     let mut registry = Registry::with_prefix("mailoauth");
     registry.register(
         "token_requests",
@@ -76,13 +77,14 @@ pub fn registry(metrics: &Arc<Metrics>, contexts: Contexts) -> Registry {
         metrics.token_request_seconds.clone(),
     );
     registry.register("reconciles", "Reconciles, by kind and outcome", metrics.reconciles.clone());
-    registry.register_collector(Box::new(State { contexts }));
+    registry.register_collector(Box::new(State { contexts, limits }));
     registry
 }
 
 /// Metrics read from the caches at scrape time.
 struct State {
     contexts: Contexts,
+    limits: Arc<RateLimits>,
 }
 
 impl std::fmt::Debug for State {
@@ -99,6 +101,10 @@ fn gauge<'a>(
 ) -> Result<(), std::fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
     for (labels, value) in series {
+        if labels.is_empty() {
+            ConstGauge::new(*value).encode(family)?;
+            return Ok(());
+        }
         ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
     }
     Ok(())
@@ -151,7 +157,25 @@ impl Collector for State {
                 }
             }
         }
+        // The renewal most overdue: how far the oldest renewal time that has passed lies behind.
+        let now = chrono::Utc::now().timestamp();
+        #[allow(clippy::cast_precision_loss)]
+        let overdue = renew.iter().map(|(_, at)| now as f64 - at).filter(|late| *late > 0.0).fold(0.0_f64, f64::max);
         gauge(&mut encoder, "binding_token_expiry_timestamp_seconds", "When the published token expires", &expiry)?;
+        gauge(
+            &mut encoder,
+            "renewal_overdue_seconds",
+            "How long the most overdue renewal is behind its renewal time (0: none overdue)",
+            &[(Vec::new(), overdue)],
+        )?;
+        #[allow(clippy::cast_precision_loss)]
+        let waiting = self.limits.waiting() as f64;
+        gauge(
+            &mut encoder,
+            "token_requests_waiting",
+            "Token requests waiting for their provider's rate limit",
+            &[(Vec::new(), waiting)],
+        )?;
         gauge(&mut encoder, "binding_token_renew_timestamp_seconds", "When the operator renews the token", &renew)?;
         gauge(&mut encoder, "binding_ready", "1 when the binding's Ready condition is True", &ready)?;
         gauge(
@@ -180,7 +204,8 @@ mod tests {
         metrics.token_request("mail", "MailProvider/idp", "ok", 0.2);
         metrics.token_request("mail", "MailProvider/idp", "ReauthorizationRequired", 0.1);
         metrics.reconcile("MailboxBinding", "ok");
-        let text = encode(&registry(&metrics, crate::controller::Contexts::default())).unwrap();
+        let limits = Arc::new(RateLimits::new(1.0));
+        let text = encode(&registry(&metrics, crate::controller::Contexts::default(), limits)).unwrap();
         assert!(
             text.contains(
                 r#"mailoauth_token_requests_total{namespace="mail",provider="MailProvider/idp",outcome="ok"} 1"#
@@ -190,5 +215,7 @@ mod tests {
         assert!(text.contains("mailoauth_token_request_duration_seconds_bucket"), "{text}");
         assert!(text.contains(r#"mailoauth_reconciles_total{kind="MailboxBinding",outcome="ok"} 1"#), "{text}");
         assert!(text.contains("# TYPE mailoauth_binding_ready gauge"), "{text}");
+        assert!(text.contains("mailoauth_token_requests_waiting 0.0"), "{text}");
+        assert!(text.contains("mailoauth_renewal_overdue_seconds 0.0"), "{text}");
     }
 }
