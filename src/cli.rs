@@ -93,6 +93,9 @@ pub struct RunArgs {
     /// due, the binding whose token expires first goes first.
     #[arg(long, env = "PROVIDER_TOKEN_RATE", default_value = "10", value_parser = parse_rate)]
     pub provider_token_rate: f64,
+    /// Requests per second to the Kubernetes API server (client side).
+    #[arg(long, env = "API_QPS", default_value = "50", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub api_qps: u32,
     /// Reconciles running at once, per controller.
     #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value = "16", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub max_concurrent_reconciles: u16,
@@ -164,7 +167,13 @@ fn init_logging(format: LogFormat) {
 
 async fn run_operator(args: RunArgs) -> Result<()> {
     init_logging(args.log_format);
-    let client = kube::Client::try_default().await.map_err(Error::Connect)?;
+    // A client-side limit on requests to the apiserver (watches count once each).
+    let config = kube::Config::infer().await.map_err(|e| Error::Connect(kube::Error::InferConfig(e)))?;
+    let per = std::time::Duration::from_secs(1);
+    let client = kube::client::ClientBuilder::try_from(config)
+        .map_err(Error::Connect)?
+        .with_layer(&tower::limit::RateLimitLayer::new(u64::from(args.api_qps), per))
+        .build();
     let shutdown = shutdown_signal().boxed().shared();
     let ready = Arc::new(AtomicBool::new(false));
     let http = HttpClients::new(OutboundPolicy { allow_private: args.allow_private_endpoints });
