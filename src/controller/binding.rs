@@ -281,16 +281,6 @@ pub fn error_policy(binding: Arc<MailboxBinding>, error: &Error, _ctx: Arc<Conte
     Action::requeue(StdDuration::from_secs(wait))
 }
 
-/// The `resourceVersion` the status was computed from, as a precondition of the status apply:
-/// a reconcile that started from a stale cached copy gets a conflict instead of overwriting a
-/// newer status (and so losing `lastRefreshTime`, failure counts or annotation bookkeeping).
-pub fn precondition<K: Resource>(object: &K) -> serde_json::Value {
-    match object.meta().resource_version.as_deref() {
-        Some(rv) => serde_json::json!({ "resourceVersion": rv }),
-        None => serde_json::json!({}),
-    }
-}
-
 async fn get_secret(api: &Api<Secret>, ns: &str, name: &str) -> Result<Option<Secret>> {
     api.get_opt(name).await.map_err(|source| Error::ReadSecret {
         namespace: ns.to_owned(),
@@ -381,18 +371,8 @@ pub fn failpoint(step: &str, binding: &str) {
 }
 
 async fn patch_status(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindingStatus) -> Result<()> {
-    let name = binding.name_any();
     let api: Api<MailboxBinding> = Api::namespaced(ctx.client.clone(), &binding.namespace().unwrap_or_default());
-    let body = serde_json::json!({
-        "apiVersion": MailboxBinding::api_version(&()),
-        "kind": MailboxBinding::kind(&()),
-        "metadata": precondition(binding),
-        "status": status,
-    });
-    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
-        .await
-        .map_err(|source| Error::WriteStatus { kind: "MailboxBinding", name, source })?;
-    Ok(())
+    super::apply_status(&api, binding, status).await
 }
 
 /// Events that tell a person what changed, once: a Warning when the binding enters a failure it

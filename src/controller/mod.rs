@@ -162,3 +162,38 @@ impl Context {
         }
     }
 }
+
+/// Writes `status` by server-side apply, with the `resourceVersion` the status was computed from
+/// as a precondition: a reconcile that started from a stale cached copy gets a conflict instead
+/// of overwriting a newer status. The one status write of every kind.
+pub async fn apply_status<K>(api: &kube::Api<K>, object: &K, status: &impl serde::Serialize) -> crate::Result<()>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    use kube::ResourceExt;
+    use kube::api::{Patch, PatchParams};
+    let precondition = match object.meta().resource_version.as_deref() {
+        Some(rv) => serde_json::json!({ "resourceVersion": rv }),
+        None => serde_json::json!({}),
+    };
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": precondition,
+        "status": status,
+    });
+    api.patch_status(&object.name_any(), &PatchParams::apply(crate::api::FIELD_MANAGER).force(), &Patch::Apply(body))
+        .await
+        .map_err(|source| crate::Error::WriteStatus { kind: kind_name::<K>(), name: object.name_any(), source })?;
+    Ok(())
+}
+
+/// The kind's name for errors.
+fn kind_name<K: kube::Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "MailboxBinding" => "MailboxBinding",
+        "MailProvider" => "MailProvider",
+        "ClusterMailProvider" => "ClusterMailProvider",
+        _ => "object",
+    }
+}

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -15,7 +14,7 @@ use tracing::warn;
 
 use super::Context;
 use crate::api::{
-    ClientAuthMethod, ClusterMailProvider, Endpoints, FIELD_MANAGER, MailProvider, MailProviderSpec, MailProviderStatus,
+    ClientAuthMethod, ClusterMailProvider, Endpoints, MailProvider, MailProviderSpec, MailProviderStatus,
 };
 use crate::error::{Error, Result};
 use crate::oauth::discovery::discover;
@@ -91,16 +90,7 @@ pub async fn reconcile<K: ProviderObject>(provider: Arc<K>, ctx: Arc<Context>) -
     let observed = Observed { endpoints, secret_problem, certificate_expires_at };
     let next = status(now, provider.meta().generation, provider.observed(), refs, &observed);
     if provider.observed() != Some(&next) {
-        let api = provider.api(ctx.client.clone());
-        let body = serde_json::json!({
-            "apiVersion": K::api_version(&()),
-            "kind": K::kind(&()),
-            "metadata": super::binding::precondition(&*provider),
-            "status": next,
-        });
-        api.patch_status(&provider.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
-            .await
-            .map_err(|source| Error::WriteStatus { kind: K::KIND, name: provider.name_any(), source })?;
+        super::apply_status(&provider.api(ctx.client.clone()), &*provider, &next).await?;
     }
     let ready = next.conditions.first().is_some_and(crate::api::Condition::is_true);
     let wait = requeue_after(now, ready, refs, certificate_expires_at);
