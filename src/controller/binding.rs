@@ -253,7 +253,11 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
                     name: name.clone(),
                     source,
                 })?;
+                // The annotation values acted on are this reconcile's, not the current object's
+                // (a newer value there has not been acted on yet).
+                let acted = (status.last_refresh_request.clone(), status.last_reauthorize_request.clone());
                 status = next_status(now, &fresh, grant.as_ref(), &outcome);
+                (status.last_refresh_request, status.last_reauthorize_request) = acted;
                 if fresh.status.as_ref() != Some(&status) {
                     patch_status(&ctx, &fresh, &status).await?;
                 }

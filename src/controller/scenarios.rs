@@ -440,6 +440,11 @@ async fn a_refresh_whose_status_write_meets_a_stale_copy_is_written_again_from_t
     let tokens = Arc::new(Canned::default());
     let mut b = binding_object();
     b.metadata.resource_version = Some("41".into());
+    let annotate = |b: &mut MailboxBinding, v: &str| {
+        b.metadata.annotations =
+            Some([("mailoauth.io/refresh-requested".to_owned(), v.to_owned())].into_iter().collect());
+    };
+    annotate(&mut b, "1");
     let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
     let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
 
@@ -453,6 +458,8 @@ async fn a_refresh_whose_status_write_meets_a_stale_copy_is_written_again_from_t
     // The current object, with the status an earlier reconcile wrote.
     let mut current = b.clone();
     current.metadata.resource_version = Some("42".into());
+    // Meanwhile a person asked for another refresh: that one has not been acted on.
+    annotate(&mut current, "2");
     server
         .get(
             "/apis/mailoauth.io/v1alpha1/namespaces/mail/mailboxbindings/helpdesk",
@@ -462,6 +469,7 @@ async fn a_refresh_whose_status_write_meets_a_stale_copy_is_written_again_from_t
     let status = server.apply_status(STATUS_PATH, &current).await;
     assert_eq!(status["metadata"]["resourceVersion"], "42");
     assert!(status["status"]["lastRefreshTime"].is_string(), "the refresh is recorded: {status}");
+    assert_eq!(status["status"]["lastRefreshRequest"], "1", "only the request acted on is recorded");
     server.event("Normal", "Ready").await;
     server.nothing_more().await;
     reconcile.await.expect("joined").expect("reconcile");
