@@ -208,7 +208,8 @@ class Bed:
                    PORT="0", INTROSPECTION_PORT=str(introspection),
                    ACCESS_TOKEN_TTL=str(self.access_ttl), FAST_ACCESS_TOKEN_TTL=str(self.fast_ttl),
                    DEFAULT_ACCOUNT="scanner@example.com", CLIENT_CERT_FILE=str(self.dir / "client.crt"),
-                   SERVICE_ACCOUNT_PUBLIC_KEY_FILE=str(self.dir / "gsa.pub"), SERVICE_ACCOUNT_EMAIL=SERVICE_ACCOUNT)
+                   SERVICE_ACCOUNT_PUBLIC_KEY_FILE=str(self.dir / "gsa.pub"), SERVICE_ACCOUNT_EMAIL=SERVICE_ACCOUNT,
+                   APP_TOKEN_EMAIL="app@example.com")
         self.start("oauth-server", ["node", str(ROOT / "tests" / "oauth-server" / "server.mjs")], env=env)
         def announcement():
             # oidc-provider prints warnings first; the JSON line comes once it is listening.

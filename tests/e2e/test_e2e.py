@@ -264,7 +264,11 @@ def test_a_namespace_scoped_install_works_with_roles_only(bed):
            "spec": {"providerRef": {"name": "idp"}, "mailbox": "app@example.com", "scopes": ["mail"],
                     "grant": {"clientCredentials": {}}, "secretName": "app-mail-token"}})
     bed.kubectl("wait", "--for=condition=Ready", "mailboxbinding/app", "-n", NS, "--timeout=60s")
-    assert read_secret(bed, "app-mail-token")["username"] == "app@example.com"
+    app = read_secret(bed, "app-mail-token")
+    assert app["username"] == "app@example.com"
+    # The app-only token opens the mailbox the application may use (as Exchange's permission does).
+    reply = imap_xoauth2(bed, app["xoauth2"])
+    assert reply.startswith("a1 OK"), reply
 
 
 def test_no_token_or_secret_appears_in_logs_events_or_status(bed):

@@ -8,6 +8,7 @@
 // Environment: TLS_CERT, TLS_KEY (PEM files), PORT (0 = any), ACCESS_TOKEN_TTL (seconds),
 // CLIENT_CERT_FILE (optional: the certificate of the private_key_jwt client mail-cert),
 // SERVICE_ACCOUNT_PUBLIC_KEY_FILE and SERVICE_ACCOUNT_EMAIL (optional: a JWT bearer service account),
+// APP_TOKEN_EMAIL (optional: the mailbox client-credentials tokens may open),
 // FAST_ACCESS_TOKEN_TTL (seconds, for client mail-app-fast), INTROSPECTION_PORT (optional
 // plain-http listener for Dovecot on 127.0.0.1).
 // Prints one JSON line {"issuer", "port", "introspectionPort"} on stdout when listening.
@@ -287,7 +288,12 @@ provider = new Provider(issuer, {
     Grant: 30 * 24 * 3600,
   },
   findAccount: async (ctx, id) => ({ accountId: id, claims: async () => ({ sub: id, email: id }) }),
-  extraTokenClaims: async (ctx, token) => (token.accountId ? { email: token.accountId } : undefined),
+  // An app-only token names no user. APP_TOKEN_EMAIL plays Exchange's mailbox permission for the
+  // application: its client-credentials tokens may open that mailbox (Dovecot checks email).
+  extraTokenClaims: async (ctx, token) => {
+    if (token.accountId) return { email: token.accountId };
+    return process.env.APP_TOKEN_EMAIL ? { email: process.env.APP_TOKEN_EMAIL } : undefined;
+  },
   issueRefreshToken: async (ctx, client, code) =>
     client.grantTypeAllowed('refresh_token') && code.scopes.has('offline_access'),
 });
