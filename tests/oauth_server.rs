@@ -109,7 +109,10 @@ impl Harness {
     }
 
     async fn start_with(access_ttl: u64, references: ReferencePolicy) -> Self {
-        let server = OAuthServer::start(access_ttl).await;
+        Self::start_on(OAuthServer::start(access_ttl).await, references)
+    }
+
+    fn start_on(server: OAuthServer, references: ReferencePolicy) -> Self {
         let api = FakeApi::default();
         let clock = Arc::new(ManualClock(Mutex::new(Utc::now())));
         let (provider_store, providers): (Store<MailProvider>, _) = store();
@@ -866,4 +869,29 @@ async fn token_requests_to_one_provider_never_exceed_its_rate() {
     assert_eq!(h.server.grants("client_credentials").await, 6);
     // Six requests at two per second: the first at once, the last 2.5 s later.
     assert!(elapsed >= std::time::Duration::from_millis(2400), "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn without_an_id_token_the_identity_is_asked_at_userinfo_and_pinned() {
+    let server = OAuthServer::start_with(600, &[("CONFORM_ID_TOKEN_CLAIMS", "true")]).await;
+    let mut h = Harness::start_on(server, ReferencePolicy::Any);
+    h.public_provider("idp", "mail-device").await;
+    h.binding("desk", json!({"deviceCode": {}}), json!([]));
+    set_mailbox(&mut h, "desk", "desk@example.com", &[]);
+    let b = h.reconcile("desk").await;
+    let code = authorization(&b).user_code.expect("code");
+    h.server.approve_device(&code, "mallory@example.com").await;
+    h.advance_to(h.now() + Duration::seconds(5));
+    let b = h.reconcile("desk").await;
+    assert_eq!(condition(&b, "Authorized").reason, "IdentityMismatch", "{:?}", b.status);
+    assert!(condition(&b, "Authorized").message.contains("mallory@example.com"));
+
+    h.annotate("desk", "mailoauth.io/reauthorize-requested", "1");
+    let b = h.reconcile("desk").await;
+    let code = authorization(&b).user_code.expect("a new code");
+    h.server.approve_device(&code, "desk@example.com").await;
+    h.advance_to(h.now() + Duration::seconds(5));
+    let b = h.reconcile("desk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    assert_eq!(b.status.as_ref().and_then(|s| s.account.as_deref()), Some("desk@example.com"));
 }

@@ -338,4 +338,7 @@ pub struct Endpoints {
     /// Revocation endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocation: Option<String>,
+    /// Userinfo endpoint (asked who consented when a token response has no id_token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userinfo: Option<String>,
 }

@@ -934,8 +934,26 @@ async fn token(
     }
     Ok(match result {
         Ok(set) => {
-            // Identity pinning: a token for someone else is not stored at all.
-            let account = match pinned(&set.identities, &binding.spec.mailbox, &binding.spec.identity_aliases) {
+            // Identity pinning: a token for someone else is not stored at all. Without an id_token
+            // the provider's userinfo is asked, for a person who consented through the operator.
+            let mut vouched = set.identities.clone();
+            if vouched.is_empty()
+                && flow.scope_kind() == crate::oauth::grants::ScopeKind::Consent
+                && let Some(url) = who.endpoints.userinfo.clone()
+            {
+                let asked = crate::oauth::UserinfoRequest {
+                    url,
+                    access_token: set.access_token.clone(),
+                    ca_bundle: crate::oauth::provider::ca_bundle(who.provider).map(str::to_owned),
+                };
+                match ctx.tokens.userinfo(&asked).await {
+                    Ok(ids) => vouched = ids,
+                    Err(_) => {
+                        warn!(binding = %binding.name_any(), namespace = %ns, "userinfo could not be read; the identity is not checked")
+                    }
+                }
+            }
+            let account = match pinned(&vouched, &binding.spec.mailbox, &binding.spec.identity_aliases) {
                 Ok(account) => account,
                 Err(message) => {
                     let failure =

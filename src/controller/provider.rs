@@ -120,9 +120,15 @@ async fn resolve(ctx: &Context, spec: &MailProviderSpec) -> Result<Endpoints, St
             _ => return Err("no endpoints known".into()),
         },
     };
-    for url in [&endpoints.token, &endpoints.authorization, &endpoints.device_authorization, &endpoints.revocation]
-        .into_iter()
-        .flatten()
+    for url in [
+        &endpoints.token,
+        &endpoints.authorization,
+        &endpoints.device_authorization,
+        &endpoints.revocation,
+        &endpoints.userinfo,
+    ]
+    .into_iter()
+    .flatten()
     {
         ctx.http.policy().check_endpoint(url)?;
     }

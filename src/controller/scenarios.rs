@@ -26,7 +26,9 @@ use crate::api::{
     MailboxBindingSpec,
 };
 use crate::oauth::http::HttpClients;
-use crate::oauth::{DeviceCode, DeviceRequest, Rejected, RevokeRequest, TokenEndpoint, TokenRequest, TokenSet};
+use crate::oauth::{
+    DeviceCode, DeviceRequest, Rejected, RevokeRequest, TokenEndpoint, TokenRequest, TokenSet, UserinfoRequest,
+};
 use crate::policy::binding::{Outcome, next_status};
 use crate::policy::grant_state::GrantState;
 use crate::policy::publish::published_data;
@@ -63,6 +65,10 @@ impl TokenEndpoint for Canned {
                 identities: Vec::new(),
             })
         })
+    }
+
+    fn userinfo<'a>(&'a self, _request: &'a UserinfoRequest) -> BoxFuture<'a, Result<Vec<String>, Rejected>> {
+        Box::pin(async { Ok(Vec::new()) })
     }
 
     fn revoke<'a>(&'a self, _request: &'a RevokeRequest) -> BoxFuture<'a, Result<(), Rejected>> {

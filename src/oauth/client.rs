@@ -150,6 +150,17 @@ pub struct RevokeRequest {
     pub hint: &'static str,
 }
 
+/// A userinfo request (OpenID Connect Core §5.3): who the access token's person is.
+#[derive(Clone, Debug)]
+pub struct UserinfoRequest {
+    /// Userinfo endpoint (https).
+    pub url: String,
+    /// The access token just obtained.
+    pub access_token: SecretString,
+    /// Extra trust roots.
+    pub ca_bundle: Option<String>,
+}
+
 /// A successful token response.
 #[derive(Clone, Debug)]
 pub struct TokenSet {
@@ -209,6 +220,9 @@ pub trait TokenEndpoint: Send + Sync {
 
     /// Revokes a token; failures are reduced to [`Rejected`].
     fn revoke<'a>(&'a self, request: &'a RevokeRequest) -> BoxFuture<'a, Result<(), Rejected>>;
+
+    /// Asks who the access token's person is: `email`, `preferred_username`, `upn`.
+    fn userinfo<'a>(&'a self, request: &'a UserinfoRequest) -> BoxFuture<'a, Result<Vec<String>, Rejected>>;
 }
 
 /// The real authorization server over HTTPS.
@@ -329,6 +343,27 @@ impl TokenEndpoint for HttpTokenEndpoint {
             form.extend(request.grant.params.iter().map(|(k, v)| (*k, v.value())));
             let scrub = credentials(&request.client, request.grant.secrets());
             self.post(&request.token_url, &request.client, &form, &scrub, outcome).await
+        })
+    }
+
+    fn userinfo<'a>(&'a self, request: &'a UserinfoRequest) -> BoxFuture<'a, Result<Vec<String>, Rejected>> {
+        Box::pin(async move {
+            let failed = |m: String| Rejected::from(UpstreamError { transport: Some(m), ..Default::default() });
+            let url = self.clients.policy().check_endpoint(&request.url).map_err(failed)?;
+            let http = self.clients.get(request.ca_bundle.as_deref()).map_err(|e| failed(e.to_string()))?;
+            let response = http
+                .get(url)
+                .bearer_auth(request.access_token.expose_secret())
+                .header(http::header::ACCEPT, "application/json")
+                .send()
+                .await
+                .map_err(|e| failed(super::http::describe(&e)))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(UpstreamError { status: Some(status.as_u16()), ..Default::default() }.into());
+            }
+            let body = super::http::read_capped(response).await.map_err(|e| failed(e.0))?;
+            Ok(super::response::userinfo_identities(&body))
         })
     }
 

@@ -14,6 +14,7 @@ struct Metadata {
     token_endpoint: Option<String>,
     device_authorization_endpoint: Option<String>,
     revocation_endpoint: Option<String>,
+    userinfo_endpoint: Option<String>,
 }
 
 /// Longest endpoint URL accepted from discovery.
@@ -41,6 +42,7 @@ pub async fn discover(client: &reqwest::Client, policy: OutboundPolicy, issuer: 
         meta.authorization_endpoint.as_ref(),
         meta.device_authorization_endpoint.as_ref(),
         meta.revocation_endpoint.as_ref(),
+        meta.userinfo_endpoint.as_ref(),
     ]
     .into_iter()
     .flatten()
@@ -55,5 +57,6 @@ pub async fn discover(client: &reqwest::Client, policy: OutboundPolicy, issuer: 
         token: Some(token),
         device_authorization: meta.device_authorization_endpoint,
         revocation: meta.revocation_endpoint,
+        userinfo: meta.userinfo_endpoint,
     })
 }

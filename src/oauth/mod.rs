@@ -14,5 +14,5 @@ pub mod response;
 
 pub use client::{
     Client, ClientAuth, DeviceCode, DeviceRequest, GrantCall, HttpTokenEndpoint, Param, Rejected, RevokeRequest,
-    TokenEndpoint, TokenRequest, TokenSet,
+    TokenEndpoint, TokenRequest, TokenSet, UserinfoRequest,
 };

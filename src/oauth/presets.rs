@@ -16,6 +16,9 @@ pub struct PresetData {
     pub device_authorization_url: Option<&'static str>,
     /// Revocation endpoint.
     pub revocation_url: Option<&'static str>,
+    /// Userinfo endpoint, when it accepts the mail access token (Microsoft's Graph userinfo does
+    /// not take an Exchange-audience token).
+    pub userinfo_url: Option<&'static str>,
     /// Delegated scopes per protocol.
     pub scopes: &'static [(Protocol, &'static [&'static str])],
     /// Scope that asks for a refresh token, added to delegated requests.
@@ -40,6 +43,7 @@ pub static MICROSOFT: PresetData = PresetData {
     token_url: "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
     device_authorization_url: Some("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/devicecode"),
     revocation_url: None,
+    userinfo_url: None,
     scopes: &[
         (Protocol::Imap, &["https://outlook.office365.com/IMAP.AccessAsUser.All"]),
         (Protocol::Smtp, &["https://outlook.office365.com/SMTP.Send"]),
@@ -65,6 +69,7 @@ pub static GOOGLE: PresetData = PresetData {
     token_url: "https://oauth2.googleapis.com/token",
     device_authorization_url: Some("https://oauth2.googleapis.com/device/code"),
     revocation_url: Some("https://oauth2.googleapis.com/revoke"),
+    userinfo_url: Some("https://openidconnect.googleapis.com/v1/userinfo"),
     scopes: &[
         (Protocol::Imap, &["https://mail.google.com/"]),
         (Protocol::Smtp, &["https://mail.google.com/"]),

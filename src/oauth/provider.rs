@@ -19,6 +19,7 @@ pub fn static_endpoints(spec: &MailProviderSpec) -> Option<Endpoints> {
             token: Some(token.clone()),
             device_authorization: g.device_authorization_url.clone(),
             revocation: g.revocation_url.clone(),
+            userinfo: None,
         }),
     }
 }
@@ -31,6 +32,7 @@ pub fn merge_explicit(spec: &MailProviderSpec, discovered: Endpoints) -> Endpoin
         token: g.token_url.clone().or(discovered.token),
         device_authorization: g.device_authorization_url.clone().or(discovered.device_authorization),
         revocation: g.revocation_url.clone().or(discovered.revocation),
+        userinfo: discovered.userinfo,
     }
 }
 
@@ -40,6 +42,7 @@ fn preset_endpoints(p: &PresetData, tenant: &str) -> Endpoints {
         token: Some(PresetData::url(p.token_url, tenant)),
         device_authorization: p.device_authorization_url.map(|u| PresetData::url(u, tenant)),
         revocation: p.revocation_url.map(str::to_owned),
+        userinfo: p.userinfo_url.map(str::to_owned),
     }
 }
 

@@ -136,7 +136,16 @@ pub fn identities(id_token: &str) -> Vec<String> {
     let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')) else {
         return Vec::new();
     };
-    let Some(claims) = object(&bytes) else { return Vec::new() };
+    object(&bytes).map(|claims| claim_identities(&claims)).unwrap_or_default()
+}
+
+/// The identities a userinfo response names.
+pub fn userinfo_identities(body: &[u8]) -> Vec<String> {
+    object(body).map(|claims| claim_identities(&claims)).unwrap_or_default()
+}
+
+/// `email`, `preferred_username` and `upn`, in that order, without duplicates.
+fn claim_identities(claims: &serde_json::Map<String, Value>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for claim in ["email", "preferred_username", "upn"] {
         if let Some(v) = shown(claims.get(claim)).filter(|v| v.len() <= 254)

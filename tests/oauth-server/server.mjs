@@ -270,7 +270,8 @@ provider = new Provider(issuer, {
   scopes: ['openid', 'offline_access', 'email', 'mail'],
   claims: { email: ['email'] },
   // id_tokens carry the scope's claims (email), as Google's and Microsoft's do: identity pinning.
-  conformIdTokenClaims: false,
+  // CONFORM_ID_TOKEN_CLAIMS=true keeps them out (only userinfo says who consented).
+  conformIdTokenClaims: process.env.CONFORM_ID_TOKEN_CLAIMS === 'true',
   interactions: { url: (ctx, i) => `/interaction/${i.uid}` },
   features: {
     devInteractions: { enabled: false },

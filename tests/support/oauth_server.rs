@@ -65,6 +65,11 @@ fn certificates() -> (String, String, String) {
 impl OAuthServer {
     /// Starts the server with access tokens valid for `access_ttl` seconds.
     pub async fn start(access_ttl: u64) -> Self {
+        Self::start_with(access_ttl, &[]).await
+    }
+
+    /// The same, with extra environment for the server.
+    pub async fn start_with(access_ttl: u64, env: &[(&str, &str)]) -> Self {
         ensure_installed().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let (ca_pem, cert, key) = certificates();
@@ -93,6 +98,7 @@ impl OAuthServer {
             .env("SERVICE_ACCOUNT_PUBLIC_KEY_FILE", dir.path().join("sa.pub"))
             .env("SERVICE_ACCOUNT_EMAIL", SERVICE_ACCOUNT)
             .env("PORT", "0")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
