@@ -111,9 +111,9 @@ pub struct ProviderRef {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum Grant {
-    /// Device authorization (RFC 8628): a person types a code at a URL. Not supported yet.
+    /// Device authorization (RFC 8628): a person types a code at a URL.
     DeviceCode {},
-    /// Authorization code with PKCE through an operator-hosted callback. Not supported yet.
+    /// Authorization code with PKCE through an operator-hosted callback, or a pasted redirect URL.
     AuthorizationCode {},
     /// Import a refresh token obtained elsewhere, once; rotated tokens are kept by the operator.
     RefreshToken {
@@ -122,7 +122,7 @@ pub enum Grant {
     },
     /// App-only token (Microsoft `https://outlook.office365.com/.default`).
     ClientCredentials {},
-    /// Google service account with domain-wide delegation, `sub` = mailbox. Not supported yet.
+    /// Google service account with domain-wide delegation, `sub` = mailbox.
     JwtBearer {},
 }
 

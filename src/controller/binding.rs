@@ -705,43 +705,51 @@ fn start_authorization(
 ) -> std::result::Result<PendingAuthorization, String> {
     let ns = binding.namespace().unwrap_or_default();
     let name = binding.name_any();
-    let mut p = PendingAuthorization {
+    if let Some(base) = &ctx.authorization.link_base {
+        let url = format!("{base}/authorize/{ns}/{name}");
+        return Ok(request_pending(binding, usable, now, None, url));
+    }
+    let redirect_uri = &ctx.authorization.redirect_uri;
+    let made = authorization_request(&usable.spec, &usable.endpoints, &usable.scopes, binding, redirect_uri)?;
+    let url = made.url.clone();
+    Ok(request_pending(binding, usable, now, Some((made, redirect_uri.clone())), url))
+}
+
+/// The pending authorization of an authorization code request: with the request (state,
+/// verifier, redirect URI) once one is made, or just the operator's link that makes one.
+pub fn request_pending(
+    binding: &MailboxBinding,
+    usable: &ProviderUse,
+    now: DateTime<Utc>,
+    request: Option<(crate::oauth::authorize::AuthorizationRequest, String)>,
+    url: String,
+) -> PendingAuthorization {
+    let expires_at = crate::policy::time::plus(now, AUTHORIZATION_REQUEST_LIFETIME);
+    let (state, code_verifier, redirect_uri) = match request {
+        Some((r, redirect_uri)) => (Some(r.state), Some(r.code_verifier), Some(redirect_uri)),
+        None => (None, None, None),
+    };
+    PendingAuthorization {
         method: authorization_code::METHOD.into(),
         device_code: None,
         user_code: None,
         verification_uri: None,
         verification_uri_complete: None,
         started_at: now,
-        expires_at: crate::policy::time::plus(now, AUTHORIZATION_REQUEST_LIFETIME),
+        expires_at,
         interval: chrono::Duration::seconds(1),
-        next_poll: crate::policy::time::plus(now, AUTHORIZATION_REQUEST_LIFETIME),
+        next_poll: expires_at,
         provider: usable.key.clone(),
         client_id: usable.spec.client_id.clone(),
         scopes: usable.scopes.clone(),
-        state: None,
-        code_verifier: None,
-        redirect_uri: None,
-        url: None,
+        state,
+        code_verifier,
+        redirect_uri,
+        url: Some(url),
         code: None,
         binding_uid: binding.uid(),
         generation: binding.metadata.generation,
-    };
-    if let Some(base) = &ctx.authorization.link_base {
-        p.url = Some(format!("{base}/authorize/{ns}/{name}"));
-        return Ok(p);
     }
-    let made = authorization_request(
-        &usable.spec,
-        &usable.endpoints,
-        &usable.scopes,
-        binding,
-        &ctx.authorization.redirect_uri,
-    )?;
-    p.state = Some(made.state);
-    p.code_verifier = Some(made.code_verifier);
-    p.redirect_uri = Some(ctx.authorization.redirect_uri.clone());
-    p.url = Some(made.url);
-    Ok(p)
 }
 
 /// How long an authorization request (its state and verifier) may be answered.

@@ -18,9 +18,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use crate::api::{Grant, MailboxBinding, Phase};
-use crate::controller::binding::{
-    AUTHORIZATION_REQUEST_LIFETIME, authorization_request, persist_pending, provider_for,
-};
+use crate::controller::binding::{authorization_request, persist_pending, provider_for, request_pending};
 use crate::controller::secrets::grant_secret_name;
 use crate::controller::{Context, Contexts};
 use crate::oauth::authorize::{Response as Answer, binding_of, parse_response, same_state};
@@ -133,28 +131,10 @@ async fn authorize(State(contexts): State<Contexts>, Path((namespace, name)): Pa
         Ok(r) => r,
         Err(why) => return page(StatusCode::SERVICE_UNAVAILABLE, "Cannot start", &[why]),
     };
-    let now = ctx.now();
-    let pending = PendingAuthorization {
-        method: METHOD.into(),
-        device_code: None,
-        user_code: None,
-        verification_uri: None,
-        verification_uri_complete: None,
-        started_at: now,
-        expires_at: crate::policy::time::plus(now, AUTHORIZATION_REQUEST_LIFETIME),
-        interval: chrono::Duration::seconds(1),
-        next_poll: crate::policy::time::plus(now, AUTHORIZATION_REQUEST_LIFETIME),
-        provider: usable.key.clone(),
-        client_id: usable.spec.client_id.clone(),
-        scopes: usable.scopes.clone(),
-        state: Some(request.state),
-        code_verifier: Some(request.code_verifier),
-        redirect_uri: Some(ctx.authorization.redirect_uri.clone()),
-        url: binding.status.as_ref().and_then(|s| s.authorization.as_ref()).and_then(|a| a.url.clone()),
-        code: None,
-        binding_uid: binding.uid(),
-        generation: binding.metadata.generation,
-    };
+    let redirect = request.url.clone();
+    let link = binding.status.as_ref().and_then(|s| s.authorization.as_ref()).and_then(|a| a.url.clone());
+    let made = Some((request, ctx.authorization.redirect_uri.clone()));
+    let pending = request_pending(&binding, &usable, ctx.now(), made, link.unwrap_or_else(|| redirect.clone()));
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     if let Err(e) = persist_pending(&secrets, &binding, &pending).await {
         tracing::warn!(binding = %name, namespace = %namespace, error = %e, "storing an authorization request failed");
@@ -165,8 +145,7 @@ async fn authorize(State(contexts): State<Contexts>, Path((namespace, name)): Pa
         );
     }
     tracing::info!(binding = %name, namespace = %namespace, "sending a browser to the provider");
-    (StatusCode::SEE_OTHER, [(header::LOCATION, request.url), (header::CACHE_CONTROL, "no-store".into())])
-        .into_response()
+    (StatusCode::SEE_OTHER, [(header::LOCATION, redirect), (header::CACHE_CONTROL, "no-store".into())]).into_response()
 }
 
 async fn callback(State(contexts): State<Contexts>, RawQuery(query): RawQuery) -> Response {
