@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use futures::FutureExt;
 use tracing_subscriber::EnvFilter;
 
+use crate::controller::leader::{ElectionSettings, Leadership, elect};
 use crate::controller::run::{Settings, run};
 use crate::controller::{AuthorizationSettings, Contexts, SystemClock};
 use crate::error::{Error, Result};
@@ -29,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the operator.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinitions as YAML.
     Crds {
         /// Write one file per CRD into this folder instead of printing.
@@ -99,6 +100,21 @@ pub struct RunArgs {
     /// Reconciles running at once, per controller.
     #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value = "16", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub max_concurrent_reconciles: u16,
+    /// Take part in leader election (a Lease in the operator's namespace): only the leading
+    /// replica requests tokens and writes; the others keep their caches warm and take over when
+    /// its lease runs out (or at once when it shuts down). Needed with more than one replica.
+    #[arg(long, env = "LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Name of the leader election Lease.
+    #[arg(long, env = "LEADER_ELECTION_LEASE", default_value = "mail-oauth-operator")]
+    pub leader_election_lease: String,
+    /// Namespace of the leader election Lease; the cluster resource namespace when not set.
+    #[arg(long, env = "LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// How long the leader's lease lasts unrenewed: the longest a failover takes when the leader
+    /// dies without releasing it. A Go duration between 3s and 5m.
+    #[arg(long, env = "LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_lease)]
+    pub leader_lease_duration: std::time::Duration,
 }
 
 fn parse_rate(text: &str) -> Result<f64, String> {
@@ -133,6 +149,10 @@ fn parse_lifetime(text: &str) -> Result<chrono::Duration, String> {
     parse_bounded(text, chrono::Duration::minutes(1), chrono::Duration::hours(24))
 }
 
+fn parse_lease(text: &str) -> Result<std::time::Duration, String> {
+    parse_bounded(text, chrono::Duration::seconds(3), chrono::Duration::minutes(5))?.to_std().map_err(|e| e.to_string())
+}
+
 fn parse_flush(text: &str) -> Result<std::time::Duration, String> {
     parse_bounded(text, chrono::Duration::zero(), chrono::Duration::minutes(10))?.to_std().map_err(|e| e.to_string())
 }
@@ -152,7 +172,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run(args) => run_operator(args).await,
+        Command::Run(args) => run_operator(*args).await,
     }
 }
 
@@ -177,10 +197,31 @@ async fn run_operator(args: RunArgs) -> Result<()> {
     let shutdown = shutdown_signal().boxed().shared();
     let ready = Arc::new(AtomicBool::new(false));
     let http = HttpClients::new(OutboundPolicy { allow_private: args.allow_private_endpoints });
+    let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "mail-oauth-operator".into());
+    let metrics: Arc<crate::metrics::Metrics> = Arc::default();
+    let clock: Arc<dyn crate::controller::Clock> = Arc::new(SystemClock);
+    let (leader, election) = if args.leader_elect {
+        let settings = ElectionSettings {
+            namespace: args.leader_election_namespace.unwrap_or_else(|| args.cluster_resource_namespace.clone()),
+            name: args.leader_election_lease,
+            identity: election_identity(),
+            duration: args.leader_lease_duration,
+        };
+        tracing::info!(lease = %settings.name, namespace = %settings.namespace, identity = %settings.identity, "joining leader election");
+        let (leader, election, tasks) =
+            elect(client.clone(), settings, Arc::clone(&clock), Arc::clone(&metrics), shutdown.clone()).await?;
+        for task in tasks {
+            tokio::spawn(task);
+        }
+        (leader, Some(election))
+    } else {
+        metrics.set_leader(true);
+        (Leadership::always(), None)
+    };
     let settings = Settings {
         namespaces: args.namespaces,
         cluster_namespace: args.cluster_resource_namespace,
-        instance: std::env::var("POD_NAME").unwrap_or_else(|_| "mail-oauth-operator".into()),
+        instance,
         default_lifetime: args.default_token_lifetime,
         flush_timeout: args.shutdown_flush_timeout,
         references: if args.strict_secret_references { ReferencePolicy::Labelled } else { ReferencePolicy::Any },
@@ -189,9 +230,10 @@ async fn run_operator(args: RunArgs) -> Result<()> {
             link_base: args.callback_address.map(|_| args.public_url.clone()),
         },
         contexts: Contexts::default(),
-        metrics: Arc::default(),
+        metrics,
         limits: Arc::new(crate::controller::limits::RateLimits::new(args.provider_token_rate)),
         concurrency: args.max_concurrent_reconciles,
+        leader,
     };
     let registry =
         crate::metrics::registry(&settings.metrics, Arc::clone(&settings.contexts), Arc::clone(&settings.limits));
@@ -204,18 +246,27 @@ async fn run_operator(args: RunArgs) -> Result<()> {
     tracing::info!(namespaces = ?settings.namespaces, cluster_namespace = %settings.cluster_namespace, "starting");
     let admin = crate::server::Admin { ready: Arc::clone(&ready), registry: Arc::new(registry) };
     let server = crate::server::serve(args.listen_address, admin, shutdown.clone());
-    let controllers = run(
-        client,
-        settings,
-        Arc::new(HttpTokenEndpoint::new(http.clone())),
-        http,
-        Arc::new(SystemClock),
-        ready,
-        shutdown,
-    );
+    let controllers =
+        run(client, settings, Arc::new(HttpTokenEndpoint::new(http.clone())), http, clock, ready, shutdown);
     let (served, called_back, ()) = tokio::join!(server, callback, controllers);
+    // Pending grant states were written when the controllers stopped; only now is the lease
+    // given up, so that the next leader reads them.
+    if let Some(election) = election {
+        election.release().await;
+    }
     tracing::info!("stopped");
     served.and(called_back)
+}
+
+/// This replica's identity in the election: the pod name, else a name unique to this process.
+fn election_identity() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        format!("mail-oauth-operator-{}-{nanos}", std::process::id())
+    })
 }
 
 async fn shutdown_signal() {

@@ -90,6 +90,13 @@ pub enum Error {
     /// Printing the CRDs failed.
     #[error("rendering CRDs: {0}")]
     Crds(#[source] serde_yaml::Error),
+    /// Joining leader election failed at start (the Lease could not be read or created).
+    #[error("joining leader election (Lease): {0}")]
+    Election(String),
+    /// Leadership was lost before a token request or a revocation; the replica that leads now
+    /// does it.
+    #[error("not leading any more; the leading replica takes over")]
+    NotLeader,
     /// A reconcile panicked (a bug); the object is retried later.
     #[error("the reconcile panicked (a bug: please report it); retried in a few minutes")]
     Panicked,
@@ -112,6 +119,8 @@ impl Error {
             Error::Serve { .. } => "serve",
             Error::WriteFile { .. } => "write_file",
             Error::Crds(_) => "crds",
+            Error::Election(_) => "election",
+            Error::NotLeader => "not_leader",
             Error::Panicked => "panicked",
         }
     }

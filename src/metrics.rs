@@ -30,6 +30,7 @@ pub struct Metrics {
     token_requests: Family<Labels, Counter>,
     token_request_seconds: Durations,
     reconciles: Family<Labels, Counter>,
+    leader: prometheus_client::metrics::gauge::Gauge,
 }
 
 fn request_buckets() -> Histogram {
@@ -42,6 +43,7 @@ impl Default for Metrics {
             token_requests: Family::default(),
             token_request_seconds: Family::new_with_constructor(request_buckets),
             reconciles: Family::default(),
+            leader: prometheus_client::metrics::gauge::Gauge::default(),
         }
     }
 }
@@ -55,6 +57,11 @@ impl Metrics {
         labels.push(("outcome", outcome.to_owned()));
         self.token_requests.get_or_create(&labels).inc();
         self.token_request_seconds.get_or_create(&provider).observe(seconds);
+    }
+
+    /// Records whether this replica leads (1) or waits (0).
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     /// Counts one reconcile of `kind` that ended in `outcome` (`ok` or an error category).
@@ -77,6 +84,11 @@ pub fn registry(metrics: &Arc<Metrics>, contexts: Contexts, limits: Arc<RateLimi
         metrics.token_request_seconds.clone(),
     );
     registry.register("reconciles", "Reconciles, by kind and outcome", metrics.reconciles.clone());
+    registry.register(
+        "leader",
+        "1 on the replica that requests tokens and writes, 0 on replicas waiting to take over",
+        metrics.leader.clone(),
+    );
     registry.register_collector(Box::new(State { contexts, limits }));
     registry
 }

@@ -97,9 +97,11 @@ fn context(
         default_lifetime: Duration::hours(1),
         references,
         polls: Default::default(),
+        written: Default::default(),
         authorization: Default::default(),
         metrics: Default::default(),
         limits: Arc::new(mail_oauth_operator::controller::limits::RateLimits::new(rate)),
+        leader: mail_oauth_operator::controller::leader::Leadership::always(),
     })
 }
 

@@ -71,6 +71,22 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     let name = binding.name_any();
     let ns =
         binding.namespace().ok_or_else(|| Error::MissingNamespace { kind: "MailboxBinding", name: name.clone() })?;
+    // Another replica leads: it does everything. A grant state this replica could not write while
+    // it led is still written (it may hold the only copy of a rotated refresh token).
+    if !ctx.leader.is_leader() {
+        if let Some(pending) = ctx.take_pending(&ns, &name) {
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+            persist_grant(&ctx, &secrets, &binding, pending.state).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    // A copy from before this process's own last status write (the cache lags by milliseconds):
+    // acting on it could repeat what that write recorded (a requested refresh). Soon the cache
+    // has caught up.
+    if ctx.behind_own_write(&ns, &name, binding.resource_version().as_deref()) {
+        debug!(binding = %name, namespace = %ns, "the cache has not caught up with the last status write; waiting");
+        return Ok(Action::requeue(StdDuration::from_millis(200)));
+    }
     // revokeOnDelete's finalizer, and a deletion: nothing else is done for a deleted binding.
     if let Some(action) = super::revoke::handle(&ctx, &binding).await? {
         return Ok(action);
@@ -272,6 +288,11 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
 
 /// What to do when a reconcile fails: retry soon; at once after a stale-object conflict.
 pub fn error_policy(binding: Arc<MailboxBinding>, error: &Error, _ctx: Arc<Context>) -> Action {
+    if matches!(error, Error::NotLeader) {
+        // The leading replica has it; this one reconciles everything again if it leads later.
+        debug!(binding = %binding.name_any(), "leadership ended during the reconcile");
+        return Action::await_change();
+    }
     if error.is_conflict() {
         debug!(binding = %binding.name_any(), "status was computed from a stale copy; retrying");
         return Action::requeue(StdDuration::from_secs(1));
@@ -375,8 +396,11 @@ pub fn failpoint(step: &str, binding: &str) {
 }
 
 async fn patch_status(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindingStatus) -> Result<()> {
-    let api: Api<MailboxBinding> = Api::namespaced(ctx.client.clone(), &binding.namespace().unwrap_or_default());
-    super::apply_status(&api, binding, status).await
+    let ns = binding.namespace().unwrap_or_default();
+    let api: Api<MailboxBinding> = Api::namespaced(ctx.client.clone(), &ns);
+    super::apply_status(&api, binding, status).await?;
+    ctx.wrote_status(&ns, &binding.name_any(), binding.resource_version().as_deref());
+    Ok(())
 }
 
 /// Events that tell a person what changed, once: a Warning when the binding enters a failure it
@@ -892,6 +916,7 @@ async fn obtain(
                 return Ok(not_ready(Reason::InvalidSpec, "the provider has no device authorization endpoint".into()));
             };
             let request = DeviceRequest { url, client, scopes: usable.scopes.clone() };
+            ctx.leading()?;
             Ok(match ctx.tokens.device_authorization(&request).await {
                 Ok(code) => Obtained::Awaiting(device_code::pending(
                     code,
@@ -930,7 +955,7 @@ async fn token(
 ) -> Result<Obtained> {
     let ns = binding.namespace().unwrap_or_default();
     let grant = input.grant;
-    let mut result = timed(ctx, &ns, grant.map(|g| g.expires_at), who, &request).await;
+    let mut result = timed(ctx, &ns, grant.map(|g| g.expires_at), who, &request).await?;
     // A refused stored refresh token is not the end while the one it replaced is still held:
     // providers that keep replaced tokens valid (Microsoft, Google) accept it, and the grant lives.
     if let (Err(rejected), Some(replaced)) = (&result, replaced_token(&request.grant, grant))
@@ -938,7 +963,7 @@ async fn token(
     {
         warn!(binding = %binding.name_any(), namespace = %ns, "the stored refresh token was refused; trying the one it replaced");
         request.grant = refresh(&replaced, who.scopes);
-        result = timed(ctx, &ns, grant.map(|g| g.expires_at), who, &request).await;
+        result = timed(ctx, &ns, grant.map(|g| g.expires_at), who, &request).await?;
     }
     Ok(match result {
         Ok(set) => {
@@ -1001,16 +1026,19 @@ async fn token(
 }
 
 /// A token request, counted and timed for `/metrics` (outcome `ok` or the condition reason).
+/// Sent only while this replica leads (asked again after waiting for the rate limit).
 async fn timed(
     ctx: &Context,
     ns: &str,
     deadline: Option<DateTime<Utc>>,
     who: &Requester<'_>,
     request: &crate::oauth::TokenRequest,
-) -> std::result::Result<crate::oauth::TokenSet, crate::oauth::Rejected> {
+) -> Result<std::result::Result<crate::oauth::TokenSet, crate::oauth::Rejected>> {
     // The provider's rate limit; the binding whose token expires first goes first.
     let deadline = deadline.unwrap_or_else(|| ctx.now());
+    ctx.leading()?;
     ctx.limits.acquire(&format!("{}/{}", request_namespace(ns, who), who.provider_key), deadline).await;
+    ctx.leading()?;
     let started = std::time::Instant::now();
     let result = ctx.tokens.request(request).await;
     // A 429 or a Retry-After pauses this provider only.
@@ -1030,7 +1058,7 @@ async fn timed(
     };
     let namespace = request_namespace(ns, who);
     ctx.metrics.token_request(&namespace, who.provider_key, outcome, started.elapsed().as_secs_f64());
-    result
+    Ok(result)
 }
 
 /// The namespace a provider key is named in, for metrics: the provider's Secrets' namespace for a

@@ -4,6 +4,7 @@
 
 pub mod binding;
 pub mod certificate;
+pub mod leader;
 pub mod limits;
 pub mod provider;
 pub mod revoke;
@@ -77,10 +78,19 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Token requests per provider.
     pub limits: Arc<limits::RateLimits>,
+    /// Whether this replica leads (requests tokens and writes).
+    pub leader: Arc<leader::Leadership>,
     /// When each authorization in progress is polled next, by (namespace, binding): kept in
     /// memory, so that a poll costs no write (after a restart the first poll is at once).
     pub polls: Polls,
+    /// The `resourceVersion` each binding had when this process last wrote its status, until the
+    /// cache shows a later one: a reconcile that starts from that older copy (queued while the
+    /// write was in flight) would act on an annotation already acted on, so it waits instead.
+    pub written: Written,
 }
+
+/// `resourceVersion`s written over, by (namespace, binding).
+pub type Written = Arc<Mutex<HashMap<(String, String), String>>>;
 
 /// The controllers' contexts, one per watched scope, filled in as the controllers start (the
 /// authorization listener finds a binding's context here).
@@ -123,10 +133,50 @@ pub struct Pending {
 pub type PendingGrants = Arc<Mutex<HashMap<(String, String), Pending>>>;
 
 impl Context {
+    /// Fails with [`crate::Error::NotLeader`] unless this replica leads: asked right before each
+    /// request to a provider, as leadership may end while a reconcile waits.
+    pub fn leading(&self) -> crate::Result<()> {
+        if self.leader.is_leader() { Ok(()) } else { Err(crate::Error::NotLeader) }
+    }
+
     /// Now, to whole seconds (as Kubernetes stores time and the grant state records it).
     pub fn now(&self) -> DateTime<Utc> {
         use chrono::SubsecRound;
         self.clock.now().trunc_subsecs(0)
+    }
+
+    /// Whether `resource_version` is a copy of the binding from before this process's last
+    /// status write (the cache has not caught up). Forgets the write once the cache has.
+    pub fn behind_own_write(&self, namespace: &str, binding: &str, resource_version: Option<&str>) -> bool {
+        let Ok(mut written) = self.written.lock() else { return false };
+        let key = (namespace.to_owned(), binding.to_owned());
+        if written.get(&key).is_some_and(|rv| Some(rv.as_str()) == resource_version) {
+            return true;
+        }
+        written.remove(&key);
+        false
+    }
+
+    /// Records that the status of a binding at `resource_version` was just written over.
+    pub fn wrote_status(&self, namespace: &str, binding: &str, resource_version: Option<&str>) {
+        if let (Ok(mut written), Some(rv)) = (self.written.lock(), resource_version) {
+            let grew = written.insert((namespace.to_owned(), binding.to_owned()), rv.to_owned()).is_none();
+            // Deleted bindings are never reconciled again; their entries go each time the map
+            // has grown by another 1024.
+            if grew && written.len().is_multiple_of(1024) {
+                let live: std::collections::HashSet<(String, String)> = self
+                    .bindings
+                    .state()
+                    .iter()
+                    .map(|b| {
+                        (b.metadata.namespace.clone().unwrap_or_default(), b.metadata.name.clone().unwrap_or_default())
+                    })
+                    .collect();
+                if written.len() > live.len().saturating_add(1024) {
+                    written.retain(|key, _| live.contains(key));
+                }
+            }
+        }
     }
 
     /// A grant state waiting to be written.

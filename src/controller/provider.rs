@@ -65,6 +65,9 @@ impl ProviderObject for ClusterMailProvider {
 
 /// Reconciles one provider.
 pub async fn reconcile<K: ProviderObject>(provider: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
+    if !ctx.leader.is_leader() {
+        return Ok(Action::await_change());
+    }
     let spec = provider.registration();
     let secrets_namespace = provider.namespace().unwrap_or_else(|| ctx.cluster_namespace.clone());
     let endpoints = resolve(&ctx, spec).await;

@@ -109,6 +109,7 @@ async fn revoke(ctx: &Context, binding: &MailboxBinding) -> std::result::Result<
         Err(e) => return Err(e.to_string()),
     };
     let request = RevokeRequest { url, client, token, hint };
+    ctx.leading().map_err(|e| e.to_string())?;
     ctx.tokens.revoke(&request).await.map_err(|r| crate::policy::classify::classify(&r.error).message)?;
     info!(binding = %binding.name_any(), namespace = %ns, hint, "token revoked at the provider");
     publish(ctx, binding, EventType::Normal, "Revoked", format!("the {hint} was revoked at the provider")).await;

@@ -47,6 +47,8 @@ pub struct Settings {
     pub limits: Arc<super::limits::RateLimits>,
     /// Reconciles running at once, per controller.
     pub concurrency: u16,
+    /// Whether this replica leads; controllers reconcile everything each time it starts to.
+    pub leader: Arc<super::leader::Leadership>,
 }
 
 /// Runs every controller until `shutdown`; `ready` turns true once every cache has synced.
@@ -139,9 +141,11 @@ pub async fn run(
             default_lifetime: settings.default_lifetime,
             references: settings.references,
             polls: Default::default(),
+            written: Default::default(),
             authorization: settings.authorization.clone(),
             metrics: Arc::clone(&settings.metrics),
             limits: Arc::clone(&settings.limits),
+            leader: Arc::clone(&settings.leader),
         });
         first_ctx.get_or_insert_with(|| Arc::clone(&ctx));
         if let Ok(mut all) = settings.contexts.lock() {
@@ -152,6 +156,7 @@ pub async fn run(
         tasks.push(until_shutdown(
             provider_controller
                 .with_config(controller_config(settings.concurrency))
+                .reconcile_all_on(settings.leader.terms())
                 .graceful_shutdown_on(shutdown.clone())
                 .run(
                     |p, c| counted("MailProvider", guarded(provider::reconcile(p, Arc::clone(&c))), c),
@@ -166,6 +171,7 @@ pub async fn run(
         tasks.push(until_shutdown(
             binding_controller
                 .with_config(controller_config(settings.concurrency))
+                .reconcile_all_on(settings.leader.terms())
                 .graceful_shutdown_on(shutdown.clone())
                 .run(
                     |b, c| counted("MailboxBinding", guarded(binding::reconcile(b, Arc::clone(&c))), c),
@@ -183,6 +189,7 @@ pub async fn run(
         tasks.push(until_shutdown(
             cluster_controller
                 .with_config(controller_config(settings.concurrency))
+                .reconcile_all_on(settings.leader.terms())
                 .graceful_shutdown_on(shutdown.clone())
                 .run(
                     |p, c| counted("ClusterMailProvider", guarded(provider::reconcile(p, Arc::clone(&c))), c),

@@ -154,9 +154,11 @@ fn context(client: Client, tokens: Arc<Canned>, bindings: &[MailboxBinding]) -> 
         default_lifetime: Duration::hours(1),
         references: Default::default(),
         polls: Default::default(),
+        written: Default::default(),
         authorization: Default::default(),
         metrics: Default::default(),
         limits: Arc::new(super::limits::RateLimits::new(100.0)),
+        leader: super::leader::Leadership::always(),
     })
 }
 

@@ -7,6 +7,7 @@ pub mod condition;
 pub mod duration;
 pub mod grant_state;
 pub mod identity;
+pub mod leader;
 pub mod ownership;
 pub mod provider;
 pub mod publish;

@@ -388,24 +388,41 @@ mailbox_size_limit = 0
         path.chmod(0o600)
         return path
 
-    def start_operator(self, *args, env_extra=None, wait=True):
+    def start_operator(self, *args, env_extra=None, wait=True, name="operator"):
         port = free_port()
-        self.ports["operator"] = port
+        self.ports[name] = port
         # Strict Secret references, as the chart runs it.
         env = dict(self.env, KUBECONFIG=str(self.service_account_kubeconfig()), RUST_LOG="info",
                    CLUSTER_RESOURCE_NAMESPACE=OPERATOR_NAMESPACE, STRICT_SECRET_REFERENCES="true")
         env.update(env_extra or {})
         # The bed's OAuth server is on 127.0.0.1, which the operator refuses unless allowed.
-        self.start("operator", [str(self.operator_bin), "run", "--listen-address", f"127.0.0.1:{port}",
-                                "--log-format", "json", "--allow-private-endpoints", *args], env=env)
+        self.start(name, [str(self.operator_bin), "run", "--listen-address", f"127.0.0.1:{port}",
+                          "--log-format", "json", "--allow-private-endpoints", *args], env=env)
         if wait:
-            wait_for("operator /readyz", lambda: self.alive("operator") and urllib.request.urlopen(
+            wait_for(f"{name} /readyz", lambda: self.alive(name) and urllib.request.urlopen(
                 f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200, timeout=60)
 
-    def stop_operator(self):
+    def stop_operator(self, name="operator"):
         # A token request in flight (up to 30 s) finishes before the operator exits, as in the
         # chart's 60 s grace period.
-        return self.stop("operator", timeout=60)
+        return self.stop(name, timeout=60)
+
+    def kill(self, name):
+        """SIGKILL: no shutdown, no lease release."""
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def metrics(self, name="operator"):
+        """The operator's /metrics as {series: value} (series with their labels)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports[name]}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        series = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                series[key] = float(value)
+        return series
 
     # ---------- saved state, for the demo ----------
     def save(self):

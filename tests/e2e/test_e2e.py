@@ -271,10 +271,79 @@ def test_a_namespace_scoped_install_works_with_roles_only(bed):
     assert reply.startswith("a1 OK"), reply
 
 
+LEASE_SECONDS = 6
+ELECT = {"LEADER_ELECT": "true", "LEADER_LEASE_DURATION": f"{LEASE_SECONDS}s"}
+
+
+def lease_holder(bed):
+    lease = bed.kubectl("get", "lease", "mail-oauth-operator", "-n", OPERATOR_NAMESPACE, "-o", "json", check=False)
+    return (json.loads(lease.stdout).get("spec") or {}).get("holderIdentity") if lease.returncode == 0 else None
+
+
+def leading(bed, name):
+    return bed.metrics(name).get("mailoauth_leader") == 1
+
+
+def token_requests_by(bed, name):
+    return sum(v for k, v in bed.metrics(name).items() if k.startswith("mailoauth_token_requests_total"))
+
+
+def refreshed_after_request(bed, binding_name, n):
+    """Asks for a refresh and returns when the binding records having acted on it."""
+    bed.kubectl("annotate", "--overwrite", "mailboxbinding", binding_name, "-n", NS, f"mailoauth.io/refresh-requested=ha-{n}")
+    wait_for(f"{binding_name} refreshed", lambda: binding_of(bed, binding_name)["status"].get("lastRefreshRequest") == f"ha-{n}",
+             timeout=60, interval=0.2)
+
+
+def test_two_replicas_elect_one_leader_and_only_the_leader_requests_tokens(bed):
+    assert bed.stop_operator() == 0
+    bed.start_operator("--namespace", NS, name="operator-a", env_extra=dict(ELECT, POD_NAME="operator-a"))
+    wait_for("operator-a to lead", lambda: lease_holder(bed) == "operator-a" and leading(bed, "operator-a"), timeout=30)
+    # The follower syncs its caches and turns ready without leading.
+    bed.start_operator("--namespace", NS, name="operator-b", env_extra=dict(ELECT, POD_NAME="operator-b"))
+    assert not leading(bed, "operator-b")
+    before = bed.oauth("/test/stats")["token_requests"]
+    refreshed_after_request(bed, "helpdesk", 1)
+    time.sleep(2)
+    assert bed.oauth("/test/stats")["token_requests"] == before + 1, "one refresh, one token request"
+    assert token_requests_by(bed, "operator-b") == 0
+    assert token_requests_by(bed, "operator-a") >= 1
+    assert lease_holder(bed) == "operator-a" and not leading(bed, "operator-b")
+
+
+def test_a_killed_leader_is_replaced_within_its_lease_duration(bed):
+    killed = time.monotonic()
+    bed.kill("operator-a")  # no release: the follower waits for the lease to run out
+    wait_for("operator-b to lead", lambda: leading(bed, "operator-b"), timeout=LEASE_SECONDS * 4, interval=0.2)
+    took_over = time.monotonic() - killed
+    before = bed.oauth("/test/stats")["token_requests"]
+    refreshed_after_request(bed, "helpdesk", 2)
+    served = time.monotonic() - killed
+    TIMINGS["failover after SIGKILL, lease %ds: leading (s)" % LEASE_SECONDS] = round(took_over, 1)
+    TIMINGS["failover after SIGKILL: first refresh served (s)"] = round(served, 1)
+    assert lease_holder(bed) == "operator-b"
+    assert took_over < LEASE_SECONDS * 2 + 2
+    assert bed.oauth("/test/stats")["token_requests"] == before + 1
+
+
+def test_a_leader_that_shuts_down_hands_over_at_once(bed):
+    bed.start_operator("--namespace", NS, name="operator-a", env_extra=dict(ELECT, POD_NAME="operator-a"))
+    assert not leading(bed, "operator-a")
+    stopped = time.monotonic()
+    assert bed.stop_operator("operator-b") == 0
+    wait_for("operator-a to lead", lambda: leading(bed, "operator-a"), timeout=LEASE_SECONDS * 4, interval=0.2)
+    TIMINGS["handover after SIGTERM (s)"] = round(time.monotonic() - stopped, 1)
+    assert time.monotonic() - stopped < LEASE_SECONDS / 2, "the lease was released, not left to run out"
+    refreshed_after_request(bed, "helpdesk", 3)
+    # The rest of the tests run with this replica as the operator.
+    bed.procs["operator"] = bed.procs.pop("operator-a")
+    bed.ports["operator"] = bed.ports["operator-a"]
+
+
 def test_no_token_or_secret_appears_in_logs_events_or_status(bed):
     assert len(SECRET_VALUES) > 8, "the earlier tests collected the values to look for"
     haystacks = {
-        "operator log": (bed.dir / "operator.log").read_text(errors="replace"),
+        "operator logs": "".join(p.read_text(errors="replace") for p in bed.dir.glob("operator*.log")),
         "events": bed.kubectl("get", "events", "-A", "-o", "json").stdout,
         "bindings": bed.kubectl("get", "mailboxbindings", "-A", "-o", "json").stdout,
         "providers": bed.kubectl("get", "mailproviders", "-A", "-o", "json").stdout,
