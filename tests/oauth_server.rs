@@ -98,6 +98,7 @@ fn context(
         references,
         polls: Default::default(),
         written: Default::default(),
+        own_writes: Default::default(),
         authorization: Default::default(),
         metrics: Default::default(),
         limits: Arc::new(mail_oauth_operator::controller::limits::RateLimits::new(rate)),

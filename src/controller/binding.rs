@@ -225,7 +225,8 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
                 let want = desired(&binding, &binding.spec.secret_name, Role::Published, data);
                 if !published.as_ref().is_some_and(|p| up_to_date(p, &want)) {
                     match apply_secret(&secrets, &want).await {
-                        Ok(_) => {
+                        Ok(written) => {
+                            ctx.wrote_secret(&written);
                             info!(binding = %name, namespace = %ns, secret = %binding.spec.secret_name, "published Secret written");
                             failpoint("after-publish", &name);
                         }
@@ -334,7 +335,10 @@ async fn persist_grant(ctx: &Context, api: &Api<Secret>, binding: &MailboxBindin
     let mut attempt = 0_u64;
     let source = loop {
         match apply_secret(api, &want).await {
-            Ok(_) => return Ok(()),
+            Ok(written) => {
+                ctx.wrote_secret(&written);
+                return Ok(());
+            }
             Err(e) => {
                 warn!(binding = %binding.name_any(), namespace = %ns, attempt, error = %e, "writing grant state failed");
                 attempt = attempt.saturating_add(1);

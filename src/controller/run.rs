@@ -74,6 +74,7 @@ pub async fn run(
     let mut cluster_for_bindings: Vec<_> = (0..scope_count).map(|_| subscribe(&cluster_writer)).collect();
     tasks.push(drive(
         watcher(Api::<ClusterMailProvider>::all(client.clone()), wc.clone())
+            .modify(slim)
             .default_backoff()
             .reflect_shared(cluster_writer),
         shutdown.clone(),
@@ -97,20 +98,28 @@ pub async fn run(
         let providers_for_controller = subscribe(&provider_writer);
         let providers_for_bindings = subscribe(&provider_writer);
         tasks.push(drive(
-            watcher(providers_api, wc.clone()).default_backoff().reflect_shared(provider_writer),
+            watcher(providers_api, wc.clone()).modify(slim).default_backoff().reflect_shared(provider_writer),
             shutdown.clone(),
         ));
         let provider_controller = Controller::for_shared_stream(providers_for_controller, provider_store.clone());
 
         let (binding_store, writer) = reflector::store();
-        let binding_stream = reflector::reflector(writer, watcher(bindings_api, wc.clone()))
+        let binding_stream = reflector::reflector(writer, watcher(bindings_api, wc.clone()).modify(slim))
             .default_backoff()
             .applied_objects()
             .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
-        let owned_secrets =
+        // Metadata only (`PartialObjectMeta` asks the apiserver for no Secret data), and only
+        // the Secrets we label.
+        // Our own writes' events are dropped: they would only make the binding read its Secrets
+        // again to find them as it wrote them.
+        let own_writes = super::OwnWrites::default();
+        let owned_secrets = {
+            let own = own_writes.clone();
             watcher(secrets_api, watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")))
                 .default_backoff()
-                .touched_objects();
+                .touched_objects()
+                .filter(move |s| std::future::ready(s.as_ref().map_or(true, |m| !own.is_own(&m.metadata))))
+        };
         let by_provider = {
             let store = binding_store.clone();
             move |p: Arc<MailProvider>| referencing(&store, ProviderKind::MailProvider, &p.name_any(), p.namespace())
@@ -142,6 +151,7 @@ pub async fn run(
             references: settings.references,
             polls: Default::default(),
             written: Default::default(),
+            own_writes: own_writes.clone(),
             authorization: settings.authorization.clone(),
             metrics: Arc::clone(&settings.metrics),
             limits: Arc::clone(&settings.limits),
@@ -292,6 +302,17 @@ where
         }
     }
     .boxed()
+}
+
+/// What the caches keep of an object: everything but `managedFields` and kubectl's
+/// last-applied copy of the object, which the operator never reads (together often larger than
+/// the rest of a binding).
+fn slim<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
 /// Events buffered per subscriber of a shared reflector before the reflector waits.

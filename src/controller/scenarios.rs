@@ -155,6 +155,7 @@ fn context(client: Client, tokens: Arc<Canned>, bindings: &[MailboxBinding]) -> 
         references: Default::default(),
         polls: Default::default(),
         written: Default::default(),
+        own_writes: Default::default(),
         authorization: Default::default(),
         metrics: Default::default(),
         limits: Arc::new(super::limits::RateLimits::new(100.0)),

@@ -388,11 +388,11 @@ mailbox_size_limit = 0
         path.chmod(0o600)
         return path
 
-    def start_operator(self, *args, env_extra=None, wait=True, name="operator"):
+    def start_operator(self, *args, env_extra=None, wait=True, name="operator", kubeconfig=None):
         port = free_port()
         self.ports[name] = port
         # Strict Secret references, as the chart runs it.
-        env = dict(self.env, KUBECONFIG=str(self.service_account_kubeconfig()), RUST_LOG="info",
+        env = dict(self.env, KUBECONFIG=str(kubeconfig or self.service_account_kubeconfig()), RUST_LOG="info",
                    CLUSTER_RESOURCE_NAMESPACE=OPERATOR_NAMESPACE, STRICT_SECRET_REFERENCES="true")
         env.update(env_extra or {})
         # The bed's OAuth server is on 127.0.0.1, which the operator refuses unless allowed.

@@ -1,0 +1,252 @@
+"""The scale benchmark (scripts/bench.sh runs it): the operator against a bare loop on the real
+kube-apiserver of the e2e bed and a fast local token endpoint (token_server.py).
+
+For each size N it measures:
+  * operator: from process start (N client-credentials bindings already applied, none Ready) to
+    all Ready, and the bare loop (tests/bench/bare_loop.rs, same libraries and concurrency) doing
+    the same token requests and writes for another N bindings; their ratio;
+  * RSS of the operator above its idle baseline (0 bindings), per binding;
+  * API requests (counted by the apiserver) per binding made Ready, while idle, and during a
+    restart with N valid tokens; token requests during the restart; the restart's peak RSS;
+  * CPU while idle (30 s).
+With --renewals, one run with the endpoint capped at 20 requests/s and tokens living 120 s:
+the share of renewals made before expiresAt - refreshBefore of the token they replace.
+
+Prints a JSON report (and writes it to --out).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+from bed import Bed, free_port, wait_for  # noqa: E402
+
+CLK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+OWN_RESOURCES = {"secrets", "mailboxbindings", "mailproviders", "clustermailproviders", "events", "leases",
+                 "namespaces"}
+
+
+def proc_status(pid, key):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+class Run:
+    def __init__(self, bed, args):
+        self.bed, self.args = bed, args
+        self.token_port = None
+
+    # ---------- parts ----------
+    def start_token_server(self, lifetime=3600, rate=0, refresh_before=600):
+        self.bed.stop("token-server")
+        self.token_port = free_port()
+        self.bed.start("token-server", [sys.executable, str(HERE / "token_server.py"), "--port", str(self.token_port),
+                                        "--cert", str(self.bed.dir / "oauth.crt"), "--key", str(self.bed.dir / "oauth.key"),
+                                        "--lifetime", str(lifetime), "--rate", str(rate),
+                                        "--refresh-before", str(refresh_before), "--latency-ms", str(self.args.latency_ms)])
+        wait_for("token server", lambda: self.token_stats() is not None, timeout=20)
+
+    def token_stats(self):
+        import ssl
+        ctx = ssl.create_default_context(cafile=str(self.bed.dir / "ca.crt"))
+        with urllib.request.urlopen(f"https://127.0.0.1:{self.token_port}/stats", context=ctx, timeout=5) as r:
+            return json.loads(r.read())
+
+    def api_requests(self):
+        """Non-watch requests the apiserver has served on the operator's resources."""
+        text = self.bed.kubectl("get", "--raw", "/metrics").stdout
+        total = 0
+        for line in text.splitlines():
+            if line.startswith("apiserver_request_total{"):
+                labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.rindex("}")].split(","))
+                labels = {k: v.strip('"') for k, v in labels.items()}
+                if labels.get("resource") in OWN_RESOURCES and labels.get("verb") not in ("WATCH", "CONNECT"):
+                    total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def create(self, namespace, count, refresh_before=None):
+        """A namespace, the fast provider and `count` client-credentials bindings, by kubectl create."""
+        self.bed.kubectl("create", "namespace", namespace)
+        docs = [
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fast-client", "namespace": namespace,
+                                                                "labels": {"mailoauth.io/allow-reference": "true"}},
+             "stringData": {"client-secret": "bench-secret"}},
+            {"apiVersion": "mailoauth.io/v1alpha1", "kind": "MailProvider", "metadata": {"name": "fast", "namespace": namespace},
+             "spec": {"generic": {"tokenUrl": f"https://127.0.0.1:{self.token_port}/token",
+                                  "caBundle": (self.bed.dir / "ca.crt").read_text(),
+                                  "servers": {"imap": {"host": "127.0.0.1", "port": 993}}},
+                      "clientId": "bench",
+                      "clientAuthentication": {"clientSecretRefs": [{"name": "fast-client", "key": "client-secret"}]}}},
+        ]
+        self.create_docs(docs)
+        chunk = []
+        for i in range(count):
+            spec = {"providerRef": {"name": "fast"}, "mailbox": f"b-{i}@example.com", "scopes": [f"bench-{i}"],
+                    "grant": {"clientCredentials": {}}, "secretName": f"b-{i}-mail-token", "protocols": ["imap"]}
+            if refresh_before:
+                spec["refreshBefore"] = refresh_before
+            chunk.append({"apiVersion": "mailoauth.io/v1alpha1", "kind": "MailboxBinding",
+                          "metadata": {"name": f"b-{i}", "namespace": namespace}, "spec": spec})
+            if len(chunk) == 500:
+                self.create_docs(chunk)
+                chunk = []
+        if chunk:
+            self.create_docs(chunk)
+
+    def create_docs(self, docs):
+        self.bed.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+
+    def start_operator(self, namespace, *extra):
+        self.bed.start_operator("--namespace", namespace, "--max-concurrent-reconciles", str(self.args.concurrency),
+                                "--api-qps", str(self.args.api_qps), *extra,
+                                kubeconfig=self.bed.dir / "admin.kubeconfig", env_extra={"RUST_LOG": "warn"})
+        return self.bed.procs["operator"].pid
+
+    def ready_count(self):
+        m = self.bed.metrics()
+        return sum(v for k, v in m.items() if k.startswith("mailoauth_binding_ready{"))
+
+    def reconciled(self):
+        m = self.bed.metrics()
+        return sum(v for k, v in m.items() if k.startswith("mailoauth_reconciles_total{") and 'kind="MailboxBinding"' in k)
+
+    # ---------- the measurements ----------
+    def size(self, n):
+        report = {"bindings": n}
+        # Idle baseline: the operator on an empty namespace.
+        self.start_token_server()
+        empty = f"bench-empty-{n}"
+        self.bed.kubectl("create", "namespace", empty)
+        pid = self.start_operator(empty)
+        time.sleep(5)
+        baseline = proc_status(pid, "VmRSS")
+        self.bed.stop_operator()
+        report["rss_idle_baseline_mib"] = round(baseline / 2**20, 1)
+
+        # The bare loop.
+        loop_ns = f"bench-loop-{n}"
+        self.create(loop_ns, n)
+        env = dict(self.bed.env, BENCH_NAMESPACE=loop_ns, BENCH_COUNT=str(n), BENCH_CONCURRENCY=str(self.args.concurrency),
+                   BENCH_TOKEN_URL=f"https://127.0.0.1:{self.token_port}/token", BENCH_CA=str(self.bed.dir / "ca.crt"))
+        out = subprocess.run([self.args.bare_loop], env=env, capture_output=True, text=True, check=True)
+        loop = json.loads(out.stdout.strip().splitlines()[-1])
+        assert loop["failed"] == 0, out.stderr
+        report["bare_loop_s"] = round(loop["seconds"], 2)
+
+        # The operator, started with N bindings waiting.
+        op_ns = f"bench-op-{n}"
+        self.create(op_ns, n)
+        api_before, tokens_before = self.api_requests(), self.token_stats()["issued"]
+        started = time.monotonic()
+        pid = self.start_operator(op_ns, "--provider-token-rate", "10000")
+        wait_for("all bindings Ready", lambda: self.ready_count() >= n, timeout=max(120, n / 5), interval=0.25)
+        report["operator_s"] = round(time.monotonic() - started, 2)
+        report["ratio"] = round(report["operator_s"] / report["bare_loop_s"], 2)
+        time.sleep(10)
+        report["token_requests_per_binding"] = round((self.token_stats()["issued"] - tokens_before) / n, 3)
+        report["api_requests_per_binding_made_ready"] = round((self.api_requests() - api_before) / n, 2)
+
+        # Steady state: memory, idle CPU and idle API requests.
+        time.sleep(5)
+        steady = proc_status(pid, "VmRSS")
+        report["rss_steady_mib"] = round(steady / 2**20, 1)
+        report["rss_per_binding_kib"] = round((steady - baseline) / n / 1024, 2)
+        api0, cpu0, t0 = self.api_requests(), cpu_seconds(pid), time.monotonic()
+        time.sleep(30)
+        cpu1, t1 = cpu_seconds(pid), time.monotonic()
+        report["idle_cpu_percent_of_a_core"] = round(100 * (cpu1 - cpu0) / (t1 - t0), 2)
+        report["idle_api_requests_in_30s"] = self.api_requests() - api0 - 1  # less this query's own count
+
+        # A restart with N valid tokens.
+        self.bed.stop_operator()
+        api0, tokens0 = self.api_requests(), self.token_stats()["requests"]
+        started = time.monotonic()
+        pid = self.start_operator(op_ns, "--provider-token-rate", "10000")
+        wait_for("every binding reconciled after the restart", lambda: self.reconciled() >= n,
+                 timeout=max(120, n / 5), interval=0.25)
+        report["restart_all_reconciled_s"] = round(time.monotonic() - started, 2)
+        time.sleep(10)
+        report["restart_rss_peak_mib"] = round(proc_status(pid, "VmHWM") / 2**20, 1)
+        report["restart_rss_after_mib"] = round(proc_status(pid, "VmRSS") / 2**20, 1)
+        report["restart_peak_over_steady"] = round(proc_status(pid, "VmHWM") / steady, 2)
+        report["restart_token_requests"] = self.token_stats()["requests"] - tokens0
+        report["restart_api_requests"] = self.api_requests() - api0 - 1
+        self.bed.stop_operator()
+        for ns in (empty, loop_ns, op_ns):
+            self.bed.kubectl("delete", "namespace", ns, "--wait=false")
+        return report
+
+    def renewals(self, n, seconds):
+        """The endpoint capped at 20 requests/s, tokens of 120 s, refreshBefore 30s."""
+        self.start_token_server(lifetime=120, rate=20, refresh_before=30)
+        ns = f"bench-renew-{n}"
+        self.create(ns, n, refresh_before="30s")
+        api0 = self.api_requests()
+        self.start_operator(ns, "--provider-token-rate", "20")
+        time.sleep(seconds)
+        stats = self.token_stats()
+        self.bed.stop_operator()
+        api = self.api_requests() - api0
+        return {"bindings": n, "lifetime_s": 120, "refresh_before_s": 30, "cap_per_s": 20, "observed_s": seconds,
+                "token_requests": stats["requests"], "issued": stats["issued"], "renewals": stats["renewals"],
+                "late_renewals": stats["late"], "worst_lateness_s": stats["worst_lateness_s"],
+                "rejected_429": stats["rejected_429"],
+                "on_time_share": round(1 - stats["late"] / stats["renewals"], 4) if stats["renewals"] else None,
+                "api_requests_per_token": round(api / max(stats["issued"], 1), 2)}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", default="1000")
+    p.add_argument("--renewals", type=int, default=0, help="bindings for the renewal run (0: skip)")
+    p.add_argument("--renewal-seconds", type=int, default=300)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--api-qps", type=int, default=1000)
+    p.add_argument("--latency-ms", type=int, default=0)
+    p.add_argument("--bare-loop", required=True)
+    p.add_argument("--out")
+    args = p.parse_args()
+    bed = Bed()
+    report = {"machine": {"cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30, 1)},
+              "concurrency": args.concurrency, "api_qps": args.api_qps, "sizes": []}
+    try:
+        bed.certificates()
+        bed.start_etcd()
+        bed.start_apiserver()
+        bed.kubectl("apply", "-f", str(ROOT / "crds"))
+        bed.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        run = Run(bed, args)
+        for n in [int(s) for s in args.sizes.split(",") if s]:
+            report["sizes"].append(run.size(n))
+            print(json.dumps(report["sizes"][-1]), flush=True)
+        if args.renewals:
+            report["renewals"] = run.renewals(args.renewals, args.renewal_seconds)
+            print(json.dumps(report["renewals"]), flush=True)
+    except BaseException:
+        bed.dump_logs(20)
+        raise
+    finally:
+        bed.down()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
