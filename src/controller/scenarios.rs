@@ -304,6 +304,43 @@ async fn a_first_reconcile_reads_two_secrets_and_the_client_secret_then_writes_g
 }
 
 #[tokio::test]
+async fn a_reconcile_from_the_copy_its_own_status_write_replaced_waits_for_the_cache_and_requests_nothing() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let mut b = binding_object();
+    b.metadata.resource_version = Some("42".into());
+    b.metadata.annotations = Some([("mailoauth.io/refresh-requested".to_owned(), "1".to_owned())].into());
+    let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
+    // The status of resourceVersion 42 was just written (recording refresh request "1"); the
+    // cache still holds 42, as when a Secret event queues a reconcile before the status event.
+    ctx.wrote_status("mail", "helpdesk", Some("42"));
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
+    server.nothing_more().await;
+    let action = reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no second refresh for the same request");
+    assert!(format!("{action:?}").contains("200ms"), "{action:?}");
+    // Once the cache shows a later version, the binding is reconciled as usual.
+    assert!(!ctx.behind_own_write("mail", "helpdesk", Some("43")));
+    assert!(!ctx.behind_own_write("mail", "helpdesk", Some("42")), "the write is forgotten once seen past");
+}
+
+#[test]
+fn a_secret_event_of_our_own_write_is_recognised_once_and_a_later_change_is_not() {
+    let own = super::OwnWrites::default();
+    let mut secret = Secret::default();
+    secret.metadata.namespace = Some("mail".into());
+    secret.metadata.name = Some("helpdesk-mail-token".into());
+    secret.metadata.resource_version = Some("7".into());
+    own.record(&secret);
+    let mut later = secret.metadata.clone();
+    later.resource_version = Some("8".into());
+    assert!(!own.is_own(&later), "someone else's change after ours triggers");
+    own.record(&secret);
+    assert!(own.is_own(&secret.metadata));
+    assert!(!own.is_own(&secret.metadata), "recognised once");
+}
+
+#[tokio::test]
 async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
     let (client, mut server) = mocked();
     let tokens = Arc::new(Canned::default());

@@ -220,6 +220,8 @@ def main():
     p.add_argument("--latency-ms", type=int, default=0)
     p.add_argument("--bare-loop", required=True)
     p.add_argument("--out")
+    p.add_argument("--check", action="store_true",
+                   help="fail unless each binding took one token request and a restart took none (the CI smoke run)")
     args = p.parse_args()
     bed = Bed()
     report = {"machine": {"cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30, 1)},
@@ -246,6 +248,13 @@ def main():
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.check:
+        for size in report["sizes"]:
+            assert size["token_requests_per_binding"] == 1, size
+            assert size["restart_token_requests"] == 0, size
+            assert size["idle_api_requests_in_30s"] <= 5, size
+        if "renewals" in report:
+            assert report["renewals"]["late_renewals"] == 0, report["renewals"]
 
 
 if __name__ == "__main__":
