@@ -99,6 +99,8 @@ fn context(
         polls: Default::default(),
         written: Default::default(),
         own_writes: Default::default(),
+        referable: Default::default(),
+        client_secrets: Default::default(),
         authorization: Default::default(),
         metrics: Default::default(),
         limits: Arc::new(mail_oauth_operator::controller::limits::RateLimits::new(rate)),

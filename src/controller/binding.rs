@@ -107,8 +107,12 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
 
     let flow = flow_for(&binding.spec.grant);
     let (provider, usable) = provider_for(&binding, flow.as_deref(), &ctx).await?;
-    let grant_secret = get_secret(&secrets, &ns, &grant_name).await?;
-    let published = get_secret(&secrets, &ns, &binding.spec.secret_name).await?;
+    // Both Secrets at once: one round trip of latency, not two.
+    let (grant_secret, published) = futures::future::try_join(
+        get_secret(&secrets, &ns, &grant_name),
+        get_secret(&secrets, &ns, &binding.spec.secret_name),
+    )
+    .await?;
     let conflict = secret_conflict(&binding, &provider, grant_secret.as_ref(), published.as_ref(), &ctx);
     let mut grant = grant_secret.as_ref().filter(|_| conflict.is_none()).and_then(decode_grant);
     let stored_pending = grant_secret.as_ref().filter(|_| conflict.is_none()).and_then(decode_pending);
@@ -308,6 +312,7 @@ pub fn error_policy(binding: Arc<MailboxBinding>, error: &Error, _ctx: Arc<Conte
 }
 
 async fn get_secret(api: &Api<Secret>, ns: &str, name: &str) -> Result<Option<Secret>> {
+    debug!(namespace = %ns, secret = %name, "reading Secret");
     api.get_opt(name).await.map_err(|source| Error::ReadSecret {
         namespace: ns.to_owned(),
         name: name.to_owned(),
@@ -691,21 +696,53 @@ enum Read {
 }
 
 /// Reads one key of a referenced Secret, if the reference policy lets it be read.
+/// A client secret: from memory while the referable-Secret watch shows the version it was read
+/// from, else read (and kept, when the watch covers its Secret).
+async fn read_client_secret(ctx: &Context, ns: &str, name: &str, key: &str) -> Result<Read> {
+    let id = (ns.to_owned(), name.to_owned(), key.to_owned());
+    let seen = ctx.referable.version(ns, name);
+    if let (Some(seen), Ok(mut cache)) = (seen.as_ref(), ctx.client_secrets.lock()) {
+        match cache.get(&id) {
+            Some((rv, value)) if rv == seen => return Ok(Read::Value(value.clone())),
+            Some(_) => {
+                cache.remove(&id);
+            }
+            None => {}
+        }
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(secret) = get_secret(&api, ns, name).await? else {
+        return Ok(Read::Missing);
+    };
+    let read = value_of(ctx, ns, name, key, secret.clone());
+    if let (Read::Value(value), Some(rv), Some(_)) = (&read, secret.metadata.resource_version, seen)
+        && let Ok(mut cache) = ctx.client_secrets.lock()
+    {
+        cache.insert(id, (rv, value.clone()));
+    }
+    Ok(read)
+}
+
 async fn read_key(ctx: &Context, ns: &str, name: &str, key: &str) -> Result<Read> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let Some(secret) = get_secret(&api, ns, name).await? else {
         return Ok(Read::Missing);
     };
+    Ok(value_of(ctx, ns, name, key, secret))
+}
+
+/// A key of a Secret read, if the reference policy lets it be read.
+fn value_of(ctx: &Context, ns: &str, name: &str, key: &str, secret: Secret) -> Read {
     if !may_read(ctx.references, ns, &ctx.cluster_namespace, secret.metadata.labels.as_ref()) {
-        return Ok(Read::NotAllowed(not_allowed(ns, name)));
+        return Read::NotAllowed(not_allowed(ns, name));
     }
-    Ok(secret
+    secret
         .data
         .and_then(|mut d| d.remove(key))
         .and_then(|v| String::from_utf8(v.0).ok())
         .map(|v| v.trim().to_owned())
         .filter(|v| !v.is_empty())
-        .map_or(Read::Missing, |v| Read::Value(SecretString::from(v))))
+        .map_or(Read::Missing, |v| Read::Value(SecretString::from(v)))
 }
 
 fn annotation<'a>(binding: &'a MailboxBinding, key: &str) -> Option<&'a str> {
@@ -831,7 +868,7 @@ pub(crate) async fn client_of(
     }
     let mut client_secrets = Vec::new();
     for r in secret_refs(&usable.spec) {
-        match read_key(ctx, &usable.secrets_namespace, &r.name, &r.key).await? {
+        match read_client_secret(ctx, &usable.secrets_namespace, &r.name, &r.key).await? {
             Read::Value(s) => client_secrets.push(s),
             Read::Missing => {}
             Read::NotAllowed(what) => return Ok(Err(not_ready(Reason::SecretReferenceNotAllowed, what))),

@@ -10,6 +10,7 @@ pub mod provider;
 pub mod revoke;
 pub mod run;
 pub mod secrets;
+pub mod versions;
 
 #[cfg(test)]
 mod scenarios;
@@ -90,7 +91,16 @@ pub struct Context {
     /// Secrets this process has just written (published and grant state), until their watch
     /// event arrives: that event is our own write and triggers no reconcile.
     pub own_writes: OwnWrites,
+    /// Versions of the Secrets labelled as referable (strict mode), from a metadata watch.
+    pub referable: versions::SecretVersions,
+    /// Client secrets read before, with the version of the Secret they came from: reused while
+    /// the watch shows that version (strict mode only; a Secret unlabelled or changed is read
+    /// again, and refused if it may no longer be read).
+    pub client_secrets: ClientSecretCache,
 }
+
+/// Client secrets by (namespace, Secret, key): the Secret's `resourceVersion` and the value.
+pub type ClientSecretCache = Arc<Mutex<HashMap<(String, String, String), (String, secrecy::SecretString)>>>;
 
 /// `resourceVersion`s of Secrets just written, by (namespace, name).
 #[derive(Clone, Debug, Default)]

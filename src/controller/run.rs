@@ -16,7 +16,10 @@ use kube::{Api, Client, ResourceExt};
 use tracing::{debug, info};
 
 use super::{Clock, Context, binding, provider};
-use crate::api::{ClusterMailProvider, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailProvider, MailboxBinding, ProviderKind};
+use crate::api::{
+    ALLOW_REFERENCE_LABEL, ClusterMailProvider, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailProvider, MailboxBinding,
+    ProviderKind,
+};
 use crate::oauth::TokenEndpoint;
 use crate::oauth::http::HttpClients;
 
@@ -110,6 +113,23 @@ pub async fn run(
             .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
         // Metadata only (`PartialObjectMeta` asks the apiserver for no Secret data), and only
         // the Secrets we label.
+        // In strict mode, the versions of referable Secrets (client secrets read once are reused
+        // until theirs changes).
+        let referable = super::versions::SecretVersions::default();
+        if settings.references == crate::policy::reference::ReferencePolicy::Labelled {
+            let versions = referable.clone();
+            let api: Api<PartialObjectMeta<Secret>> = scoped(&client, scope.as_deref());
+            tasks.push(drive(
+                watcher(api, watcher::Config::default().labels(&format!("{ALLOW_REFERENCE_LABEL}=true")))
+                    .default_backoff()
+                    .inspect(move |e| {
+                        if let Ok(e) = e {
+                            versions.observe(e);
+                        }
+                    }),
+                shutdown.clone(),
+            ));
+        }
         // Our own writes' events are dropped: they would only make the binding read its Secrets
         // again to find them as it wrote them.
         let own_writes = super::OwnWrites::default();
@@ -152,6 +172,8 @@ pub async fn run(
             polls: Default::default(),
             written: Default::default(),
             own_writes: own_writes.clone(),
+            referable: referable.clone(),
+            client_secrets: Default::default(),
             authorization: settings.authorization.clone(),
             metrics: Arc::clone(&settings.metrics),
             limits: Arc::clone(&settings.limits),

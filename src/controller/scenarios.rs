@@ -156,6 +156,8 @@ fn context(client: Client, tokens: Arc<Canned>, bindings: &[MailboxBinding]) -> 
         polls: Default::default(),
         written: Default::default(),
         own_writes: Default::default(),
+        referable: Default::default(),
+        client_secrets: Default::default(),
         authorization: Default::default(),
         metrics: Default::default(),
         limits: Arc::new(super::limits::RateLimits::new(100.0)),

@@ -67,20 +67,28 @@ class Run:
         with urllib.request.urlopen(f"https://127.0.0.1:{self.token_port}/stats", context=ctx, timeout=5) as r:
             return json.loads(r.read())
 
-    def api_requests(self):
-        """Non-watch requests the apiserver has served on the operator's resources."""
+    def api_requests(self, by_kind=False):
+        """Non-watch requests the apiserver has served on the operator's resources (by verb and
+        resource with `by_kind`)."""
         text = self.bed.kubectl("get", "--raw", "/metrics").stdout
-        total = 0
+        counts = {}
         for line in text.splitlines():
             if line.startswith("apiserver_request_total{"):
                 labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.rindex("}")].split(","))
                 labels = {k: v.strip('"') for k, v in labels.items()}
                 if labels.get("resource") in OWN_RESOURCES and labels.get("verb") not in ("WATCH", "CONNECT"):
-                    total += float(line.rsplit(" ", 1)[1])
-        return total
+                    kind = f'{labels["verb"]} {labels["resource"]}{"/" + labels["subresource"] if labels.get("subresource") else ""}'
+                    counts[kind] = counts.get(kind, 0) + float(line.rsplit(" ", 1)[1])
+        return counts if by_kind else sum(counts.values())
 
-    def create(self, namespace, count, refresh_before=None):
-        """A namespace, the fast provider and `count` client-credentials bindings, by kubectl create."""
+    def per(self, before, after, n):
+        return {k: round((after.get(k, 0) - before.get(k, 0)) / n, 2) for k in sorted(after)
+                if after.get(k, 0) - before.get(k, 0) > 0}
+
+    def create(self, namespace, count, refresh_before=None, provider_ready=False):
+        """A namespace, the fast provider and `count` client-credentials bindings, by kubectl create.
+        With `provider_ready`, the operator first makes the provider Ready (then stops), as in a
+        cluster where bindings are added to a provider already in use."""
         self.bed.kubectl("create", "namespace", namespace)
         docs = [
             {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fast-client", "namespace": namespace,
@@ -94,6 +102,10 @@ class Run:
                       "clientAuthentication": {"clientSecretRefs": [{"name": "fast-client", "key": "client-secret"}]}}},
         ]
         self.create_docs(docs)
+        if provider_ready:
+            self.start_operator(namespace)
+            self.bed.kubectl("wait", "--for=condition=Ready", "mailprovider/fast", "-n", namespace, "--timeout=60s")
+            self.bed.stop_operator()
         chunk = []
         for i in range(count):
             spec = {"providerRef": {"name": "fast"}, "mailbox": f"b-{i}@example.com", "scopes": [f"bench-{i}"],
@@ -114,7 +126,9 @@ class Run:
     def start_operator(self, namespace, *extra):
         self.bed.start_operator("--namespace", namespace, "--max-concurrent-reconciles", str(self.args.concurrency),
                                 "--api-qps", str(self.args.api_qps), *extra,
-                                kubeconfig=self.bed.dir / "admin.kubeconfig", env_extra={"RUST_LOG": "warn"})
+                                kubeconfig=self.bed.dir / "admin.kubeconfig",
+                                env_extra=dict(RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"), **dict(
+                                    kv.split("=", 1) for kv in os.environ.get("BENCH_OPERATOR_ENV", "").split(",") if kv)))
         return self.bed.procs["operator"].pid
 
     def ready_count(self):
@@ -150,8 +164,8 @@ class Run:
 
         # The operator, started with N bindings waiting.
         op_ns = f"bench-op-{n}"
-        self.create(op_ns, n)
-        api_before, tokens_before = self.api_requests(), self.token_stats()["issued"]
+        self.create(op_ns, n, provider_ready=True)
+        api_before, tokens_before = self.api_requests(by_kind=True), self.token_stats()["issued"]
         started = time.monotonic()
         pid = self.start_operator(op_ns, "--provider-token-rate", "10000")
         wait_for("all bindings Ready", lambda: self.ready_count() >= n, timeout=max(120, n / 5), interval=0.25)
@@ -159,7 +173,9 @@ class Run:
         report["ratio"] = round(report["operator_s"] / report["bare_loop_s"], 2)
         time.sleep(10)
         report["token_requests_per_binding"] = round((self.token_stats()["issued"] - tokens_before) / n, 3)
-        report["api_requests_per_binding_made_ready"] = round((self.api_requests() - api_before) / n, 2)
+        api_after = self.api_requests(by_kind=True)
+        report["api_requests_per_binding_made_ready"] = round(sum(self.per(api_before, api_after, n).values()), 2)
+        report["api_requests_per_binding_made_ready_by_kind"] = self.per(api_before, api_after, n)
 
         # Steady state: memory, idle CPU and idle API requests.
         time.sleep(5)
@@ -195,19 +211,21 @@ class Run:
         """The endpoint capped at 20 requests/s, tokens of 120 s, refreshBefore 30s."""
         self.start_token_server(lifetime=120, rate=20, refresh_before=30)
         ns = f"bench-renew-{n}"
-        self.create(ns, n, refresh_before="30s")
-        api0 = self.api_requests()
+        self.create(ns, n, refresh_before="30s", provider_ready=True)
+        api0 = self.api_requests(by_kind=True)
         self.start_operator(ns, "--provider-token-rate", "20")
         time.sleep(seconds)
         stats = self.token_stats()
         self.bed.stop_operator()
-        api = self.api_requests() - api0
+        by_kind = self.per(api0, self.api_requests(by_kind=True), max(stats["issued"], 1))
+        api = sum(by_kind.values()) * max(stats["issued"], 1)
         return {"bindings": n, "lifetime_s": 120, "refresh_before_s": 30, "cap_per_s": 20, "observed_s": seconds,
                 "token_requests": stats["requests"], "issued": stats["issued"], "renewals": stats["renewals"],
                 "late_renewals": stats["late"], "worst_lateness_s": stats["worst_lateness_s"],
                 "rejected_429": stats["rejected_429"],
                 "on_time_share": round(1 - stats["late"] / stats["renewals"], 4) if stats["renewals"] else None,
-                "api_requests_per_token": round(api / max(stats["issued"], 1), 2)}
+                "api_requests_per_token": round(api / max(stats["issued"], 1), 2),
+                "api_requests_per_token_by_kind": by_kind}
 
 
 def main():
