@@ -84,7 +84,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     // acting on it could repeat what that write recorded (a requested refresh). Soon the cache
     // has caught up.
     if ctx.behind_own_write(&ns, &name, binding.resource_version().as_deref()) {
-        debug!(binding = %name, namespace = %ns, "the cache has not caught up with the last status write; waiting");
+        debug!("the cache has not caught up with the last status write; waiting");
         return Ok(Action::requeue(StdDuration::from_millis(200)));
     }
     // revokeOnDelete's finalizer, and a deletion: nothing else is done for a deleted binding.
@@ -122,7 +122,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     let adopted =
         grant_secret.as_ref().is_some_and(|s| from_predecessor(&uid, &name, &binding_label(&name), &s.metadata));
     if let (true, None, Some(state)) = (adopted, conflict.as_ref(), grant.as_ref()) {
-        info!(binding = %name, namespace = %ns, "adopting the grant state of an earlier binding of this name");
+        info!("adopting the grant state of an earlier binding of this name");
         persist_grant(&ctx, &secrets, &binding, state.clone()).await?;
     }
 
@@ -183,7 +183,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
                         let started = stored_pending.as_ref().is_none_or(|s| s.device_code_differs(&p));
                         persist_pending(&secrets, &binding, &p).await?;
                         if started {
-                            info!(binding = %name, namespace = %ns, method = %p.method, "waiting for a person to authorize");
+                            info!(method = %p.method, "waiting for a person to authorize");
                             // A new authorization replaces whatever grant was stored.
                             grant = None;
                         }
@@ -193,7 +193,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
                     Outcome::Awaiting(p)
                 }
                 Obtained::Token(state) => {
-                    info!(binding = %name, namespace = %ns, why = ?why, expires_at = %state.expires_at, "token obtained");
+                    info!(why = ?why, expires_at = %state.expires_at, "token obtained");
                     ctx.forget_poll(&ns, &name);
                     persist_grant(&ctx, &secrets, &binding, state.clone()).await?;
                     failpoint("after-grant-write", &name);
@@ -201,9 +201,9 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
                     Outcome::Refreshed
                 }
                 Obtained::Failed { failure: f, rescued } => {
-                    warn!(binding = %name, namespace = %ns, reason = %f.reason, message = %f.message, "token request failed");
+                    warn!(reason = %f.reason, message = %f.message, "token request failed");
                     if let Some(state) = rescued {
-                        warn!(binding = %name, namespace = %ns, "the failed response carried a refresh token; storing it");
+                        warn!("the failed response carried a refresh token; storing it");
                         persist_grant(&ctx, &secrets, &binding, state.clone()).await?;
                         grant = Some(state);
                     }
@@ -231,7 +231,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
                     match apply_secret(&secrets, &want).await {
                         Ok(written) => {
                             ctx.wrote_secret(&written);
-                            info!(binding = %name, namespace = %ns, secret = %binding.spec.secret_name, "published Secret written");
+                            info!(secret = %binding.spec.secret_name, "published Secret written");
                             failpoint("after-publish", &name);
                         }
                         // The apiserver refuses what it will always refuse: say so in status
@@ -345,7 +345,7 @@ async fn persist_grant(ctx: &Context, api: &Api<Secret>, binding: &MailboxBindin
                 return Ok(());
             }
             Err(e) => {
-                warn!(binding = %binding.name_any(), namespace = %ns, attempt, error = %e, "writing grant state failed");
+                warn!(attempt, error = %e, "writing grant state failed");
                 attempt = attempt.saturating_add(1);
                 if attempt >= GRANT_WRITE_ATTEMPTS {
                     break e;
@@ -458,7 +458,7 @@ async fn announce(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindi
     for (type_, reason, note) in events {
         let event = Event { type_, reason, note: Some(note), action: "Reconcile".into(), secondary: None };
         if let Err(e) = ctx.recorder.publish(&event, &binding.object_ref(&())).await {
-            warn!(binding = %binding.name_any(), error = %e, "publishing event failed");
+            warn!(error = %e, "publishing event failed");
         }
     }
 }
@@ -755,7 +755,7 @@ async fn forget_pasted_response(ctx: &Context, binding: &MailboxBinding) {
     let api: Api<MailboxBinding> = Api::namespaced(ctx.client.clone(), &binding.namespace().unwrap_or_default());
     let patch = serde_json::json!({"metadata": {"annotations": {AUTHORIZATION_RESPONSE_ANNOTATION: null}}});
     if let Err(e) = api.patch_metadata(&binding.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await {
-        warn!(binding = %binding.name_any(), error = %e, "removing the pasted authorization response failed");
+        warn!(error = %e, "removing the pasted authorization response failed");
     }
 }
 
@@ -1002,7 +1002,7 @@ async fn token(
     if let (Err(rejected), Some(replaced)) = (&result, replaced_token(&request.grant, grant))
         && classify(&rejected.error).reason == Reason::ReauthorizationRequired
     {
-        warn!(binding = %binding.name_any(), namespace = %ns, "the stored refresh token was refused; trying the one it replaced");
+        warn!("the stored refresh token was refused; trying the one it replaced");
         request.grant = refresh(&replaced, who.scopes);
         result = timed(ctx, &ns, grant.map(|g| g.expires_at), who, &request).await?;
     }
@@ -1023,7 +1023,7 @@ async fn token(
                 match ctx.tokens.userinfo(&asked).await {
                     Ok(ids) => vouched = ids,
                     Err(_) => {
-                        warn!(binding = %binding.name_any(), namespace = %ns, "userinfo could not be read; the identity is not checked")
+                        warn!("userinfo could not be read; the identity is not checked")
                     }
                 }
             }
@@ -1037,7 +1037,7 @@ async fn token(
             };
             let used = request.grant.refresh_token();
             if rotated(&set, used) {
-                info!(binding = %binding.name_any(), namespace = %ns, "refresh token rotated; storing the new one first");
+                info!("refresh token rotated; storing the new one first");
             }
             let mut state = grant_state_from(who, set, used, flow.origin(), input.now, ctx.default_lifetime);
             state.account = account.or_else(|| grant.and_then(|g| g.account.clone()));

@@ -49,7 +49,7 @@ pub async fn handle(ctx: &Context, binding: &MailboxBinding) -> Result<Option<Ac
                 Ok(Some(Action::await_change()))
             }
             Err(why) if held >= MAX_HOLD => {
-                warn!(binding = %binding.name_any(), reason = %why, "revocation kept failing; letting the binding go");
+                warn!(reason = %why, "revocation kept failing; letting the binding go");
                 let note = format!(
                     "the token could not be revoked ({why}); the binding was deleted anyway after {} minutes, and \
                      the refresh token may still be valid until the provider expires it",
@@ -60,7 +60,7 @@ pub async fn handle(ctx: &Context, binding: &MailboxBinding) -> Result<Option<Ac
                 Ok(Some(Action::await_change()))
             }
             Err(why) => {
-                warn!(binding = %binding.name_any(), reason = %why, "revocation failed; retrying");
+                warn!(reason = %why, "revocation failed; retrying");
                 Ok(Some(Action::requeue(StdDuration::from_secs(10))))
             }
         };
@@ -82,7 +82,7 @@ async fn revoke(ctx: &Context, binding: &MailboxBinding) -> std::result::Result<
     let state =
         stored.and_then(|s| s.data).and_then(|d| GrantState::decode(&d.into_iter().map(|(k, v)| (k, v.0)).collect()));
     let Some(state) = state else {
-        info!(binding = %binding.name_any(), namespace = %ns, "nothing to revoke");
+        info!("nothing to revoke");
         return Ok(());
     };
     let (token, hint): (SecretString, &'static str) = match state.refresh_token {
@@ -111,7 +111,7 @@ async fn revoke(ctx: &Context, binding: &MailboxBinding) -> std::result::Result<
     let request = RevokeRequest { url, client, token, hint };
     ctx.leading().map_err(|e| e.to_string())?;
     ctx.tokens.revoke(&request).await.map_err(|r| crate::policy::classify::classify(&r.error).message)?;
-    info!(binding = %binding.name_any(), namespace = %ns, hint, "token revoked at the provider");
+    info!(hint, "token revoked at the provider");
     publish(ctx, binding, EventType::Normal, "Revoked", format!("the {hint} was revoked at the provider")).await;
     Ok(())
 }
@@ -136,6 +136,6 @@ async fn set_finalizer(ctx: &Context, binding: &MailboxBinding, present: bool) -
 async fn publish(ctx: &Context, binding: &MailboxBinding, type_: EventType, reason: &str, note: String) {
     let event = Event { type_, reason: reason.into(), note: Some(note), action: "Delete".into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&event, &binding.object_ref(&())).await {
-        warn!(binding = %binding.name_any(), error = %e, "publishing event failed");
+        warn!(error = %e, "publishing event failed");
     }
 }

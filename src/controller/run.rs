@@ -191,7 +191,13 @@ pub async fn run(
                 .reconcile_all_on(settings.leader.terms())
                 .graceful_shutdown_on(shutdown.clone())
                 .run(
-                    |p, c| counted("MailProvider", guarded(provider::reconcile(p, Arc::clone(&c))), c),
+                    |p, c| {
+                        counted(
+                            "MailProvider",
+                            traced("MailProvider", &*p, provider::reconcile(Arc::clone(&p), Arc::clone(&c))),
+                            c,
+                        )
+                    },
                     provider::error_policy,
                     Arc::clone(&ctx),
                 )
@@ -206,7 +212,13 @@ pub async fn run(
                 .reconcile_all_on(settings.leader.terms())
                 .graceful_shutdown_on(shutdown.clone())
                 .run(
-                    |b, c| counted("MailboxBinding", guarded(binding::reconcile(b, Arc::clone(&c))), c),
+                    |b, c| {
+                        counted(
+                            "MailboxBinding",
+                            traced("MailboxBinding", &*b, binding::reconcile(Arc::clone(&b), Arc::clone(&c))),
+                            c,
+                        )
+                    },
                     binding::error_policy,
                     ctx,
                 )
@@ -224,7 +236,13 @@ pub async fn run(
                 .reconcile_all_on(settings.leader.terms())
                 .graceful_shutdown_on(shutdown.clone())
                 .run(
-                    |p, c| counted("ClusterMailProvider", guarded(provider::reconcile(p, Arc::clone(&c))), c),
+                    |p, c| {
+                        counted(
+                            "ClusterMailProvider",
+                            traced("ClusterMailProvider", &*p, provider::reconcile(Arc::clone(&p), Arc::clone(&c))),
+                            c,
+                        )
+                    },
                     provider::error_policy,
                     ctx,
                 )
@@ -283,6 +301,28 @@ async fn counted(
     let result = reconcile.await;
     ctx.metrics.reconcile(kind, result.as_ref().map_or_else(crate::Error::category, |_| "ok"));
     result
+}
+
+/// Runs one reconcile, guarded, inside a span naming the object: every log line of the reconcile
+/// carries `kind`, `namespace` and `name` without repeating them.
+fn traced<K, F>(
+    kind: &'static str,
+    object: &K,
+    reconcile: F,
+) -> tracing::instrument::Instrumented<impl std::future::Future<Output = F::Output> + use<K, F>>
+where
+    K: kube::Resource,
+    F: std::future::Future<Output = crate::Result<kube::runtime::controller::Action>>,
+{
+    use tracing::Instrument;
+    let meta = object.meta();
+    let span = tracing::info_span!(
+        "reconcile",
+        kind,
+        namespace = meta.namespace.as_deref().unwrap_or_default(),
+        name = meta.name.as_deref().unwrap_or_default()
+    );
+    guarded(reconcile).instrument(span)
 }
 
 /// Runs one reconcile so that a panic in it (a bug) becomes an error for that object only,
