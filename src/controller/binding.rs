@@ -228,9 +228,8 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
             Ok(data) => {
                 let want = desired(&binding, &binding.spec.secret_name, Role::Published, data);
                 if !published.as_ref().is_some_and(|p| up_to_date(p, &want)) {
-                    match apply_secret(&secrets, &want).await {
-                        Ok(written) => {
-                            ctx.wrote_secret(&written);
+                    match apply_owned(&ctx, &secrets, &want).await {
+                        Ok(_) => {
                             info!(secret = %binding.spec.secret_name, "published Secret written");
                             failpoint("after-publish", &name);
                         }
@@ -320,6 +319,24 @@ async fn get_secret(api: &Api<Secret>, ns: &str, name: &str) -> Result<Option<Se
     })
 }
 
+/// Writes a published or grant-state Secret, so that the watch event of this write triggers no
+/// reconcile.
+async fn apply_owned(ctx: &Context, api: &Api<Secret>, secret: &Secret) -> Result<Secret, kube::Error> {
+    let ns = api_namespace(secret);
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    ctx.own_writes.begin(&ns, &name);
+    let result = apply_secret(api, secret).await;
+    match &result {
+        Ok(written) => ctx.own_writes.record(written),
+        Err(_) => ctx.own_writes.abandon(&ns, &name),
+    }
+    result
+}
+
+fn api_namespace(secret: &Secret) -> String {
+    secret.metadata.namespace.clone().unwrap_or_default()
+}
+
 async fn apply_secret(api: &Api<Secret>, secret: &Secret) -> Result<Secret, kube::Error> {
     let name = secret.metadata.name.clone().unwrap_or_default();
     let mut body = serde_json::to_value(secret).map_err(kube::Error::SerdeError)?;
@@ -339,11 +356,8 @@ async fn persist_grant(ctx: &Context, api: &Api<Secret>, binding: &MailboxBindin
     let want = desired(binding, &name, Role::Grant, state.encode());
     let mut attempt = 0_u64;
     let source = loop {
-        match apply_secret(api, &want).await {
-            Ok(written) => {
-                ctx.wrote_secret(&written);
-                return Ok(());
-            }
+        match apply_owned(ctx, api, &want).await {
+            Ok(_) => return Ok(()),
             Err(e) => {
                 warn!(attempt, error = %e, "writing grant state failed");
                 attempt = attempt.saturating_add(1);

@@ -102,31 +102,7 @@ pub struct Context {
 /// Client secrets by (namespace, Secret, key): the Secret's `resourceVersion` and the value.
 pub type ClientSecretCache = Arc<Mutex<HashMap<(String, String, String), (String, secrecy::SecretString)>>>;
 
-/// `resourceVersion`s of Secrets just written, by (namespace, name).
-#[derive(Clone, Debug, Default)]
-pub struct OwnWrites(Arc<Mutex<HashMap<(String, String), String>>>);
-
-impl OwnWrites {
-    /// Records a Secret as the apiserver returned it from our write.
-    pub fn record(&self, secret: &Secret) {
-        if let (Ok(mut map), Some(ns), Some(name), Some(rv)) = (
-            self.0.lock(),
-            secret.metadata.namespace.clone(),
-            secret.metadata.name.clone(),
-            secret.metadata.resource_version.clone(),
-        ) {
-            map.insert((ns, name), rv);
-        }
-    }
-
-    /// Whether a watched Secret is the one we wrote (forgetting the write either way: a later
-    /// version is someone else's change).
-    pub fn is_own(&self, meta: &kube::api::ObjectMeta) -> bool {
-        let (Some(ns), Some(name)) = (&meta.namespace, &meta.name) else { return false };
-        let Ok(mut map) = self.0.lock() else { return false };
-        map.remove(&(ns.clone(), name.clone())).is_some_and(|rv| meta.resource_version.as_ref() == Some(&rv))
-    }
-}
+pub use versions::OwnWrites;
 
 /// `resourceVersion`s written over, by (namespace, binding).
 pub type Written = Arc<Mutex<HashMap<(String, String), String>>>;
@@ -194,11 +170,6 @@ impl Context {
         }
         written.remove(&key);
         false
-    }
-
-    /// Records a Secret this process has just written, so that its watch event triggers nothing.
-    pub fn wrote_secret(&self, secret: &Secret) {
-        self.own_writes.record(secret);
     }
 
     /// Records that the status of a binding at `resource_version` was just written over.

@@ -135,9 +135,23 @@ pub async fn run(
         let own_writes = super::OwnWrites::default();
         let owned_secrets = {
             let own = own_writes.clone();
+            // The first list at start triggers nothing either: every binding is reconciled from
+            // the bindings' own list then (later relists do trigger: changes may hide in them).
+            let mut first_list = true;
             watcher(secrets_api, watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")))
                 .default_backoff()
-                .touched_objects()
+                .filter_map(move |event| {
+                    std::future::ready(match event {
+                        Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) => Some(Ok(s)),
+                        Ok(watcher::Event::InitApply(s)) => (!first_list).then_some(Ok(s)),
+                        Ok(watcher::Event::InitDone) => {
+                            first_list = false;
+                            None
+                        }
+                        Ok(watcher::Event::Init) => None,
+                        Err(e) => Some(Err(e)),
+                    })
+                })
                 .filter(move |s| std::future::ready(s.as_ref().map_or(true, |m| !own.is_own(&m.metadata))))
         };
         let by_provider = {
@@ -304,7 +318,7 @@ async fn counted(
 }
 
 /// Runs one reconcile, guarded, inside a span naming the object: every log line of the reconcile
-/// carries `kind`, `namespace` and `name` without repeating them.
+/// carries `kind`, `namespace` and `object` (the name) without repeating them.
 fn traced<K, F>(
     kind: &'static str,
     object: &K,
@@ -320,7 +334,7 @@ where
         "reconcile",
         kind,
         namespace = meta.namespace.as_deref().unwrap_or_default(),
-        name = meta.name.as_deref().unwrap_or_default()
+        object = meta.name.as_deref().unwrap_or_default()
     );
     guarded(reconcile).instrument(span)
 }

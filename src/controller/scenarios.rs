@@ -326,22 +326,6 @@ async fn a_reconcile_from_the_copy_its_own_status_write_replaced_waits_for_the_c
     assert!(!ctx.behind_own_write("mail", "helpdesk", Some("42")), "the write is forgotten once seen past");
 }
 
-#[test]
-fn a_secret_event_of_our_own_write_is_recognised_once_and_a_later_change_is_not() {
-    let own = super::OwnWrites::default();
-    let mut secret = Secret::default();
-    secret.metadata.namespace = Some("mail".into());
-    secret.metadata.name = Some("helpdesk-mail-token".into());
-    secret.metadata.resource_version = Some("7".into());
-    own.record(&secret);
-    let mut later = secret.metadata.clone();
-    later.resource_version = Some("8".into());
-    assert!(!own.is_own(&later), "someone else's change after ours triggers");
-    own.record(&secret);
-    assert!(own.is_own(&secret.metadata));
-    assert!(!own.is_own(&secret.metadata), "recognised once");
-}
-
 #[tokio::test]
 async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
     let (client, mut server) = mocked();

@@ -1,6 +1,7 @@
-//! The `resourceVersion` of each Secret a metadata watch sees, kept current from the watch's
-//! events (a relist replaces the whole map). Used to reuse a client secret read once until its
-//! Secret changes, instead of reading it again for every binding's token request.
+//! Secret versions. [`SecretVersions`]: the `resourceVersion` of each Secret a metadata watch
+//! sees, kept current from the watch's events (a relist replaces the whole map), to reuse a
+//! client secret read once until its Secret changes. [`OwnWrites`]: the Secrets this process is
+//! writing or has just written, so that the watch events of its own writes trigger no reconcile.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -63,6 +64,76 @@ impl SecretVersions {
     }
 }
 
+/// Where one of our Secret writes stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Write {
+    /// Sent, no answer yet.
+    InFlight,
+    /// Its watch event came before the answer.
+    Seen,
+    /// Answered with this version; its event has not come yet.
+    Written(String),
+}
+
+/// Secrets this process is writing or has just written, by (namespace, name).
+#[derive(Clone, Debug, Default)]
+pub struct OwnWrites(Arc<std::sync::Mutex<HashMap<(String, String), Write>>>);
+
+impl OwnWrites {
+    /// A write of this Secret is about to be sent.
+    pub fn begin(&self, namespace: &str, name: &str) {
+        if let Ok(mut map) = self.0.lock() {
+            map.insert((namespace.to_owned(), name.to_owned()), Write::InFlight);
+        }
+    }
+
+    /// The write failed: nothing of ours will be seen.
+    pub fn abandon(&self, namespace: &str, name: &str) {
+        if let Ok(mut map) = self.0.lock() {
+            map.remove(&(namespace.to_owned(), name.to_owned()));
+        }
+    }
+
+    /// The write succeeded; `secret` is what the apiserver returned.
+    pub fn record(&self, secret: &Secret) {
+        let (Some(ns), Some(name)) = (secret.metadata.namespace.clone(), secret.metadata.name.clone()) else {
+            return;
+        };
+        let Ok(mut map) = self.0.lock() else { return };
+        let key = (ns, name);
+        match (map.get(&key), secret.metadata.resource_version.clone()) {
+            (Some(Write::InFlight), Some(rv)) => {
+                map.insert(key, Write::Written(rv));
+            }
+            _ => {
+                map.remove(&key);
+            }
+        }
+    }
+
+    /// Whether a watched Secret event is our own write (each write is recognised once; a later
+    /// version is someone else's change). An event that comes while the write is in flight is
+    /// taken as ours: the apiserver answers a write after storing it, so an event seen then is
+    /// that write's (or, within those milliseconds, a change the next reconcile sees anyway).
+    pub fn is_own(&self, meta: &kube::api::ObjectMeta) -> bool {
+        let (Some(ns), Some(name)) = (&meta.namespace, &meta.name) else { return false };
+        let Ok(mut map) = self.0.lock() else { return false };
+        let key = (ns.clone(), name.clone());
+        match map.get(&key) {
+            Some(Write::InFlight) => {
+                map.insert(key, Write::Seen);
+                true
+            }
+            Some(Write::Written(rv)) => {
+                let own = meta.resource_version.as_ref() == Some(rv);
+                map.remove(&key);
+                own
+            }
+            Some(Write::Seen) | None => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +144,37 @@ mod tests {
         m.metadata.name = Some(name.into());
         m.metadata.resource_version = Some(rv.into());
         m
+    }
+
+    fn secret(rv: &str) -> Secret {
+        let mut s = Secret::default();
+        s.metadata.namespace = Some("mail".into());
+        s.metadata.name = Some("a".into());
+        s.metadata.resource_version = Some(rv.into());
+        s
+    }
+
+    #[test]
+    fn our_write_is_recognised_once_whether_its_event_comes_before_or_after_the_answer() {
+        let own = OwnWrites::default();
+        // The event after the answer.
+        own.begin("mail", "a");
+        own.record(&secret("7"));
+        assert!(own.is_own(&secret("7").metadata));
+        assert!(!own.is_own(&secret("7").metadata), "once");
+        // The event before the answer.
+        own.begin("mail", "a");
+        assert!(own.is_own(&secret("8").metadata));
+        own.record(&secret("8"));
+        assert!(!own.is_own(&secret("9").metadata), "a later change is someone else's");
+        // Someone else's change after our answer.
+        own.begin("mail", "a");
+        own.record(&secret("10"));
+        assert!(!own.is_own(&secret("11").metadata));
+        // A failed write expects nothing.
+        own.begin("mail", "a");
+        own.abandon("mail", "a");
+        assert!(!own.is_own(&secret("12").metadata));
     }
 
     #[test]
