@@ -3,14 +3,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::FutureExt;
 use tracing_subscriber::EnvFilter;
 
-use crate::controller::leader::{ElectionSettings, Leadership, elect};
-use crate::controller::run::{Settings, run};
+use crate::controller::leader::ElectionSettings;
+use crate::controller::run::{Runtime, Settings};
 use crate::controller::{AuthorizationSettings, Contexts, SystemClock};
 use crate::error::{Error, Result};
 use crate::oauth::HttpTokenEndpoint;
@@ -195,33 +194,17 @@ async fn run_operator(args: RunArgs) -> Result<()> {
         .with_layer(&tower::limit::RateLimitLayer::new(u64::from(args.api_qps), per))
         .build();
     let shutdown = shutdown_signal().boxed().shared();
-    let ready = Arc::new(AtomicBool::new(false));
     let http = HttpClients::new(OutboundPolicy { allow_private: args.allow_private_endpoints });
-    let instance = std::env::var("POD_NAME").unwrap_or_else(|_| "mail-oauth-operator".into());
-    let metrics: Arc<crate::metrics::Metrics> = Arc::default();
-    let clock: Arc<dyn crate::controller::Clock> = Arc::new(SystemClock);
-    let (leader, election) = if args.leader_elect {
-        let settings = ElectionSettings {
-            namespace: args.leader_election_namespace.unwrap_or_else(|| args.cluster_resource_namespace.clone()),
-            name: args.leader_election_lease,
-            identity: election_identity(),
-            duration: args.leader_lease_duration,
-        };
-        tracing::info!(lease = %settings.name, namespace = %settings.namespace, identity = %settings.identity, "joining leader election");
-        let (leader, election, tasks) =
-            elect(client.clone(), settings, Arc::clone(&clock), Arc::clone(&metrics), shutdown.clone()).await?;
-        for task in tasks {
-            tokio::spawn(task);
-        }
-        (leader, Some(election))
-    } else {
-        metrics.set_leader(true);
-        (Leadership::always(), None)
-    };
+    let election = args.leader_elect.then(|| ElectionSettings {
+        namespace: args.leader_election_namespace.clone().unwrap_or_else(|| args.cluster_resource_namespace.clone()),
+        name: args.leader_election_lease.clone(),
+        identity: election_identity(),
+        duration: args.leader_lease_duration,
+    });
     let settings = Settings {
         namespaces: args.namespaces,
         cluster_namespace: args.cluster_resource_namespace,
-        instance,
+        instance: std::env::var("POD_NAME").unwrap_or_else(|_| "mail-oauth-operator".into()),
         default_lifetime: args.default_token_lifetime,
         flush_timeout: args.shutdown_flush_timeout,
         references: if args.strict_secret_references { ReferencePolicy::Labelled } else { ReferencePolicy::Any },
@@ -230,32 +213,19 @@ async fn run_operator(args: RunArgs) -> Result<()> {
             link_base: args.callback_address.map(|_| args.public_url.clone()),
         },
         contexts: Contexts::default(),
-        metrics,
+        metrics: Arc::default(),
         limits: Arc::new(crate::controller::limits::RateLimits::new(args.provider_token_rate)),
         concurrency: args.max_concurrent_reconciles,
-        leader,
     };
-    let registry =
-        crate::metrics::registry(&settings.metrics, Arc::clone(&settings.contexts), Arc::clone(&settings.limits));
-    let callback = match args.callback_address {
-        Some(address) => {
-            crate::server::authorize::serve(address, Arc::clone(&settings.contexts), shutdown.clone()).boxed()
-        }
-        None => futures::future::ready(Ok(())).boxed(),
-    };
-    tracing::info!(namespaces = ?settings.namespaces, cluster_namespace = %settings.cluster_namespace, "starting");
-    let admin = crate::server::Admin { ready: Arc::clone(&ready), registry: Arc::new(registry) };
-    let server = crate::server::serve(args.listen_address, admin, shutdown.clone());
-    let controllers =
-        run(client, settings, Arc::new(HttpTokenEndpoint::new(http.clone())), http, clock, ready, shutdown);
-    let (served, called_back, ()) = tokio::join!(server, callback, controllers);
-    // Pending grant states were written when the controllers stopped; only now is the lease
-    // given up, so that the next leader reads them.
-    if let Some(election) = election {
-        election.release().await;
-    }
+    let tokens = Arc::new(HttpTokenEndpoint::new(http.clone()));
+    let result = Runtime::new(client, settings, tokens, http, Arc::new(SystemClock), shutdown)
+        .admin(args.listen_address)
+        .callback(args.callback_address)
+        .election(election)
+        .run()
+        .await;
     tracing::info!("stopped");
-    served.and(called_back)
+    result
 }
 
 /// This replica's identity in the election: the pod name, else a name unique to this process.

@@ -1,6 +1,7 @@
-//! Wires the controllers: one `ClusterMailProvider` controller, and per watched namespace (or for
-//! all) a `MailProvider` and a `MailboxBinding` controller. Owned Secrets are watched by metadata
-//! only and by label; bindings trigger on spec and annotation changes, not on our status writes.
+//! The runtime ([`Runtime`], a builder): leader election, the admin server and the authorization
+//! listener, one `ClusterMailProvider` controller, and per watched namespace (or for all) a
+//! `MailProvider` and a `MailboxBinding` controller. Owned Secrets are watched by metadata only
+//! and by label; bindings trigger on spec and annotation changes, not on our status writes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,110 +51,233 @@ pub struct Settings {
     pub limits: Arc<super::limits::RateLimits>,
     /// Reconciles running at once, per controller.
     pub concurrency: u16,
-    /// Whether this replica leads; controllers reconcile everything each time it starts to.
-    pub leader: Arc<super::leader::Leadership>,
 }
 
-/// Runs every controller until `shutdown`; `ready` turns true once every cache has synced.
-pub async fn run(
+/// The operator's runtime, assembled step by step:
+///
+/// ```text
+/// Runtime::new(client, settings, tokens, http, clock, shutdown)
+///     .admin(listen address)          // /healthz, /readyz, /metrics
+///     .callback(address)              // the authorization listener, if any
+///     .election(lease settings)       // leader election, if any
+///     .run().await
+/// ```
+///
+/// `run` joins the election, then builds the shared `ClusterMailProvider` reflector and, per
+/// watched scope, the provider and binding reflectors and controllers ([`Runtime::scope`]), runs
+/// every task until shutdown, writes pending grant states, and only then releases the lease.
+pub struct Runtime {
     client: Client,
     settings: Settings,
     tokens: Arc<dyn TokenEndpoint>,
     http: HttpClients,
     clock: Arc<dyn Clock>,
-    ready: Arc<AtomicBool>,
     shutdown: Shutdown,
-) {
-    let wc = watcher::Config::default();
-    let pending: super::PendingGrants = Arc::default();
-    let flush_client = client.clone();
-    let scope_count = settings.namespaces.len().max(1);
-    let mut tasks: Vec<BoxFuture<'static, ()>> = Vec::new();
-    // One reflector per provider kind feeds both its own controller and the binding controllers'
-    // triggers: an event is dispatched only after the shared store holds it, so a binding
-    // reconciled because its provider turned Ready also sees it Ready.
-    let (cluster_store, cluster_writer) = reflector::store_shared::<ClusterMailProvider>(SHARED_BUFFER);
-    let cluster_for_controller = subscribe(&cluster_writer);
-    let mut cluster_for_bindings: Vec<_> = (0..scope_count).map(|_| subscribe(&cluster_writer)).collect();
-    tasks.push(drive(
-        watcher(Api::<ClusterMailProvider>::all(client.clone()), wc.clone())
-            .modify(slim)
-            .default_backoff()
-            .reflect_shared(cluster_writer),
-        shutdown.clone(),
-    ));
-    let cluster_controller = Controller::for_shared_stream(cluster_for_controller, cluster_store.clone());
-    let reporter = Reporter { controller: "mail-oauth-operator".into(), instance: Some(settings.instance.clone()) };
-    let scopes: Vec<Option<String>> = if settings.namespaces.is_empty() {
-        vec![None]
-    } else {
-        settings.namespaces.iter().cloned().map(Some).collect()
-    };
+    admin: Option<std::net::SocketAddr>,
+    callback: Option<std::net::SocketAddr>,
+    election: Option<super::leader::ElectionSettings>,
+    ready: Arc<AtomicBool>,
+}
 
-    let mut syncs: Vec<Synced> = Vec::new();
-    let mut first_ctx = None;
-    for scope in scopes {
-        let providers_api: Api<MailProvider> = scoped(&client, scope.as_deref());
-        let bindings_api: Api<MailboxBinding> = scoped(&client, scope.as_deref());
-        let secrets_api: Api<PartialObjectMeta<Secret>> = scoped(&client, scope.as_deref());
+/// What the steps of [`Runtime::run`] share while the controllers are built.
+struct Assembly {
+    tasks: Vec<BoxFuture<'static, ()>>,
+    syncs: Vec<Synced>,
+    pending: super::PendingGrants,
+    leader: Arc<super::leader::Leadership>,
+    reporter: Reporter,
+    cluster_store: reflector::Store<ClusterMailProvider>,
+    cluster_writer: Option<reflector::store::Writer<ClusterMailProvider>>,
+    first_ctx: Option<Arc<Context>>,
+}
 
+impl Runtime {
+    /// A runtime with no admin server, no callback listener and no election.
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        tokens: Arc<dyn TokenEndpoint>,
+        http: HttpClients,
+        clock: Arc<dyn Clock>,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self {
+            client,
+            settings,
+            tokens,
+            http,
+            clock,
+            shutdown,
+            admin: None,
+            callback: None,
+            election: None,
+            ready: Arc::default(),
+        }
+    }
+
+    /// Serves `/healthz`, `/readyz` and `/metrics` on `address`.
+    pub fn admin(mut self, address: std::net::SocketAddr) -> Self {
+        self.admin = Some(address);
+        self
+    }
+
+    /// Serves the authorization listener on `address`, if given.
+    pub fn callback(mut self, address: Option<std::net::SocketAddr>) -> Self {
+        self.callback = address;
+        self
+    }
+
+    /// Takes part in leader election, if given.
+    pub fn election(mut self, election: Option<super::leader::ElectionSettings>) -> Self {
+        self.election = election;
+        self
+    }
+
+    /// Runs until shutdown (see the type's documentation for the order of things).
+    pub async fn run(self) -> crate::Result<()> {
+        let (leader, election) = self.join_election().await?;
+        let servers = self.servers();
+        let ready = Arc::clone(&self.ready);
+        let flush_client = self.client.clone();
+        let flush_timeout = self.settings.flush_timeout;
+        let (cluster_store, cluster_writer) = reflector::store_shared::<ClusterMailProvider>(SHARED_BUFFER);
+        let reporter =
+            Reporter { controller: "mail-oauth-operator".into(), instance: Some(self.settings.instance.clone()) };
+        let mut assembly = Assembly {
+            tasks: Vec::new(),
+            syncs: Vec::new(),
+            pending: Arc::default(),
+            leader,
+            reporter,
+            cluster_store,
+            cluster_writer: Some(cluster_writer),
+            first_ctx: None,
+        };
+        let scopes: Vec<Option<String>> = if self.settings.namespaces.is_empty() {
+            vec![None]
+        } else {
+            self.settings.namespaces.iter().cloned().map(Some).collect()
+        };
+        info!(namespaces = ?self.settings.namespaces, cluster_namespace = %self.settings.cluster_namespace, "starting");
+        for scope in scopes {
+            self.scope(&mut assembly, scope.as_deref());
+        }
+        self.cluster_providers(&mut assembly);
+        assembly.tasks.push(readiness(std::mem::take(&mut assembly.syncs), ready, self.shutdown.clone()));
+
+        // Each task runs on its own: a panic in one (a bug) is logged and cannot unwind the
+        // others or the process.
+        let handles: Vec<_> = assembly.tasks.into_iter().map(tokio::spawn).collect();
+        let (served, ()) = tokio::join!(servers, async {
+            for result in futures::future::join_all(handles).await {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "a controller task ended abnormally");
+                }
+            }
+        });
+        // Every controller has drained; what could not be written yet is written now, and only
+        // then is the lease given up, so that the next leader reads it.
+        let deadline = tokio::time::Instant::now().checked_add(flush_timeout).unwrap_or_else(tokio::time::Instant::now);
+        let lost = binding::flush_pending(&flush_client, &assembly.pending, deadline).await;
+        if lost > 0 {
+            tracing::error!(lost, "grant states could not be written before shutdown");
+        }
+        if let Some(election) = election {
+            election.release().await;
+        }
+        served
+    }
+
+    /// The leadership the controllers consult: elected, or always when there is no election.
+    async fn join_election(&self) -> crate::Result<(Arc<super::leader::Leadership>, Option<super::leader::Election>)> {
+        let Some(settings) = self.election.clone() else {
+            self.settings.metrics.set_leader(true);
+            return Ok((super::leader::Leadership::always(), None));
+        };
+        info!(lease = %settings.name, namespace = %settings.namespace, identity = %settings.identity, "joining leader election");
+        let (leader, election, tasks) = super::leader::elect(
+            self.client.clone(),
+            settings,
+            Arc::clone(&self.clock),
+            Arc::clone(&self.settings.metrics),
+            self.shutdown.clone(),
+        )
+        .await?;
+        for task in tasks {
+            tokio::spawn(task);
+        }
+        Ok((leader, Some(election)))
+    }
+
+    /// The admin server and the authorization listener, each if asked for.
+    fn servers(&self) -> BoxFuture<'static, crate::Result<()>> {
+        let admin = self.admin.map(|address| {
+            let registry = crate::metrics::registry(
+                &self.settings.metrics,
+                Arc::clone(&self.settings.contexts),
+                Arc::clone(&self.settings.limits),
+            );
+            let admin = crate::server::Admin { ready: Arc::clone(&self.ready), registry: Arc::new(registry) };
+            crate::server::serve(address, admin, self.shutdown.clone())
+        });
+        let callback = self.callback.map(|address| {
+            crate::server::authorize::serve(address, Arc::clone(&self.settings.contexts), self.shutdown.clone())
+        });
+        async move {
+            let admin = async {
+                match admin {
+                    Some(serve) => serve.await,
+                    None => Ok(()),
+                }
+            };
+            let callback = async {
+                match callback {
+                    Some(serve) => serve.await,
+                    None => Ok(()),
+                }
+            };
+            let (a, c) = tokio::join!(admin, callback);
+            a.and(c)
+        }
+        .boxed()
+    }
+
+    /// One watched scope (a namespace, or all): its providers' shared reflector and controller;
+    /// its bindings' reflector and controller, triggered by their owned Secrets (metadata only,
+    /// by label, our own writes left out) and by the providers they use; in strict mode the
+    /// versions of referable Secrets.
+    fn scope(&self, assembly: &mut Assembly, scope: Option<&str>) {
+        let wc = watcher::Config::default();
+        let client = &self.client;
+        let settings = &self.settings;
+        let shutdown = &self.shutdown;
+        let providers_api: Api<MailProvider> = scoped(client, scope);
+        let bindings_api: Api<MailboxBinding> = scoped(client, scope);
+
+        // One reflector per provider kind feeds both its own controller and the binding
+        // controllers' triggers: an event is dispatched only after the shared store holds it, so
+        // a binding reconciled because its provider turned Ready also sees it Ready.
         let (provider_store, provider_writer) = reflector::store_shared::<MailProvider>(SHARED_BUFFER);
         let providers_for_controller = subscribe(&provider_writer);
         let providers_for_bindings = subscribe(&provider_writer);
-        tasks.push(drive(
+        let cluster_for_bindings = match &assembly.cluster_writer {
+            Some(writer) => subscribe(writer),
+            None => futures::stream::empty().boxed(),
+        };
+        assembly.tasks.push(drive(
             watcher(providers_api, wc.clone()).modify(slim).default_backoff().reflect_shared(provider_writer),
             shutdown.clone(),
         ));
         let provider_controller = Controller::for_shared_stream(providers_for_controller, provider_store.clone());
 
         let (binding_store, writer) = reflector::store();
-        let binding_stream = reflector::reflector(writer, watcher(bindings_api, wc.clone()).modify(slim))
+        let binding_stream = reflector::reflector(writer, watcher(bindings_api, wc).modify(slim))
             .default_backoff()
             .applied_objects()
             .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
-        // Metadata only (`PartialObjectMeta` asks the apiserver for no Secret data), and only
-        // the Secrets we label.
-        // In strict mode, the versions of referable Secrets (client secrets read once are reused
-        // until theirs changes).
-        let referable = super::versions::SecretVersions::default();
-        if settings.references == crate::policy::reference::ReferencePolicy::Labelled {
-            let versions = referable.clone();
-            let api: Api<PartialObjectMeta<Secret>> = scoped(&client, scope.as_deref());
-            tasks.push(drive(
-                watcher(api, watcher::Config::default().labels(&format!("{ALLOW_REFERENCE_LABEL}=true")))
-                    .default_backoff()
-                    .inspect(move |e| {
-                        if let Ok(e) = e {
-                            versions.observe(e);
-                        }
-                    }),
-                shutdown.clone(),
-            ));
-        }
-        // Our own writes' events are dropped: they would only make the binding read its Secrets
-        // again to find them as it wrote them.
+        let referable = self.referable_versions(assembly, scope);
         let own_writes = super::OwnWrites::default();
-        let owned_secrets = {
-            let own = own_writes.clone();
-            // The first list at start triggers nothing either: every binding is reconciled from
-            // the bindings' own list then (later relists do trigger: changes may hide in them).
-            let mut first_list = true;
-            watcher(secrets_api, watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")))
-                .default_backoff()
-                .filter_map(move |event| {
-                    std::future::ready(match event {
-                        Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) => Some(Ok(s)),
-                        Ok(watcher::Event::InitApply(s)) => (!first_list).then_some(Ok(s)),
-                        Ok(watcher::Event::InitDone) => {
-                            first_list = false;
-                            None
-                        }
-                        Ok(watcher::Event::Init) => None,
-                        Err(e) => Some(Err(e)),
-                    })
-                })
-                .filter(move |s| std::future::ready(s.as_ref().map_or(true, |m| !own.is_own(&m.metadata))))
-        };
+        let owned_secrets = owned_secrets(client, scope, own_writes.clone());
         let by_provider = {
             let store = binding_store.clone();
             move |p: Arc<MailProvider>| referencing(&store, ProviderKind::MailProvider, &p.name_any(), p.namespace())
@@ -164,141 +288,188 @@ pub async fn run(
                 referencing(&store, ProviderKind::ClusterMailProvider, &p.name_any(), None)
             }
         };
-        let cluster_trigger = cluster_for_bindings.pop().unwrap_or_else(|| futures::stream::empty().boxed());
         let binding_controller = Controller::for_stream(binding_stream, binding_store.clone())
             .owns_stream(owned_secrets)
             .watches_shared_stream(providers_for_bindings, by_provider)
-            .watches_shared_stream(cluster_trigger, by_cluster_provider);
+            .watches_shared_stream(cluster_for_bindings, by_cluster_provider);
 
         let ctx = Arc::new(Context {
             client: client.clone(),
-            tokens: Arc::clone(&tokens),
-            http: http.clone(),
+            tokens: Arc::clone(&self.tokens),
+            http: self.http.clone(),
             providers: provider_store.clone(),
-            cluster_providers: cluster_store.clone(),
+            cluster_providers: assembly.cluster_store.clone(),
             bindings: binding_store.clone(),
             cluster_namespace: settings.cluster_namespace.clone(),
-            recorder: Recorder::new(client.clone(), reporter.clone()),
-            clock: Arc::clone(&clock),
-            pending: Arc::clone(&pending),
+            recorder: Recorder::new(client.clone(), assembly.reporter.clone()),
+            clock: Arc::clone(&self.clock),
+            pending: Arc::clone(&assembly.pending),
             default_lifetime: settings.default_lifetime,
             references: settings.references,
             polls: Default::default(),
             written: Default::default(),
-            own_writes: own_writes.clone(),
-            referable: referable.clone(),
+            own_writes,
+            referable,
             client_secrets: Default::default(),
             authorization: settings.authorization.clone(),
             metrics: Arc::clone(&settings.metrics),
             limits: Arc::clone(&settings.limits),
-            leader: Arc::clone(&settings.leader),
+            leader: Arc::clone(&assembly.leader),
         });
-        first_ctx.get_or_insert_with(|| Arc::clone(&ctx));
+        assembly.first_ctx.get_or_insert_with(|| Arc::clone(&ctx));
         if let Ok(mut all) = settings.contexts.lock() {
             all.push(Arc::clone(&ctx));
         }
-        syncs.push(synced(provider_store.clone()));
-        syncs.push(synced(binding_store.clone()));
-        tasks.push(until_shutdown(
-            provider_controller
-                .with_config(controller_config(settings.concurrency))
-                .reconcile_all_on(settings.leader.terms())
-                .graceful_shutdown_on(shutdown.clone())
-                .run(
-                    |p, c| {
-                        counted(
-                            "MailProvider",
-                            traced("MailProvider", &*p, provider::reconcile(Arc::clone(&p), Arc::clone(&c))),
-                            c,
-                        )
-                    },
-                    provider::error_policy,
-                    Arc::clone(&ctx),
-                )
-                .for_each(log_result)
-                .boxed(),
-            provider_store,
-            shutdown.clone(),
-        ));
-        tasks.push(until_shutdown(
-            binding_controller
-                .with_config(controller_config(settings.concurrency))
-                .reconcile_all_on(settings.leader.terms())
-                .graceful_shutdown_on(shutdown.clone())
-                .run(
-                    |b, c| {
-                        counted(
-                            "MailboxBinding",
-                            traced("MailboxBinding", &*b, binding::reconcile(Arc::clone(&b), Arc::clone(&c))),
-                            c,
-                        )
-                    },
-                    binding::error_policy,
-                    ctx,
-                )
-                .for_each(log_result)
-                .boxed(),
-            binding_store,
-            shutdown.clone(),
-        ));
+        assembly.syncs.push(synced(provider_store.clone()));
+        assembly.syncs.push(synced(binding_store.clone()));
+        let provider_run = self
+            .configured(provider_controller, &assembly.leader)
+            .run(
+                |p, c| {
+                    counted(
+                        "MailProvider",
+                        traced("MailProvider", &*p, provider::reconcile(Arc::clone(&p), Arc::clone(&c))),
+                        c,
+                    )
+                },
+                provider::error_policy,
+                Arc::clone(&ctx),
+            )
+            .for_each(log_result)
+            .boxed();
+        assembly.tasks.push(until_shutdown(provider_run, provider_store, shutdown.clone()));
+        let binding_run = self
+            .configured(binding_controller, &assembly.leader)
+            .run(
+                |b, c| {
+                    counted(
+                        "MailboxBinding",
+                        traced("MailboxBinding", &*b, binding::reconcile(Arc::clone(&b), Arc::clone(&c))),
+                        c,
+                    )
+                },
+                binding::error_policy,
+                ctx,
+            )
+            .for_each(log_result)
+            .boxed();
+        assembly.tasks.push(until_shutdown(binding_run, binding_store, shutdown.clone()));
     }
-    if let Some(ctx) = first_ctx {
-        syncs.push(synced(cluster_store.clone()));
-        tasks.push(until_shutdown(
-            cluster_controller
-                .with_config(controller_config(settings.concurrency))
-                .reconcile_all_on(settings.leader.terms())
-                .graceful_shutdown_on(shutdown.clone())
-                .run(
-                    |p, c| {
-                        counted(
-                            "ClusterMailProvider",
-                            traced("ClusterMailProvider", &*p, provider::reconcile(Arc::clone(&p), Arc::clone(&c))),
-                            c,
-                        )
-                    },
-                    provider::error_policy,
-                    ctx,
-                )
-                .for_each(log_result)
-                .boxed(),
-            cluster_store,
-            shutdown.clone(),
+
+    /// The shared `ClusterMailProvider` reflector (every scope's bindings have subscribed by now)
+    /// and its controller.
+    fn cluster_providers(&self, assembly: &mut Assembly) {
+        let store = assembly.cluster_store.clone();
+        let Some(writer) = assembly.cluster_writer.take() else { return };
+        let for_controller = subscribe(&writer);
+        assembly.tasks.push(drive(
+            watcher(Api::<ClusterMailProvider>::all(self.client.clone()), watcher::Config::default())
+                .modify(slim)
+                .default_backoff()
+                .reflect_shared(writer),
+            self.shutdown.clone(),
         ));
+        let Some(ctx) = assembly.first_ctx.clone() else { return };
+        assembly.syncs.push(synced(store.clone()));
+        let controller = Controller::for_shared_stream(for_controller, store.clone());
+        let run = self
+            .configured(controller, &assembly.leader)
+            .run(
+                |p, c| {
+                    counted(
+                        "ClusterMailProvider",
+                        traced("ClusterMailProvider", &*p, provider::reconcile(Arc::clone(&p), Arc::clone(&c))),
+                        c,
+                    )
+                },
+                provider::error_policy,
+                ctx,
+            )
+            .for_each(log_result)
+            .boxed();
+        assembly.tasks.push(until_shutdown(run, store, self.shutdown.clone()));
     }
-    tasks.push(
-        async move {
-            // Readiness is polled, not awaited: waiting on every store's readiness future from a
-            // task of its own was seen to miss the wake-up now and then.
-            loop {
-                if syncs.iter().all(|synced| synced()) {
-                    ready.store(true, Ordering::SeqCst);
-                    info!("caches synced; ready");
-                    break;
+
+    /// In strict mode, the versions of referable Secrets (a client secret read once is reused
+    /// until its Secret changes).
+    fn referable_versions(&self, assembly: &mut Assembly, scope: Option<&str>) -> super::versions::SecretVersions {
+        let referable = super::versions::SecretVersions::default();
+        if self.settings.references == crate::policy::reference::ReferencePolicy::Labelled {
+            let versions = referable.clone();
+            let api: Api<PartialObjectMeta<Secret>> = scoped(&self.client, scope);
+            assembly.tasks.push(drive(
+                watcher(api, watcher::Config::default().labels(&format!("{ALLOW_REFERENCE_LABEL}=true")))
+                    .default_backoff()
+                    .inspect(move |e| {
+                        if let Ok(e) = e {
+                            versions.observe(e);
+                        }
+                    }),
+                self.shutdown.clone(),
+            ));
+        }
+        referable
+    }
+
+    /// A controller's configuration: bounded concurrency, everything reconciled again each time
+    /// this replica starts to lead, a graceful end at shutdown.
+    fn configured<K>(&self, controller: Controller<K>, leader: &super::leader::Leadership) -> Controller<K>
+    where
+        K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+        K::DynamicType: Eq + std::hash::Hash + Clone + Default + std::fmt::Debug + Unpin,
+    {
+        controller
+            .with_config(controller_config(self.settings.concurrency))
+            .reconcile_all_on(leader.terms())
+            .graceful_shutdown_on(self.shutdown.clone())
+    }
+}
+
+/// The owned Secrets' metadata (by label, no data), as triggers for their bindings. Our own
+/// writes' events are left out (they would only make the binding read its Secrets again to find
+/// them as it wrote them), and so is the first list at start (every binding is reconciled from
+/// the bindings' own list then; later relists do trigger: changes may hide in them).
+fn owned_secrets(
+    client: &Client,
+    scope: Option<&str>,
+    own: super::OwnWrites,
+) -> impl futures::Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static {
+    let api: Api<PartialObjectMeta<Secret>> = scoped(client, scope);
+    let mut first_list = true;
+    watcher(api, watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")))
+        .default_backoff()
+        .filter_map(move |event| {
+            std::future::ready(match event {
+                Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) => Some(Ok(s)),
+                Ok(watcher::Event::InitApply(s)) => (!first_list).then_some(Ok(s)),
+                Ok(watcher::Event::InitDone) => {
+                    first_list = false;
+                    None
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
-                    () = shutdown.clone() => break,
-                }
+                Ok(watcher::Event::Init) => None,
+                Err(e) => Some(Err(e)),
+            })
+        })
+        .filter(move |s| std::future::ready(s.as_ref().map_or(true, |m| !own.is_own(&m.metadata))))
+}
+
+/// Turns `ready` true once every cache has synced. Polled, not awaited: waiting on every store's
+/// readiness future from a task of its own was seen to miss the wake-up now and then.
+fn readiness(syncs: Vec<Synced>, ready: Arc<AtomicBool>, shutdown: Shutdown) -> BoxFuture<'static, ()> {
+    async move {
+        loop {
+            if syncs.iter().all(|synced| synced()) {
+                ready.store(true, Ordering::SeqCst);
+                info!("caches synced; ready");
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                () = shutdown.clone() => break,
             }
         }
-        .boxed(),
-    );
-    // Each task runs on its own: a panic in one (a bug) is logged and cannot unwind the others
-    // or the process.
-    let handles: Vec<_> = tasks.into_iter().map(tokio::spawn).collect();
-    for result in futures::future::join_all(handles).await {
-        if let Err(e) = result {
-            tracing::error!(error = %e, "a controller task ended abnormally");
-        }
     }
-    // Every controller has drained; what could not be written yet is written now.
-    let deadline =
-        tokio::time::Instant::now().checked_add(settings.flush_timeout).unwrap_or_else(tokio::time::Instant::now);
-    let lost = binding::flush_pending(&flush_client, &pending, deadline).await;
-    if lost > 0 {
-        tracing::error!(lost, "grant states could not be written before shutdown");
-    }
+    .boxed()
 }
 
 /// Every controller's configuration: a bounded number of reconciles at once.
