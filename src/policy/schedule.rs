@@ -1,5 +1,7 @@
 //! When to renew a token: `expiresAt − clamp(max(lifetime/3, refreshBefore), 0, lifetime/2)`,
-//! minus a small per-binding jitter so bindings issued together do not renew together, and never
+//! minus a one-second lead (so that a renewal scheduled at the margin's edge is sent before it,
+//! not a few milliseconds after), minus a small per-binding jitter so bindings issued together
+//! do not renew together, and never
 //! sooner than [`MIN_RENEW_INTERVAL`] after issue, so no token endpoint can drive a tight loop.
 //! All arithmetic saturates (see [`super::time`]).
 
@@ -12,6 +14,9 @@ pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::minutes(10);
 
 /// The largest `refreshBefore` accepted.
 pub const MAX_REFRESH_BEFORE: Duration = Duration::hours(24);
+
+/// How much earlier than the margin a renewal is scheduled, for the time the reconcile itself takes.
+pub const LEAD: Duration = Duration::seconds(1);
 
 /// The largest jitter, whatever the lifetime.
 pub const MAX_JITTER: Duration = Duration::seconds(60);
@@ -59,7 +64,8 @@ pub fn renew_at(
     seed: u64,
 ) -> DateTime<Utc> {
     let lifetime = between(issued_at, expires_at);
-    let renew = minus(minus(expires_at, margin(lifetime, refresh_before)), jitter(lifetime, seed));
+    let margin = margin(lifetime, refresh_before);
+    let renew = minus(minus(minus(expires_at, margin), LEAD), jitter(lifetime, seed));
     std::cmp::max(renew, plus(issued_at, MIN_RENEW_INTERVAL))
 }
 
@@ -98,7 +104,7 @@ mod tests {
     #[test]
     fn an_hour_token_with_the_default_margin_renews_twenty_minutes_early() {
         let renew = expires_minus(Duration::hours(1), DEFAULT_REFRESH_BEFORE, 0);
-        assert_eq!(renew, Duration::minutes(20));
+        assert_eq!(renew, Duration::minutes(20) + LEAD);
     }
 
     #[test]
@@ -169,8 +175,9 @@ mod tests {
         ) {
             let lifetime = Duration::seconds(lifetime_s);
             let before = Duration::seconds(before_s);
-            prop_assume!(before <= lifetime / 2 && lifetime - before >= MIN_RENEW_INTERVAL);
-            prop_assert!(expires_minus(lifetime, before, s) >= before);
+            prop_assume!(before <= lifetime / 2 && lifetime - before - LEAD >= MIN_RENEW_INTERVAL);
+            // Strictly before the margin: a renewal sent at its scheduled time is never late.
+            prop_assert!(expires_minus(lifetime, before, s) >= before + LEAD);
         }
 
         #[test]

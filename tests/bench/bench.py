@@ -182,14 +182,23 @@ class Run:
         steady = proc_status(pid, "VmRSS")
         report["rss_steady_mib"] = round(steady / 2**20, 1)
         report["rss_per_binding_kib"] = round((steady - baseline) / n / 1024, 2)
-        api0, cpu0, t0 = self.api_requests(), cpu_seconds(pid), time.monotonic()
+        api0, cpu0, t0 = self.api_requests(by_kind=True), cpu_seconds(pid), time.monotonic()
         time.sleep(30)
         cpu1, t1 = cpu_seconds(pid), time.monotonic()
         report["idle_cpu_percent_of_a_core"] = round(100 * (cpu1 - cpu0) / (t1 - t0), 2)
-        report["idle_api_requests_in_30s"] = self.api_requests() - api0 - 1  # less this query's own count
+        # Counted by the apiserver from every client, itself included (it keeps its own
+        # namespaces and leases): compare with the same window without the operator below.
+        idle = self.per(api0, self.api_requests(by_kind=True), 1)
+        report["idle_api_requests_in_30s"] = sum(idle.values())
+        report["idle_api_requests_in_30s_by_kind"] = idle
+
+        # The same 30 s with the operator stopped: what the apiserver counts of itself.
+        self.bed.stop_operator()
+        api0 = self.api_requests(by_kind=True)
+        time.sleep(30)
+        report["api_requests_in_30s_without_operator"] = sum(self.per(api0, self.api_requests(by_kind=True), 1).values())
 
         # A restart with N valid tokens.
-        self.bed.stop_operator()
         api0, tokens0 = self.api_requests(), self.token_stats()["requests"]
         started = time.monotonic()
         pid = self.start_operator(op_ns, "--provider-token-rate", "10000")
@@ -207,9 +216,9 @@ class Run:
             self.bed.kubectl("delete", "namespace", ns, "--wait=false")
         return report
 
-    def renewals(self, n, seconds):
-        """The endpoint capped at 20 requests/s, tokens of 120 s, refreshBefore 30s."""
-        self.start_token_server(lifetime=120, rate=20, refresh_before=30)
+    def renewals(self, n, seconds, lifetime):
+        """The endpoint capped at 20 requests/s, tokens of `lifetime` s, refreshBefore 30s."""
+        self.start_token_server(lifetime=lifetime, rate=20, refresh_before=30)
         ns = f"bench-renew-{n}"
         self.create(ns, n, refresh_before="30s", provider_ready=True)
         api0 = self.api_requests(by_kind=True)
@@ -219,7 +228,8 @@ class Run:
         self.bed.stop_operator()
         by_kind = self.per(api0, self.api_requests(by_kind=True), max(stats["issued"], 1))
         api = sum(by_kind.values()) * max(stats["issued"], 1)
-        return {"bindings": n, "lifetime_s": 120, "refresh_before_s": 30, "cap_per_s": 20, "observed_s": seconds,
+        return {"bindings": n, "lifetime_s": lifetime, "refresh_before_s": 30, "cap_per_s": 20, "observed_s": seconds,
+                "max_requests_in_any_second": stats["max_requests_in_any_second"],
                 "token_requests": stats["requests"], "issued": stats["issued"], "renewals": stats["renewals"],
                 "late_renewals": stats["late"], "worst_lateness_s": stats["worst_lateness_s"],
                 "rejected_429": stats["rejected_429"],
@@ -233,6 +243,7 @@ def main():
     p.add_argument("--sizes", default="1000")
     p.add_argument("--renewals", type=int, default=0, help="bindings for the renewal run (0: skip)")
     p.add_argument("--renewal-seconds", type=int, default=300)
+    p.add_argument("--renewal-lifetime", type=int, default=120)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--api-qps", type=int, default=1000)
     p.add_argument("--latency-ms", type=int, default=0)
@@ -255,7 +266,7 @@ def main():
             report["sizes"].append(run.size(n))
             print(json.dumps(report["sizes"][-1]), flush=True)
         if args.renewals:
-            report["renewals"] = run.renewals(args.renewals, args.renewal_seconds)
+            report["renewals"] = run.renewals(args.renewals, args.renewal_seconds, args.renewal_lifetime)
             print(json.dumps(report["renewals"]), flush=True)
     except BaseException:
         bed.dump_logs(20)
@@ -270,9 +281,16 @@ def main():
         for size in report["sizes"]:
             assert size["token_requests_per_binding"] == 1, size
             assert size["restart_token_requests"] == 0, size
-            assert size["idle_api_requests_in_30s"] <= 5, size
+            # The apiserver keeps its own namespaces (and leases); anything else while idle is ours.
+            ours = {k: v for k, v in size["idle_api_requests_in_30s_by_kind"].items()
+                    if not k.endswith((" namespaces", " leases"))}
+            assert not ours, size
         if "renewals" in report:
-            assert report["renewals"]["late_renewals"] == 0, report["renewals"]
+            r = report["renewals"]
+            assert r["renewals"] > 0 and r["late_renewals"] == 0, r
+            # The operator's --provider-token-rate 20, seen at the endpoint (a request's network
+            # jitter may put one more into a sliding second).
+            assert r["max_requests_in_any_second"] <= 21, r
 
 
 if __name__ == "__main__":

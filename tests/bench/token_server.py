@@ -24,8 +24,9 @@ class State:
         self.lock = threading.Lock()
         self.expiry = {}  # scope -> expiry of the last token issued for it
         self.stats = {"requests": 0, "issued": 0, "renewals": 0, "late": 0, "rejected_429": 0,
-                      "worst_lateness_s": 0.0}
+                      "worst_lateness_s": 0.0, "max_requests_in_any_second": 0}
         self.window = []  # times of recent accepted requests, for the rate cap
+        self.arrivals = []  # times of every request in the last second
 
     def admit(self, now):
         if not self.args.rate:
@@ -70,6 +71,9 @@ class Handler(BaseHTTPRequestHandler):
         scope = (form.get("scope") or [""])[0]
         with STATE.lock:
             STATE.stats["requests"] += 1
+            STATE.arrivals = [t for t in STATE.arrivals if now - t < 1.0] + [now]
+            STATE.stats["max_requests_in_any_second"] = max(STATE.stats["max_requests_in_any_second"],
+                                                            len(STATE.arrivals))
             if not STATE.admit(now):
                 STATE.stats["rejected_429"] += 1
                 return self.send(429, {"error": "slow_down", "error_description": "rate cap"}, [("Retry-After", "1")])
