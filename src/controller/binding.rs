@@ -322,7 +322,7 @@ async fn get_secret(api: &Api<Secret>, ns: &str, name: &str) -> Result<Option<Se
 /// Writes a published or grant-state Secret, so that the watch event of this write triggers no
 /// reconcile.
 async fn apply_owned(ctx: &Context, api: &Api<Secret>, secret: &Secret) -> Result<Secret, kube::Error> {
-    let ns = api_namespace(secret);
+    let ns = secret.metadata.namespace.clone().unwrap_or_default();
     let name = secret.metadata.name.clone().unwrap_or_default();
     ctx.own_writes.begin(&ns, &name);
     let result = apply_secret(api, secret).await;
@@ -331,10 +331,6 @@ async fn apply_owned(ctx: &Context, api: &Api<Secret>, secret: &Secret) -> Resul
         Err(_) => ctx.own_writes.abandon(&ns, &name),
     }
     result
-}
-
-fn api_namespace(secret: &Secret) -> String {
-    secret.metadata.namespace.clone().unwrap_or_default()
 }
 
 async fn apply_secret(api: &Api<Secret>, secret: &Secret) -> Result<Secret, kube::Error> {
@@ -715,13 +711,14 @@ enum Read {
 async fn read_client_secret(ctx: &Context, ns: &str, name: &str, key: &str) -> Result<Read> {
     let id = (ns.to_owned(), name.to_owned(), key.to_owned());
     let seen = ctx.referable.version(ns, name);
-    if let (Some(seen), Ok(mut cache)) = (seen.as_ref(), ctx.client_secrets.lock()) {
-        match cache.get(&id) {
-            Some((rv, value)) if rv == seen => return Ok(Read::Value(value.clone())),
-            Some(_) => {
+    if let Ok(mut cache) = ctx.client_secrets.lock() {
+        match (cache.get(&id), seen.as_ref()) {
+            (Some((rv, value)), Some(seen)) if rv == seen => return Ok(Read::Value(value.clone())),
+            // Changed, unlabelled or deleted: forgotten, and read again below.
+            (Some(_), _) => {
                 cache.remove(&id);
             }
-            None => {}
+            (None, _) => {}
         }
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);

@@ -322,38 +322,26 @@ impl Runtime {
         }
         assembly.syncs.push(synced(provider_store.clone()));
         assembly.syncs.push(synced(binding_store.clone()));
-        let provider_run = self
-            .configured(provider_controller, &assembly.leader)
-            .run(
-                |p, c| {
-                    counted(
-                        "MailProvider",
-                        traced("MailProvider", &*p, provider::reconcile(Arc::clone(&p), Arc::clone(&c))),
-                        c,
-                    )
-                },
-                provider::error_policy,
-                Arc::clone(&ctx),
-            )
-            .for_each(log_result)
-            .boxed();
-        assembly.tasks.push(until_shutdown(provider_run, provider_store, shutdown.clone()));
-        let binding_run = self
-            .configured(binding_controller, &assembly.leader)
-            .run(
-                |b, c| {
-                    counted(
-                        "MailboxBinding",
-                        traced("MailboxBinding", &*b, binding::reconcile(Arc::clone(&b), Arc::clone(&c))),
-                        c,
-                    )
-                },
-                binding::error_policy,
-                ctx,
-            )
-            .for_each(log_result)
-            .boxed();
-        assembly.tasks.push(until_shutdown(binding_run, binding_store, shutdown.clone()));
+        let task = self.controller(
+            "MailProvider",
+            provider_controller,
+            provider_store,
+            &assembly.leader,
+            provider::reconcile,
+            provider::error_policy,
+            Arc::clone(&ctx),
+        );
+        assembly.tasks.push(task);
+        let task = self.controller(
+            "MailboxBinding",
+            binding_controller,
+            binding_store,
+            &assembly.leader,
+            binding::reconcile,
+            binding::error_policy,
+            ctx,
+        );
+        assembly.tasks.push(task);
     }
 
     /// The shared `ClusterMailProvider` reflector (every scope's bindings have subscribed by now)
@@ -372,22 +360,16 @@ impl Runtime {
         let Some(ctx) = assembly.first_ctx.clone() else { return };
         assembly.syncs.push(synced(store.clone()));
         let controller = Controller::for_shared_stream(for_controller, store.clone());
-        let run = self
-            .configured(controller, &assembly.leader)
-            .run(
-                |p, c| {
-                    counted(
-                        "ClusterMailProvider",
-                        traced("ClusterMailProvider", &*p, provider::reconcile(Arc::clone(&p), Arc::clone(&c))),
-                        c,
-                    )
-                },
-                provider::error_policy,
-                ctx,
-            )
-            .for_each(log_result)
-            .boxed();
-        assembly.tasks.push(until_shutdown(run, store, self.shutdown.clone()));
+        let task = self.controller(
+            "ClusterMailProvider",
+            controller,
+            store,
+            &assembly.leader,
+            provider::reconcile,
+            provider::error_policy,
+            ctx,
+        );
+        assembly.tasks.push(task);
     }
 
     /// In strict mode, the versions of referable Secrets (a client secret read once is reused
@@ -411,17 +393,40 @@ impl Runtime {
         referable
     }
 
-    /// A controller's configuration: bounded concurrency, everything reconciled again each time
-    /// this replica starts to lead, a graceful end at shutdown.
-    fn configured<K>(&self, controller: Controller<K>, leader: &super::leader::Leadership) -> Controller<K>
+    /// One controller as a task: bounded concurrency, everything reconciled again each time this
+    /// replica starts to lead, a graceful end at shutdown; each reconcile guarded, in a span
+    /// naming the object, and counted for `/metrics`.
+    #[allow(clippy::too_many_arguments)]
+    fn controller<K, R, F>(
+        &self,
+        kind: &'static str,
+        controller: Controller<K>,
+        store: reflector::Store<K>,
+        leader: &super::leader::Leadership,
+        reconcile: R,
+        error_policy: fn(Arc<K>, &crate::Error, Arc<Context>) -> kube::runtime::controller::Action,
+        ctx: Arc<Context>,
+    ) -> BoxFuture<'static, ()>
     where
         K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-        K::DynamicType: Eq + std::hash::Hash + Clone + Default + std::fmt::Debug + Unpin,
+        K::DynamicType: Eq + std::hash::Hash + Clone + Default + std::fmt::Debug + Unpin + Send + Sync,
+        R: Fn(Arc<K>, Arc<Context>) -> F + Send + Sync + 'static,
+        F: std::future::Future<Output = crate::Result<kube::runtime::controller::Action>> + Send + 'static,
     {
-        controller
+        let run = controller
             .with_config(controller_config(self.settings.concurrency))
             .reconcile_all_on(leader.terms())
             .graceful_shutdown_on(self.shutdown.clone())
+            .run(
+                move |object, c| {
+                    counted(kind, traced(kind, &*object, reconcile(Arc::clone(&object), Arc::clone(&c))), c)
+                },
+                error_policy,
+                ctx,
+            )
+            .for_each(log_result)
+            .boxed();
+        until_shutdown(run, store, self.shutdown.clone())
     }
 }
 
