@@ -96,6 +96,11 @@ pub struct RunArgs {
     /// Requests per second to the Kubernetes API server (client side).
     #[arg(long, env = "API_QPS", default_value = "50", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub api_qps: u32,
+    /// Requests per second to the Kubernetes API server from the authorization listener, on a
+    /// client of its own: however many browsers call it, the main client's budget (lease
+    /// renewals, reconciles) is untouched.
+    #[arg(long, env = "LISTENER_API_QPS", default_value = "5", value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub listener_api_qps: u32,
     /// Reconciles running at once, per controller.
     #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value = "16", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub max_concurrent_reconciles: u16,
@@ -186,13 +191,11 @@ fn init_logging(format: LogFormat) {
 
 async fn run_operator(args: RunArgs) -> Result<()> {
     init_logging(args.log_format);
-    // A client-side limit on requests to the apiserver (watches count once each).
+    // A client-side limit on requests to the apiserver (watches count once each); the
+    // authorization listener has a client and a limit of its own.
     let config = kube::Config::infer().await.map_err(|e| Error::Connect(kube::Error::InferConfig(e)))?;
-    let per = std::time::Duration::from_secs(1);
-    let client = kube::client::ClientBuilder::try_from(config)
-        .map_err(Error::Connect)?
-        .with_layer(&tower::limit::RateLimitLayer::new(u64::from(args.api_qps), per))
-        .build();
+    let client = rate_limited_client(config.clone(), args.api_qps)?;
+    let listener_client = rate_limited_client(config, args.listener_api_qps)?;
     let shutdown = shutdown_signal().boxed().shared();
     let http = HttpClients::new(OutboundPolicy { allow_private: args.allow_private_endpoints });
     let election = args.leader_elect.then(|| ElectionSettings {
@@ -220,12 +223,21 @@ async fn run_operator(args: RunArgs) -> Result<()> {
     let tokens = Arc::new(HttpTokenEndpoint::new(http.clone()));
     let result = Runtime::new(client, settings, tokens, http, Arc::new(SystemClock), shutdown)
         .admin(args.listen_address)
-        .callback(args.callback_address)
+        .callback(args.callback_address, listener_client)
         .election(election)
         .run()
         .await;
     tracing::info!("stopped");
     result
+}
+
+/// A client whose requests to the apiserver are limited to `qps` per second.
+fn rate_limited_client(config: kube::Config, qps: u32) -> Result<kube::Client> {
+    let per = std::time::Duration::from_secs(1);
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .map_err(Error::Connect)?
+        .with_layer(&tower::limit::RateLimitLayer::new(u64::from(qps), per))
+        .build())
 }
 
 /// This replica's identity in the election: the pod name, else a name unique to this process.

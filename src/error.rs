@@ -100,6 +100,24 @@ pub enum Error {
     /// A reconcile panicked (a bug); the object is retried later.
     #[error("the reconcile panicked (a bug: please report it); retried in a few minutes")]
     Panicked,
+    /// The grant-state Secret was written by someone else (another replica, a person) after it
+    /// was read, with a grant this reconcile did not start from: ours is stale and is not written.
+    #[error(
+        "grant state Secret {namespace}/{name} changed since it was read; this replica's result is stale and dropped"
+    )]
+    StaleGrantState {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// The provider's rate limit, a `Retry-After` or its lane of concurrent requests has no room
+    /// now: the reconcile gives its slot back and comes back then.
+    #[error("the provider has no room for a request now; retried in {0:?}")]
+    Deferred(std::time::Duration),
+    /// A reconcile ran past its deadline and was cancelled.
+    #[error("the reconcile ran past its deadline of {0:?} and was cancelled; retried")]
+    TimedOut(std::time::Duration),
 }
 
 impl Error {
@@ -122,6 +140,9 @@ impl Error {
             Error::Election(_) => "election",
             Error::NotLeader => "not_leader",
             Error::Panicked => "panicked",
+            Error::StaleGrantState { .. } => "stale_grant_state",
+            Error::Deferred(_) => "deferred",
+            Error::TimedOut(_) => "timed_out",
         }
     }
 

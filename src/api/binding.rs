@@ -7,7 +7,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{Condition, Protocol, SecretKeySelector, conditions_list_map};
+use super::common::{
+    Condition, Protocol, SecretKeySelector, annotation_map, conditions_list_map, label_map, list_set, template_data_map,
+};
 
 /// Go `time.Duration` syntax, as `kubectl` users write it (`10m`, `1h30m`).
 const GO_DURATION: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
@@ -36,6 +38,7 @@ const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
     printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"RENEW","type":"string","priority":1,"jsonPath":".status.token.renewAt"}"#,
     printcolumn = r#"{"name":"SECRET","type":"string","priority":1,"jsonPath":".spec.secretName"}"#,
+    printcolumn = r#"{"name":"IDENTITY","type":"string","priority":1,"jsonPath":".spec.identity"}"#,
     printcolumn = r#"{"name":"MESSAGE","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].message"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -50,15 +53,26 @@ pub struct MailboxBindingSpec {
     /// consented (an id_token's `email`, `preferred_username` or `upn`), it must be `mailbox` or
     /// one of these, compared without case; otherwise nothing is stored (`IdentityMismatch`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16), inner(length(min = 3, max = 254), regex(pattern = MAILBOX)))]
+    #[schemars(
+        length(max = 16),
+        inner(length(min = 3, max = 254), regex(pattern = MAILBOX)),
+        transform = list_set
+    )]
     pub identity_aliases: Vec<String>,
+    /// Whether the identity the provider vouches for is checked: `verified` (the default) pins
+    /// it to `mailbox` or an alias, and a token for which no identity came back is refused;
+    /// `unchecked` turns identity pinning off for this binding (the token is published whoever
+    /// consented). A `ClusterMailProvider` allows `unchecked` only with
+    /// `allowUncheckedIdentity: true`. Shown in the wide `IDENTITY` column.
+    #[serde(default)]
+    pub identity: IdentityCheck,
     /// Protocols the token is for; default scopes and servers come from the provider.
     #[serde(default = "default_protocols")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 3), transform = list_set)]
     pub protocols: Vec<Protocol>,
     /// Scopes to request instead of the provider's defaults (compared as a set).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 512), regex(pattern = SCOPE_TOKEN)))]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 512), regex(pattern = SCOPE_TOKEN)), transform = list_set)]
     pub scopes: Vec<String>,
     /// How the token is obtained: exactly one grant.
     pub grant: Grant,
@@ -83,6 +97,18 @@ pub struct MailboxBindingSpec {
 
 fn default_protocols() -> Vec<Protocol> {
     vec![Protocol::Imap, Protocol::Smtp]
+}
+
+/// Whether a binding's identity is pinned (`spec.identity`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum IdentityCheck {
+    /// The identity the provider vouches for must be the mailbox or one of its aliases; no
+    /// identity at all is a failure, not a pass.
+    #[default]
+    Verified,
+    /// Identity pinning is off for this binding, by the binding's explicit choice.
+    Unchecked,
 }
 
 /// Which provider kind a binding refers to.
@@ -145,17 +171,18 @@ impl Grant {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretTemplate {
-    /// Extra labels.
+    /// Extra labels: at most 64, each value a label value (at most 63 characters).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(transform = label_map)]
     pub labels: BTreeMap<String, String>,
-    /// Extra annotations.
+    /// Extra annotations: at most 64, each value at most 4 KiB.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(transform = annotation_map)]
     pub annotations: BTreeMap<String, String>,
     /// Extra keys; `{{ name }}` is replaced by the published key `name` (`mailbox` also works).
+    /// At most 16 keys, each value at most 16 KiB, and 64 KiB of text in all.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(transform = template_data_map)]
     pub data: BTreeMap<String, String>,
 }
 

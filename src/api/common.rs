@@ -103,3 +103,50 @@ pub(crate) fn conditions_list_map(schema: &mut schemars::Schema) {
     schema.insert("x-kubernetes-list-type".into(), "map".into());
     schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
 }
+
+/// Schema transform for a list of strings whose order carries no meaning and whose duplicates
+/// would only cost memory: `x-kubernetes-list-type: set`, so the apiserver refuses a duplicate
+/// (`Duplicate value`).
+pub(crate) fn list_set(schema: &mut schemars::Schema) {
+    schema.insert("x-kubernetes-list-type".into(), "set".into());
+}
+
+/// Longest label value (Kubernetes' rule).
+pub const MAX_LABEL_VALUE: usize = 63;
+/// A label value: empty, or alphanumerics at both ends with `-`, `_` and `.` between.
+pub const LABEL_VALUE: &str = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
+/// Longest annotation value a template may set.
+pub const MAX_ANNOTATION_VALUE: usize = 4 * 1024;
+/// Longest templated Secret value.
+pub const MAX_TEMPLATE_VALUE: usize = 16 * 1024;
+/// Most entries in a template's `labels` and `annotations`, and in a selector's `matchLabels`.
+pub const MAX_MAP_ENTRIES: usize = 64;
+/// Most templated Secret keys.
+pub const MAX_TEMPLATE_KEYS: usize = 16;
+
+/// A map of strings with at most `entries` entries, each value at most `max` long (and matching
+/// `pattern` if given). Keys cannot be bounded by the schema of Kubernetes 1.20 (it has neither
+/// `propertyNames` nor `patternProperties`); the operator checks them.
+fn bounded_string_map(schema: &mut schemars::Schema, entries: usize, max: usize, pattern: Option<&str>) {
+    let mut value = serde_json::json!({"type": "string", "maxLength": max});
+    if let (Some(p), Some(obj)) = (pattern, value.as_object_mut()) {
+        obj.insert("pattern".into(), p.into());
+    }
+    schema.insert("maxProperties".into(), entries.into());
+    schema.insert("additionalProperties".into(), value);
+}
+
+/// Schema transform for label maps: at most 64 entries, each value a valid label value.
+pub(crate) fn label_map(schema: &mut schemars::Schema) {
+    bounded_string_map(schema, MAX_MAP_ENTRIES, MAX_LABEL_VALUE, Some(LABEL_VALUE));
+}
+
+/// Schema transform for a template's annotations: at most 64 entries of at most 4 KiB each.
+pub(crate) fn annotation_map(schema: &mut schemars::Schema) {
+    bounded_string_map(schema, MAX_MAP_ENTRIES, MAX_ANNOTATION_VALUE, None);
+}
+
+/// Schema transform for a template's data: at most 16 keys of at most 16 KiB each.
+pub(crate) fn template_data_map(schema: &mut schemars::Schema) {
+    bounded_string_map(schema, MAX_TEMPLATE_KEYS, MAX_TEMPLATE_VALUE, None);
+}

@@ -8,8 +8,8 @@ pub mod lenient;
 pub mod provider;
 
 pub use binding::{
-    AuthorizationStatus, Grant, MailboxBinding, MailboxBindingSpec, MailboxBindingStatus, Phase, ProviderKind,
-    ProviderRef, SecretTemplate, TokenStatus,
+    AuthorizationStatus, Grant, IdentityCheck, MailboxBinding, MailboxBindingSpec, MailboxBindingStatus, Phase,
+    ProviderKind, ProviderRef, SecretTemplate, TokenStatus,
 };
 pub use common::{Condition, ConditionStatus, Protocol, SecretKeySelector, ServerAddress};
 pub use provider::{

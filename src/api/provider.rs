@@ -7,10 +7,14 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{Condition, ServerAddress, conditions_list_map};
+use super::common::{Condition, ServerAddress, conditions_list_map, label_map, list_set};
 
 /// Pattern for URLs the operator sends credentials to: https only.
 const HTTPS_URL: &str = r"^https://[^\s/?#]+([/?#]\S*)?$";
+/// A DNS-1123 label (a namespace name).
+const DNS_LABEL: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+/// Most client secrets a provider may list (each is a Secret read per token request at worst).
+pub const MAX_CLIENT_SECRET_REFS: usize = 8;
 
 /// One OAuth client registration (an Entra ID app, a Google Cloud OAuth client, or any OAuth 2.0
 /// server) serving bindings in its own namespace.
@@ -68,19 +72,32 @@ pub struct ClusterMailProviderSpec {
     /// The client registration, as in `MailProvider`.
     #[serde(flatten)]
     pub provider: MailProviderSpec,
-    /// Which namespaces may bind to this provider; omitted (or `{}`) means all.
+    /// Which namespaces may bind to this provider. Omitted means all; `{}` (or one whose fields
+    /// the apiserver pruned as unknown) and a selector without requirements admit none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_namespaces: Option<AllowedNamespaces>,
     /// Scopes a binding may request; empty means any. A binding asking for another scope is
     /// refused with `ProviderNotAllowed` before anything is requested.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 512), regex(pattern = super::binding::SCOPE_TOKEN)))]
+    #[schemars(
+        length(max = 64),
+        inner(length(min = 1, max = 512), regex(pattern = super::binding::SCOPE_TOKEN)),
+        transform = list_set
+    )]
     pub allowed_scopes: Vec<String>,
     /// Mailboxes a binding may name: domains (`contoso.com`) or globs (`*@contoso.com`,
     /// `scan-*@contoso.com`), case-insensitive; empty means any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256), inner(length(min = 1, max = 254), regex(pattern = r"^[^\s]+$")))]
+    #[schemars(length(max = 256), inner(length(min = 1, max = 254), regex(pattern = r"^[^\s]+$")), transform = list_set)]
     pub allowed_mailboxes: Vec<String>,
+    /// Whether bindings of this provider may set `identity: unchecked` (turn identity pinning
+    /// off). Default `false`: such a binding is refused.
+    #[serde(default)]
+    pub allow_unchecked_identity: bool,
+    /// Whether a binding's `identityAliases` may name mailboxes outside `allowedMailboxes`.
+    /// Default `false`: every alias must match `allowedMailboxes` as `mailbox` must.
+    #[serde(default)]
+    pub allow_identity_aliases: bool,
 }
 
 /// Namespaces allowed to use a `ClusterMailProvider`: listed names and/or a label selector.
@@ -92,7 +109,7 @@ pub struct ClusterMailProviderSpec {
 pub struct AllowedNamespaces {
     /// Namespace names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 1024), inner(length(min = 1, max = 63)))]
+    #[schemars(length(max = 1024), inner(length(min = 1, max = 63), regex(pattern = DNS_LABEL)), transform = list_set)]
     pub names: Vec<String>,
     /// Namespaces whose labels match this selector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,8 +120,9 @@ pub struct AllowedNamespaces {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LabelSelector {
-    /// Labels a namespace must carry, all of them.
+    /// Labels a namespace must carry, all of them (at most 64).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = label_map)]
     pub match_labels: BTreeMap<String, String>,
     /// Requirements on labels, all of which must hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -123,7 +141,11 @@ pub struct LabelSelectorRequirement {
     pub operator: SelectorOperator,
     /// Values for `In` and `NotIn`; empty for `Exists` and `DoesNotExist`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256), inner(length(max = 63)))]
+    #[schemars(
+        length(max = 256),
+        inner(length(max = 63), regex(pattern = super::common::LABEL_VALUE)),
+        transform = list_set
+    )]
     pub values: Vec<String>,
 }
 
@@ -218,15 +240,27 @@ pub struct GenericPreset {
 pub struct ProtocolScopes {
     /// Scopes for IMAP.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 512), regex(pattern = super::binding::SCOPE_TOKEN)))]
+    #[schemars(
+        length(max = 64),
+        inner(length(min = 1, max = 512), regex(pattern = super::binding::SCOPE_TOKEN)),
+        transform = list_set
+    )]
     pub imap: Vec<String>,
     /// Scopes for SMTP.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 512), regex(pattern = super::binding::SCOPE_TOKEN)))]
+    #[schemars(
+        length(max = 64),
+        inner(length(min = 1, max = 512), regex(pattern = super::binding::SCOPE_TOKEN)),
+        transform = list_set
+    )]
     pub smtp: Vec<String>,
     /// Scopes for POP3.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 512), regex(pattern = super::binding::SCOPE_TOKEN)))]
+    #[schemars(
+        length(max = 64),
+        inner(length(min = 1, max = 512), regex(pattern = super::binding::SCOPE_TOKEN)),
+        transform = list_set
+    )]
     pub pop3: Vec<String>,
 }
 
@@ -249,8 +283,10 @@ pub struct ProtocolServers {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClientAuthentication {
-    /// Client secrets, tried in order (zero-downtime rotation: add the new one first).
+    /// Client secrets, tried in order (zero-downtime rotation: add the new one first). At most 8,
+    /// no two naming the same Secret key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), transform = client_secret_refs_map)]
     pub client_secret_refs: Vec<ClientSecretRef>,
     /// A Secret with `tls.crt`/`tls.key` for `privateKeyJwt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -277,6 +313,13 @@ pub struct ClientSecretRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64), extend("format" = "date-time"))]
     pub expires_at: Option<String>,
+}
+
+/// Schema transform for `clientSecretRefs`: a list keyed by `name` and `key` (`key` has a
+/// default), so that the apiserver refuses two refs to the same Secret key.
+fn client_secret_refs_map(schema: &mut schemars::Schema) {
+    schema.insert("x-kubernetes-list-type".into(), "map".into());
+    schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["name", "key"]));
 }
 
 fn default_client_secret_key() -> String {

@@ -38,7 +38,7 @@ use crate::policy::binding::{
     requeue_after,
 };
 use crate::policy::classify::{Failure, classify};
-use crate::policy::grant_state::{GrantState, PendingAuthorization};
+use crate::policy::grant_state::{Fenced, GrantState, PendingAuthorization, after_conflict, spent_request_data};
 use crate::policy::identity::pinned;
 use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict, from_predecessor};
 use crate::policy::provider::{mailbox_allowed, scopes_not_allowed};
@@ -64,6 +64,9 @@ pub struct ProviderUse {
     pub scopes: Vec<String>,
     /// Mail servers.
     pub servers: BTreeMap<Protocol, ServerAddress>,
+    /// The cluster admin's limits, for a `ClusterMailProvider`: what a token may carry (granted
+    /// scopes, the identity that consented) is checked against them too.
+    pub cluster: Option<crate::api::ClusterMailProviderSpec>,
 }
 
 /// Reconciles one binding.
@@ -74,9 +77,9 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     // Another replica leads: it does everything. A grant state this replica could not write while
     // it led is still written (it may hold the only copy of a rotated refresh token).
     if !ctx.leader.is_leader() {
-        if let Some(pending) = ctx.take_pending(&ns, &name) {
+        if let Some(mut pending) = ctx.take_pending(&ns, &name) {
             let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-            persist_grant(&ctx, &secrets, &binding, pending.state).await?;
+            persist_grant(&ctx, &secrets, &binding, pending.state, &mut pending.fence).await?;
         }
         return Ok(Action::await_change());
     }
@@ -98,8 +101,8 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     // A grant state whose write failed before is written before anything else happens; that
     // write completes the earlier token request, so nothing is requested in this reconcile.
     let flushed = match ctx.take_pending(&ns, &name) {
-        Some(pending) => {
-            persist_grant(&ctx, &secrets, &binding, pending.state.clone()).await?;
+        Some(mut pending) => {
+            persist_grant(&ctx, &secrets, &binding, pending.state.clone(), &mut pending.fence).await?;
             true
         }
         None => false,
@@ -116,6 +119,11 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     let conflict = secret_conflict(&binding, &provider, grant_secret.as_ref(), published.as_ref(), &ctx);
     let mut grant = grant_secret.as_ref().filter(|_| conflict.is_none()).and_then(decode_grant);
     let stored_pending = grant_secret.as_ref().filter(|_| conflict.is_none()).and_then(decode_pending);
+    // Every grant-state write below is conditioned on the version read here (see `Fence`).
+    let mut fence = super::Fence {
+        version: grant_secret.as_ref().and_then(|s| s.resource_version()),
+        basis: grant.as_ref().and_then(|g| g.refresh_token.clone()),
+    };
     // A grant state adopted from an earlier binding of this name is made this binding's own
     // (owner reference), so that garbage collection keeps it and later writes are ours.
     let uid = binding.uid().unwrap_or_default();
@@ -123,7 +131,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
         grant_secret.as_ref().is_some_and(|s| from_predecessor(&uid, &name, &binding_label(&name), &s.metadata));
     if let (true, None, Some(state)) = (adopted, conflict.as_ref(), grant.as_ref()) {
         info!("adopting the grant state of an earlier binding of this name");
-        persist_grant(&ctx, &secrets, &binding, state.clone()).await?;
+        persist_grant(&ctx, &secrets, &binding, state.clone(), &mut fence).await?;
     }
 
     // Only a grant state the binding's grant produced (as the spec says it now) is used for
@@ -134,6 +142,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
         binding: &binding,
         provider: &provider,
         grant: owned,
+        stored: grant.as_ref(),
         secret_conflict: conflict.as_deref(),
         supported: flow.is_some(),
     });
@@ -147,10 +156,13 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
         (Decision::Obtain { why }, Some(usable), Some(flow)) => {
             let reauthorize = reauthorize_requested(&binding).is_some();
             let client_id = &usable.spec.client_id;
-            let usable_grant = owned.filter(|g| !reauthorize && grant_matches(&usable.key, client_id, g));
+            let token_url = usable.endpoints.token.as_deref();
+            let usable_grant = owned.filter(|g| !reauthorize && grant_matches(&usable.key, client_id, token_url, g));
+            // A device code or an authorization code is redeemed only where it was issued for.
             let pending = stored_pending
                 .as_ref()
                 .filter(|p| !reauthorize && p.provider == usable.key && &p.client_id == client_id)
+                .filter(|p| p.token_url.as_deref().is_none_or(|u| Some(u) == token_url))
                 .map(|p| PendingAuthorization { next_poll: ctx.next_poll(&ns, &name, p.next_poll), ..p.clone() });
             // What a person's browser brought back: a pasted redirect URL, or the callback's code.
             let pasted = annotation(&binding, AUTHORIZATION_RESPONSE_ANNOTATION);
@@ -169,9 +181,13 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
                 // Consumed once, then removed: the code in it is single-use anyway.
                 forget_pasted_response(&ctx, &binding).await;
             }
-            if response.is_some() && matches!(obtained, Obtained::Failed { .. }) {
-                // A response is answered once: the request it answered is spent.
-                persist_pending_data(&secrets, &binding, BTreeMap::new()).await?;
+            if response.is_some()
+                && matches!(obtained, Obtained::Failed { .. })
+                && let Some(data) = spent_request_data(grant.as_ref(), stored_pending.as_ref())
+            {
+                // A response is answered once: the request it answered is spent. A stored grant is
+                // kept whatever the response was (a stray or replayed one answers nothing).
+                persist_pending_data(&secrets, &binding, data, &mut fence).await?;
             }
             match obtained {
                 Obtained::Awaiting(p) if !p.persistent() => {
@@ -181,7 +197,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
                 Obtained::Awaiting(p) => {
                     if !stored_pending.as_ref().is_some_and(|s| s.same_stored(&p)) {
                         let started = stored_pending.as_ref().is_none_or(|s| s.device_code_differs(&p));
-                        persist_pending(&secrets, &binding, &p).await?;
+                        persist_pending_data(&secrets, &binding, p.encode(), &mut fence).await?;
                         if started {
                             info!(method = %p.method, "waiting for a person to authorize");
                             // A new authorization replaces whatever grant was stored.
@@ -195,7 +211,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
                 Obtained::Token(state) => {
                     info!(why = ?why, expires_at = %state.expires_at, "token obtained");
                     ctx.forget_poll(&ns, &name);
-                    persist_grant(&ctx, &secrets, &binding, state.clone()).await?;
+                    persist_grant(&ctx, &secrets, &binding, state.clone(), &mut fence).await?;
                     failpoint("after-grant-write", &name);
                     grant = Some(state);
                     Outcome::Refreshed
@@ -204,7 +220,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
                     warn!(reason = %f.reason, message = %f.message, "token request failed");
                     if let Some(state) = rescued {
                         warn!("the failed response carried a refresh token; storing it");
-                        persist_grant(&ctx, &secrets, &binding, state.clone()).await?;
+                        persist_grant(&ctx, &secrets, &binding, state.clone(), &mut fence).await?;
                         grant = Some(state);
                     }
                     failure = Some(f.clone());
@@ -301,6 +317,19 @@ pub fn error_policy(binding: Arc<MailboxBinding>, error: &Error, _ctx: Arc<Conte
         debug!(binding = %binding.name_any(), "status was computed from a stale copy; retrying");
         return Action::requeue(StdDuration::from_secs(1));
     }
+    match error {
+        // Not a failure: the provider had no room; the slot was given back.
+        Error::Deferred(wait) => {
+            debug!(binding = %binding.name_any(), ?wait, "the provider has no room now; coming back later");
+            let jitter = crate::policy::schedule::seed(&binding.name_any()) % 500;
+            return Action::requeue(wait.saturating_add(StdDuration::from_millis(jitter)));
+        }
+        Error::StaleGrantState { .. } => {
+            info!(binding = %binding.name_any(), "the grant state changed meanwhile; starting again from it");
+            return Action::requeue(StdDuration::from_secs(1));
+        }
+        _ => {}
+    }
     warn!(binding = %binding.name_any(), namespace = ?binding.namespace(), %error, "reconcile failed");
     let wait = match error {
         Error::WriteGrantState { .. } => 2,
@@ -343,17 +372,53 @@ async fn apply_secret(api: &Api<Secret>, secret: &Secret) -> Result<Secret, kube
     api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body)).await
 }
 
-/// Writes the grant state (always new after a token request); retried a few times, then kept
-/// in memory, written before anything else on the next reconcile, and flushed at shutdown.
-/// Never dropped.
-async fn persist_grant(ctx: &Context, api: &Api<Secret>, binding: &MailboxBinding, state: GrantState) -> Result<()> {
+/// Writes the grant state (always new after a token request). It is kept in memory *before* the
+/// write, so that neither a failed write nor a cancelled reconcile loses it: written before
+/// anything else on the next reconcile, and flushed at shutdown. The write is conditioned on the
+/// version read ([`super::Fence`]): a deposed leader's late result never overwrites a newer grant.
+async fn persist_grant(
+    ctx: &Context,
+    api: &Api<Secret>,
+    binding: &MailboxBinding,
+    state: GrantState,
+    fence: &mut super::Fence,
+) -> Result<()> {
     let ns = binding.namespace().unwrap_or_default();
-    let name = grant_secret_name(&binding.name_any());
-    let want = desired(binding, &name, Role::Grant, state.encode());
+    let binding_name = binding.name_any();
+    let name = grant_secret_name(&binding_name);
+    let mut want = desired(binding, &name, Role::Grant, state.encode());
+    ctx.keep_pending(&ns, &binding_name, Pending { state: state.clone(), secret: want.clone(), fence: fence.clone() });
     let mut attempt = 0_u64;
     let source = loop {
+        want.metadata.resource_version = fence.version.clone();
         match apply_owned(ctx, api, &want).await {
-            Ok(_) => return Ok(()),
+            Ok(written) => {
+                fence.version = written.resource_version();
+                fence.basis = state.refresh_token.clone();
+                ctx.take_pending(&ns, &binding_name);
+                return Ok(());
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let current = get_secret(api, &ns, &name).await?;
+                match after_conflict(
+                    current.as_ref().and_then(decode_grant).as_ref(),
+                    fence.basis.as_ref().map(ExposeSecret::expose_secret),
+                    &state,
+                ) {
+                    Fenced::Written => {
+                        fence.version = current.and_then(|s| s.resource_version());
+                        fence.basis = state.refresh_token.clone();
+                        ctx.take_pending(&ns, &binding_name);
+                        return Ok(());
+                    }
+                    Fenced::Stale => {
+                        warn!("the grant state was replaced by a newer one since it was read; this result is dropped");
+                        ctx.take_pending(&ns, &binding_name);
+                        return Err(Error::StaleGrantState { namespace: ns, name });
+                    }
+                    Fenced::Retry => fence.version = current.and_then(|s| s.resource_version()),
+                }
+            }
             Err(e) => {
                 warn!(attempt, error = %e, "writing grant state failed");
                 attempt = attempt.saturating_add(1);
@@ -361,15 +426,22 @@ async fn persist_grant(ctx: &Context, api: &Api<Secret>, binding: &MailboxBindin
                     break e;
                 }
                 tokio::time::sleep(StdDuration::from_millis(attempt.saturating_mul(250))).await;
+                continue;
             }
         }
+        attempt = attempt.saturating_add(1);
+        if attempt >= GRANT_WRITE_ATTEMPTS {
+            return Err(Error::StaleGrantState { namespace: ns, name });
+        }
     };
-    ctx.keep_pending(&ns, &binding.name_any(), Pending { state, secret: want });
+    ctx.keep_pending(&ns, &binding_name, Pending { state, secret: want, fence: fence.clone() });
     Err(Error::WriteGrantState { namespace: ns, name, source })
 }
 
 /// Writes every grant state still waiting, retrying until `deadline`; called at shutdown so that
-/// a rotated refresh token outlives the process. Returns how many could not be written.
+/// a rotated refresh token outlives the process. Returns how many could not be written. A write
+/// that meets a newer grant (409, and the Secret holds another grant than the one it started
+/// from) is dropped, as in [`persist_grant`].
 pub async fn flush_pending(
     client: &kube::Client,
     pending: &super::PendingGrants,
@@ -380,22 +452,41 @@ pub async fn flush_pending(
     for ((ns, binding), p) in waiting {
         let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
         let mut wait = StdDuration::from_millis(200);
+        let mut secret = p.secret.clone();
+        secret.metadata.resource_version = p.fence.version.clone();
         loop {
-            match apply_secret(&api, &p.secret).await {
+            let result = apply_secret(&api, &secret).await;
+            let retry = match result {
                 Ok(_) => {
                     info!(%binding, namespace = %ns, "grant state written at shutdown");
                     break;
                 }
-                Err(e) if tokio::time::Instant::now().checked_add(wait).is_some_and(|t| t < deadline) => {
-                    warn!(%binding, namespace = %ns, error = %e, "writing grant state at shutdown failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = std::cmp::min(wait.saturating_mul(2), StdDuration::from_secs(2));
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    let name = secret.metadata.name.clone().unwrap_or_default();
+                    let current = api.get_opt(&name).await.ok().flatten();
+                    let basis = p.fence.basis.as_ref().map(ExposeSecret::expose_secret);
+                    match after_conflict(current.as_ref().and_then(decode_grant).as_ref(), basis, &p.state) {
+                        Fenced::Written => break,
+                        Fenced::Stale => {
+                            warn!(%binding, namespace = %ns, "a newer grant state was stored meanwhile; this one is dropped");
+                            break;
+                        }
+                        Fenced::Retry => {
+                            secret.metadata.resource_version = current.and_then(|s| s.resource_version());
+                            "the grant state changed since it was read".to_owned()
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(%binding, namespace = %ns, error = %e, "grant state could not be written before shutdown");
-                    lost = lost.saturating_add(1);
-                    break;
-                }
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now().checked_add(wait).is_some_and(|t| t < deadline) {
+                warn!(%binding, namespace = %ns, error = %retry, "writing grant state at shutdown failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = std::cmp::min(wait.saturating_mul(2), StdDuration::from_secs(2));
+            } else {
+                tracing::error!(%binding, namespace = %ns, error = %retry, "grant state could not be written before shutdown");
+                lost = lost.saturating_add(1);
+                break;
             }
         }
     }
@@ -544,23 +635,31 @@ pub async fn persist_pending(
     binding: &MailboxBinding,
     pending: &PendingAuthorization,
 ) -> Result<()> {
-    persist_pending_data(api, binding, pending.encode()).await
+    persist_pending_data(api, binding, pending.encode(), &mut super::Fence::default()).await
 }
 
 /// Writes `data` as the whole grant-state Secret's content.
+/// Conditioned on the version read: a Secret changed meanwhile (a newer grant, the listener's
+/// write) is not overwritten; the reconcile starts again from it.
 async fn persist_pending_data(
     api: &Api<Secret>,
     binding: &MailboxBinding,
     data: BTreeMap<String, String>,
+    fence: &mut super::Fence,
 ) -> Result<()> {
     let name = grant_secret_name(&binding.name_any());
-    let want = desired(binding, &name, Role::Grant, data);
-    apply_secret(api, &want).await.map_err(|source| Error::WriteGrantState {
-        namespace: binding.namespace().unwrap_or_default(),
-        name,
-        source,
-    })?;
-    Ok(())
+    let namespace = binding.namespace().unwrap_or_default();
+    let mut want = desired(binding, &name, Role::Grant, data);
+    want.metadata.resource_version = fence.version.clone();
+    match apply_secret(api, &want).await {
+        Ok(written) => {
+            fence.version = written.resource_version();
+            fence.basis = None;
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::StaleGrantState { namespace, name }),
+        Err(source) => Err(Error::WriteGrantState { namespace, name, source }),
+    }
 }
 
 /// Finds the provider and says whether this binding can use it.
@@ -612,6 +711,9 @@ pub async fn provider_for(
         }
     };
     let kind_name = key.replace('/', " ");
+    if let Err(why) = crate::policy::validate::provider(&spec) {
+        return unusable(Reason::InvalidSpec, format!("{kind_name}: {why}"));
+    }
     let Some(endpoints) = ready_endpoints(status.as_ref(), generation) else {
         let current = status.as_ref().is_some_and(|s| s.observed_generation == generation);
         return match status.as_ref().and_then(|s| find_condition(&s.conditions, "Ready")).filter(|_| current) {
@@ -670,10 +772,23 @@ pub async fn provider_for(
                 format!("{kind_name} does not allow the mailbox {} (allowedMailboxes)", binding.spec.mailbox),
             );
         }
+        if let Some(why) = crate::policy::provider::cluster_refuses(
+            limits,
+            &binding.spec,
+            kind == crate::oauth::grants::ScopeKind::AppOnly,
+        ) {
+            return unusable(Reason::ProviderNotAllowed, format!("{kind_name} {why}"));
+        }
     }
-    let state = ProviderState::Usable { key: key.clone(), client_id: spec.client_id.clone(), scopes: scopes.clone() };
+    let state = ProviderState::Usable {
+        key: key.clone(),
+        client_id: spec.client_id.clone(),
+        scopes: scopes.clone(),
+        token_url: endpoints.token.clone(),
+    };
     let servers = servers(&spec);
-    Ok((state, Some(ProviderUse { key, spec, endpoints, secrets_namespace, scopes, servers })))
+    let cluster = cluster_limits;
+    Ok((state, Some(ProviderUse { key, spec, endpoints, secrets_namespace, scopes, servers, cluster })))
 }
 
 fn ready_endpoints(status: Option<&MailProviderStatus>, generation: Option<i64>) -> Option<Endpoints> {
@@ -771,8 +886,12 @@ async fn forget_pasted_response(ctx: &Context, binding: &MailboxBinding) {
 }
 
 /// A new authorization request for a person's browser: with the callback listener, the status
-/// shows the operator's stable link (each visit makes a fresh request); without it, a request is
-/// made now and its provider URL shown, for the person to paste the final redirect URL back.
+/// shows the operator's start link, `<public URL>/authorize/<ns>/<name>?start=<random>` (each
+/// visit makes a fresh request; only those who can read the binding see the link, and the
+/// listener refuses any other `start`). The link stays while the binding waits, so that a
+/// reconcile never invalidates a link a person has open; a re-authorization request makes a new
+/// one. Without the listener, a request is made now and its provider URL shown, for the person to
+/// paste the final redirect URL back.
 fn start_authorization(
     ctx: &Context,
     binding: &MailboxBinding,
@@ -782,7 +901,9 @@ fn start_authorization(
     let ns = binding.namespace().unwrap_or_default();
     let name = binding.name_any();
     if let Some(base) = &ctx.authorization.link_base {
-        let url = format!("{base}/authorize/{ns}/{name}");
+        let shown = binding.status.as_ref().and_then(|s| s.authorization.as_ref()).and_then(|a| a.url.as_deref());
+        let current = shown.filter(|_| reauthorize_requested(binding).is_none());
+        let url = crate::server::authorize::start_link(base, &ns, &name, current);
         return Ok(request_pending(binding, usable, now, None, url));
     }
     let redirect_uri = &ctx.authorization.redirect_uri;
@@ -825,6 +946,7 @@ pub fn request_pending(
         code: None,
         binding_uid: binding.uid(),
         generation: binding.metadata.generation,
+        token_url: usable.endpoints.token.clone(),
     }
 }
 
@@ -968,7 +1090,7 @@ async fn obtain(
                 return Ok(not_ready(Reason::InvalidSpec, "the provider has no device authorization endpoint".into()));
             };
             let request = DeviceRequest { url, client, scopes: usable.scopes.clone() };
-            ctx.leading()?;
+            let _lane = admit(ctx, &ns, &who, None).await?;
             Ok(match ctx.tokens.device_authorization(&request).await {
                 Ok(code) => Obtained::Awaiting(device_code::pending(
                     code,
@@ -976,6 +1098,7 @@ async fn obtain(
                     &usable.key,
                     &who.provider.client_id,
                     who.scopes,
+                    usable.endpoints.token.as_deref().unwrap_or_default(),
                 )),
                 Err(rejected) => {
                     let mut failure = classify(&rejected.error);
@@ -990,7 +1113,8 @@ async fn obtain(
                 Ok(c) => c,
                 Err(o) => return Ok(o),
             };
-            token(ctx, binding, &who, flow, request_for(&who, client, call), &input).await
+            let sent = Sent { who: &who, cluster: usable.cluster.as_ref() };
+            token(ctx, binding, &sent, flow, request_for(&who, client, call), &input).await
         }
     }
 }
@@ -1000,11 +1124,12 @@ async fn obtain(
 async fn token(
     ctx: &Context,
     binding: &MailboxBinding,
-    who: &Requester<'_>,
+    sent: &Sent<'_, '_>,
     flow: &dyn Flow,
     mut request: crate::oauth::TokenRequest,
     input: &FlowInput<'_>,
 ) -> Result<Obtained> {
+    let who = sent.who;
     let ns = binding.namespace().unwrap_or_default();
     let grant = input.grant;
     let mut result = timed(ctx, &ns, grant.map(|g| g.expires_at), who, &request).await?;
@@ -1021,9 +1146,13 @@ async fn token(
         Ok(set) => {
             // Identity pinning: a token for someone else is not stored at all. Without an id_token
             // the provider's userinfo is asked, for a person who consented through the operator.
+            let checked = binding.spec.identity == crate::api::IdentityCheck::Verified;
+            let consent = flow.scope_kind() == crate::oauth::grants::ScopeKind::Consent;
             let mut vouched = set.identities.clone();
-            if vouched.is_empty()
-                && flow.scope_kind() == crate::oauth::grants::ScopeKind::Consent
+            let mut userinfo_failed = false;
+            if checked
+                && vouched.is_empty()
+                && consent
                 && let Some(url) = who.endpoints.userinfo.clone()
             {
                 let asked = crate::oauth::UserinfoRequest {
@@ -1034,24 +1163,69 @@ async fn token(
                 match ctx.tokens.userinfo(&asked).await {
                     Ok(ids) => vouched = ids,
                     Err(_) => {
-                        warn!("userinfo could not be read; the identity is not checked")
+                        warn!("userinfo could not be read; the identity cannot be checked");
+                        userinfo_failed = true;
                     }
                 }
             }
-            let account = match pinned(&vouched, &binding.spec.mailbox, &binding.spec.identity_aliases) {
-                Ok(account) => account,
-                Err(message) => {
-                    let failure =
-                        Failure { reason: Reason::IdentityMismatch, transient: false, message, retry_after: None };
-                    return Ok(Obtained::Failed { failure, rescued: None });
-                }
-            };
             let used = request.grant.refresh_token();
+            let refreshed = grant.filter(|_| used.is_some());
+            let account = if checked {
+                match pinned(&vouched, &binding.spec.mailbox, &binding.spec.identity_aliases) {
+                    Ok(account) => account,
+                    Err(message) => {
+                        let failure =
+                            Failure { reason: Reason::IdentityMismatch, transient: false, message, retry_after: None };
+                        return Ok(Obtained::Failed { failure, rescued: None });
+                    }
+                }
+            } else {
+                None
+            };
+            // A person who consented through the operator must be named by the provider; a refresh
+            // of a grant whose identity was checked at consent keeps that identity.
+            if checked && consent && account.is_none() && refreshed.and_then(|g| g.account.as_ref()).is_none() {
+                let why = if userinfo_failed {
+                    "the provider's userinfo endpoint could not be read"
+                } else {
+                    "the provider's answer names nobody (no email, preferred_username or upn claim, or an \
+                     email it says is not verified)"
+                };
+                let failure = Failure {
+                    reason: Reason::IdentityUnverified,
+                    transient: false,
+                    message: Reason::IdentityUnverified
+                        .message(format!("{why}, so it is unknown who consented; nothing was stored")),
+                    retry_after: None,
+                };
+                return Ok(Obtained::Failed { failure, rescued: None });
+            }
+            let account = account.or_else(|| refreshed.and_then(|g| g.account.clone()));
+            // The cluster admin's limits hold for what the provider granted, not only for what was
+            // asked: more scopes, or an identity outside allowedMailboxes, and nothing is stored.
+            let beyond = sent.cluster.and_then(|limits| {
+                crate::policy::provider::granted_beyond(limits, who.scopes, set.scopes.as_deref(), account.as_deref())
+            });
+            if let Some(limits) = beyond {
+                warn!("the provider granted more than the cluster provider allows; nothing is stored");
+                revoke_refused(ctx, who, &request.client, &set).await;
+                let failure = Failure {
+                    reason: Reason::ProviderNotAllowed,
+                    transient: false,
+                    message: limits,
+                    retry_after: None,
+                };
+                return Ok(Obtained::Failed { failure, rescued: None });
+            }
             if rotated(&set, used) {
                 info!("refresh token rotated; storing the new one first");
             }
             let mut state = grant_state_from(who, set, used, flow.origin(), input.now, ctx.default_lifetime);
-            state.account = account.or_else(|| grant.and_then(|g| g.account.clone()));
+            state.account = account;
+            // A refreshed grant stays bound to the issuer recorded when it was first obtained.
+            if let Some(issuer) = refreshed.and_then(|g| g.issuer.clone()) {
+                state.issuer = Some(issuer);
+            }
             Obtained::Token(state)
         }
         Err(rejected) => {
@@ -1077,6 +1251,54 @@ async fn token(
     })
 }
 
+/// Who a token request is sent for, and the cluster admin's limits on what may come back.
+struct Sent<'a, 'b> {
+    who: &'a Requester<'b>,
+    cluster: Option<&'a crate::api::ClusterMailProviderSpec>,
+}
+
+/// Revokes a token set the operator refuses to keep (it carries more than allowed), where the
+/// provider can revoke: best effort, never stored, never shown.
+async fn revoke_refused(
+    ctx: &Context,
+    who: &Requester<'_>,
+    client: &crate::oauth::Client,
+    set: &crate::oauth::TokenSet,
+) {
+    let Some(url) = who.endpoints.revocation.clone() else { return };
+    let (token, hint) = match &set.refresh_token {
+        Some(rt) => (rt.clone(), "refresh_token"),
+        None => (set.access_token.clone(), "access_token"),
+    };
+    let request = crate::oauth::RevokeRequest { url, client: client.clone(), token, hint };
+    if ctx.tokens.revoke(&request).await.is_err() {
+        warn!("revoking the refused token failed; it expires by itself");
+    }
+}
+
+/// A place for a request to `who`'s provider, asked while leading and checked again after. The
+/// provider's rate limit: the binding whose token expires first (`deadline`) goes first, and a
+/// binding without a token yet (a first grant, an authorization) goes after every renewal due
+/// within the hour, so that a flood of new bindings on a shared provider cannot starve renewals.
+/// No long wait holds this reconcile's slot: without room now, the reconcile is
+/// [`Error::Deferred`] and comes back later. The guard holds the namespace's lane until dropped.
+async fn admit(
+    ctx: &Context,
+    ns: &str,
+    who: &Requester<'_>,
+    deadline: Option<DateTime<Utc>>,
+) -> Result<crate::controller::limits::LaneGuard> {
+    let deadline = deadline.unwrap_or_else(|| crate::policy::time::plus(ctx.now(), chrono::Duration::hours(1)));
+    ctx.leading()?;
+    let key = format!("{}/{}", request_namespace(ns, who), who.provider_key);
+    let guard = match ctx.limits.admit(&key, ns, deadline).await {
+        crate::controller::limits::Admission::Go(guard) => guard,
+        crate::controller::limits::Admission::Later(wait) => return Err(Error::Deferred(wait)),
+    };
+    ctx.leading()?;
+    Ok(guard)
+}
+
 /// A token request, counted and timed for `/metrics` (outcome `ok` or the condition reason).
 /// Sent only while this replica leads (asked again after waiting for the rate limit).
 async fn timed(
@@ -1086,11 +1308,8 @@ async fn timed(
     who: &Requester<'_>,
     request: &crate::oauth::TokenRequest,
 ) -> Result<std::result::Result<crate::oauth::TokenSet, crate::oauth::Rejected>> {
-    // The provider's rate limit; the binding whose token expires first goes first.
-    let deadline = deadline.unwrap_or_else(|| ctx.now());
-    ctx.leading()?;
-    ctx.limits.acquire(&format!("{}/{}", request_namespace(ns, who), who.provider_key), deadline).await;
-    ctx.leading()?;
+    let key = format!("{}/{}", request_namespace(ns, who), who.provider_key);
+    let _lane = admit(ctx, ns, who, deadline).await?;
     let started = std::time::Instant::now();
     let result = ctx.tokens.request(request).await;
     // A 429 or a Retry-After pauses this provider only.
@@ -1102,7 +1321,7 @@ async fn timed(
             .ok()
             .and_then(|w| tokio::time::Instant::now().checked_add(w.min(std::time::Duration::from_secs(3600))))
     {
-        ctx.limits.pause(&format!("{}/{}", request_namespace(ns, who), who.provider_key), until);
+        ctx.limits.pause(&key, until);
     }
     let outcome = match &result {
         Ok(_) => "ok",

@@ -2,6 +2,12 @@
 //! binding whose token expires first goes first (a deadline queue, not FIFO): after an outage the
 //! herd is spread and whoever can still be saved is served first. A provider that answers 429 or
 //! sends `Retry-After` is paused; other providers are not.
+//!
+//! Nobody waits here while holding a reconcile slot for longer than [`MAX_WAIT`]: a provider
+//! paused for longer, a queue longer than that, or a namespace that already has
+//! [`RateLimits::lane_cap`] requests in flight (a slow endpoint of one tenant) is answered
+//! [`Admission::Later`], and the reconcile gives its slot back and comes back then. So one tenant's
+//! throttled or slow endpoint cannot hold the slots every other tenant's renewals need.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -11,11 +17,45 @@ use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use tokio::time::{Duration, Instant};
 
+/// The longest a reconcile waits for a slot before it gives its reconcile slot back.
+pub const MAX_WAIT: Duration = Duration::from_secs(2);
+
 /// Rate limits for every provider of the process.
 #[derive(Debug)]
 pub struct RateLimits {
     interval: Duration,
     queues: Mutex<HashMap<String, Arc<Mutex<Queue>>>>,
+    lanes: Arc<Mutex<HashMap<String, usize>>>,
+    lane_cap: usize,
+}
+
+/// Whether a request may go now.
+#[derive(Debug)]
+pub enum Admission {
+    /// Go; the lane's place is held until the guard is dropped.
+    Go(LaneGuard),
+    /// No room now: try again after this long.
+    Later(Duration),
+}
+
+/// A request in flight in its lane (the requesting namespace); dropped when it is answered.
+#[derive(Debug)]
+pub struct LaneGuard {
+    lanes: Arc<Mutex<HashMap<String, usize>>>,
+    lane: String,
+}
+
+impl Drop for LaneGuard {
+    fn drop(&mut self) {
+        if let Ok(mut lanes) = self.lanes.lock()
+            && let Some(n) = lanes.get_mut(&self.lane)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                lanes.remove(&self.lane);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -34,11 +74,68 @@ impl RateLimits {
     pub fn new(per_second: f64) -> Self {
         let per_second = if per_second.is_finite() && per_second > 0.0 { per_second } else { 1.0 };
         let interval = Duration::from_secs_f64((1.0 / per_second).min(3600.0));
-        Self { interval, queues: Mutex::default() }
+        Self { interval, queues: Mutex::default(), lanes: Arc::default(), lane_cap: 4 }
+    }
+
+    /// At most `cap` token requests of one namespace in flight at once (at least one).
+    pub fn with_lane_cap(mut self, cap: usize) -> Self {
+        self.lane_cap = cap.max(1);
+        self
+    }
+
+    /// The most requests one namespace may have in flight.
+    pub fn lane_cap(&self) -> usize {
+        self.lane_cap
+    }
+
+    /// A place in `lane` for a request, when it has one free.
+    fn enter(&self, lane: &str) -> Option<LaneGuard> {
+        let mut lanes = self.lanes.lock().ok()?;
+        let n = lanes.entry(lane.to_owned()).or_insert(0);
+        if *n >= self.lane_cap {
+            return None;
+        }
+        *n = n.saturating_add(1);
+        Some(LaneGuard { lanes: Arc::clone(&self.lanes), lane: lane.to_owned() })
+    }
+
+    /// Admits a request of namespace `lane` to `provider` now or within [`MAX_WAIT`] (earliest
+    /// `deadline` first), or says when to come back: never a long wait in a reconcile slot.
+    pub async fn admit(self: &Arc<Self>, provider: &str, lane: &str, deadline: DateTime<Utc>) -> Admission {
+        let Some(guard) = self.enter(lane) else {
+            return Admission::Later(Duration::from_secs(2));
+        };
+        let paused_for = self
+            .queue(provider)
+            .and_then(|q| q.lock().ok().and_then(|q| q.paused_until))
+            .map(|until| until.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
+        if paused_for > MAX_WAIT {
+            return Admission::Later(paused_for);
+        }
+        match tokio::time::timeout(MAX_WAIT.saturating_add(paused_for), self.acquire(provider, deadline)).await {
+            Ok(()) => Admission::Go(guard),
+            Err(_) => {
+                // Our sender is dropped with the future: the dispatcher skips it.
+                let queued = self.queue(provider).and_then(|q| q.lock().ok().map(|q| q.waiting.len())).unwrap_or(1);
+                let wait = self.interval.saturating_mul(u32::try_from(queued).unwrap_or(u32::MAX));
+                Admission::Later(wait.clamp(Duration::from_secs(1), Duration::from_secs(300)))
+            }
+        }
     }
 
     fn queue(&self, provider: &str) -> Option<Arc<Mutex<Queue>>> {
         let mut queues = self.queues.lock().ok()?;
+        // Queues of providers nobody uses any more (deleted, renamed) go once there are many.
+        if queues.len() > 256 && !queues.contains_key(provider) {
+            let now = Instant::now();
+            queues.retain(|_, q| {
+                Arc::strong_count(q) > 1
+                    || q.lock().map_or(true, |q| {
+                        !q.waiting.is_empty() || [q.paused_until, q.next_slot].into_iter().flatten().any(|t| t > now)
+                    })
+            });
+        }
         Some(Arc::clone(queues.entry(provider.to_owned()).or_default()))
     }
 
@@ -140,6 +237,53 @@ mod tests {
         let names: Vec<_> = order.iter().map(|(n, _)| *n).collect();
         assert_eq!(names, ["first", "soon", "middle", "late"]);
         assert!(order[3].1 >= Duration::from_millis(1500), "{order:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_pause_or_a_full_lane_sends_the_reconcile_away_instead_of_holding_it() {
+        let limits = Arc::new(RateLimits::new(100.0).with_lane_cap(2));
+        limits.pause("a/MailProvider/throttled", Instant::now() + Duration::from_secs(3600));
+        let started = Instant::now();
+        let Admission::Later(wait) = limits.admit("a/MailProvider/throttled", "a", at(0)).await else {
+            panic!("a provider paused for an hour admitted a request")
+        };
+        assert!(wait > Duration::from_secs(3500), "{wait:?}");
+        assert!(started.elapsed() < Duration::from_millis(10), "it waited");
+        // Two in flight in namespace b: a third of b comes back later; namespace c goes.
+        let (Admission::Go(g1), Admission::Go(_g2)) = (
+            limits.admit("b/MailProvider/slow", "b", at(0)).await,
+            limits.admit("b/MailProvider/slow", "b", at(0)).await,
+        ) else {
+            panic!("the lane's first two were not admitted")
+        };
+        assert!(matches!(limits.admit("b/MailProvider/other", "b", at(0)).await, Admission::Later(_)));
+        assert!(matches!(limits.admit("/ClusterMailProvider/shared", "c", at(0)).await, Admission::Go(_)));
+        drop(g1);
+        assert!(matches!(limits.admit("b/MailProvider/slow", "b", at(0)).await, Admission::Go(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_queue_sends_the_latest_deadline_away_within_the_bounded_wait() {
+        let limits = Arc::new(RateLimits::new(1.0).with_lane_cap(100));
+        let mut admitted = 0;
+        let mut later = 0;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            let limits = Arc::clone(&limits);
+            tasks.push(tokio::spawn(async move { limits.admit("p", "ns", at(i)).await }));
+        }
+        for t in tasks {
+            match t.await.unwrap() {
+                Admission::Go(_) => admitted += 1,
+                Admission::Later(wait) => {
+                    later += 1;
+                    assert!(wait >= Duration::from_secs(1), "{wait:?}");
+                }
+            }
+        }
+        assert!(admitted <= 3 && later >= 7, "{admitted} admitted, {later} later");
+        assert!(started.elapsed() <= MAX_WAIT + Duration::from_millis(10), "{:?}", started.elapsed());
     }
 
     #[tokio::test(start_paused = true)]

@@ -142,6 +142,20 @@ pub struct Pending {
     pub state: GrantState,
     /// The grant-state Secret to apply.
     pub secret: Secret,
+    /// What the write is fenced with.
+    pub fence: Fence,
+}
+
+/// What a grant-state write is conditioned on: the Secret's version as read, and the refresh
+/// token of the grant the new state was obtained from. A write whose version no longer matches
+/// is judged by [`crate::policy::grant_state::after_conflict`]: retried over what it started
+/// from, dropped over a newer grant (a deposed leader's late result), done when it already landed.
+#[derive(Clone, Debug, Default)]
+pub struct Fence {
+    /// The grant-state Secret's `resourceVersion` as last read or written (`None`: absent).
+    pub version: Option<String>,
+    /// The refresh token stored when it was read.
+    pub basis: Option<secrecy::SecretString>,
 }
 
 /// Grant states waiting to be written, by (namespace, binding).

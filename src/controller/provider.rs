@@ -35,6 +35,10 @@ pub trait ProviderObject:
     fn observed(&self) -> Option<&MailProviderStatus>;
     /// The API its status is written through.
     fn api(&self, client: Client) -> Api<Self>;
+    /// Why the admin's limits make this provider unusable, if they do.
+    fn refused(&self) -> Option<String> {
+        None
+    }
 }
 
 impl ProviderObject for MailProvider {
@@ -61,6 +65,14 @@ impl ProviderObject for ClusterMailProvider {
     fn api(&self, client: Client) -> Api<Self> {
         Api::all(client)
     }
+    fn refused(&self) -> Option<String> {
+        // Domain-wide delegation lets whoever binds impersonate any user of the domain.
+        (self.spec.provider.service_account_key_ref.is_some() && self.spec.allowed_mailboxes.is_empty()).then(|| {
+            "serviceAccountKeyRef (domain-wide delegation) on a ClusterMailProvider needs allowedMailboxes: without \
+             it, any allowed namespace could impersonate any user of the domain"
+                .to_owned()
+        })
+    }
 }
 
 /// Reconciles one provider.
@@ -71,7 +83,13 @@ pub async fn reconcile<K: ProviderObject>(provider: Arc<K>, ctx: Arc<Context>) -
     let spec = provider.registration();
     let secrets_namespace = provider.namespace().unwrap_or_else(|| ctx.cluster_namespace.clone());
     let endpoints = resolve(&ctx, spec).await;
-    let mut secret_problem = check_secrets(&ctx, spec, &secrets_namespace).await?;
+    // Checked before any Secret is read: refs beyond the schema's bounds (objects stored before
+    // them), duplicates, and what the admin's limits refuse.
+    let invalid = crate::policy::validate::provider(spec).err().or_else(|| provider.refused());
+    let mut secret_problem = match invalid {
+        Some(why) => Some((Reason::InvalidSpec, why)),
+        None => check_secrets(&ctx, spec, &secrets_namespace).await?,
+    };
     let certificate = super::certificate::read(&ctx, spec, &secrets_namespace).await?;
     let certificate_expires_at = match certificate {
         Some(Ok(c)) => Some(c.expires_at),

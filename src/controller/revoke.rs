@@ -18,11 +18,12 @@ use tracing::{info, warn};
 use super::Context;
 use super::binding::{client_of, provider_for};
 use super::secrets::grant_secret_name;
-use crate::api::MailboxBinding;
+use crate::api::{MailboxBinding, ProviderKind};
 use crate::error::{Error, Result};
 use crate::oauth::RevokeRequest;
 use crate::oauth::exchange::Requester;
 use crate::oauth::grants::flow_for;
+use crate::policy::binding::grant_matches;
 use crate::policy::grant_state::GrantState;
 use crate::policy::time::between;
 
@@ -48,7 +49,17 @@ pub async fn handle(ctx: &Context, binding: &MailboxBinding) -> Result<Option<Ac
                 set_finalizer(ctx, binding, false).await?;
                 Ok(Some(Action::await_change()))
             }
-            Err(why) if held >= MAX_HOLD => {
+            Err(Refusal::Never(why)) => {
+                warn!(reason = %why, "not revoking: the grant's issuer is not the binding's provider any more");
+                let note = format!(
+                    "the token was not revoked: {why}; nothing was sent anywhere, and the refresh token may still be \
+                     valid until its issuer expires it (revoke it there)"
+                );
+                publish(ctx, binding, EventType::Warning, "RevocationFailed", note).await;
+                set_finalizer(ctx, binding, false).await?;
+                Ok(Some(Action::await_change()))
+            }
+            Err(Refusal::Retry(why)) if held >= MAX_HOLD => {
                 warn!(reason = %why, "revocation kept failing; letting the binding go");
                 let note = format!(
                     "the token could not be revoked ({why}); the binding was deleted anyway after {} minutes, and \
@@ -59,7 +70,7 @@ pub async fn handle(ctx: &Context, binding: &MailboxBinding) -> Result<Option<Ac
                 set_finalizer(ctx, binding, false).await?;
                 Ok(Some(Action::await_change()))
             }
-            Err(why) => {
+            Err(Refusal::Retry(why)) => {
                 warn!(reason = %why, "revocation failed; retrying");
                 Ok(Some(Action::requeue(StdDuration::from_secs(10))))
             }
@@ -71,31 +82,64 @@ pub async fn handle(ctx: &Context, binding: &MailboxBinding) -> Result<Option<Ac
     Ok(None)
 }
 
-/// Revokes the stored token, if any; `Err` says why it could not.
-async fn revoke(ctx: &Context, binding: &MailboxBinding) -> std::result::Result<(), String> {
+/// Why a token was not revoked.
+enum Refusal {
+    /// Worth another try (the provider or the apiserver failed).
+    Retry(String),
+    /// Never: no provider the operator knows matches the issuer recorded in the grant, and the
+    /// token goes to its issuer or nowhere.
+    Never(String),
+}
+
+/// Revokes the stored token, if any, at the issuer recorded in the grant state: through the
+/// binding's provider when it still is that issuer, else through the provider the grant was
+/// obtained with when that one still is, else nowhere. The revocation endpoint is the one
+/// recorded when the grant was obtained (a provider edited since cannot redirect it).
+async fn revoke(ctx: &Context, binding: &MailboxBinding) -> std::result::Result<(), Refusal> {
     let ns = binding.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let stored = secrets
         .get_opt(&grant_secret_name(&binding.name_any()))
         .await
-        .map_err(|_| "the grant state could not be read".to_owned())?;
+        .map_err(|_| Refusal::Retry("the grant state could not be read".to_owned()))?;
     let state =
         stored.and_then(|s| s.data).and_then(|d| GrantState::decode(&d.into_iter().map(|(k, v)| (k, v.0)).collect()));
     let Some(state) = state else {
         info!("nothing to revoke");
         return Ok(());
     };
-    let (token, hint): (SecretString, &'static str) = match state.refresh_token {
-        Some(rt) => (rt, "refresh_token"),
-        None => (state.access_token, "access_token"),
-    };
     let flow = flow_for(&binding.spec.grant);
-    let usable = match provider_for(binding, flow.as_deref(), ctx).await {
-        Ok((_, Some(usable))) => usable,
-        Ok((_, None)) => return Err("the provider is not usable".into()),
-        Err(e) => return Err(e.to_string()),
+    let mut usable = None;
+    let mut not_ready = false;
+    for candidate in [Some(binding.clone()), recorded_provider(binding, &state)].into_iter().flatten() {
+        match provider_for(&candidate, flow.as_deref(), ctx).await {
+            Ok((_, Some(u))) if grant_matches(&u.key, &u.spec.client_id, u.endpoints.token.as_deref(), &state) => {
+                usable = Some(u);
+                break;
+            }
+            Ok((_, Some(_))) => {}
+            Ok((_, None)) => not_ready = true,
+            Err(e) => return Err(Refusal::Retry(e.to_string())),
+        }
+    }
+    let Some(usable) = usable else {
+        if not_ready {
+            return Err(Refusal::Retry("the provider is not usable".into()));
+        }
+        return Err(Refusal::Never(format!(
+            "neither the binding's provider nor {} still is the issuer of its grant",
+            state.provider.chars().take(200).collect::<String>()
+        )));
     };
-    let url = usable.endpoints.revocation.clone().ok_or("the provider has no revocation endpoint")?;
+    let (token, hint): (SecretString, &'static str) = match state.refresh_token.clone() {
+        Some(rt) => (rt, "refresh_token"),
+        None => (state.access_token.clone(), "access_token"),
+    };
+    let url = match &state.issuer {
+        Some(issuer) => issuer.revocation_url.clone(),
+        None => usable.endpoints.revocation.clone(),
+    }
+    .ok_or(Refusal::Never("the grant's issuer has no revocation endpoint".to_owned()))?;
     let who = Requester {
         provider_key: &usable.key,
         provider: &usable.spec,
@@ -105,15 +149,37 @@ async fn revoke(ctx: &Context, binding: &MailboxBinding) -> std::result::Result<
     };
     let client = match client_of(ctx, &usable, &who).await {
         Ok(Ok(c)) => c,
-        Ok(Err(_)) => return Err("the client credentials could not be read".into()),
-        Err(e) => return Err(e.to_string()),
+        Ok(Err(_)) => return Err(Refusal::Retry("the client credentials could not be read".into())),
+        Err(e) => return Err(Refusal::Retry(e.to_string())),
     };
     let request = RevokeRequest { url, client, token, hint };
-    ctx.leading().map_err(|e| e.to_string())?;
-    ctx.tokens.revoke(&request).await.map_err(|r| crate::policy::classify::classify(&r.error).message)?;
+    ctx.leading().map_err(|e| Refusal::Retry(e.to_string()))?;
+    ctx.tokens
+        .revoke(&request)
+        .await
+        .map_err(|r| Refusal::Retry(crate::policy::classify::classify(&r.error).message))?;
     info!(hint, "token revoked at the provider");
     publish(ctx, binding, EventType::Normal, "Revoked", format!("the {hint} was revoked at the provider")).await;
     Ok(())
+}
+
+/// The binding as it was when its grant was obtained: pointing at the provider recorded in the
+/// grant state (`Kind/name`), when that differs from the one it points at now.
+fn recorded_provider(binding: &MailboxBinding, state: &GrantState) -> Option<MailboxBinding> {
+    let (kind, name) = state.provider.split_once('/')?;
+    let kind = match kind {
+        "MailProvider" => ProviderKind::MailProvider,
+        "ClusterMailProvider" => ProviderKind::ClusterMailProvider,
+        _ => return None,
+    };
+    let current = &binding.spec.provider_ref;
+    if current.kind == kind && current.name == name {
+        return None;
+    }
+    let mut then = binding.clone();
+    then.spec.provider_ref.kind = kind;
+    then.spec.provider_ref.name = name.to_owned();
+    Some(then)
 }
 
 /// Adds or removes the finalizer, from the copy the reconcile started with (a conflict retries).

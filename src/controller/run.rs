@@ -58,7 +58,7 @@ pub struct Settings {
 /// ```text
 /// Runtime::new(client, settings, tokens, http, clock, shutdown)
 ///     .admin(listen address)          // /healthz, /readyz, /metrics
-///     .callback(address)              // the authorization listener, if any
+///     .callback(address, client)      // the authorization listener, if any, with its own client
 ///     .election(lease settings)       // leader election, if any
 ///     .run().await
 /// ```
@@ -75,6 +75,9 @@ pub struct Runtime {
     shutdown: Shutdown,
     admin: Option<std::net::SocketAddr>,
     callback: Option<std::net::SocketAddr>,
+    /// The authorization listener's own apiserver client (its own request budget), and the
+    /// contexts it finds bindings in: the controllers' caches with that client.
+    listener: Option<(Client, super::Contexts)>,
     election: Option<super::leader::ElectionSettings>,
     ready: Arc<AtomicBool>,
 }
@@ -110,6 +113,7 @@ impl Runtime {
             shutdown,
             admin: None,
             callback: None,
+            listener: None,
             election: None,
             ready: Arc::default(),
         }
@@ -121,9 +125,12 @@ impl Runtime {
         self
     }
 
-    /// Serves the authorization listener on `address`, if given.
-    pub fn callback(mut self, address: Option<std::net::SocketAddr>) -> Self {
+    /// Serves the authorization listener on `address`, if given. Its apiserver reads and writes
+    /// go through `client` (give it a request budget of its own): a flood of browser requests
+    /// then cannot starve the lease renewals and reconciles of the main client.
+    pub fn callback(mut self, address: Option<std::net::SocketAddr>, client: Client) -> Self {
         self.callback = address;
+        self.listener = address.map(|_| (client, super::Contexts::default()));
         self
     }
 
@@ -220,8 +227,8 @@ impl Runtime {
             let admin = crate::server::Admin { ready: Arc::clone(&self.ready), registry: Arc::new(registry) };
             crate::server::serve(address, admin, self.shutdown.clone())
         });
-        let callback = self.callback.map(|address| {
-            crate::server::authorize::serve(address, Arc::clone(&self.settings.contexts), self.shutdown.clone())
+        let callback = self.callback.zip(self.listener.as_ref()).map(|(address, (_, contexts))| {
+            crate::server::authorize::serve(address, Arc::clone(contexts), self.shutdown.clone())
         });
         async move {
             let admin = async {
@@ -293,7 +300,12 @@ impl Runtime {
             .watches_shared_stream(providers_for_bindings, by_provider)
             .watches_shared_stream(cluster_for_bindings, by_cluster_provider);
 
-        let ctx = Arc::new(Context {
+        let polls: super::Polls = Default::default();
+        let written: super::Written = Default::default();
+        let client_secrets: super::ClientSecretCache = Default::default();
+        // One context per client: the controllers' and, with the authorization listener, the
+        // listener's (same caches and state, its own apiserver client).
+        let context = |client: &Client| Context {
             client: client.clone(),
             tokens: Arc::clone(&self.tokens),
             http: self.http.clone(),
@@ -306,16 +318,22 @@ impl Runtime {
             pending: Arc::clone(&assembly.pending),
             default_lifetime: settings.default_lifetime,
             references: settings.references,
-            polls: Default::default(),
-            written: Default::default(),
-            own_writes,
-            referable,
-            client_secrets: Default::default(),
+            polls: Arc::clone(&polls),
+            written: Arc::clone(&written),
+            own_writes: own_writes.clone(),
+            referable: referable.clone(),
+            client_secrets: Arc::clone(&client_secrets),
             authorization: settings.authorization.clone(),
             metrics: Arc::clone(&settings.metrics),
             limits: Arc::clone(&settings.limits),
             leader: Arc::clone(&assembly.leader),
-        });
+        };
+        let ctx = Arc::new(context(client));
+        if let Some((listener_client, contexts)) = &self.listener
+            && let Ok(mut all) = contexts.lock()
+        {
+            all.push(Arc::new(context(listener_client)));
+        }
         assembly.first_ctx.get_or_insert_with(|| Arc::clone(&ctx));
         if let Ok(mut all) = settings.contexts.lock() {
             all.push(Arc::clone(&ctx));
@@ -517,17 +535,28 @@ where
 
 /// Runs one reconcile so that a panic in it (a bug) becomes an error for that object only,
 /// retried later by the error policy, instead of ending the controller.
+/// A reconcile that runs past [`RECONCILE_DEADLINE`] is cancelled (its slot is given back) and
+/// retried: a token obtained before is already kept in memory (see `binding::persist_grant`).
 async fn guarded(
     reconcile: impl std::future::Future<Output = crate::Result<kube::runtime::controller::Action>>,
 ) -> crate::Result<kube::runtime::controller::Action> {
-    match std::panic::AssertUnwindSafe(reconcile).catch_unwind().await {
-        Ok(result) => result,
-        Err(_) => {
+    let run = std::panic::AssertUnwindSafe(reconcile).catch_unwind();
+    match tokio::time::timeout(RECONCILE_DEADLINE, run).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => {
             tracing::error!("a reconcile panicked; it is retried later");
             Err(crate::Error::Panicked)
         }
+        Err(_) => {
+            tracing::warn!(deadline = ?RECONCILE_DEADLINE, "a reconcile ran past its deadline and was cancelled");
+            Err(crate::Error::TimedOut(RECONCILE_DEADLINE))
+        }
     }
 }
+
+/// The longest one reconcile may run: a token request's own limit (30 s), the bounded wait for
+/// the provider's rate limit, and the Kubernetes reads and writes around them.
+pub const RECONCILE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(45);
 
 /// Runs a controller until it ends. kube's controller never ends while its cache has not synced
 /// (its runner waits for the store before anything else), so a shutdown that finds the cache

@@ -345,6 +345,7 @@ async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
         imported_from: None,
         mailbox: Some("helpdesk@contoso.com".into()),
         account: None,
+        issuer: None,
     };
     b.status = Some(next_status(now() - Duration::minutes(5), &b, Some(&grant), &Outcome::Refreshed));
     let servers = crate::oauth::provider::servers(&provider().spec);

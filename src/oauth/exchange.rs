@@ -7,7 +7,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::client::{Client, ClientAuth, GrantCall};
 use super::{TokenRequest, TokenSet};
 use crate::api::{ClientAuthMethod, Endpoints, MailProviderSpec};
-use crate::policy::grant_state::GrantState;
+use crate::policy::grant_state::{GrantState, Issuer};
 
 /// Lifetime assumed when the token endpoint does not say (`expires_in` is optional, or zero or
 /// negative, which is read as not saying); `--default-token-lifetime` overrides it.
@@ -48,6 +48,19 @@ pub fn client_for(who: &Requester<'_>, secrets: Vec<SecretString>) -> Client {
     }
 }
 
+/// The issuer a grant obtained now through `who`'s provider is bound to: its token endpoint, its
+/// revocation endpoint and how the client authenticates. `None` without a token endpoint.
+pub fn issuer_of(who: &Requester<'_>) -> Option<Issuer> {
+    let token_url = who.endpoints.token.clone()?;
+    let client_auth = match super::provider::auth_method(who.provider) {
+        None => "none",
+        Some(ClientAuthMethod::ClientSecretPost) => "clientSecretPost",
+        Some(ClientAuthMethod::ClientSecretBasic) => "clientSecretBasic",
+        Some(ClientAuthMethod::PrivateKeyJwt) => "privateKeyJwt",
+    };
+    Some(Issuer { token_url, revocation_url: who.endpoints.revocation.clone(), client_auth: client_auth.to_owned() })
+}
+
 /// Whether the response carries a refresh token other than the one used.
 pub fn rotated(set: &TokenSet, used: Option<&SecretString>) -> bool {
     match (&set.refresh_token, used) {
@@ -83,6 +96,7 @@ pub fn grant_state_from(
         imported_from,
         mailbox: Some(who.mailbox.to_owned()),
         account: None,
+        issuer: issuer_of(who),
     }
 }
 
@@ -118,6 +132,7 @@ pub fn rescued_state(
             imported_from,
             mailbox: Some(who.mailbox.to_owned()),
             account: None,
+            issuer: issuer_of(who),
         },
     }
 }

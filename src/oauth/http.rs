@@ -24,31 +24,41 @@ pub const MAX_CLIENTS: usize = 32;
 /// Where the operator may send requests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OutboundPolicy {
-    /// Allow loopback and private (RFC 1918, unique-local, CGNAT) addresses. Link-local and
-    /// cloud metadata addresses are refused whatever this says.
+    /// Allow loopback and private (RFC 1918, unique-local, CGNAT, benchmarking, local-use NAT64)
+    /// addresses. Link-local, cloud metadata, reserved, multicast and documentation addresses are
+    /// refused whatever this says.
     pub allow_private: bool,
 }
 
 /// Names that always mean a cloud metadata service.
 const METADATA_NAMES: [&str; 3] = ["metadata.google.internal", "metadata", "instance-data.ec2.internal"];
 
+/// How an address is treated, from least to most refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Class {
+    /// A global address.
+    Public,
+    /// Loopback or private: allowed only with `allow_private`.
+    Private,
+    /// Never connected to.
+    Always,
+}
+
 impl OutboundPolicy {
-    /// Why `ip` may not be connected to, if it may not.
+    /// Why `ip` may not be connected to, if it may not. An IPv6 address that carries an IPv4
+    /// address (IPv4-mapped, IPv4-compatible, IPv4-translated, NAT64, 6to4, Teredo) is judged by
+    /// the IPv4 address it leads to as well.
     pub fn refuse_ip(&self, ip: IpAddr) -> Option<&'static str> {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-            v4 => v4,
+        let class = match ip {
+            IpAddr::V4(v4) => v4_class(v4),
+            IpAddr::V6(v6) => v6_class(v6),
         };
-        let (always, private) = match ip {
-            IpAddr::V4(v4) => (v4_always_refused(v4), v4_private(v4)),
-            IpAddr::V6(v6) => (v6_always_refused(v6), v6_private(v6)),
-        };
-        if always {
-            Some("a link-local, metadata or unspecified address")
-        } else if private && !self.allow_private {
-            Some("a loopback or private address (allowed only with --allow-private-endpoints)")
-        } else {
-            None
+        match class {
+            Class::Always => Some("a link-local, metadata, reserved, multicast, documentation or unspecified address"),
+            Class::Private if !self.allow_private => {
+                Some("a loopback or private address (allowed only with --allow-private-endpoints)")
+            }
+            _ => None,
         }
     }
 
@@ -81,30 +91,90 @@ impl OutboundPolicy {
     }
 }
 
-fn v4_always_refused(ip: Ipv4Addr) -> bool {
-    ip.is_link_local()
-        || ip.is_unspecified()
-        || ip.is_broadcast()
-        || ip.is_multicast()
-        || ip.octets() == [100, 100, 100, 200]
+/// Whether `ip` lies in `prefix/len`.
+fn in_v4(ip: Ipv4Addr, prefix: [u8; 4], len: u32) -> bool {
+    let mask = u32::MAX.checked_shl(32_u32.saturating_sub(len)).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(Ipv4Addr::from(prefix)) & mask
 }
 
-fn v4_private(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
-    ip.is_loopback() || ip.is_private() || (a == 100 && (64..128).contains(&b)) || a == 0
+fn v4_class(ip: Ipv4Addr) -> Class {
+    let always = [
+        ([0, 0, 0, 0], 8),          // "this network"; 0.0.0.0 reaches the host itself on Linux
+        ([169, 254, 0, 0], 16),     // link-local, cloud metadata (169.254.169.254)
+        ([192, 0, 0, 0], 24),       // IETF protocol assignments (Oracle Cloud metadata 192.0.0.192)
+        ([192, 0, 2, 0], 24),       // TEST-NET-1 (documentation)
+        ([198, 51, 100, 0], 24),    // TEST-NET-2
+        ([203, 0, 113, 0], 24),     // TEST-NET-3
+        ([224, 0, 0, 0], 4),        // multicast
+        ([240, 0, 0, 0], 4),        // reserved, and the limited broadcast 255.255.255.255
+        ([100, 100, 100, 200], 32), // Alibaba Cloud metadata
+    ];
+    let private = [
+        ([127, 0, 0, 0], 8),    // loopback
+        ([10, 0, 0, 0], 8),     // RFC 1918
+        ([172, 16, 0, 0], 12),  // RFC 1918
+        ([192, 168, 0, 0], 16), // RFC 1918
+        ([100, 64, 0, 0], 10),  // carrier-grade NAT (RFC 6598)
+        ([198, 18, 0, 0], 15),  // benchmarking (RFC 2544)
+    ];
+    if always.iter().any(|(p, len)| in_v4(ip, *p, *len)) {
+        Class::Always
+    } else if private.iter().any(|(p, len)| in_v4(ip, *p, *len)) {
+        Class::Private
+    } else {
+        Class::Public
+    }
 }
 
-fn v6_always_refused(ip: Ipv6Addr) -> bool {
+/// The IPv4 address in the low 32 bits of `ip`.
+fn low_v4(ip: Ipv6Addr) -> Ipv4Addr {
+    Ipv4Addr::from(u32::try_from(u128::from(ip) & 0xffff_ffff).unwrap_or_default())
+}
+
+fn v6_class(ip: Ipv6Addr) -> Class {
+    let bits = u128::from(ip);
+    let prefix = |p: u128, len: u32| {
+        let mask = u128::MAX.checked_shl(128_u32.saturating_sub(len)).unwrap_or(0);
+        bits & mask == p & mask
+    };
     let first = ip.segments().first().copied().unwrap_or_default();
-    ip.is_unspecified()
+    if ip.is_unspecified()
         || ip.is_multicast()
-        || (first & 0xffc0) == 0xfe80
+        || (first & 0xffc0) == 0xfe80 // link-local
+        || prefix(0x0100_0000_0000_0000_0000_0000_0000_0000, 64) // discard-only (RFC 6666)
+        || prefix(0x2001_0db8_0000_0000_0000_0000_0000_0000, 32) // documentation
         || ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
-}
-
-fn v6_private(ip: Ipv6Addr) -> bool {
-    let first = ip.segments().first().copied().unwrap_or_default();
-    ip.is_loopback() || (first & 0xfe00) == 0xfc00
+    // AWS metadata
+    {
+        return Class::Always;
+    }
+    if ip.is_loopback() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfec0 {
+        // loopback, unique-local, the deprecated site-local
+        return Class::Private;
+    }
+    if prefix(0xffff_0000_0000, 96) // IPv4-mapped ::ffff:a.b.c.d
+        || prefix(0xffff_0000_0000_0000, 96) // IPv4-translated ::ffff:0:a.b.c.d (SIIT)
+        || prefix(0, 96) // IPv4-compatible ::a.b.c.d (deprecated; :: and ::1 handled above)
+        || prefix(0x0064_ff9b_0000_0000_0000_0000_0000_0000, 96)
+    // NAT64 well-known prefix
+    {
+        return v4_class(low_v4(ip));
+    }
+    if prefix(0x0064_ff9b_0001_0000_0000_0000_0000_0000, 48) {
+        // Local-use NAT64 (RFC 8215): a network's own translator, so private at least; the
+        // IPv4 address is judged where the common /96 layout puts it.
+        return std::cmp::max(Class::Private, v4_class(low_v4(ip)));
+    }
+    if prefix(0x2002_0000_0000_0000_0000_0000_0000_0000, 16) {
+        // 6to4: the IPv4 address follows the prefix.
+        let embedded = u32::try_from((bits >> 80) & 0xffff_ffff).unwrap_or_default();
+        return v4_class(Ipv4Addr::from(embedded));
+    }
+    if prefix(0x2001_0000_0000_0000_0000_0000_0000_0000, 32) {
+        // Teredo: the client's IPv4 address, inverted, in the low 32 bits.
+        return v4_class(Ipv4Addr::from(!u32::from(low_v4(ip))));
+    }
+    Class::Public
 }
 
 /// Resolves names and keeps only the addresses the policy allows, so that a name cannot lead the
@@ -118,16 +188,23 @@ struct PolicyResolver(OutboundPolicy);
 #[error("every address of this name is refused by the outbound policy")]
 struct Refused;
 
+/// The addresses of `found` the policy allows, or [`Refused`] when there are none.
+fn allowed_addresses(
+    policy: OutboundPolicy,
+    found: impl IntoIterator<Item = SocketAddr>,
+) -> Result<Vec<SocketAddr>, Refused> {
+    let allowed: Vec<SocketAddr> = found.into_iter().filter(|a| policy.refuse_ip(a.ip()).is_none()).collect();
+    if allowed.is_empty() { Err(Refused) } else { Ok(allowed) }
+}
+
 impl reqwest::dns::Resolve for PolicyResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let policy = self.0;
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = found.into_iter().filter(|a| policy.refuse_ip(a.ip()).is_none()).collect();
-            if allowed.is_empty() {
-                return Err(Box::new(Refused) as Box<dyn std::error::Error + Send + Sync>);
-            }
+            let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let allowed = allowed_addresses(policy, found)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
             Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
         })
     }
@@ -371,6 +448,130 @@ mod tests {
         assert!(lab.check_endpoint("https://10.1.2.3/token").is_ok());
         assert!(lab.check_endpoint("https://169.254.169.254/latest").is_err(), "metadata stays refused");
         assert!(lab.check_endpoint("https://[::ffff:169.254.169.254]/").is_err());
+    }
+
+    /// Whether (strict, with private endpoints allowed) refuse `ip`.
+    fn refused(ip: &str) -> (bool, bool) {
+        let ip: IpAddr = ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}"));
+        let lab = OutboundPolicy { allow_private: true };
+        (OutboundPolicy::default().refuse_ip(ip).is_some(), lab.refuse_ip(ip).is_some())
+    }
+
+    #[test]
+    fn every_special_range_is_refused_and_an_embedded_ipv4_address_is_judged_as_itself() {
+        let public = [
+            "8.8.8.8",
+            "20.190.160.1",
+            "198.17.255.255",
+            "198.20.0.1",
+            "223.255.255.255",
+            "2606:4700::1111",
+            "64:ff9b::808:808", // NAT64 of 8.8.8.8 (an IPv6-only cluster's way out)
+            "2002:808:808::1",  // 6to4 of 8.8.8.8
+            "::ffff:8.8.8.8",   // IPv4-mapped
+            "2001:0:4136:e378:8000:63bf:f7f7:f7f7", // Teredo client 8.8.8.8
+        ];
+        let private = [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "198.18.0.1",     // benchmarking
+            "198.19.255.255", // benchmarking
+            "::1",
+            "fd12:3456::1",
+            "fec0::1",
+            "64:ff9b::7f00:1",    // NAT64 of 127.0.0.1
+            "64:ff9b::a00:1",     // NAT64 of 10.0.0.1
+            "64:ff9b::c612:1",    // NAT64 of 198.18.0.1
+            "::7f00:1",           // IPv4-compatible 127.0.0.1
+            "::ffff:127.0.0.1",   // IPv4-mapped
+            "::ffff:0:7f00:1",    // IPv4-translated 127.0.0.1
+            "2002:7f00:1::1",     // 6to4 of 127.0.0.1
+            "2002:c612:1::",      // 6to4 of 198.18.0.1
+            "64:ff9b:1::808:808", // local-use NAT64: the network's own translator
+        ];
+        let always = [
+            "0.0.0.0",
+            "0.1.2.3",
+            "169.254.169.254",
+            "192.0.0.192",     // IETF protocol assignments (Oracle Cloud metadata)
+            "192.0.2.1",       // documentation
+            "198.51.100.7",    // documentation
+            "203.0.113.9",     // documentation
+            "224.0.0.1",       // multicast
+            "239.255.255.250", // multicast
+            "240.0.0.1",       // reserved
+            "255.255.255.255", // broadcast
+            "100.100.100.200", // Alibaba Cloud metadata
+            "::",
+            "fe80::1",
+            "ff02::1",
+            "100::1",                 // discard-only
+            "2001:db8::1",            // documentation
+            "fd00:ec2::254",          // AWS metadata
+            "64:ff9b::a9fe:a9fe",     // NAT64 of 169.254.169.254
+            "64:ff9b::f000:1",        // NAT64 of 240.0.0.1
+            "64:ff9b::ffff:ffff",     // NAT64 of the broadcast address
+            "64:ff9b::e000:1",        // NAT64 of multicast
+            "64:ff9b::1",             // NAT64 of 0.0.0.1
+            "64:ff9b:1::a9fe:a9fe",   // local-use NAT64 of 169.254.169.254
+            "::a9fe:a9fe",            // IPv4-compatible 169.254.169.254
+            "::ffff:169.254.169.254", // IPv4-mapped
+            "::ffff:0:a9fe:a9fe",     // IPv4-translated
+            "::ffff:240.0.0.1",
+            "2002:a9fe:a9fe::1",                    // 6to4 of 169.254.169.254
+            "2002:c000:2ff::1",                     // 6to4 of 192.0.2.255
+            "2001:0:4136:e378:8000:63bf:5601:5601", // Teredo client 169.254.169.254
+        ];
+        for ip in public {
+            assert_eq!(refused(ip), (false, false), "{ip} is public");
+        }
+        for ip in private {
+            assert_eq!(refused(ip), (true, false), "{ip} is private");
+        }
+        for ip in always {
+            assert_eq!(refused(ip), (true, true), "{ip} is always refused");
+        }
+        let strict = OutboundPolicy::default();
+        assert!(strict.check_endpoint("https://[64:ff9b::a9fe:a9fe]/latest").is_err());
+        assert!(strict.check_endpoint("https://198.18.0.1/token").is_err());
+        assert!(strict.check_endpoint("https://240.0.0.1/token").is_err());
+        assert!(strict.check_endpoint("https://[64:ff9b::808:808]/token").is_ok());
+    }
+
+    #[test]
+    fn a_name_resolving_to_a_mix_keeps_only_the_allowed_addresses() {
+        let strict = OutboundPolicy::default();
+        let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 443);
+        let found = [at("127.0.0.1"), at("8.8.8.8"), at("169.254.169.254"), at("::ffff:127.0.0.1"), at("2606:4700::1")];
+        assert_eq!(allowed_addresses(strict, found).unwrap(), [at("8.8.8.8"), at("2606:4700::1")]);
+        assert!(allowed_addresses(strict, [at("127.0.0.1"), at("::1")]).is_err());
+        let lab = OutboundPolicy { allow_private: true };
+        assert!(allowed_addresses(lab, [at("169.254.169.254"), at("64:ff9b::a9fe:a9fe")]).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_resolver_refuses_names_leading_to_loopback_link_local_and_mapped_loopback() {
+        use reqwest::dns::Resolve;
+        let strict = PolicyResolver(OutboundPolicy::default());
+        let lab = PolicyResolver(OutboundPolicy { allow_private: true });
+        // lookup_host answers an address literal as itself, so these are names resolving there.
+        for name in ["localhost", "127.0.0.1", "169.254.169.254", "::ffff:127.0.0.1", "64:ff9b::7f00:1"] {
+            let resolved = strict.resolve(name.parse().unwrap()).await;
+            assert!(resolved.is_err(), "{name} resolved to an allowed address");
+        }
+        assert!(lab.resolve("169.254.169.254".parse().unwrap()).await.is_err());
+        assert!(lab.resolve("::ffff:169.254.169.254".parse().unwrap()).await.is_err());
+        let allowed: Vec<SocketAddr> = lab.resolve("127.0.0.1".parse().unwrap()).await.unwrap().collect();
+        assert_eq!(allowed, [SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)]);
+        // Through the client: a request to a name that resolves to loopback is never sent.
+        let client = HttpClients::default().get(None).unwrap();
+        let url = Url::parse("https://localhost:9/token").unwrap();
+        let recorded = post_form(&client, url, &[("grant_type", "refresh_token")], None).await;
+        let transport = recorded.transport.unwrap_or_default();
+        assert!(transport.contains("refused by the outbound policy"), "{transport}");
     }
 
     #[test]

@@ -144,10 +144,17 @@ pub fn userinfo_identities(body: &[u8]) -> Vec<String> {
     object(body).map(|claims| claim_identities(&claims)).unwrap_or_default()
 }
 
-/// `email`, `preferred_username` and `upn`, in that order, without duplicates.
+/// `email`, `preferred_username` and `upn`, in that order, without duplicates. An `email` the
+/// provider itself says is not verified (`email_verified: false`) is no identity: anyone may type
+/// any address into an account's profile at some providers.
 fn claim_identities(claims: &serde_json::Map<String, Value>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
+    let unverified = matches!(claims.get("email_verified"), Some(Value::Bool(false)))
+        || claims.get("email_verified").and_then(Value::as_str).is_some_and(|v| v.eq_ignore_ascii_case("false"));
     for claim in ["email", "preferred_username", "upn"] {
+        if claim == "email" && unverified {
+            continue;
+        }
         if let Some(v) = shown(claims.get(claim)).filter(|v| v.len() <= 254)
             && !out.iter().any(|o| o.eq_ignore_ascii_case(&v))
         {
@@ -214,6 +221,12 @@ mod tests {
             format!("eyJhbGciOiJSUzI1NiJ9.{}.sig", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims));
         assert_eq!(identities(&jwt), ["Helpdesk@Contoso.com", "hd@contoso.onmicrosoft.com"]);
         assert!(identities("not a jwt").is_empty());
+        for verified in [r#"false"#, r#""false""#] {
+            let body = format!(r#"{{"email":"boss@contoso.com","email_verified":{verified}}}"#);
+            assert!(userinfo_identities(body.as_bytes()).is_empty(), "an unverified email was taken: {body}");
+        }
+        let body = r#"{"email":"boss@contoso.com","email_verified":true}"#;
+        assert_eq!(userinfo_identities(body.as_bytes()), ["boss@contoso.com"]);
         assert!(identities("a.!!!.c").is_empty());
         let body = format!(r#"{{"access_token":"at","id_token":"{jwt}"}}"#);
         assert_eq!(parse_token(body.as_bytes()).unwrap().identities.len(), 2);

@@ -36,6 +36,8 @@ pub enum ProviderState {
         client_id: String,
         /// Scopes this binding requests.
         scopes: Vec<String>,
+        /// The token endpoint it sends to now.
+        token_url: Option<String>,
     },
     /// Not usable (missing, not ready, not allowed, cannot serve this grant).
     Unusable {
@@ -58,6 +60,9 @@ pub struct Inputs<'a> {
     /// The stored grant state, when one exists, parses and came from the binding's grant as the
     /// spec says it now (see `oauth::grants::Flow::owns`).
     pub grant: Option<&'a GrantState>,
+    /// The stored grant state whatever grant produced it: a refresh token in it is bound to its
+    /// issuer even when the spec's grant changed.
+    pub stored: Option<&'a GrantState>,
     /// Why the binding may not write its Secrets, if it may not.
     pub secret_conflict: Option<&'a str>,
     /// Whether this version implements the binding's grant.
@@ -154,9 +159,39 @@ pub fn reauthorize_requested(binding: &MailboxBinding) -> Option<&str> {
     (seen != Some(value)).then_some(value)
 }
 
-/// Whether the stored grant was issued through the binding's current provider and client.
-pub fn grant_matches(provider_key: &str, client_id: &str, grant: &GrantState) -> bool {
-    grant.provider == provider_key && grant.client_id == client_id
+/// Whether the stored grant was issued through the binding's current provider, client and token
+/// endpoint. A state written before issuers were recorded matches on provider and client.
+pub fn grant_matches(provider_key: &str, client_id: &str, token_url: Option<&str>, grant: &GrantState) -> bool {
+    grant.provider == provider_key
+        && grant.client_id == client_id
+        && grant.issuer.as_ref().is_none_or(|i| Some(i.token_url.as_str()) == token_url)
+}
+
+/// Why a stored grant holding a refresh token may not be used with the provider as it is now
+/// (another provider, client or token endpoint): the refresh token is the issuer's alone. `None`
+/// when it may be used, holds no refresh token, or a reauthorization is asked for.
+pub fn issuer_changed(
+    binding: &MailboxBinding,
+    provider_key: &str,
+    client_id: &str,
+    token_url: Option<&str>,
+    stored: Option<&GrantState>,
+) -> Option<String> {
+    let g = stored.filter(|g| g.refresh_token.is_some() || g.previous_refresh_token.is_some())?;
+    if reauthorize_requested(binding).is_some() || grant_matches(provider_key, client_id, token_url, g) {
+        return None;
+    }
+    let short = |s: &str| s.chars().take(200).collect::<String>();
+    let issued_at =
+        g.issuer.as_ref().map_or_else(|| "an unrecorded token endpoint".to_owned(), |i| short(&i.token_url));
+    Some(Reason::IssuerChanged.message(format!(
+        "the stored grant was issued through {} (client {}, token endpoint {issued_at}), but the binding now uses \
+         {provider_key} (client {}, token endpoint {}): nothing was sent, and the stored grant is kept",
+        short(&g.provider),
+        short(&g.client_id),
+        short(client_id),
+        token_url.map_or_else(|| "unknown".to_owned(), short),
+    )))
 }
 
 /// The permanent failure recorded in status for the current generation, if any.
@@ -199,7 +234,7 @@ fn backoff_until(binding: &MailboxBinding) -> Option<DateTime<Utc>> {
 
 /// What to do now.
 pub fn decide(inputs: Inputs<'_>) -> Decision {
-    let Inputs { now, binding, provider, grant, secret_conflict, supported } = inputs;
+    let Inputs { now, binding, provider, grant, stored, secret_conflict, supported } = inputs;
     if binding.spec.suspend {
         return Decision::Suspended;
     }
@@ -213,8 +248,8 @@ pub fn decide(inputs: Inputs<'_>) -> Decision {
                 .message(format!("the {} grant is not supported yet by this version", binding.spec.grant.name())),
         };
     }
-    let (key, client_id, scopes) = match provider {
-        ProviderState::Usable { key, client_id, scopes } => (key, client_id, scopes),
+    let (key, client_id, scopes, token_url) = match provider {
+        ProviderState::Usable { key, client_id, scopes, token_url } => (key, client_id, scopes, token_url.as_deref()),
         ProviderState::Unusable { reason, message } => {
             return Decision::Blocked { reason: *reason, message: message.clone() };
         }
@@ -222,9 +257,12 @@ pub fn decide(inputs: Inputs<'_>) -> Decision {
     if let Some(conflict) = secret_conflict {
         return Decision::Blocked { reason: Reason::SecretConflict, message: conflict.to_owned() };
     }
+    if let Some(message) = issuer_changed(binding, key, client_id, token_url, stored) {
+        return Decision::Blocked { reason: Reason::IssuerChanged, message };
+    }
 
     let reauthorize = reauthorize_requested(binding).is_some();
-    let usable = grant.filter(|g| !reauthorize && grant_matches(key, client_id, g));
+    let usable = grant.filter(|g| !reauthorize && grant_matches(key, client_id, token_url, g));
     let why = match usable {
         None => Some(Why::Initial),
         Some(_) if refresh_requested(binding).is_some() => Some(Why::Requested),
@@ -562,8 +600,11 @@ mod tests {
             key: "MailProvider/idp".into(),
             client_id: "client".into(),
             scopes: vec!["mail".into()],
+            token_url: Some(TOKEN_URL.into()),
         }
     }
+
+    const TOKEN_URL: &str = "https://idp.example.com/token";
 
     fn grant(issued: i64, lifetime: i64) -> GrantState {
         GrantState {
@@ -580,6 +621,11 @@ mod tests {
             imported_from: Some("seed/refresh_token".into()),
             mailbox: Some("a@example.com".into()),
             account: None,
+            issuer: Some(crate::policy::grant_state::Issuer {
+                token_url: TOKEN_URL.into(),
+                revocation_url: Some("https://idp.example.com/revoke".into()),
+                client_auth: "none".into(),
+            }),
         }
     }
 
@@ -596,7 +642,48 @@ mod tests {
     ) -> Inputs<'a> {
         let flow = crate::oauth::grants::flow_for(&b.spec.grant);
         let grant = g.filter(|g| flow.as_ref().is_some_and(|f| f.owns(g)));
-        Inputs { now, binding: b, provider: p, grant, secret_conflict: None, supported: flow.is_some() }
+        Inputs { now, binding: b, provider: p, grant, stored: g, secret_conflict: None, supported: flow.is_some() }
+    }
+
+    #[test]
+    fn a_grant_is_never_used_with_another_token_endpoint_client_or_provider_and_is_kept() {
+        let b = import();
+        let g = grant(0, 3600);
+        let moved = |key: &str, client: &str, url: &str| ProviderState::Usable {
+            key: key.into(),
+            client_id: client.into(),
+            scopes: vec!["mail".into()],
+            token_url: Some(url.into()),
+        };
+        for p in [
+            moved("MailProvider/idp", "client", "https://attacker.example/token"),
+            moved("MailProvider/idp", "other-client", TOKEN_URL),
+            moved("MailProvider/mine", "client", TOKEN_URL),
+        ] {
+            // Due or requested or not: nothing is asked of the new endpoint.
+            for now in [t(60), t(3500)] {
+                let d = decide(inputs(now, &b, &p, Some(&g)));
+                let Decision::Blocked { reason: Reason::IssuerChanged, message } = d else {
+                    panic!("expected IssuerChanged for {p:?}, got {d:?}")
+                };
+                assert!(message.contains(TOKEN_URL) && message.contains("reauthorize-requested"), "{message}");
+            }
+        }
+        // The grant's own issuer: used as before.
+        assert!(matches!(decide(inputs(t(60), &b, &provider(), Some(&g))), Decision::Keep { .. }));
+        // A deliberate reauthorization may move on.
+        let mut asked = b.clone();
+        asked.metadata.annotations =
+            Some([(crate::api::REAUTHORIZE_REQUESTED_ANNOTATION.to_owned(), "1".to_owned())].into());
+        let p = moved("MailProvider/idp", "client", "https://new.example/token");
+        assert_eq!(decide(inputs(t(60), &asked, &p, Some(&g))), Decision::Obtain { why: Why::Initial });
+    }
+
+    #[test]
+    fn a_grant_from_before_issuers_were_recorded_matches_on_provider_and_client() {
+        let g = GrantState { issuer: None, ..grant(0, 3600) };
+        assert!(grant_matches("MailProvider/idp", "client", Some("https://anything/token"), &g));
+        assert!(!grant_matches("MailProvider/other", "client", Some(TOKEN_URL), &g));
     }
 
     #[test]
@@ -649,13 +736,14 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_import_reference_or_provider_starts_over() {
+    fn a_changed_import_reference_starts_over_and_a_changed_client_keeps_the_grant_unused() {
         let b = binding(serde_json::json!({"refreshToken": {"secretRef": {"name": "other", "key": "rt"}}}));
         let g = grant(0, 3600);
         assert!(matches!(decide_at(t(10), &b, Some(&g)), Decision::Obtain { why: Why::Initial, .. }));
         let mut moved = grant(0, 3600);
         moved.client_id = "another-client".into();
-        assert!(matches!(decide_at(t(10), &import(), Some(&moved)), Decision::Obtain { why: Why::Initial, .. }));
+        let d = decide_at(t(10), &import(), Some(&moved));
+        assert!(matches!(d, Decision::Blocked { reason: Reason::IssuerChanged, .. }), "{d:?}");
     }
 
     #[test]
@@ -739,6 +827,7 @@ mod tests {
             key: "MailProvider/idp".into(),
             client_id: "client".into(),
             scopes: vec!["mail".into(), "b".into()],
+            token_url: Some(TOKEN_URL.into()),
         };
         let d = decide(inputs(t(10), &import(), &p, Some(&g)));
         assert!(matches!(d, Decision::Keep { .. }), "{d:?}");

@@ -35,6 +35,12 @@ pub mod keys {
     pub const MAILBOX: &str = "mailbox";
     /// The identity the provider vouched for, when it said.
     pub const ACCOUNT: &str = "account";
+    /// The token endpoint that issued the grant: refreshes go there and nowhere else.
+    pub const TOKEN_URL: &str = "token_url";
+    /// The revocation endpoint known when the grant was issued: revocation goes there or nowhere.
+    pub const REVOCATION_URL: &str = "revocation_url";
+    /// How the client authenticated when the grant was issued (`none`, `clientSecretPost`, ...).
+    pub const CLIENT_AUTH: &str = "client_auth";
 }
 
 /// What the operator holds for one binding.
@@ -69,6 +75,22 @@ pub struct GrantState {
     pub mailbox: Option<String>,
     /// The identity the provider vouched for (an id_token's claim), when it said.
     pub account: Option<String>,
+    /// The issuer the grant is bound to (absent in states written before 2026-12).
+    pub issuer: Option<Issuer>,
+}
+
+/// What issued a grant, recorded when the grant is first obtained and carried unchanged across
+/// refreshes: a stored refresh token is only ever sent to this token endpoint, for this client,
+/// and revoked only at this revocation endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issuer {
+    /// The token endpoint.
+    pub token_url: String,
+    /// The revocation endpoint, when the provider had one.
+    pub revocation_url: Option<String>,
+    /// How the client authenticated (`none`, `clientSecretPost`, `clientSecretBasic`,
+    /// `privateKeyJwt`).
+    pub client_auth: String,
 }
 
 impl PartialEq for GrantState {
@@ -88,6 +110,7 @@ impl PartialEq for GrantState {
             && self.imported_from == other.imported_from
             && self.mailbox == other.mailbox
             && self.account == other.account
+            && self.issuer == other.issuer
     }
 }
 
@@ -121,6 +144,13 @@ impl GrantState {
         if let Some(account) = &self.account {
             put(keys::ACCOUNT, account.clone());
         }
+        if let Some(issuer) = &self.issuer {
+            put(keys::TOKEN_URL, issuer.token_url.clone());
+            if let Some(url) = &issuer.revocation_url {
+                put(keys::REVOCATION_URL, url.clone());
+            }
+            put(keys::CLIENT_AUTH, issuer.client_auth.clone());
+        }
         data
     }
 
@@ -147,6 +177,11 @@ impl GrantState {
             imported_from: text(keys::IMPORTED_FROM),
             mailbox: text(keys::MAILBOX),
             account: text(keys::ACCOUNT),
+            issuer: text(keys::TOKEN_URL).filter(|u| !u.is_empty()).map(|token_url| Issuer {
+                token_url,
+                revocation_url: text(keys::REVOCATION_URL).filter(|u| !u.is_empty()),
+                client_auth: text(keys::CLIENT_AUTH).unwrap_or_default(),
+            }),
         })
         .filter(|s| s.refresh_token.is_some() || !s.access_token.expose_secret().is_empty())
     }
@@ -190,6 +225,8 @@ pub mod pending_keys {
     pub const BINDING_UID: &str = "pending_binding_uid";
     /// The binding's generation when the request was made.
     pub const GENERATION: &str = "pending_generation";
+    /// The token endpoint the device code or authorization code will be redeemed at.
+    pub const TOKEN_URL: &str = "pending_token_url";
 }
 
 /// An authorization a person has yet to complete, kept in the grant-state Secret so that it
@@ -234,6 +271,8 @@ pub struct PendingAuthorization {
     pub binding_uid: Option<String>,
     /// The binding's generation when the request was made.
     pub generation: Option<i64>,
+    /// The token endpoint the code will be redeemed at (absent in requests made before 2026-12).
+    pub token_url: Option<String>,
 }
 
 impl PartialEq for PendingAuthorization {
@@ -286,6 +325,7 @@ impl PendingAuthorization {
         put(k::CODE, self.code.as_ref().map(|c| c.expose_secret().to_owned()));
         put(k::BINDING_UID, self.binding_uid.clone());
         put(k::GENERATION, self.generation.map(|g| g.to_string()));
+        put(k::TOKEN_URL, self.token_url.clone());
         data
     }
 
@@ -322,8 +362,47 @@ impl PendingAuthorization {
             code: text(k::CODE).map(SecretString::from),
             binding_uid: text(k::BINDING_UID),
             generation: text(k::GENERATION).and_then(|g| g.parse().ok()),
+            token_url: text(k::TOKEN_URL),
         })
     }
+}
+
+/// What the grant-state Secret holds once a browser's response was answered with a failure: the
+/// authorization request it answered is spent, and any grant stored beside it is kept. `None`:
+/// nothing to write (no request was waiting, so the response answered nothing and nothing is
+/// spent; a stored grant in particular is never touched by a stray or replayed response).
+pub fn spent_request_data(
+    grant: Option<&GrantState>,
+    pending: Option<&PendingAuthorization>,
+) -> Option<BTreeMap<String, String>> {
+    pending?;
+    Some(grant.map(GrantState::encode).unwrap_or_default())
+}
+
+/// What a grant-state write that lost an optimistic-concurrency race (409) is, judged from what
+/// the Secret holds now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fenced {
+    /// The Secret already holds our refresh token (our earlier write landed): done.
+    Written,
+    /// Someone else stored another grant since we read it (a newer leader, a person): ours is
+    /// stale and must not overwrite it.
+    Stale,
+    /// Nothing that supersedes ours (an authorization request, the grant we started from): write
+    /// again against the current version.
+    Retry,
+}
+
+/// Judges a conflict: `current` is the grant the Secret holds now, `basis` the refresh token of
+/// the grant this result was obtained from (none for a first grant), `ours` the state to write.
+pub fn after_conflict(current: Option<&GrantState>, basis: Option<&str>, ours: &GrantState) -> Fenced {
+    let token = |g: &GrantState| g.refresh_token.as_ref().map(|t| t.expose_secret().to_owned());
+    let Some(current) = current else { return Fenced::Retry };
+    let now_stored = token(current);
+    if now_stored.is_some() && now_stored == token(ours) {
+        return Fenced::Written;
+    }
+    if now_stored.as_deref() == basis { Fenced::Retry } else { Fenced::Stale }
 }
 
 /// RFC 3339 in UTC with seconds, as written everywhere (`2026-01-02T03:04:05Z`).
@@ -351,6 +430,7 @@ mod tests {
             imported_from: Some("import/refresh_token".into()),
             mailbox: Some("a@example.com".into()),
             account: None,
+            issuer: None,
         };
         let data = state.encode().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
         assert_eq!(GrantState::decode(&data), Some(state));
@@ -379,6 +459,7 @@ mod tests {
             code: None,
             binding_uid: None,
             generation: None,
+            token_url: None,
         };
         let data = p.encode().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
         let back = PendingAuthorization::decode(&data).unwrap();
@@ -386,6 +467,99 @@ mod tests {
         assert_eq!(back.next_poll, t, "after a restart the next poll is at once");
         assert!(!format!("{back:?}").contains("dc-secret"));
         assert!(PendingAuthorization::decode(&BTreeMap::new()).is_none());
+    }
+
+    fn state(rt: Option<&str>) -> GrantState {
+        GrantState {
+            refresh_token: rt.map(|t| SecretString::from(t.to_owned())),
+            previous_refresh_token: None,
+            access_token: "at".to_owned().into(),
+            token_type: "Bearer".into(),
+            issued_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
+            expires_at: DateTime::from_timestamp(1_700_003_600, 0).unwrap_or_default(),
+            scopes: vec![],
+            requested_scopes: vec![],
+            provider: "MailProvider/p".into(),
+            client_id: "c".into(),
+            imported_from: None,
+            mailbox: None,
+            account: None,
+            issuer: Some(Issuer {
+                token_url: "https://idp/token".into(),
+                revocation_url: None,
+                client_auth: "none".into(),
+            }),
+        }
+    }
+
+    fn bytes(data: BTreeMap<String, String>) -> BTreeMap<String, Vec<u8>> {
+        data.into_iter().map(|(k, v)| (k, v.into_bytes())).collect()
+    }
+
+    #[test]
+    fn the_issuer_survives_encoding_and_is_absent_in_old_states() {
+        let s = state(Some("rt"));
+        assert_eq!(GrantState::decode(&bytes(s.encode())), Some(s.clone()));
+        let mut old = s.encode();
+        old.remove(keys::TOKEN_URL);
+        assert_eq!(GrantState::decode(&bytes(old)).and_then(|g| g.issuer), None);
+    }
+
+    #[test]
+    fn a_stale_writer_never_overwrites_a_newer_grant_and_a_landed_write_is_not_repeated() {
+        let ours = state(Some("rt-2"));
+        assert_eq!(after_conflict(Some(&state(Some("rt-2"))), Some("rt-1"), &ours), Fenced::Written);
+        assert_eq!(after_conflict(Some(&state(Some("rt-9"))), Some("rt-1"), &ours), Fenced::Stale);
+        assert_eq!(after_conflict(Some(&state(Some("rt-1"))), Some("rt-1"), &ours), Fenced::Retry);
+        assert_eq!(after_conflict(None, Some("rt-1"), &ours), Fenced::Retry);
+        // A first grant meets another replica's first grant: theirs stands.
+        assert_eq!(after_conflict(Some(&state(Some("rt-9"))), None, &ours), Fenced::Stale);
+    }
+
+    proptest::proptest! {
+        /// No failure erases a refresh token: a response answered with a failure spends only the
+        /// request it answered, whatever is stored.
+        #[test]
+        fn a_spent_request_never_loses_a_stored_refresh_token(
+            rt in proptest::option::of("[a-zA-Z0-9._-]{1,40}"),
+            with_pending in proptest::bool::ANY,
+        ) {
+            let grant = rt.as_deref().map(|t| state(Some(t)));
+            let pending = with_pending.then(|| PendingAuthorization::decode(&bytes(BTreeMap::from([
+                (pending_keys::METHOD.to_owned(), "authorizationCode".to_owned()),
+                (pending_keys::STARTED_AT.to_owned(), "2026-01-01T00:00:00Z".to_owned()),
+                (pending_keys::EXPIRES_AT.to_owned(), "2026-01-01T00:15:00Z".to_owned()),
+                (pending_keys::INTERVAL.to_owned(), "1".to_owned()),
+                (pending_keys::PROVIDER.to_owned(), "MailProvider/p".to_owned()),
+                (pending_keys::CLIENT_ID.to_owned(), "c".to_owned()),
+                (pending_keys::STATE.to_owned(), "s".to_owned()),
+            ]))).unwrap());
+            match spent_request_data(grant.as_ref(), pending.as_ref()) {
+                None => proptest::prop_assert!(pending.is_none()),
+                Some(data) => {
+                    let back = GrantState::decode(&bytes(data));
+                    let kept = back.and_then(|g| g.refresh_token).map(|t| t.expose_secret().to_owned());
+                    proptest::prop_assert_eq!(kept, rt);
+                }
+            }
+        }
+
+        /// A conflict never lets a write replace a grant other than the one it started from.
+        #[test]
+        fn a_conflict_only_retries_over_the_grant_it_started_from(
+            current in proptest::option::of("[a-c]"),
+            basis in proptest::option::of("[a-c]"),
+            ours in "[a-c]",
+        ) {
+            let now = current.as_deref().map(|t| state(Some(t)));
+            let verdict = after_conflict(now.as_ref(), basis.as_deref(), &state(Some(&ours)));
+            if verdict == Fenced::Retry {
+                proptest::prop_assert!(current.is_none() || current == basis);
+            }
+            if verdict == Fenced::Written {
+                proptest::prop_assert_eq!(current.as_deref(), Some(ours.as_str()));
+            }
+        }
     }
 
     #[test]
@@ -411,6 +585,7 @@ mod tests {
             imported_from: None,
             mailbox: None,
             account: None,
+            issuer: None,
         };
         let shown = format!("{state:?}");
         assert!(!shown.contains("very-secret"), "{shown}");

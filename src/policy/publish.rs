@@ -155,6 +155,7 @@ mod tests {
             imported_from: None,
             mailbox: None,
             account: None,
+            issuer: None,
         }
     }
 

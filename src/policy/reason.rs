@@ -24,6 +24,12 @@ pub enum Reason {
     ClientSecretExpired,
     /// The provider vouched for another identity than `spec.mailbox`.
     IdentityMismatch,
+    /// The provider said nothing usable about who consented (no id_token claim, userinfo failed,
+    /// `email_verified: false`), and the binding does not say `identity: unchecked`.
+    IdentityUnverified,
+    /// The stored grant was issued by another token endpoint, client or provider than the one the
+    /// binding points at now: nothing is sent, the grant is kept.
+    IssuerChanged,
     /// The referenced provider does not exist.
     ProviderNotFound,
     /// The referenced provider exists but is not ready.
@@ -87,6 +93,8 @@ impl Reason {
             Reason::ClientCredentialsInvalid => "ClientCredentialsInvalid",
             Reason::ClientSecretExpired => "ClientSecretExpired",
             Reason::IdentityMismatch => "IdentityMismatch",
+            Reason::IdentityUnverified => "IdentityUnverified",
+            Reason::IssuerChanged => "IssuerChanged",
             Reason::ProviderNotFound => "ProviderNotFound",
             Reason::ProviderNotReady => "ProviderNotReady",
             Reason::ProviderNotAllowed => "ProviderNotAllowed",
@@ -136,6 +144,16 @@ impl Reason {
                  identity in spec.identityAliases if it is the same person's), then set \
                  mailoauth.io/reauthorize-requested to a new value"
             }
+            Reason::IdentityUnverified => {
+                "make the provider say who consented (ask for the openid and email scopes, or give the \
+                 provider a userinfo endpoint), then set mailoauth.io/reauthorize-requested to a new value; \
+                 or, if the mailbox's identity truly cannot be checked, set spec.identity: unchecked"
+            }
+            Reason::IssuerChanged => {
+                "point the provider (or spec.providerRef) back at the issuer named in the message; or, to \
+                 use the new one deliberately, set mailoauth.io/reauthorize-requested to a new value (a \
+                 person consents again at the new issuer; the old grant is dropped then)"
+            }
             Reason::AuthorizationExpired | Reason::AuthorizationDenied => {
                 "set the mailoauth.io/reauthorize-requested annotation to a new value for a new code, and \
                  complete it in time (kubectl annotate mbx <name> mailoauth.io/reauthorize-requested=$(date +%s) --overwrite)"
@@ -143,7 +161,8 @@ impl Reason {
             Reason::ProviderNotFound => "create the provider or fix spec.providerRef",
             Reason::ProviderNotReady => "see the provider's Ready condition",
             Reason::ProviderNotAllowed => {
-                "ask the cluster admin to add this namespace to the provider's allowedNamespaces"
+                "ask the cluster admin to allow this namespace, mailbox, alias, scope or grant in the \
+                 provider's allowedNamespaces, allowedMailboxes or allowedScopes"
             }
             Reason::SecretConflict => "choose another spec.secretName",
             Reason::TokenEndpointUnavailable | Reason::Throttled => "nothing: the operator retries with backoff",

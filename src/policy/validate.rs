@@ -10,7 +10,9 @@ use chrono::Duration;
 use super::duration;
 use super::publish::{TEMPLATE_MAX_BYTES, placeholders};
 use super::schedule::{DEFAULT_REFRESH_BEFORE, MAX_REFRESH_BEFORE};
-use crate::api::{GROUP, MANAGED_BY_LABEL, MailboxBindingSpec, Protocol};
+use crate::api::common::{MAX_ANNOTATION_VALUE, MAX_MAP_ENTRIES, MAX_TEMPLATE_KEYS, MAX_TEMPLATE_VALUE};
+use crate::api::provider::MAX_CLIENT_SECRET_REFS;
+use crate::api::{GROUP, MANAGED_BY_LABEL, MailProviderSpec, MailboxBindingSpec, Protocol};
 
 /// Suffix of every grant-state Secret's name.
 pub const GRANT_SECRET_SUFFIX: &str = ".mailoauth-grant";
@@ -96,11 +98,67 @@ pub fn template_names(protocols: &[Protocol]) -> BTreeSet<String> {
     names
 }
 
+/// Most identity aliases and scopes of a binding (the schema's bounds).
+const MAX_ALIASES: usize = 16;
+const MAX_SCOPES: usize = 64;
+
+/// The schema's bounds on sizes and counts, checked again: an object stored before the bounds
+/// were in the CRD is not checked by the apiserver until someone changes it.
+fn sizes(spec: &MailboxBindingSpec) -> Result<(), String> {
+    if spec.identity_aliases.len() > MAX_ALIASES {
+        return Err(format!("spec.identityAliases: more than {MAX_ALIASES} entries"));
+    }
+    if spec.scopes.len() > MAX_SCOPES {
+        return Err(format!("spec.scopes: more than {MAX_SCOPES} entries"));
+    }
+    let Some(t) = &spec.secret_template else { return Ok(()) };
+    let maps = [
+        ("labels", &t.labels, MAX_MAP_ENTRIES, MAX_LABEL),
+        ("annotations", &t.annotations, MAX_MAP_ENTRIES, MAX_ANNOTATION_VALUE),
+        ("data", &t.data, MAX_TEMPLATE_KEYS, MAX_TEMPLATE_VALUE),
+    ];
+    for (field, map, entries, value_bytes) in maps {
+        if map.len() > entries {
+            return Err(format!("spec.secretTemplate.{field}: more than {entries} entries"));
+        }
+        if let Some((k, _)) = map.iter().find(|(_, v)| v.len() > value_bytes) {
+            return Err(format!("spec.secretTemplate.{field}[{}]: longer than {value_bytes} bytes", show(k)));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a provider's spec (either kind) for what the schema of an older CRD let through: at
+/// most [`MAX_CLIENT_SECRET_REFS`] client secrets, no two naming the same Secret key (each would
+/// be read and tried again for nothing). Call it before any client secret is read; a refusal is
+/// `InvalidSpec` with this message.
+pub fn provider(spec: &MailProviderSpec) -> Result<(), String> {
+    let refs = spec.client_authentication.as_ref().map(|a| a.client_secret_refs.as_slice()).unwrap_or_default();
+    if refs.len() > MAX_CLIENT_SECRET_REFS {
+        return Err(format!(
+            "spec.clientAuthentication.clientSecretRefs: {} entries, at most {MAX_CLIENT_SECRET_REFS} are accepted",
+            refs.len()
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for r in refs {
+        if !seen.insert((r.name.as_str(), r.key.as_str())) {
+            return Err(format!(
+                "spec.clientAuthentication.clientSecretRefs: Secret {} key {} is listed twice; remove the duplicate",
+                show(&r.name),
+                show(&r.key)
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks everything in a binding's spec that the schema cannot: the refresh margin, the Secret
-/// name, and the template's labels, annotations and keys. The message names the field and says
-/// what is accepted.
+/// name, and the template's labels, annotations and keys (and the schema's sizes again). The
+/// message names the field and says what is accepted.
 pub fn spec(spec: &MailboxBindingSpec) -> Result<(), String> {
     refresh_before(spec)?;
+    sizes(spec)?;
     if !is_dns_subdomain(&spec.secret_name) {
         return Err(format!("spec.secretName: {:?} is not a valid Secret name", show(&spec.secret_name)));
     }
@@ -226,6 +284,13 @@ mod tests {
                     annotations: BTreeMap::from([("x".into(), "v".repeat(300_000))]),
                     ..Default::default()
                 },
+                "annotations[x]: longer than 4096",
+            ),
+            (
+                SecretTemplate {
+                    annotations: (0..64).map(|i| (format!("{i}{}", "k".repeat(60)), "v".repeat(4096))).collect(),
+                    ..Default::default()
+                },
                 "256 KiB",
             ),
             (SecretTemplate { data: BTreeMap::from([("a/b".into(), "v".into())]), ..Default::default() }, "a/b"),
@@ -259,6 +324,56 @@ mod tests {
             data: BTreeMap::from([("msmtprc".into(), "user {{ mailbox }} host {{imap_host}}".into())]),
         };
         assert_eq!(spec(&spec_with(good)), Ok(()));
+    }
+
+    #[test]
+    fn sizes_the_schema_bounds_are_checked_again_for_objects_stored_before_it() {
+        let many = |n: usize, value: &str| (0..n).map(|i| (format!("k{i}"), value.to_owned())).collect();
+        let cases = [
+            (SecretTemplate { labels: many(65, "v"), ..Default::default() }, "labels: more than 64"),
+            (SecretTemplate { annotations: many(65, "v"), ..Default::default() }, "annotations: more than 64"),
+            (SecretTemplate { annotations: many(1, &"a".repeat(4097)), ..Default::default() }, "annotations[k0]"),
+            (SecretTemplate { data: many(17, "v"), ..Default::default() }, "data: more than 16"),
+            (SecretTemplate { data: many(1, &"d".repeat(16 * 1024 + 1)), ..Default::default() }, "data[k0]"),
+        ];
+        for (template, want) in cases {
+            let err = spec(&spec_with(template)).err().unwrap_or_default();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        let fits = SecretTemplate {
+            annotations: many(60, &"a".repeat(4096)),
+            data: many(4, &"d".repeat(16 * 1024)),
+            ..Default::default()
+        };
+        assert_eq!(spec(&spec_with(fits)), Ok(()));
+        let mut s = spec_with(SecretTemplate::default());
+        s.identity_aliases = (0..17).map(|i| format!("a{i}@example.com")).collect();
+        assert!(spec(&s).err().unwrap_or_default().contains("spec.identityAliases"));
+        let mut s = spec_with(SecretTemplate::default());
+        s.scopes = (0..65).map(|i| format!("s{i}")).collect();
+        assert!(spec(&s).err().unwrap_or_default().contains("spec.scopes"));
+    }
+
+    #[test]
+    fn a_provider_with_too_many_or_duplicate_client_secret_refs_is_refused() {
+        let provider_with = |refs: serde_json::Value| -> MailProviderSpec {
+            serde_json::from_value(serde_json::json!({
+                "google": {}, "clientId": "c", "clientAuthentication": {"clientSecretRefs": refs},
+            }))
+            .unwrap()
+        };
+        let ok = provider_with(serde_json::json!([{"name": "a"}, {"name": "a", "key": "other"}, {"name": "b"}]));
+        assert_eq!(provider(&ok), Ok(()));
+        // `key` defaults to client-secret, so these two are the same Secret key.
+        let twice = provider_with(serde_json::json!([{"name": "a"}, {"name": "a", "key": "client-secret"}]));
+        let err = provider(&twice).err().unwrap_or_default();
+        assert!(err.contains("clientSecretRefs") && err.contains("twice"), "{err}");
+        let many: Vec<_> = (0..9).map(|i| serde_json::json!({"name": format!("s{i}")})).collect();
+        let err = provider(&provider_with(serde_json::Value::from(many))).err().unwrap_or_default();
+        assert!(err.contains("at most 8"), "{err}");
+        let none: MailProviderSpec =
+            serde_json::from_value(serde_json::json!({"google": {}, "clientId": "c"})).unwrap();
+        assert_eq!(provider(&none), Ok(()));
     }
 
     #[test]

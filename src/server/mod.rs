@@ -60,6 +60,9 @@ pub async fn serve(
 ) -> Result<()> {
     let serve_error = |source| Error::Serve { address: address.to_string(), source };
     let listener = tokio::net::TcpListener::bind(address).await.map_err(serve_error)?;
+    // Bounded like the authorization listener's: whoever reaches this port cannot take the file
+    // descriptors the apiserver and token connections need.
+    let listener = authorize::Connections::new(listener, 64, std::time::Duration::from_secs(90));
     tracing::info!(%address, "serving /healthz, /readyz and /metrics");
     axum::serve(listener, router(admin)).with_graceful_shutdown(shutdown).await.map_err(serve_error)
 }

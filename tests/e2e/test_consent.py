@@ -192,12 +192,46 @@ def code_binding(name, mailbox, provider="idp-public"):
                      "grant": {"authorizationCode": {}}, "secretName": f"{name}-mail-token"}}
 
 
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
+                               "base-uri 'none'; form-action 'none'",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-store",
+    "x-content-type-options": "nosniff",
+}
+
+
+def raw_get(url, cookie=None):
+    """One GET with no cookie jar and no redirects: (status, headers, body)."""
+    request = urllib.request.Request(url, headers={"Cookie": cookie} if cookie else {})
+    opener = urllib.request.build_opener(NoRedirect())
+    try:
+        with opener.open(request, timeout=30) as r:
+            return r.status, r.headers, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode(errors="replace")
+
+
+def start_token(link):
+    return urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["start"][0]
+
+
+def grant_version(bed, name):
+    """The grant-state Secret's resourceVersion, or None when there is none."""
+    found = bed.kubectl("get", "secret", f"{name}.mailoauth-grant", "-n", NS, "-o", "json", "--ignore-not-found")
+    return json.loads(found.stdout)["metadata"]["resourceVersion"] if found.stdout.strip() else None
+
+
 def test_an_authorization_code_through_the_callback_turns_the_binding_ready_and_the_page_says_so(bed):
     operator_with_listener(bed)
     apply(bed, code_binding("web", "web@example.com"))
     waiting = wait_reason(bed, "web", "AwaitingAuthorization")
     link = mbx(bed, "web")["status"]["authorization"]["url"]
-    assert link == f"{bed.callback}/authorize/{NS}/web" and link in waiting["message"]
+    assert link.startswith(f"{bed.callback}/authorize/{NS}/web?start=") and link in waiting["message"], link
+    assert len(start_token(link)) >= 22, "at least 128 bits"
+    time.sleep(2)
+    assert mbx(bed, "web")["status"]["authorization"]["url"] == link, "the link stays while the binding waits"
     get = browser(bed)
     status, body = sign_in(bed, get, link)
     assert status == 200 and "Done" in body and "web@example.com" in body, body
@@ -219,13 +253,147 @@ def test_a_replayed_or_forged_callback_changes_nothing(bed):
     wait_reason(bed, "replay", "TokenValid", timeout=30)
     requests = bed.oauth("/test/stats")["token_requests"]
     status, _, body = get(callback)
-    assert status == 400 and "already used" in body, body
+    assert status == 400 and "Nothing was changed" in body, body
     forged = callback.replace("state=", "state=x")
     status, _, body = get(forged)
     assert status == 400, body
     time.sleep(2)
     assert bed.oauth("/test/stats")["token_requests"] == requests, "no token request for a replayed or forged callback"
     assert condition(mbx(bed, "replay"), "Ready")["reason"] == "TokenValid"
+
+
+def test_a_start_link_missing_or_wrong_gets_one_page_for_every_binding_and_writes_nothing(bed):
+    apply(bed, code_binding("guarded", "guarded@example.com"))
+    wait_reason(bed, "guarded", "AwaitingAuthorization")
+    link = mbx(bed, "guarded")["status"]["authorization"]["url"]
+    start = start_token(link)
+    wrong = ("B" if start[0] == "A" else "A") + start[1:]
+    before = grant_version(bed, "guarded")
+    base = f"{bed.callback}/authorize"
+    pages = []
+    for url, name in [
+        (f"{base}/{NS}/guarded", "guarded"),
+        (f"{base}/{NS}/guarded?start=", "guarded"),
+        (f"{base}/{NS}/guarded?start={wrong}", "guarded"),
+        (f"{base}/{NS}/guarded?start={start[:-1]}", "guarded"),
+        (f"{base}/{NS}/nobody?start={start}", "nobody"),
+        (f"{base}/{NS}/web?start={start}", "web"),         # exists, Ready: not waiting
+        (f"{base}/{NS}/scanner?start={start}", "scanner"),  # exists, another grant
+        (f"{base}/{NS}/nobody", "nobody"),
+    ]:
+        status, headers, body = raw_get(url)
+        assert status == 404, (url, status, body)
+        for k, v in SECURITY_HEADERS.items():
+            assert headers.get(k) == v, (url, k, headers.get(k))
+        assert headers.get("set-cookie") is None
+        assert "example.com" not in body, body
+        pages.append(body.replace(name, "NAME"))
+    status, _, body = raw_get(f"{base}/elsewhere/guarded?start={start}")
+    assert status == 404
+    pages.append(body.replace("elsewhere", NS).replace("guarded", "NAME"))
+    assert len(set(pages)) == 1, pages
+    assert "kubectl get mbx -n consent NAME -o wide" in pages[0], pages[0]
+    time.sleep(1)
+    assert grant_version(bed, "guarded") == before, "no request was stored"
+    # A re-authorization request makes a new link; the old one is then refused like any other.
+    bed.kubectl("annotate", "mbx", "guarded", "-n", NS, "mailoauth.io/reauthorize-requested=1")
+    wait_for("a new start link", lambda: (mbx(bed, "guarded")["status"].get("authorization") or {}).get("url")
+             not in (None, link), timeout=30)
+    assert raw_get(link)[0] == 404
+    status, headers, _ = raw_get(mbx(bed, "guarded")["status"]["authorization"]["url"])
+    assert status == 303 and headers.get("location", "").startswith(f"{bed.issuer}/"), headers.get("location")
+    for k, v in SECURITY_HEADERS.items():
+        assert headers.get(k) == v, (k, headers.get(k))
+    cookie = headers.get("set-cookie")
+    for part in ("HttpOnly", "SameSite=Lax", "Path=/callback", "Max-Age=900"):
+        assert part in cookie, cookie
+
+
+def test_a_callback_in_another_browser_is_refused_and_the_binding_still_awaits(bed):
+    apply(bed, code_binding("csrf", "csrf@example.com"))
+    wait_reason(bed, "csrf", "AwaitingAuthorization")
+    link = mbx(bed, "csrf")["status"]["authorization"]["url"]
+    mine = browser(bed)
+    callback = sign_in(bed, mine, link, until=f"{bed.callback}/callback")
+    stored = grant_version(bed, "csrf")
+    requests = bed.oauth("/test/stats")["token_requests"]
+    # The provider's redirect, captured and completed elsewhere: no cookie, or a forged one.
+    state = urllib.parse.parse_qs(urllib.parse.urlsplit(callback).query)["state"][0]
+    key = state.rsplit(".", 1)[0]
+    pages = []
+    for cookie in (None, f"mailoauth_{key}={state}", f"mailoauth_{key}={state}~{'A' * 43}"):
+        status, headers, body = raw_get(callback, cookie)
+        assert status == 400, (cookie, status, body)
+        for k, v in SECURITY_HEADERS.items():
+            assert headers.get(k) == v, (k, headers.get(k))
+        assert "csrf@example.com" not in body and "csrf" not in body, body
+        pages.append(body)
+    status, _, body = browser(bed)(callback)
+    assert status == 400
+    pages.append(body)
+    assert len(set(pages)) == 1, pages
+    time.sleep(2)
+    assert grant_version(bed, "csrf") == stored, "nothing was written"
+    assert bed.oauth("/test/stats")["token_requests"] == requests, "no token request"
+    assert condition(mbx(bed, "csrf"), "Ready")["reason"] == "AwaitingAuthorization"
+    # The browser that started it still completes it.
+    status, _, body = mine(callback)
+    assert status == 200 and "Done" in body, body
+    wait_reason(bed, "csrf", "TokenValid", timeout=30)
+
+
+def apiserver_secret_reads(bed):
+    """The apiserver's count of single-Secret GETs, from its own /metrics."""
+    text = bed.kubectl("get", "--raw", "/metrics").stdout
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{") and 'resource="secrets"' in line \
+                and 'verb="GET"' in line and 'scope="resource"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_burst_of_bad_callbacks_never_reaches_the_apiserver(bed):
+    from concurrent.futures import ThreadPoolExecutor
+    apply(bed, code_binding("burst", "burst@example.com"))
+    wait_reason(bed, "burst", "AwaitingAuthorization")
+    status, headers, _ = raw_get(mbx(bed, "burst")["status"]["authorization"]["url"])
+    assert status == 303
+    state = urllib.parse.parse_qs(urllib.parse.urlsplit(headers["location"]).query)["state"][0]
+    key = state.rsplit(".", 1)[0]
+    time.sleep(2)
+    reads = apiserver_secret_reads(bed)
+    urls = [(f"{bed.callback}/callback?code=c{i}&state={state}", f"mailoauth_{key}={state}~{'x' * 43}" if i % 2 else None)
+            for i in range(200)]
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda u: raw_get(*u)[0], urls))
+    elapsed = time.monotonic() - started
+    REPORT["200 bad callbacks (s)"] = round(elapsed, 2)
+    assert set(answers) <= {400, 503}, set(answers)
+    assert answers.count(400) >= 150, answers
+    assert elapsed < 20, elapsed
+    delta = apiserver_secret_reads(bed) - reads
+    REPORT["apiserver Secret reads during the burst"] = delta
+    assert delta < 20, f"{delta} Secret reads: the bad callbacks reached the apiserver"
+    with urllib.request.urlopen(f"http://127.0.0.1:{bed.ports['operator']}/readyz", timeout=5) as r:
+        assert r.status == 200
+    assert condition(mbx(bed, "burst"), "Ready")["reason"] == "AwaitingAuthorization"
+
+
+def test_this_apiserver_refuses_a_server_side_apply_over_a_stale_resource_version(bed):
+    """The listener's writes rely on it: an apply carrying metadata.resourceVersion is conditional."""
+    bed.kubectl("create", "secret", "generic", "precondition", "-n", NS, "--from-literal=a=1")
+    first = bed.kubectl_json("get", "secret", "precondition", "-n", NS)["metadata"]["resourceVersion"]
+    bed.kubectl("patch", "secret", "precondition", "-n", NS, "-p", '{"stringData": {"a": "2"}}')
+    doc = {"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": "precondition", "namespace": NS, "resourceVersion": first},
+           "stringData": {"a": "3"}}
+    result = bed.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager", "e2e", "-f", "-",
+                         input=json.dumps(doc), check=False)
+    assert result.returncode != 0 and "modified" in (result.stderr + result.stdout), result
+    value = bed.kubectl_json("get", "secret", "precondition", "-n", NS)["data"]["a"]
+    assert base64.b64decode(value).decode() == "2"
 
 
 def test_signing_in_as_someone_else_is_refused_and_nothing_is_stored(bed):

@@ -258,6 +258,75 @@ REJECTED = {
 }
 
 
+def with_refs(doc, refs):
+    doc["spec"]["clientAuthentication"] = {"clientSecretRefs": refs}
+    return doc
+
+
+# Sizes, counts and duplicates: (manifest, the field path the apiserver's error must name).
+REFUSED_AT = {
+    "a template data value over 16 KiB": (
+        lambda b: binding("s1", secretTemplate={"data": {"big": "x" * (16 * 1024 + 1)}}), "spec.secretTemplate.data.big"),
+    "17 template data keys": (
+        lambda b: binding("s2", secretTemplate={"data": {f"k{i}": "v" for i in range(17)}}), "spec.secretTemplate.data"),
+    "a template annotation over 4 KiB": (
+        lambda b: binding("s3", secretTemplate={"annotations": {"note": "x" * 4097}}),
+        "spec.secretTemplate.annotations.note"),
+    "65 template annotations": (
+        lambda b: binding("s4", secretTemplate={"annotations": {f"a{i}": "v" for i in range(65)}}),
+        "spec.secretTemplate.annotations"),
+    "a template label value of 64 characters": (
+        lambda b: binding("s5", secretTemplate={"labels": {"team": "v" * 64}}), "spec.secretTemplate.labels.team"),
+    "a template label value with a space": (
+        lambda b: binding("s6", secretTemplate={"labels": {"team": "mail ops"}}), "spec.secretTemplate.labels.team"),
+    "17 identity aliases": (
+        lambda b: binding("s7", identityAliases=[f"a{i}@example.com" for i in range(17)]), "spec.identityAliases"),
+    "the same identity alias twice": (
+        lambda b: binding("s8", identityAliases=["a@example.com", "a@example.com"]), "spec.identityAliases[1]"),
+    "the same scope twice": (lambda b: binding("s9", scopes=["mail", "mail"]), "spec.scopes[1]"),
+    "the same protocol twice": (lambda b: binding("s10", protocols=["imap", "imap"]), "spec.protocols[1]"),
+    "an unknown identity mode": (lambda b: binding("s11", identity="trusted"), "spec.identity"),
+    "9 client secret refs": (
+        lambda b: with_refs(generic(b, "r1"), [{"name": f"client-{i}"} for i in range(9)]),
+        "spec.clientAuthentication.clientSecretRefs"),
+    "50 client secret refs": (
+        lambda b: with_refs(generic(b, "r2"), [{"name": f"client-{i}", "key": "client-secret"} for i in range(50)]),
+        "spec.clientAuthentication.clientSecretRefs"),
+    "the same client secret ref twice": (
+        lambda b: with_refs(generic(b, "r3"), [{"name": "client", "key": "client-secret"}] * 2),
+        "spec.clientAuthentication.clientSecretRefs[1]"),
+    "the same client secret ref twice, the key defaulted": (
+        lambda b: with_refs(generic(b, "r4"), [{"name": "client"}, {"name": "client", "key": "client-secret"}]),
+        "spec.clientAuthentication.clientSecretRefs[1]"),
+    "the same ref twice with different expiries": (
+        lambda b: with_refs(generic(b, "r5"), [{"name": "client", "expiresAt": "2030-01-01T00:00:00Z"},
+                                               {"name": "client"}]),
+        "spec.clientAuthentication.clientSecretRefs[1]"),
+    "a cluster provider's client secret ref twice": (
+        lambda b: with_refs(cluster_provider(b, "cp-dup"), [{"name": "client"}] * 2),
+        "spec.clientAuthentication.clientSecretRefs[1]"),
+    "65 allowed scopes": (
+        lambda b: cluster_provider(b, "cp-scopes", allowedScopes=[f"s{i}" for i in range(65)]), "spec.allowedScopes"),
+    "the same allowed mailbox twice": (
+        lambda b: cluster_provider(b, "cp-mbx", allowedMailboxes=["example.com", "example.com"]),
+        "spec.allowedMailboxes[1]"),
+    "an allowed namespace that is no namespace name": (
+        # Kubernetes 1.20 names the list, not the item, for an item's pattern.
+        lambda b: cluster_provider(b, "cp-ns", allowedNamespaces={"names": ["Team A"]}), "spec.allowedNamespaces.names"),
+    "65 matchLabels": (
+        lambda b: cluster_provider(b, "cp-sel", allowedNamespaces={
+            "selector": {"matchLabels": {f"l{i}": "v" for i in range(65)}}}),
+        "spec.allowedNamespaces.selector.matchLabels"),
+    "a token URL over 2048 characters": (
+        lambda b: generic(b, "r6", tokenUrl="https://idp.example.com/" + "t" * 2048), "spec.generic.tokenUrl"),
+}
+
+
+def dry_run(bed, doc):
+    """A server-side dry run without kubectl's own checks: only the apiserver's schema judges."""
+    return bed.kubectl("apply", "--dry-run=server", "--validate=false", "-f", "-", input=json.dumps(doc), check=False)
+
+
 def test_hostile_manifests_are_refused_by_the_apiserver_schema(bed):
     refused = []
     for what, make in REJECTED.items():
@@ -265,6 +334,22 @@ def test_hostile_manifests_are_refused_by_the_apiserver_schema(bed):
         assert result.returncode != 0, f"the apiserver accepted {what}"
         assert "spec" in result.stderr or "Invalid value" in result.stderr or "invalid" in result.stderr, result.stderr
         refused.append(what)
+    for what, (make, path) in REFUSED_AT.items():
+        result = dry_run(bed, make(bed))
+        assert result.returncode != 0, f"the apiserver accepted {what}"
+        assert f"{path}:" in result.stderr, f"{what}: the error does not name {path}: {result.stderr[:2000]}"
+        refused.append(what)
+    # The largest binding the schema accepts, for the record (docs/trust-model.md): every list and
+    # map at its bound, keys as long as the operator accepts them.
+    largest = binding("largest", identityAliases=[f"{i:02d}{'a' * 240}@example.com" for i in range(16)],
+                      scopes=[f"{i:02d}{'s' * 500}" for i in range(64)], secretTemplate={
+                          "labels": {f"{'l' * 200}.example.com/{i:02d}{'n' * 61}": "v" * 63 for i in range(64)},
+                          "annotations": {f"{'a' * 200}.example.com/{i:02d}{'n' * 61}": "x" * 4096 for i in range(64)},
+                          "data": {f"{i:02d}{'k' * 251}": "x" * 16384 for i in range(16)}})
+    result = bed.kubectl("create", "--dry-run=server", "--validate=false", "-f", "-", input=json.dumps(largest),
+                         check=False)
+    assert result.returncode == 0, result.stderr
+    REPORT["largest binding the schema accepts (JSON bytes)"] = len(json.dumps(largest))
     operator_alive(bed)
     REPORT["manifests refused by the schema"] = len(refused)
 

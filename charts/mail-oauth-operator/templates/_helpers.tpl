@@ -27,6 +27,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{/* The leader election Lease's name (the operator's default; the Role grants this name only). */}}
+{{- define "mail-oauth-operator.leaseName" -}}
+mail-oauth-operator
+{{- end -}}
+
 {{- define "mail-oauth-operator.clusterResourceNamespace" -}}
 {{- default .Release.Namespace .Values.clusterResourceNamespace -}}
 {{- end -}}
@@ -43,8 +48,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: ["mailoauth.io"]
   resources: ["mailproviders/status", "mailboxbindings/status"]
   verbs: ["get", "patch"]
-# Secrets: client secrets and imported refresh tokens are read; published and grant-state
-# Secrets are written by server-side apply. No delete: owner references clean up.
+# Secrets: client secrets and imported refresh tokens are read (get; list and watch of metadata by
+# label, to notice changes); published and grant-state Secrets are written by server-side apply
+# (create, patch). RBAC cannot narrow these by label, nor create by name: see values.yaml,
+# watchNamespaces. No delete or update: owner references clean up.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch"]

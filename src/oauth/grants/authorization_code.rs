@@ -49,10 +49,14 @@ impl Flow for AuthorizationCodeFlow {
         }
         let pending = input.pending.filter(|p| p.method == METHOD && p.state.is_some());
         match (input.response, pending) {
-            (Some(Response::Error { error, .. }), _) if error == "access_denied" => failed(
-                Reason::AuthorizationDenied,
-                "the person declined at the provider's consent page (access_denied)".into(),
-            ),
+            (Some(Response::Error { error, .. }), _)
+                if error == "access_denied" || error == "authorization_declined" =>
+            {
+                failed(
+                    Reason::AuthorizationDenied,
+                    "the person declined at the provider's consent page (access_denied)".into(),
+                )
+            }
             (Some(Response::Error { error, .. }), _) => failed(
                 Reason::AuthorizationExpired,
                 format!("the provider sent the browser back with error {error} instead of a code"),
@@ -149,6 +153,7 @@ mod tests {
             code: None,
             binding_uid: Some("uid-1".into()),
             generation: Some(1),
+            token_url: None,
         }
     }
 

@@ -86,7 +86,8 @@ impl Flow for DeviceCodeFlow {
             "authorization_pending" => Some(Step::Await(again(p.interval))),
             "slow_down" => Some(Step::Await(again(plus_interval(p.interval)))),
             "expired_token" => Some(Step::Fail(expired(p))),
-            "access_denied" => Some(Step::Fail(Failure {
+            // Entra says authorization_declined where RFC 8628 says access_denied.
+            "access_denied" | "authorization_declined" => Some(Step::Fail(Failure {
                 reason: Reason::AuthorizationDenied,
                 transient: false,
                 message: format!(
@@ -126,6 +127,7 @@ pub fn pending(
     provider: &str,
     client_id: &str,
     scopes: &[String],
+    token_url: &str,
 ) -> PendingAuthorization {
     let interval = code.interval.clamp(Duration::seconds(1), MAX_INTERVAL);
     PendingAuthorization {
@@ -148,6 +150,7 @@ pub fn pending(
         code: None,
         binding_uid: None,
         generation: None,
+        token_url: Some(token_url.to_owned()),
     }
 }
 
@@ -171,7 +174,7 @@ mod tests {
             expires_in: Duration::minutes(10),
             interval: Duration::seconds(5),
         };
-        pending(code, at(0), "MailProvider/p", "c", &["mail".to_owned()])
+        pending(code, at(0), "MailProvider/p", "c", &["mail".to_owned()], "https://idp/token")
     }
 
     fn input(now: DateTime<Utc>, pending: Option<&PendingAuthorization>) -> FlowInput<'_> {
@@ -230,6 +233,10 @@ mod tests {
         assert!(f.message.contains("WDJB-MJHT"), "{}", f.message);
         let i = input(at(30), Some(&p));
         let Some(Step::Fail(f)) = DeviceCodeFlow.refused(&upstream("access_denied"), &i) else { panic!("denied") };
+        let Some(Step::Fail(declined)) = DeviceCodeFlow.refused(&upstream("authorization_declined"), &i) else {
+            panic!("Entra's authorization_declined")
+        };
+        assert_eq!(declined.reason, Reason::AuthorizationDenied);
         assert_eq!(f.reason, Reason::AuthorizationDenied);
         let Some(Step::Fail(f)) = DeviceCodeFlow.refused(&upstream("expired_token"), &i) else { panic!("expired") };
         assert_eq!(f.reason, Reason::AuthorizationExpired);
@@ -246,7 +253,7 @@ mod tests {
             expires_in: Duration::days(300),
             interval: Duration::days(1),
         };
-        let p = pending(code, at(0), "p", "c", &[]);
+        let p = pending(code, at(0), "p", "c", &[], "https://idp/token");
         assert_eq!(p.interval, MAX_INTERVAL);
         assert_eq!(p.expires_at, at(86_400));
     }
