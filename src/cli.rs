@@ -195,7 +195,9 @@ async fn run_operator(args: RunArgs) -> Result<()> {
     // authorization listener has a client and a limit of its own.
     let config = kube::Config::infer().await.map_err(|e| Error::Connect(kube::Error::InferConfig(e)))?;
     let client = rate_limited_client(config.clone(), args.api_qps)?;
-    let listener_client = rate_limited_client(config, args.listener_api_qps)?;
+    let listener_client = rate_limited_client(config.clone(), args.listener_api_qps)?;
+    // The Lease has a budget of its own (a renewal every few seconds, and its watch).
+    let lease_client = rate_limited_client(config, 10)?;
     let shutdown = shutdown_signal().boxed().shared();
     let http = HttpClients::new(OutboundPolicy { allow_private: args.allow_private_endpoints });
     let election = args.leader_elect.then(|| ElectionSettings {
@@ -203,6 +205,7 @@ async fn run_operator(args: RunArgs) -> Result<()> {
         name: args.leader_election_lease.clone(),
         identity: election_identity(),
         duration: args.leader_lease_duration,
+        client: Some(lease_client),
     });
     let settings = Settings {
         namespaces: args.namespaces,

@@ -134,6 +134,27 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
         persist_grant(&ctx, &secrets, &binding, state.clone(), &mut fence).await?;
     }
 
+    // A grant stored before issuers were recorded is bound now, to the provider it matches (by
+    // name and client id) as it is at this first look: written only, nothing is sent. From here
+    // on an edit of that provider's endpoints finds the grant bound.
+    if let (None, Some(g), Some(u)) = (conflict.as_ref(), grant.as_ref(), usable.as_ref())
+        && g.issuer.is_none()
+        && (g.refresh_token.is_some() || g.previous_refresh_token.is_some())
+        && grant_matches(&u.key, &u.spec.client_id, u.endpoints.token.as_deref(), g)
+    {
+        let who = Requester {
+            provider_key: &u.key,
+            provider: &u.spec,
+            endpoints: &u.endpoints,
+            scopes: &u.scopes,
+            mailbox: &binding.spec.mailbox,
+        };
+        let bound = GrantState { issuer: crate::oauth::exchange::issuer_of(&who), ..g.clone() };
+        info!("recording the issuer of a grant stored before issuers were recorded");
+        persist_grant(&ctx, &secrets, &binding, bound.clone(), &mut fence).await?;
+        grant = Some(bound);
+    }
+
     // Only a grant state the binding's grant produced (as the spec says it now) is used for
     // decisions; any valid token stays published either way.
     let owned = grant.as_ref().filter(|g| flow.as_ref().is_some_and(|f| f.owns(g)));
@@ -148,6 +169,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     });
     let mut failure = None;
     let mut next_poll = None;
+    let mut forget_pasted = false;
     let mut outcome = match (&decision, &usable, flow.as_deref()) {
         (Decision::Suspended, _, _) => Outcome::Suspended,
         (Decision::Blocked { reason, message }, _, _) => Outcome::Blocked { reason: *reason, message: message.clone() },
@@ -177,17 +199,17 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
             let known = Known { grant: usable_grant, pending: pending.as_ref(), response: response.as_ref() };
             let obtained = obtain(&ctx, &binding, usable, flow, known, now).await?;
             failpoint("after-token-response", &name);
-            if pasted.is_some() {
-                // Consumed once, then removed: the code in it is single-use anyway.
-                forget_pasted_response(&ctx, &binding).await;
-            }
+            // Consumed once, then removed (after what it brought is stored): the code in it is
+            // single-use anyway.
+            forget_pasted = pasted.is_some();
             if response.is_some()
                 && matches!(obtained, Obtained::Failed { .. })
                 && let Some(data) = spent_request_data(grant.as_ref(), stored_pending.as_ref())
             {
                 // A response is answered once: the request it answered is spent. A stored grant is
                 // kept whatever the response was (a stray or replayed one answers nothing).
-                persist_pending_data(&secrets, &binding, data, &mut fence).await?;
+                let kept = grant.as_ref().and_then(|g| g.refresh_token.clone());
+                persist_pending_data(&secrets, &binding, data, &mut fence, kept).await?;
             }
             match obtained {
                 Obtained::Awaiting(p) if !p.persistent() => {
@@ -197,7 +219,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
                 Obtained::Awaiting(p) => {
                     if !stored_pending.as_ref().is_some_and(|s| s.same_stored(&p)) {
                         let started = stored_pending.as_ref().is_none_or(|s| s.device_code_differs(&p));
-                        persist_pending_data(&secrets, &binding, p.encode(), &mut fence).await?;
+                        persist_pending_data(&secrets, &binding, p.encode(), &mut fence, None).await?;
                         if started {
                             info!(method = %p.method, "waiting for a person to authorize");
                             // A new authorization replaces whatever grant was stored.
@@ -230,6 +252,9 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
         }
         _ => Outcome::Unchanged,
     };
+    if forget_pasted {
+        forget_pasted_response(&ctx, &binding).await;
+    }
 
     if !matches!(outcome, Outcome::Suspended | Outcome::Blocked { .. })
         && let (Some(g), Some(usable)) = (grant.as_ref().filter(|g| g.expires_at > now), usable.as_ref())
@@ -402,6 +427,7 @@ async fn persist_grant(
                 let current = get_secret(api, &ns, &name).await?;
                 match after_conflict(
                     current.as_ref().and_then(decode_grant).as_ref(),
+                    current.as_ref().and_then(decode_pending).is_some(),
                     fence.basis.as_ref().map(ExposeSecret::expose_secret),
                     &state,
                 ) {
@@ -465,7 +491,9 @@ pub async fn flush_pending(
                     let name = secret.metadata.name.clone().unwrap_or_default();
                     let current = api.get_opt(&name).await.ok().flatten();
                     let basis = p.fence.basis.as_ref().map(ExposeSecret::expose_secret);
-                    match after_conflict(current.as_ref().and_then(decode_grant).as_ref(), basis, &p.state) {
+                    let pending_now = current.as_ref().and_then(decode_pending).is_some();
+                    match after_conflict(current.as_ref().and_then(decode_grant).as_ref(), pending_now, basis, &p.state)
+                    {
                         Fenced::Written => break,
                         Fenced::Stale => {
                             warn!(%binding, namespace = %ns, "a newer grant state was stored meanwhile; this one is dropped");
@@ -635,7 +663,7 @@ pub async fn persist_pending(
     binding: &MailboxBinding,
     pending: &PendingAuthorization,
 ) -> Result<()> {
-    persist_pending_data(api, binding, pending.encode(), &mut super::Fence::default()).await
+    persist_pending_data(api, binding, pending.encode(), &mut super::Fence::default(), None).await
 }
 
 /// Writes `data` as the whole grant-state Secret's content.
@@ -646,6 +674,7 @@ async fn persist_pending_data(
     binding: &MailboxBinding,
     data: BTreeMap<String, String>,
     fence: &mut super::Fence,
+    basis: Option<SecretString>,
 ) -> Result<()> {
     let name = grant_secret_name(&binding.name_any());
     let namespace = binding.namespace().unwrap_or_default();
@@ -654,7 +683,7 @@ async fn persist_pending_data(
     match apply_secret(api, &want).await {
         Ok(written) => {
             fence.version = written.resource_version();
-            fence.basis = None;
+            fence.basis = basis;
             Ok(())
         }
         Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::StaleGrantState { namespace, name }),
@@ -860,7 +889,7 @@ async fn read_key(ctx: &Context, ns: &str, name: &str, key: &str) -> Result<Read
 /// A key of a Secret read, if the reference policy lets it be read.
 fn value_of(ctx: &Context, ns: &str, name: &str, key: &str, secret: Secret) -> Read {
     if !may_read(ctx.references, ns, &ctx.cluster_namespace, secret.metadata.labels.as_ref()) {
-        return Read::NotAllowed(not_allowed(ns, name));
+        return Read::NotAllowed(not_allowed(ns, name, secret.metadata.labels.as_ref()));
     }
     secret
         .data
@@ -1090,7 +1119,9 @@ async fn obtain(
                 return Ok(not_ready(Reason::InvalidSpec, "the provider has no device authorization endpoint".into()));
             };
             let request = DeviceRequest { url, client, scopes: usable.scopes.clone() };
-            let _lane = admit(ctx, &ns, &who, None).await?;
+            let key = format!("{ns}/{}", binding.name_any());
+            let deadline = queue_deadline(now, binding, None);
+            let _lane = admit(ctx, &ns, &key, &who, deadline).await?;
             Ok(match ctx.tokens.device_authorization(&request).await {
                 Ok(code) => Obtained::Awaiting(device_code::pending(
                     code,
@@ -1132,15 +1163,49 @@ async fn token(
     let who = sent.who;
     let ns = binding.namespace().unwrap_or_default();
     let grant = input.grant;
-    let mut result = timed(ctx, &ns, grant.map(|g| g.expires_at), who, &request).await?;
+    let key = format!("{ns}/{}", binding.name_any());
+    let deadline = queue_deadline(ctx.now(), binding, grant);
+    // The namespace's lane is held for everything this request leads to (the request, userinfo,
+    // a revocation of a refused token): one tenant's slow endpoints hold at most its lane.
+    let _lane = admit(ctx, &ns, &key, who, deadline).await?;
+    let started = std::time::Instant::now();
+    let mut result = timed(ctx, &ns, who, &request).await?;
     // A refused stored refresh token is not the end while the one it replaced is still held:
     // providers that keep replaced tokens valid (Microsoft, Google) accept it, and the grant lives.
+    // Not when the first answer was slow: the reconcile's deadline must not cut a second request
+    // whose answer (a rotated refresh token) could then be lost.
     if let (Err(rejected), Some(replaced)) = (&result, replaced_token(&request.grant, grant))
         && classify(&rejected.error).reason == Reason::ReauthorizationRequired
+        && started.elapsed() < StdDuration::from_secs(10)
     {
         warn!("the stored refresh token was refused; trying the one it replaced");
         request.grant = refresh(&replaced, who.scopes);
-        result = timed(ctx, &ns, grant.map(|g| g.expires_at), who, &request).await?;
+        let _second = admit(ctx, &ns, &key, who, deadline).await?;
+        result = timed(ctx, &ns, who, &request).await?;
+    }
+    let used = request.grant.refresh_token();
+    // A refresh of the stored grant: the same grant, whose identity and scopes were judged when it
+    // was first obtained. Its answer (a rotated refresh token) is kept whatever it says; judging it
+    // again could only lose the grant.
+    if let (Ok(set), Some(g)) = (&result, grant.filter(|_| used.is_some())) {
+        let account = match pinned(&set.identities, &binding.spec.mailbox, &binding.spec.identity_aliases) {
+            Ok(Some(account)) => Some(account),
+            Ok(None) => g.account.clone(),
+            Err(message) => {
+                warn!(%message, "a refresh answer names another identity than the grant's; the grant is kept");
+                g.account.clone()
+            }
+        };
+        if rotated(set, used) {
+            info!("refresh token rotated; storing the new one first");
+        }
+        let set = set.clone();
+        let mut state = grant_state_from(who, set, used, flow.origin(), input.now, ctx.default_lifetime);
+        state.account = account;
+        if let Some(issuer) = g.issuer.clone() {
+            state.issuer = Some(issuer);
+        }
+        return Ok(Obtained::Token(state));
     }
     Ok(match result {
         Ok(set) => {
@@ -1168,8 +1233,6 @@ async fn token(
                     }
                 }
             }
-            let used = request.grant.refresh_token();
-            let refreshed = grant.filter(|_| used.is_some());
             let account = if checked {
                 match pinned(&vouched, &binding.spec.mailbox, &binding.spec.identity_aliases) {
                     Ok(account) => account,
@@ -1182,9 +1245,8 @@ async fn token(
             } else {
                 None
             };
-            // A person who consented through the operator must be named by the provider; a refresh
-            // of a grant whose identity was checked at consent keeps that identity.
-            if checked && consent && account.is_none() && refreshed.and_then(|g| g.account.as_ref()).is_none() {
+            // A person who consented through the operator must be named by the provider.
+            if checked && consent && account.is_none() {
                 let why = if userinfo_failed {
                     "the provider's userinfo endpoint could not be read"
                 } else {
@@ -1200,7 +1262,6 @@ async fn token(
                 };
                 return Ok(Obtained::Failed { failure, rescued: None });
             }
-            let account = account.or_else(|| refreshed.and_then(|g| g.account.clone()));
             // The cluster admin's limits hold for what the provider granted, not only for what was
             // asked: more scopes, or an identity outside allowedMailboxes, and nothing is stored.
             let beyond = sent.cluster.and_then(|limits| {
@@ -1222,10 +1283,6 @@ async fn token(
             }
             let mut state = grant_state_from(who, set, used, flow.origin(), input.now, ctx.default_lifetime);
             state.account = account;
-            // A refreshed grant stays bound to the issuer recorded when it was first obtained.
-            if let Some(issuer) = refreshed.and_then(|g| g.issuer.clone()) {
-                state.issuer = Some(issuer);
-            }
             Obtained::Token(state)
         }
         Err(rejected) => {
@@ -1276,22 +1333,33 @@ async fn revoke_refused(
     }
 }
 
+/// Where a binding's request queues at its provider: a renewal that is due by its token's expiry
+/// (never earlier than now: an expired token does not jump the queue), anything else — a first
+/// grant, an authorization, a requested or retried refresh of a token not yet due — as if its
+/// token expired in an hour, behind every renewal due before then.
+fn queue_deadline(now: DateTime<Utc>, binding: &MailboxBinding, grant: Option<&GrantState>) -> DateTime<Utc> {
+    match grant {
+        Some(g) if now >= crate::policy::binding::renew_at(binding, g) => std::cmp::max(g.expires_at, now),
+        _ => crate::policy::time::plus(now, chrono::Duration::hours(1)),
+    }
+}
+
 /// A place for a request to `who`'s provider, asked while leading and checked again after. The
 /// provider's rate limit: the binding whose token expires first (`deadline`) goes first, and a
 /// binding without a token yet (a first grant, an authorization) goes after every renewal due
 /// within the hour, so that a flood of new bindings on a shared provider cannot starve renewals.
 /// No long wait holds this reconcile's slot: without room now, the reconcile is
 /// [`Error::Deferred`] and comes back later. The guard holds the namespace's lane until dropped.
-async fn admit(
+pub(crate) async fn admit(
     ctx: &Context,
     ns: &str,
+    binding_key: &str,
     who: &Requester<'_>,
-    deadline: Option<DateTime<Utc>>,
+    deadline: DateTime<Utc>,
 ) -> Result<crate::controller::limits::LaneGuard> {
-    let deadline = deadline.unwrap_or_else(|| crate::policy::time::plus(ctx.now(), chrono::Duration::hours(1)));
     ctx.leading()?;
     let key = format!("{}/{}", request_namespace(ns, who), who.provider_key);
-    let guard = match ctx.limits.admit(&key, ns, deadline).await {
+    let guard = match ctx.limits.admit(&key, ns, binding_key, deadline).await {
         crate::controller::limits::Admission::Go(guard) => guard,
         crate::controller::limits::Admission::Later(wait) => return Err(Error::Deferred(wait)),
     };
@@ -1304,12 +1372,10 @@ async fn admit(
 async fn timed(
     ctx: &Context,
     ns: &str,
-    deadline: Option<DateTime<Utc>>,
     who: &Requester<'_>,
     request: &crate::oauth::TokenRequest,
 ) -> Result<std::result::Result<crate::oauth::TokenSet, crate::oauth::Rejected>> {
     let key = format!("{}/{}", request_namespace(ns, who), who.provider_key);
-    let _lane = admit(ctx, ns, who, deadline).await?;
     let started = std::time::Instant::now();
     let result = ctx.tokens.request(request).await;
     // A 429 or a Retry-After pauses this provider only.

@@ -41,7 +41,10 @@ pub async fn read(
         return Ok(Some(Err((Reason::ClientSecretNotFound, format!("certificate Secret {ns}/{} not found", r.name)))));
     };
     if !may_read(ctx.references, ns, &ctx.cluster_namespace, secret.metadata.labels.as_ref()) {
-        return Ok(Some(Err((Reason::SecretReferenceNotAllowed, not_allowed(ns, &r.name)))));
+        return Ok(Some(Err((
+            Reason::SecretReferenceNotAllowed,
+            not_allowed(ns, &r.name, secret.metadata.labels.as_ref()),
+        ))));
     }
     let data = secret.data.unwrap_or_default();
     let (Some(crt), Some(key)) = (data.get("tls.crt"), data.get("tls.key")) else {

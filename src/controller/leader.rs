@@ -22,7 +22,7 @@ use super::run::Shutdown;
 use crate::policy::leader::{LeaseView, holds};
 
 /// How a replica takes part in leader election.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ElectionSettings {
     /// The Lease's namespace (the operator's).
     pub namespace: String,
@@ -32,6 +32,9 @@ pub struct ElectionSettings {
     pub identity: String,
     /// How long a lease lasts unrenewed; it is renewed a third of this before it runs out.
     pub duration: std::time::Duration,
+    /// The client the Lease is read and renewed with: one of its own, so that no burst of
+    /// reconciles (nor the listener) can spend the budget the lease needs. `None`: the runtime's.
+    pub client: Option<kube::Client>,
 }
 
 /// Whether this replica may act, asked before every token request and every reconcile.

@@ -27,7 +27,14 @@ pub struct RateLimits {
     queues: Mutex<HashMap<String, Arc<Mutex<Queue>>>>,
     lanes: Arc<Mutex<HashMap<String, usize>>>,
     lane_cap: usize,
+    /// Requests sent away in a row, by who asked: each comes back twice as late (up to
+    /// [`MAX_DEFERRAL`]), so that bindings stuck behind a full lane do not poll the apiserver.
+    deferrals: Mutex<HashMap<String, u32>>,
 }
+
+/// The longest a request sent away in a row waits before it asks again (a paused provider's own
+/// pause may be longer).
+pub const MAX_DEFERRAL: Duration = Duration::from_secs(60);
 
 /// Whether a request may go now.
 #[derive(Debug)]
@@ -74,7 +81,7 @@ impl RateLimits {
     pub fn new(per_second: f64) -> Self {
         let per_second = if per_second.is_finite() && per_second > 0.0 { per_second } else { 1.0 };
         let interval = Duration::from_secs_f64((1.0 / per_second).min(3600.0));
-        Self { interval, queues: Mutex::default(), lanes: Arc::default(), lane_cap: 4 }
+        Self { interval, queues: Mutex::default(), lanes: Arc::default(), lane_cap: 4, deferrals: Mutex::default() }
     }
 
     /// At most `cap` token requests of one namespace in flight at once (at least one).
@@ -99,9 +106,30 @@ impl RateLimits {
         Some(LaneGuard { lanes: Arc::clone(&self.lanes), lane: lane.to_owned() })
     }
 
-    /// Admits a request of namespace `lane` to `provider` now or within [`MAX_WAIT`] (earliest
-    /// `deadline` first), or says when to come back: never a long wait in a reconcile slot.
-    pub async fn admit(self: &Arc<Self>, provider: &str, lane: &str, deadline: DateTime<Utc>) -> Admission {
+    /// Admits a request of namespace `lane` to `provider` for `who` (a binding) now or within
+    /// [`MAX_WAIT`] (earliest `deadline` first), or says when to come back: never a long wait in a
+    /// reconcile slot, and later each time `who` is sent away in a row.
+    pub async fn admit(self: &Arc<Self>, provider: &str, lane: &str, who: &str, deadline: DateTime<Utc>) -> Admission {
+        let admission = self.admit_now(provider, lane, deadline).await;
+        let Ok(mut deferrals) = self.deferrals.lock() else { return admission };
+        match admission {
+            Admission::Go(guard) => {
+                deferrals.remove(who);
+                Admission::Go(guard)
+            }
+            Admission::Later(wait) => {
+                if deferrals.len() >= 65_536 && !deferrals.contains_key(who) {
+                    deferrals.clear();
+                }
+                let n = deferrals.entry(who.to_owned()).or_insert(0);
+                let backoff = Duration::from_secs(1_u64.checked_shl(*n).unwrap_or(u64::MAX)).min(MAX_DEFERRAL);
+                *n = n.saturating_add(1).min(16);
+                Admission::Later(wait.max(backoff))
+            }
+        }
+    }
+
+    async fn admit_now(self: &Arc<Self>, provider: &str, lane: &str, deadline: DateTime<Utc>) -> Admission {
         let Some(guard) = self.enter(lane) else {
             return Admission::Later(Duration::from_secs(2));
         };
@@ -244,22 +272,22 @@ mod tests {
         let limits = Arc::new(RateLimits::new(100.0).with_lane_cap(2));
         limits.pause("a/MailProvider/throttled", Instant::now() + Duration::from_secs(3600));
         let started = Instant::now();
-        let Admission::Later(wait) = limits.admit("a/MailProvider/throttled", "a", at(0)).await else {
+        let Admission::Later(wait) = limits.admit("a/MailProvider/throttled", "a", "a/x", at(0)).await else {
             panic!("a provider paused for an hour admitted a request")
         };
         assert!(wait > Duration::from_secs(3500), "{wait:?}");
         assert!(started.elapsed() < Duration::from_millis(10), "it waited");
         // Two in flight in namespace b: a third of b comes back later; namespace c goes.
         let (Admission::Go(g1), Admission::Go(_g2)) = (
-            limits.admit("b/MailProvider/slow", "b", at(0)).await,
-            limits.admit("b/MailProvider/slow", "b", at(0)).await,
+            limits.admit("b/MailProvider/slow", "b", "b/x", at(0)).await,
+            limits.admit("b/MailProvider/slow", "b", "b/x", at(0)).await,
         ) else {
             panic!("the lane's first two were not admitted")
         };
-        assert!(matches!(limits.admit("b/MailProvider/other", "b", at(0)).await, Admission::Later(_)));
-        assert!(matches!(limits.admit("/ClusterMailProvider/shared", "c", at(0)).await, Admission::Go(_)));
+        assert!(matches!(limits.admit("b/MailProvider/other", "b", "b/y", at(0)).await, Admission::Later(_)));
+        assert!(matches!(limits.admit("/ClusterMailProvider/shared", "c", "c/x", at(0)).await, Admission::Go(_)));
         drop(g1);
-        assert!(matches!(limits.admit("b/MailProvider/slow", "b", at(0)).await, Admission::Go(_)));
+        assert!(matches!(limits.admit("b/MailProvider/slow", "b", "b/x", at(0)).await, Admission::Go(_)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -271,7 +299,7 @@ mod tests {
         let mut tasks = Vec::new();
         for i in 0..10 {
             let limits = Arc::clone(&limits);
-            tasks.push(tokio::spawn(async move { limits.admit("p", "ns", at(i)).await }));
+            tasks.push(tokio::spawn(async move { limits.admit("p", "ns", &format!("ns/b{i}"), at(i)).await }));
         }
         for t in tasks {
             match t.await.unwrap() {
@@ -284,6 +312,23 @@ mod tests {
         }
         assert!(admitted <= 3 && later >= 7, "{admitted} admitted, {later} later");
         assert!(started.elapsed() <= MAX_WAIT + Duration::from_millis(10), "{:?}", started.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_binding_sent_away_again_and_again_comes_back_later_each_time() {
+        let limits = Arc::new(RateLimits::new(100.0).with_lane_cap(1));
+        let Admission::Go(_held) = limits.admit("p", "ns", "ns/holder", at(0)).await else { panic!("first") };
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            let Admission::Later(w) = limits.admit("p", "ns", "ns/stuck", at(0)).await else { panic!("admitted") };
+            waits.push(w.as_secs());
+        }
+        assert_eq!(waits, [2, 2, 4, 8, 16, 32, 60, 60]);
+        drop(_held);
+        assert!(matches!(limits.admit("p", "ns", "ns/stuck", at(0)).await, Admission::Go(_)));
+        let Admission::Go(_again) = limits.admit("p", "ns", "ns/other", at(0)).await else { panic!("other") };
+        let Admission::Later(w) = limits.admit("p", "ns", "ns/stuck", at(0)).await else { panic!("admitted") };
+        assert_eq!(w.as_secs(), 2, "admitted once, its count starts over");
     }
 
     #[tokio::test(start_paused = true)]

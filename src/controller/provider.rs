@@ -170,7 +170,7 @@ async fn check_secrets(ctx: &Context, spec: &MailProviderSpec, ns: &str) -> Resu
         if let Some(s) = &secret
             && !may_read(ctx.references, ns, &ctx.cluster_namespace, s.metadata.labels.as_ref())
         {
-            return Ok(Some((Reason::SecretReferenceNotAllowed, not_allowed(ns, &r.name))));
+            return Ok(Some((Reason::SecretReferenceNotAllowed, not_allowed(ns, &r.name, s.metadata.labels.as_ref()))));
         }
         let value = secret.as_ref().and_then(|s| s.data.as_ref()).and_then(|d| d.get(&r.key));
         match (secret.is_some(), value) {

@@ -153,7 +153,11 @@ async fn revoke(ctx: &Context, binding: &MailboxBinding) -> std::result::Result<
         Err(e) => return Err(Refusal::Retry(e.to_string())),
     };
     let request = RevokeRequest { url, client, token, hint };
-    ctx.leading().map_err(|e| Refusal::Retry(e.to_string()))?;
+    // In the namespace's lane, like a token request: a hanging revocation endpoint holds only it.
+    let key = format!("{ns}/{}", binding.name_any());
+    let deadline = crate::policy::time::plus(ctx.now(), chrono::Duration::hours(1));
+    let _lane =
+        super::binding::admit(ctx, &ns, &key, &who, deadline).await.map_err(|e| Refusal::Retry(e.to_string()))?;
     ctx.tokens
         .revoke(&request)
         .await

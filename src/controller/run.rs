@@ -203,7 +203,7 @@ impl Runtime {
         };
         info!(lease = %settings.name, namespace = %settings.namespace, identity = %settings.identity, "joining leader election");
         let (leader, election, tasks) = super::leader::elect(
-            self.client.clone(),
+            settings.client.clone().unwrap_or_else(|| self.client.clone()),
             settings,
             Arc::clone(&self.clock),
             Arc::clone(&self.settings.metrics),

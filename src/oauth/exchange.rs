@@ -115,7 +115,6 @@ pub fn rescued_state(
             previous_refresh_token: p.refresh_token.clone().or_else(|| p.previous_refresh_token.clone()),
             refresh_token: Some(refresh_token),
             mailbox: Some(who.mailbox.to_owned()),
-            account: None,
             ..p.clone()
         },
         None => GrantState {

@@ -393,11 +393,20 @@ pub enum Fenced {
     Retry,
 }
 
-/// Judges a conflict: `current` is the grant the Secret holds now, `basis` the refresh token of
-/// the grant this result was obtained from (none for a first grant), `ours` the state to write.
-pub fn after_conflict(current: Option<&GrantState>, basis: Option<&str>, ours: &GrantState) -> Fenced {
+/// Judges a conflict: `current` is the grant the Secret holds now, `pending_now` whether it holds
+/// an authorization in progress, `basis` the refresh token of the grant this result was obtained
+/// from (none for a first grant), `ours` the state to write. A refresh of a grant that a
+/// deliberate new authorization has replaced meanwhile is stale too.
+pub fn after_conflict(
+    current: Option<&GrantState>,
+    pending_now: bool,
+    basis: Option<&str>,
+    ours: &GrantState,
+) -> Fenced {
     let token = |g: &GrantState| g.refresh_token.as_ref().map(|t| t.expose_secret().to_owned());
-    let Some(current) = current else { return Fenced::Retry };
+    let Some(current) = current else {
+        return if pending_now && basis.is_some() { Fenced::Stale } else { Fenced::Retry };
+    };
     let now_stored = token(current);
     if now_stored.is_some() && now_stored == token(ours) {
         return Fenced::Written;
@@ -508,12 +517,16 @@ mod tests {
     #[test]
     fn a_stale_writer_never_overwrites_a_newer_grant_and_a_landed_write_is_not_repeated() {
         let ours = state(Some("rt-2"));
-        assert_eq!(after_conflict(Some(&state(Some("rt-2"))), Some("rt-1"), &ours), Fenced::Written);
-        assert_eq!(after_conflict(Some(&state(Some("rt-9"))), Some("rt-1"), &ours), Fenced::Stale);
-        assert_eq!(after_conflict(Some(&state(Some("rt-1"))), Some("rt-1"), &ours), Fenced::Retry);
-        assert_eq!(after_conflict(None, Some("rt-1"), &ours), Fenced::Retry);
+        assert_eq!(after_conflict(Some(&state(Some("rt-2"))), false, Some("rt-1"), &ours), Fenced::Written);
+        assert_eq!(after_conflict(Some(&state(Some("rt-9"))), false, Some("rt-1"), &ours), Fenced::Stale);
+        assert_eq!(after_conflict(Some(&state(Some("rt-1"))), false, Some("rt-1"), &ours), Fenced::Retry);
+        assert_eq!(after_conflict(None, false, Some("rt-1"), &ours), Fenced::Retry);
         // A first grant meets another replica's first grant: theirs stands.
-        assert_eq!(after_conflict(Some(&state(Some("rt-9"))), None, &ours), Fenced::Stale);
+        assert_eq!(after_conflict(Some(&state(Some("rt-9"))), false, None, &ours), Fenced::Stale);
+        // A late refresh meets a new authorization a person started: the person's choice stands;
+        // a first grant (the answer to an authorization) is written over a newer request for one.
+        assert_eq!(after_conflict(None, true, Some("rt-1"), &ours), Fenced::Stale);
+        assert_eq!(after_conflict(None, true, None, &ours), Fenced::Retry);
     }
 
     proptest::proptest! {
@@ -552,7 +565,7 @@ mod tests {
             ours in "[a-c]",
         ) {
             let now = current.as_deref().map(|t| state(Some(t)));
-            let verdict = after_conflict(now.as_ref(), basis.as_deref(), &state(Some(&ours)));
+            let verdict = after_conflict(now.as_ref(), false, basis.as_deref(), &state(Some(&ours)));
             if verdict == Fenced::Retry {
                 proptest::prop_assert!(current.is_none() || current == basis);
             }

@@ -519,6 +519,13 @@ async fn write_pending(
     Ok(())
 }
 
+/// Whether a grant-state Secret holds a grant (not only an authorization in progress).
+fn stored_grant(secret: &Secret) -> bool {
+    let data: Option<std::collections::BTreeMap<String, Vec<u8>>> =
+        secret.data.as_ref().map(|d| d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect());
+    data.as_ref().and_then(crate::policy::grant_state::GrantState::decode).is_some()
+}
+
 /// The redirect to the provider: `url` only when it is at the provider's resolved authorization
 /// endpoint (same scheme, host, port and path), so that the listener never redirects elsewhere.
 fn provider_redirect(url: &str, authorization_endpoint: &str) -> Option<String> {
@@ -586,6 +593,15 @@ async fn authorize(
     let pending = request_pending(&binding, &usable, ctx.now(), Some((request, redirect_uri)), link);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let read = match secrets.get_opt(&grant_secret_name(&name)).await {
+        // A grant is stored already (the cache still showed the binding waiting): the
+        // authorization is done, and a visit of the link never replaces a grant.
+        Ok(Some(s)) if stored_grant(&s) => {
+            return page(
+                StatusCode::CONFLICT,
+                "Already authorized",
+                &[format!("kubectl get mbx -n {namespace} {name} -o wide shows the binding's state.")],
+            );
+        }
         Ok(s) => s.and_then(|s| s.metadata.resource_version),
         Err(e) => {
             tracing::warn!(binding = %name, namespace = %namespace, error = %e, "reading the grant state failed");
