@@ -917,3 +917,52 @@ async fn without_an_id_token_the_identity_is_asked_at_userinfo_and_pinned() {
     assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
     assert_eq!(b.status.as_ref().and_then(|s| s.account.as_deref()), Some("desk@example.com"));
 }
+
+/// The provider as if it knew no userinfo endpoint (a generic provider with explicit URLs).
+fn forget_userinfo(h: &mut Harness, name: &str) {
+    let mut object = h.api.get(&provider_path(name)).expect("provider");
+    object["status"]["endpoints"]["userinfo"] = Value::Null;
+    h.api.put(&provider_path(name), object.clone());
+    let p: MailProvider = serde_json::from_value(object).expect("provider");
+    assert!(p.status.as_ref().and_then(|s| s.endpoints.as_ref()).is_some_and(|e| e.userinfo.is_none()));
+    h.providers.apply_watcher_event(&watcher::Event::Apply(p));
+}
+
+#[tokio::test]
+async fn a_consent_that_names_nobody_is_identity_unverified_unless_the_binding_says_unchecked() {
+    // id_tokens without email, and no userinfo endpoint to ask: the provider names nobody.
+    let server = OAuthServer::start_with(600, &[("CONFORM_ID_TOKEN_CLAIMS", "true")]).await;
+    let mut h = Harness::start_on(server, ReferencePolicy::Any);
+    h.public_provider("idp", "mail-device").await;
+    forget_userinfo(&mut h, "idp");
+    h.binding("desk", json!({"deviceCode": {}}), json!([]));
+    set_mailbox(&mut h, "desk", "desk@example.com", &[]);
+    let b = h.reconcile("desk").await;
+    let code = authorization(&b).user_code.expect("code");
+    h.server.approve_device(&code, "mallory@example.com").await;
+    h.advance_to(h.now() + Duration::seconds(5));
+    let b = h.reconcile("desk").await;
+    let c = condition(&b, "Authorized");
+    assert_eq!(c.reason, "IdentityUnverified", "{:?}", b.status);
+    assert!(c.message.contains("nothing was stored"), "{}", c.message);
+    assert!(h.api.get(&secret_path("desk-mail-token")).is_none(), "a token for an unknown person was published");
+    let grant = h.api.get(&secret_path("desk.mailoauth-grant"));
+    assert!(
+        grant.as_ref().and_then(|g| decode(g, "refresh_token")).is_none(),
+        "a token for an unknown person was stored"
+    );
+
+    // The binding says, explicitly, that its identity is not checked: the next consent is taken.
+    let mut object = h.api.get(&binding_path("desk")).expect("binding");
+    object["spec"]["identity"] = json!("unchecked");
+    h.api.put(&binding_path("desk"), object.clone());
+    h.bindings.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(object).expect("binding")));
+    h.annotate("desk", "mailoauth.io/reauthorize-requested", "1");
+    let b = h.reconcile("desk").await;
+    let code = authorization(&b).user_code.expect("a new code");
+    h.server.approve_device(&code, "desk@example.com").await;
+    h.advance_to(h.now() + Duration::seconds(5));
+    let b = h.reconcile("desk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    assert_eq!(b.status.as_ref().and_then(|s| s.account.clone()), None, "no identity is claimed");
+}

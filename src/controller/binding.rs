@@ -1120,7 +1120,7 @@ async fn obtain(
             };
             let request = DeviceRequest { url, client, scopes: usable.scopes.clone() };
             let key = format!("{ns}/{}", binding.name_any());
-            let deadline = queue_deadline(now, binding, None);
+            let deadline = crate::policy::binding::queue_deadline(now, binding, None);
             let _lane = admit(ctx, &ns, &key, &who, deadline).await?;
             Ok(match ctx.tokens.device_authorization(&request).await {
                 Ok(code) => Obtained::Awaiting(device_code::pending(
@@ -1164,7 +1164,7 @@ async fn token(
     let ns = binding.namespace().unwrap_or_default();
     let grant = input.grant;
     let key = format!("{ns}/{}", binding.name_any());
-    let deadline = queue_deadline(ctx.now(), binding, grant);
+    let deadline = crate::policy::binding::queue_deadline(ctx.now(), binding, grant);
     // The namespace's lane is held for everything this request leads to (the request, userinfo,
     // a revocation of a refused token): one tenant's slow endpoints hold at most its lane.
     let _lane = admit(ctx, &ns, &key, who, deadline).await?;
@@ -1330,17 +1330,6 @@ async fn revoke_refused(
     let request = crate::oauth::RevokeRequest { url, client: client.clone(), token, hint };
     if ctx.tokens.revoke(&request).await.is_err() {
         warn!("revoking the refused token failed; it expires by itself");
-    }
-}
-
-/// Where a binding's request queues at its provider: a renewal that is due by its token's expiry
-/// (never earlier than now: an expired token does not jump the queue), anything else — a first
-/// grant, an authorization, a requested or retried refresh of a token not yet due — as if its
-/// token expired in an hour, behind every renewal due before then.
-fn queue_deadline(now: DateTime<Utc>, binding: &MailboxBinding, grant: Option<&GrantState>) -> DateTime<Utc> {
-    match grant {
-        Some(g) if now >= crate::policy::binding::renew_at(binding, g) => std::cmp::max(g.expires_at, now),
-        _ => crate::policy::time::plus(now, chrono::Duration::hours(1)),
     }
 }
 

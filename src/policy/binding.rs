@@ -152,6 +152,18 @@ pub fn refresh_requested(binding: &MailboxBinding) -> Option<&str> {
     (seen != Some(value)).then_some(value)
 }
 
+/// Where a binding's request queues at its provider (earliest first): a renewal that is due by
+/// its token's expiry, never earlier than now (an expired token does not jump the queue);
+/// anything else — a first grant, an authorization, a requested or retried refresh of a token
+/// not yet due — as if its token expired in an hour, behind every renewal due before then. So a
+/// flood of new bindings or of `refresh-requested` values cannot starve renewals that are due.
+pub fn queue_deadline(now: DateTime<Utc>, binding: &MailboxBinding, grant: Option<&GrantState>) -> DateTime<Utc> {
+    match grant {
+        Some(g) if now >= renew_at(binding, g) => std::cmp::max(g.expires_at, now),
+        _ => super::time::plus(now, Duration::hours(1)),
+    }
+}
+
 /// A new `reauthorize-requested` value not acted on yet.
 pub fn reauthorize_requested(binding: &MailboxBinding) -> Option<&str> {
     let value = annotation(binding, REAUTHORIZE_REQUESTED_ANNOTATION)?;
@@ -684,6 +696,18 @@ mod tests {
         let g = GrantState { issuer: None, ..grant(0, 3600) };
         assert!(grant_matches("MailProvider/idp", "client", Some("https://anything/token"), &g));
         assert!(!grant_matches("MailProvider/other", "client", Some(TOKEN_URL), &g));
+    }
+
+    #[test]
+    fn due_renewals_queue_before_first_grants_and_requested_refreshes_and_expired_ones_do_not_jump() {
+        let b = import();
+        let g = grant(0, 3600);
+        let due = queue_deadline(t(3500), &b, Some(&g));
+        assert_eq!(due, t(3600), "a due renewal queues by its expiry");
+        assert_eq!(queue_deadline(t(60), &b, Some(&g)), t(3660), "a refresh of a token not due: an hour out");
+        assert_eq!(queue_deadline(t(0), &b, None), t(3600), "a first grant: an hour out");
+        assert!(queue_deadline(t(3000), &b, None) > due, "behind the due renewal");
+        assert_eq!(queue_deadline(t(9000), &b, Some(&g)), t(9000), "an expired token queues at now, not before");
     }
 
     #[test]

@@ -358,7 +358,8 @@ def test_hostile_manifests_that_pass_the_schema_end_in_a_typed_condition_and_req
     apply(bed,
           secret(NS, "foreign", {"owner": "another tool"}),
           secret(NS, "unlabelled-seed", {"rt": "a refresh token"}, referable=False),
-          cluster_provider(bed, "cp-open"),
+          # Every namespace, any scope; an application grant needs allowedMailboxes all the same.
+          cluster_provider(bed, "cp-open", allowedMailboxes=["example.com"]),
           cluster_provider(bed, "cp-other-ns", allowedNamespaces={"names": ["elsewhere"]}),
           cluster_provider(bed, "cp-empty-selector", allowedNamespaces={"selector": {}}),
           cluster_provider(bed, "cp-notin", allowedNamespaces={"selector": {"matchExpressions": [
