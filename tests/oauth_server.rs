@@ -862,6 +862,7 @@ async fn token_requests_to_one_provider_never_exceed_its_rate() {
     for n in &names {
         h.binding(n, json!({"clientCredentials": {}}), json!(["mail"]));
     }
+    let counted_before = h.server.token_requests().await;
     let started = std::time::Instant::now();
     // A reconcile without room at the provider gives its slot back (Deferred) and, as the
     // controller's error policy does, comes back after the wait it was told.
@@ -882,7 +883,28 @@ async fn token_requests_to_one_provider_never_exceed_its_rate() {
             }
         }
     });
-    for r in futures::future::join_all(runs).await {
+    // The server's own count of token requests (counted as each POST arrives), sampled back to
+    // back while the reconciles run: (sent, answered, count) per sample.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let sampler = async {
+        let mut samples = Vec::new();
+        loop {
+            let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+            let sent = std::time::Instant::now();
+            let count = h.server.token_requests().await;
+            samples.push((sent, std::time::Instant::now(), count));
+            if finished {
+                return samples;
+            }
+        }
+    };
+    let work = async {
+        let results = futures::future::join_all(runs).await;
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        results
+    };
+    let (results, samples) = futures::join!(work, sampler);
+    for r in results {
         r.expect("reconcile");
     }
     let elapsed = started.elapsed();
@@ -891,6 +913,33 @@ async fn token_requests_to_one_provider_never_exceed_its_rate() {
     assert!(deferred.load(std::sync::atomic::Ordering::SeqCst) >= 1, "nobody was sent away");
     // Six requests at two per second: the first at once, the last 2.5 s later.
     assert!(elapsed >= std::time::Duration::from_millis(2400), "{elapsed:?}");
+    // Per second at the server, not only in total (a burst of four and two more late would pass
+    // the total): request k arrived after the last sample that did not count it was sent, and
+    // before the first sample that did was answered.
+    let arrival = |k: u64| {
+        let after = samples.iter().rev().find(|s| s.2 < counted_before + k).map_or(started, |s| s.0);
+        let before = samples.iter().find(|s| s.2 >= counted_before + k).map(|s| s.1).expect("counted");
+        (after, before)
+    };
+    let windows: Vec<_> = (1..=6).map(arrival).collect();
+    for k in 0..windows.len() {
+        // Two per second: one every 500 ms. Allowing for the network and the sampling, no two
+        // requests within 300 ms, and no three within 800 ms (at most two in any second).
+        if let Some(next) = windows.get(k + 1) {
+            let gap = next.0.saturating_duration_since(windows[k].1);
+            assert!(gap >= std::time::Duration::from_millis(300), "requests {} and {}: {gap:?} apart", k + 1, k + 2);
+        }
+        if let Some(third) = windows.get(k + 2) {
+            let span = third.0.saturating_duration_since(windows[k].1);
+            assert!(
+                span >= std::time::Duration::from_millis(800),
+                "requests {} to {}: three within {span:?}",
+                k + 1,
+                k + 3
+            );
+        }
+    }
+    assert_eq!(samples.last().map(|s| s.2), Some(counted_before + 6), "no other token request");
 }
 
 #[tokio::test]

@@ -110,13 +110,16 @@ impl RateLimits {
     /// [`MAX_WAIT`] (earliest `deadline` first), or says when to come back: never a long wait in a
     /// reconcile slot, and later each time `who` is sent away in a row.
     pub async fn admit(self: &Arc<Self>, provider: &str, lane: &str, who: &str, deadline: DateTime<Utc>) -> Admission {
-        let admission = self.admit_now(provider, lane, deadline).await;
+        let (admission, lane_full) = self.admit_now(provider, lane, deadline).await;
         let Ok(mut deferrals) = self.deferrals.lock() else { return admission };
         match admission {
             Admission::Go(guard) => {
                 deferrals.remove(who);
                 Admission::Go(guard)
             }
+            // A pause or a queue says itself when there is room; a full lane (slow requests in
+            // flight) does not, so those come back later each time.
+            Admission::Later(wait) if !lane_full => Admission::Later(wait),
             Admission::Later(wait) => {
                 if deferrals.len() >= 65_536 && !deferrals.contains_key(who) {
                     deferrals.clear();
@@ -129,9 +132,10 @@ impl RateLimits {
         }
     }
 
-    async fn admit_now(self: &Arc<Self>, provider: &str, lane: &str, deadline: DateTime<Utc>) -> Admission {
+    /// An admission now or within the bounded wait, and whether a refusal was for a full lane.
+    async fn admit_now(self: &Arc<Self>, provider: &str, lane: &str, deadline: DateTime<Utc>) -> (Admission, bool) {
         let Some(guard) = self.enter(lane) else {
-            return Admission::Later(Duration::from_secs(2));
+            return (Admission::Later(Duration::from_secs(2)), true);
         };
         let paused_for = self
             .queue(provider)
@@ -139,15 +143,16 @@ impl RateLimits {
             .map(|until| until.saturating_duration_since(Instant::now()))
             .unwrap_or_default();
         if paused_for > MAX_WAIT {
-            return Admission::Later(paused_for);
+            return (Admission::Later(paused_for), false);
         }
         match tokio::time::timeout(MAX_WAIT.saturating_add(paused_for), self.acquire(provider, deadline)).await {
-            Ok(()) => Admission::Go(guard),
+            Ok(()) => (Admission::Go(guard), false),
             Err(_) => {
-                // Our sender is dropped with the future: the dispatcher skips it.
+                // Our sender is dropped with the future: the dispatcher skips it. Come back about
+                // when the queue ahead has drained.
                 let queued = self.queue(provider).and_then(|q| q.lock().ok().map(|q| q.waiting.len())).unwrap_or(1);
                 let wait = self.interval.saturating_mul(u32::try_from(queued).unwrap_or(u32::MAX));
-                Admission::Later(wait.clamp(Duration::from_secs(1), Duration::from_secs(300)))
+                (Admission::Later(wait.clamp(Duration::from_secs(1), Duration::from_secs(300))), false)
             }
         }
     }

@@ -76,12 +76,13 @@ impl TokenEndpoint for Canned {
         Box::pin(async { Ok(()) })
     }
 
+    /// A new code each time: `dc-<n>`, shown to a person as `CODE-<n>`.
     fn device_authorization<'a>(&'a self, _request: &'a DeviceRequest) -> BoxFuture<'a, Result<DeviceCode, Rejected>> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         Box::pin(async move {
             Ok(DeviceCode {
-                device_code: "dc-1".to_owned().into(),
-                user_code: "WDJB-MJHT".into(),
+                device_code: format!("dc-{n}").into(),
+                user_code: format!("CODE-{n}"),
                 verification_uri: "https://microsoft.com/devicelogin".into(),
                 verification_uri_complete: None,
                 expires_in: Duration::minutes(15),
@@ -133,8 +134,17 @@ fn binding_object() -> MailboxBinding {
 }
 
 fn context(client: Client, tokens: Arc<Canned>, bindings: &[MailboxBinding]) -> Arc<Context> {
+    context_with(client, tokens, bindings, provider())
+}
+
+fn context_with(
+    client: Client,
+    tokens: Arc<Canned>,
+    bindings: &[MailboxBinding],
+    provider: MailProvider,
+) -> Arc<Context> {
     let (providers, mut pw) = store();
-    pw.apply_watcher_event(&watcher::Event::Apply(provider()));
+    pw.apply_watcher_event(&watcher::Event::Apply(provider));
     let (cluster_providers, _cw) = store();
     let (binding_store, mut bw) = store();
     for b in bindings {
@@ -168,16 +178,58 @@ fn context(client: Client, tokens: Arc<Canned>, bindings: &[MailboxBinding]) -> 
 /// The API server side of a scenario: answers each expected request in order.
 struct ApiServer(Handle<Request<Body>, Response<Body>>);
 
+/// What a request carried besides its body: its query parameters and its content type.
+struct Sent {
+    query: BTreeMap<String, String>,
+    content_type: String,
+}
+
+impl Sent {
+    /// Asserts a server-side apply by the operator's field manager that takes over conflicting
+    /// fields (`force`): without `force` a field another manager set would make the write fail,
+    /// and under another manager name the operator's own fields would conflict with themselves.
+    #[track_caller]
+    fn assert_apply(&self, what: &str) {
+        assert_eq!(self.content_type, "application/apply-patch+yaml", "{what}: not a server-side apply");
+        assert_eq!(self.query.get("fieldManager").map(String::as_str), Some(crate::api::FIELD_MANAGER), "{what}");
+        assert_eq!(self.query.get("force").map(String::as_str), Some("true"), "{what}: {:?}", self.query);
+    }
+}
+
 impl ApiServer {
     async fn expect(&mut self, method: Method, path: &str) -> (Value, tower_test::mock::SendResponse<Response<Body>>) {
+        let (body, _, send) = self.expect_sent(method, path).await;
+        (body, send)
+    }
+
+    /// Expects one request; returns its body, what else it carried, and the answer to send.
+    async fn expect_sent(
+        &mut self,
+        method: Method,
+        path: &str,
+    ) -> (Value, Sent, tower_test::mock::SendResponse<Response<Body>>) {
         let (request, send) = tokio::time::timeout(StdDuration::from_secs(5), self.0.next_request())
             .await
             .unwrap_or_else(|_| panic!("timed out waiting for {method} {path}"))
             .unwrap_or_else(|| panic!("no request: expected {method} {path}"));
         assert_eq!(request.method(), method, "{}", request.uri());
         assert_eq!(request.uri().path(), path);
+        let query = request
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let content_type = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         let bytes = request.into_body().collect_bytes().await.unwrap_or_default();
-        (serde_json::from_slice(&bytes).unwrap_or(Value::Null), send)
+        (serde_json::from_slice(&bytes).unwrap_or(Value::Null), Sent { query, content_type }, send)
     }
 
     async fn get(&mut self, path: &str, answer: Option<Value>) {
@@ -188,16 +240,20 @@ impl ApiServer {
         }
     }
 
-    /// Expects a server-side apply by our field manager, answers with its body, returns the body.
+    /// Expects a server-side apply by our field manager, with `force`; answers with its body,
+    /// returns the body.
     async fn apply(&mut self, path: &str) -> Value {
-        let (body, send) = self.expect(Method::PATCH, path).await;
+        let (body, sent, send) = self.expect_sent(Method::PATCH, path).await;
+        sent.assert_apply(path);
         send.send_response(ok(&body));
         body
     }
 
-    /// Expects a status apply; answers with `object` carrying that status, returns the body.
+    /// Expects a status apply by our field manager, with `force`; answers with `object` carrying
+    /// that status, returns the body.
     async fn apply_status(&mut self, path: &str, object: &MailboxBinding) -> Value {
-        let (body, send) = self.expect(Method::PATCH, path).await;
+        let (body, sent, send) = self.expect_sent(Method::PATCH, path).await;
+        sent.assert_apply(path);
         let mut answer = serde_json::to_value(object).expect("json");
         answer["status"] = body["status"].clone();
         send.send_response(ok(&answer));
@@ -431,7 +487,8 @@ async fn a_grant_state_that_cannot_be_written_is_kept_and_written_first_on_the_n
     server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
     let mut written = Vec::new();
     for _ in 0..3 {
-        let (body, send) = server.expect(Method::PATCH, GRANT_PATH).await;
+        let (body, sent, send) = server.expect_sent(Method::PATCH, GRANT_PATH).await;
+        sent.assert_apply(GRANT_PATH);
         written.push(body["data"]["access_token"].clone());
         send.send_response(server_error());
     }
@@ -486,7 +543,8 @@ async fn a_refresh_whose_status_write_meets_a_stale_copy_is_written_again_from_t
     server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
     server.apply(GRANT_PATH).await;
     server.apply(PUBLISHED_PATH).await;
-    let (_, send) = server.expect(Method::PATCH, STATUS_PATH).await;
+    let (_, sent, send) = server.expect_sent(Method::PATCH, STATUS_PATH).await;
+    sent.assert_apply(STATUS_PATH);
     send.send_response(conflict());
     // The current object, with the status an earlier reconcile wrote.
     let mut current = b.clone();
@@ -507,4 +565,155 @@ async fn a_refresh_whose_status_write_meets_a_stale_copy_is_written_again_from_t
     server.nothing_more().await;
     reconcile.await.expect("joined").expect("reconcile");
     assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+}
+
+const BINDING_PATH: &str = "/apis/mailoauth.io/v1alpha1/namespaces/mail/mailboxbindings/helpdesk";
+
+#[tokio::test]
+async fn a_pasted_response_is_removed_by_a_merge_patch_of_that_annotation_alone() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let b = pasted_binding();
+    let ctx = context_with(client, Arc::clone(&tokens), std::slice::from_ref(&b), provider_with_authorization());
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+
+    server.get(GRANT_PATH, None).await;
+    server.get(PUBLISHED_PATH, None).await;
+    // Exactly this: a JSON merge patch whose null removes the one annotation, nothing else (not a
+    // server-side apply, which would make the operator an owner of the binding's metadata).
+    let (patch, sent, send) = server.expect_sent(Method::PATCH, BINDING_PATH).await;
+    assert_eq!(sent.content_type, "application/merge-patch+json");
+    assert_eq!(patch, json!({"metadata": {"annotations": {"mailoauth.io/authorization-response": null}}}));
+    assert!(!sent.query.contains_key("fieldManager") && !sent.query.contains_key("force"), "{:?}", sent.query);
+    send.send_response(ok(&serde_json::to_value(&b).expect("json")));
+    let status = server.apply_status(STATUS_PATH, &b).await;
+    assert_eq!(status["status"]["conditions"][0]["reason"], "AuthorizationExpired", "{status}");
+    // (Its Warning Event is the next scenario's subject: the API server goes away here, and the
+    // event is lost, as any failed event publish is.)
+    drop(server);
+    reconcile.await.expect("joined").expect("reconcile");
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "a response that answers no request is not exchanged");
+}
+
+/// The binding of the paste scenario: an authorization code grant, a response pasted for a
+/// request that no longer waits (no grant state holds one), and someone else's annotation.
+fn pasted_binding() -> MailboxBinding {
+    let spec: MailboxBindingSpec = serde_json::from_value(json!({
+        "providerRef": {"name": "contoso"}, "mailbox": "helpdesk@contoso.com",
+        "grant": {"authorizationCode": {}}, "secretName": "helpdesk-mail-token",
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut b = MailboxBinding::new("helpdesk", spec);
+    b.metadata.namespace = Some(NS.into());
+    b.metadata.uid = Some("uid-helpdesk".into());
+    b.metadata.generation = Some(1);
+    b.metadata.annotations = Some(
+        [
+            (
+                crate::api::AUTHORIZATION_RESPONSE_ANNOTATION.to_owned(),
+                "http://localhost:8400/callback?code=stale-code&state=gone".to_owned(),
+            ),
+            ("team.example.com/owner".to_owned(), "mail-ops".to_owned()),
+        ]
+        .into(),
+    );
+    b
+}
+
+/// The provider of the paste scenario: the Microsoft preset with its authorization endpoint.
+fn provider_with_authorization() -> MailProvider {
+    let mut p = provider();
+    if let Some(e) = p.status.as_mut().and_then(|s| s.endpoints.as_mut()) {
+        e.authorization = Some("https://login.microsoftonline.com/contoso.com/oauth2/v2.0/authorize".into());
+    }
+    p
+}
+
+#[tokio::test]
+async fn a_new_failure_is_announced_by_one_warning_event_created_once() {
+    // The failure sets both Ready and Authorized to AuthorizationExpired: one failure, one Event.
+    // kube-runtime's recorder would fold a second publish of the same reason into a PATCH of the
+    // first Event (`series.count: 2`), so a count of Event objects cannot tell; the calls can.
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let b = pasted_binding();
+    let ctx = context_with(client, Arc::clone(&tokens), std::slice::from_ref(&b), provider_with_authorization());
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+    server.get(GRANT_PATH, None).await;
+    server.get(PUBLISHED_PATH, None).await;
+    let (_, send) = server.expect(Method::PATCH, BINDING_PATH).await;
+    send.send_response(ok(&serde_json::to_value(&b).expect("json")));
+    let status = server.apply_status(STATUS_PATH, &b).await;
+    let reasons: Vec<_> = status["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["status"] == "False")
+        .map(|c| (c["type"].as_str().unwrap_or_default(), c["reason"].as_str().unwrap_or_default()))
+        .collect();
+    assert!(reasons.contains(&("Ready", "AuthorizationExpired")), "{reasons:?}");
+    assert!(reasons.contains(&("Authorized", "AuthorizationExpired")), "{reasons:?}");
+    let note = server.event("Warning", "AuthorizationExpired").await;
+    assert!(note.contains("answers no request in progress"), "{note}");
+    server.nothing_more().await;
+    reconcile.await.expect("joined").expect("reconcile");
+}
+
+#[tokio::test]
+async fn each_new_device_code_reaches_an_event_of_its_own() {
+    // The docs promise a Normal Event with the code for each new device code. kube-runtime's
+    // recorder keys Events by type, reason, action and object, not by note: a second publish
+    // within its six-minute window becomes a PATCH of the first Event that re-sends the first
+    // note, and the new code reaches no Event.
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let mut p = provider();
+    if let Some(e) = p.status.as_mut().and_then(|s| s.endpoints.as_mut()) {
+        e.device_authorization = Some("https://login.microsoftonline.com/contoso.com/oauth2/v2.0/devicecode".into());
+    }
+    let spec: MailboxBindingSpec = serde_json::from_value(json!({
+        "providerRef": {"name": "contoso"}, "mailbox": "helpdesk@contoso.com",
+        "grant": {"deviceCode": {}}, "secretName": "helpdesk-mail-token",
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut b = MailboxBinding::new("helpdesk", spec);
+    b.metadata.namespace = Some(NS.into());
+    b.metadata.uid = Some("uid-helpdesk".into());
+    b.metadata.generation = Some(1);
+    b.metadata.resource_version = Some("1".into());
+    let ctx = context_with(client, Arc::clone(&tokens), std::slice::from_ref(&b), p);
+
+    let first = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
+    server.get(GRANT_PATH, None).await;
+    server.get(PUBLISHED_PATH, None).await;
+    server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
+    let mut stored = server.apply(GRANT_PATH).await;
+    let status = server.apply_status(STATUS_PATH, &b).await;
+    assert_eq!(status["status"]["authorization"]["userCode"], "CODE-1", "{status}");
+    let note = server.event("Normal", "AwaitingAuthorization").await;
+    assert!(note.contains("CODE-1"), "{note}");
+    server.nothing_more().await;
+    first.await.expect("joined").expect("first reconcile");
+
+    // A person asks for a new code (the first one was declined, say), a minute later.
+    b.status = serde_json::from_value(status["status"].clone()).expect("status");
+    b.metadata.resource_version = Some("2".into());
+    b.metadata.annotations = Some([("mailoauth.io/reauthorize-requested".to_owned(), "1".to_owned())].into());
+    stored["apiVersion"] = "v1".into();
+    stored["kind"] = "Secret".into();
+    let second = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
+    server.get(GRANT_PATH, Some(stored)).await;
+    server.get(PUBLISHED_PATH, None).await;
+    server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
+    server.apply(GRANT_PATH).await;
+    let status = server.apply_status(STATUS_PATH, &b).await;
+    assert_eq!(status["status"]["authorization"]["userCode"], "CODE-2", "{status}");
+    let (event, send) = server.expect(Method::POST, "/apis/events.k8s.io/v1/namespaces/mail/events").await;
+    assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Normal"), Some("AwaitingAuthorization")));
+    assert!(event["note"].as_str().is_some_and(|n| n.contains("CODE-2")), "{event}");
+    assert!(event["series"].is_null(), "a new Event, not a repeat of the first: {event}");
+    send.send_response(ok(&event));
+    server.nothing_more().await;
+    second.await.expect("joined").expect("second reconcile");
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 2, "two device authorizations, no token request");
 }

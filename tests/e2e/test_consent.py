@@ -9,6 +9,8 @@ import base64
 import http.cookiejar
 import json
 import socket
+import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -20,6 +22,97 @@ from manifests import apply, device_binding, public_provider, secret
 
 NS = "consent"
 REPORT = {}
+# The operator logs at debug level throughout this file: the leak check at its end reads what it
+# logged about device codes, PKCE verifiers, authorization codes and start links at that level.
+DEBUG = {"RUST_LOG": "debug"}
+
+# As in test_e2e.py: keys of a grant-state Secret that are no secret; every other key is.
+PUBLIC_GRANT_KEYS = {
+    "token_type", "issued_at", "expires_at", "scopes", "requested_scopes", "provider", "client_id",
+    "imported_from", "mailbox", "account", "token_url", "revocation_url", "client_auth",
+    "pending_method", "pending_user_code", "pending_verification_uri", "pending_verification_uri_complete",
+    "pending_started_at", "pending_expires_at", "pending_interval", "pending_provider", "pending_client_id",
+    "pending_scopes", "pending_redirect_uri", "pending_binding_uid", "pending_generation", "pending_token_url",
+}
+# Shown to readers of the binding (the start link or provider URL in status and its Event): never logged.
+SHOWN_GRANT_KEYS = {"pending_url", "pending_state"}
+
+
+class SecretWatch:
+    """Every version of every Secret, from a `kubectl get secrets -A -w` started with the bed (as
+    in test_e2e.py): device codes, verifiers and codes that lived for seconds are collected too."""
+
+    def __init__(self, bed):
+        self.bed, self.path, self.stopped, self.proc = bed, bed.dir / "secrets-watch.json", False, None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        wait_for("the Secret watch lists", lambda: self.path.exists() and self.path.stat().st_size > 0, timeout=30)
+
+    def _run(self):
+        while not self.stopped:  # a watch the apiserver ends is started again
+            with open(self.path, "ab") as out:
+                self.proc = subprocess.Popen(["kubectl", "get", "secrets", "-A", "-w", "-o", "json"], stdout=out,
+                                             stderr=subprocess.DEVNULL, env=self.bed.env)
+                self.proc.wait()
+            time.sleep(0.5)
+
+    def stop(self):
+        self.stopped = True
+        if self.proc:
+            self.proc.terminate()
+        self.thread.join(timeout=10)
+
+    def values(self):
+        """(secret, shown, keys); see test_e2e.py."""
+        text, decoder, at = self.path.read_text(errors="replace"), json.JSONDecoder(), 0
+        secret, shown, keys = {}, {}, set()
+        while True:
+            while at < len(text) and text[at].isspace():
+                at += 1
+            try:
+                s, at = decoder.raw_decode(text, at)
+            except ValueError:
+                return secret, shown, keys
+            labels = s["metadata"].get("labels") or {}
+            role = labels.get("mailoauth.io/secret-role")
+            where = f"{s['metadata'].get('namespace')}/{s['metadata']['name']}"
+            for key, encoded in (s.get("data") or {}).items():
+                value = base64.b64decode(encoded).decode(errors="replace")
+                if len(value) < 8:
+                    continue
+                if role == "grant" and key in SHOWN_GRANT_KEYS:
+                    shown.setdefault(value, f"{where} {key}")
+                    keys.add(key)
+                elif (role == "grant" and key not in PUBLIC_GRANT_KEYS
+                      or role == "published" and key in ("access_token", "xoauth2")
+                      or labels.get("mailoauth.io/allow-reference") == "true" and key not in ("tls.crt", "ca.crt")):
+                    secret.setdefault(value, f"{where} {key}")
+                    keys.add(key)
+
+
+def log_size(bed):
+    return (bed.dir / "operator.log").stat().st_size
+
+
+def reconciled_after(bed, name, change):
+    """Makes a change to the binding (a harmless annotation) and waits until the operator's
+    debug log shows a reconcile of it finished after that: what the operator would do on its own
+    by then, it has done."""
+    offset = log_size(bed)
+    bed.kubectl("annotate", "--overwrite", "mbx", name, "-n", NS, f"e2e.example.com/poke={change}")
+    marker = f'name: \\"{name}\\", namespace: Some(\\"{NS}\\")'
+
+    def seen():
+        with open(bed.dir / "operator.log", "rb") as f:
+            f.seek(offset)
+            return any('"message":"reconciled"' in line and marker in line
+                       for line in f.read().decode(errors="replace").splitlines())
+    wait_for(f"a reconcile of {name} after the change", seen, timeout=30, interval=0.2)
+
+
+def events_of(bed, name, reason):
+    return [e for e in bed.kubectl_json("get", "events.events.k8s.io", "-n", NS)["items"]
+            if e.get("regarding", {}).get("name") == name and e.get("reason") == reason]
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +120,10 @@ def bed(request):
     b = Bed(fast_ttl=30)
     try:
         b.up(postfix=False)
+        b.secret_watch = SecretWatch(b)
         b.helm_install()
         b.kubectl("create", "namespace", NS)
-        b.start_operator()
+        b.start_operator(env_extra=DEBUG)
         apply(b, public_provider(b, NS, "idp-public", "mail-device"))
     except BaseException:
         b.dump_logs()
@@ -38,6 +132,7 @@ def bed(request):
     yield b
     if request.session.testsfailed:
         b.dump_logs(80)
+    b.secret_watch.stop()
     b.down()
     print("\nconsent report: " + json.dumps(REPORT, sort_keys=True))
 
@@ -130,10 +225,28 @@ def test_a_declined_code_says_so_and_a_reauthorize_request_starts_a_new_one(bed)
     bed.oauth("/test/device/deny", {"userCode": first})
     c = wait_reason(bed, "declined", "AuthorizationDenied", type_="Authorized", timeout=30)
     assert "reauthorize-requested" in c["message"]
+    # kube-runtime's recorder folds an Event of the same type, reason and object published again
+    # within six minutes into the first one (`series.count`), re-sending the first note: so the
+    # Events are judged by their notes and their series, not by how many objects there are.
+    problems = []
+    reconciled_after(bed, "declined", "denied")
+    denied = events_of(bed, "declined", "AuthorizationDenied")
+    if [(e["type"], e.get("series")) for e in denied] != [("Warning", None)]:
+        problems.append(f"one denial, one Warning published once: {[(e['type'], e.get('series')) for e in denied]}")
     bed.kubectl("annotate", "mbx", "declined", "-n", NS, "mailoauth.io/reauthorize-requested=1")
     wait_for("a new code", lambda: ((mbx(bed, "declined").get("status") or {}).get("authorization") or {}).get(
         "userCode") not in (None, first), timeout=30)
     second = mbx(bed, "declined")["status"]["authorization"]["userCode"]
+    # The new code is what a person reads in the Events, as the first one was.
+    try:
+        wait_for("an AwaitingAuthorization Event with the new code", lambda: [
+            e for e in events_of(bed, "declined", "AwaitingAuthorization") if second in e.get("note", "")],
+            timeout=20, interval=0.5)
+    except TimeoutError:
+        problems.append(f"no Event shows the new code {second}: " + json.dumps(
+            [(e.get("note"), e.get("series")) for e in events_of(bed, "declined", "AwaitingAuthorization")]))
+    assert any(first in e.get("note", "") for e in events_of(bed, "declined", "AwaitingAuthorization"))
+    assert not problems, "; ".join(problems)
     bed.oauth("/test/device/approve", {"userCode": second, "accountId": "declined@example.com"})
     wait_reason(bed, "declined", "TokenValid", timeout=30)
 
@@ -182,7 +295,7 @@ def operator_with_listener(bed):
     port = free_port()
     bed.callback = f"http://127.0.0.1:{port}"
     assert bed.stop_operator() == 0
-    bed.start_operator("--callback-address", f"127.0.0.1:{port}", "--public-url", bed.callback)
+    bed.start_operator("--callback-address", f"127.0.0.1:{port}", "--public-url", bed.callback, env_extra=DEBUG)
 
 
 def code_binding(name, mailbox, provider="idp-public"):
@@ -230,7 +343,7 @@ def test_an_authorization_code_through_the_callback_turns_the_binding_ready_and_
     link = mbx(bed, "web")["status"]["authorization"]["url"]
     assert link.startswith(f"{bed.callback}/authorize/{NS}/web?start=") and link in waiting["message"], link
     assert len(start_token(link)) >= 22, "at least 128 bits"
-    time.sleep(2)
+    reconciled_after(bed, "web", "waiting")
     assert mbx(bed, "web")["status"]["authorization"]["url"] == link, "the link stays while the binding waits"
     get = browser(bed)
     status, body = sign_in(bed, get, link)
@@ -257,7 +370,7 @@ def test_a_replayed_or_forged_callback_changes_nothing(bed):
     forged = callback.replace("state=", "state=x")
     status, _, body = get(forged)
     assert status == 400, body
-    time.sleep(2)
+    reconciled_after(bed, "replay", "replayed")
     assert bed.oauth("/test/stats")["token_requests"] == requests, "no token request for a replayed or forged callback"
     assert condition(mbx(bed, "replay"), "Ready")["reason"] == "TokenValid"
 
@@ -332,7 +445,7 @@ def test_a_callback_in_another_browser_is_refused_and_the_binding_still_awaits(b
     assert status == 400
     pages.append(body)
     assert len(set(pages)) == 1, pages
-    time.sleep(2)
+    reconciled_after(bed, "csrf", "forged")
     assert grant_version(bed, "csrf") == stored, "nothing was written"
     assert bed.oauth("/test/stats")["token_requests"] == requests, "no token request"
     assert condition(mbx(bed, "csrf"), "Ready")["reason"] == "AwaitingAuthorization"
@@ -417,11 +530,14 @@ def test_the_paste_path_and_an_authorization_interrupted_by_a_restart(bed):
     callback = sign_in(bed, get, link, until=f"{bed.callback}/callback")
     # The operator restarts between the request and the response; the request is in the grant state.
     assert bed.stop_operator() == 0
-    bed.start_operator("--callback-address", bed.callback.replace("http://", ""), "--public-url", bed.callback)
-    bed.kubectl("annotate", "mbx", "pasted", "-n", NS, f"mailoauth.io/authorization-response={callback}")
+    bed.start_operator("--callback-address", bed.callback.replace("http://", ""), "--public-url", bed.callback,
+                       env_extra=DEBUG)
+    bed.kubectl("annotate", "mbx", "pasted", "-n", NS, "team.example.com/owner=mail-ops",
+                f"mailoauth.io/authorization-response={callback}")
     wait_reason(bed, "pasted", "TokenValid", timeout=30)
     annotations = mbx(bed, "pasted")["metadata"].get("annotations") or {}
     assert "mailoauth.io/authorization-response" not in annotations, "consumed once, then removed"
+    assert annotations.get("team.example.com/owner") == "mail-ops", "only the response was removed"
     reply = imap_login(bed, published(bed, "pasted")["xoauth2"])
     assert reply.startswith("a1 OK"), reply
 
@@ -491,15 +607,23 @@ def test_revoke_on_delete_revokes_the_refresh_token_before_the_binding_goes(bed)
     assert events, "a Normal Revoked event"
 
 
-def test_no_token_appears_in_the_operator_log(bed):
+def test_no_token_appears_in_the_operator_log_events_or_status(bed):
+    # Every version of every Secret: device codes, PKCE verifiers and the codes the listener stored
+    # for the moment they waited, refresh tokens, client secrets, the certificate's key.
+    secret, shown, keys = bed.secret_watch.values()
+    assert {"refresh_token", "access_token", "pending_device_code", "pending_code_verifier", "pending_code",
+            "tls.key", *SHOWN_GRANT_KEYS} <= keys, keys
     log = (bed.dir / "operator.log").read_text(errors="replace")
-    grants = [bed.kubectl_json("get", "secret", f"{n}.mailoauth-grant", "-n", NS) for n in ("scanner", "restart", "web", "replay", "pasted")]
-    for g in grants:
-        for key in ("refresh_token", "access_token"):
-            value = base64.b64decode(g["data"][key]).decode()
-            assert value not in log, f"{key} in the log"
+    assert '"level":"DEBUG"' in log, "the log was written at debug level"
+    events = bed.kubectl("get", "events", "-A", "-o", "json").stdout
+    objects = bed.kubectl("get", "mailoauth", "-A", "-o", "json").stdout
+    leaked = [f"{where}: {what[v]} ({v[:6]}...)" for what, haystacks in (
+        (secret, {"operator log": log, "events": events, "mailoauth objects": objects}), (shown, {"operator log": log}))
+        for where, text in haystacks.items() for v in what if v in text]
+    assert not leaked, "secret values outside Secrets: " + "; ".join(leaked)
     assert "panicked" not in log
     REPORT["operator log lines"] = len(log.splitlines())
+    REPORT["secret values looked for"] = len(secret) + len(shown)
 
 
 def test_metrics_show_each_binding_from_the_caches_and_no_credential(bed):

@@ -27,6 +27,7 @@ fuzz_target!(|input: (&str, &str, &str, &str)| {
         imported_from: None,
         mailbox: Some(mailbox.to_owned()),
         account: None,
+        issuer: None,
     };
     let template =
         SecretTemplate { data: BTreeMap::from([(key.to_owned(), template.to_owned())]), ..Default::default() };
