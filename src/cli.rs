@@ -220,7 +220,12 @@ async fn run_operator(args: RunArgs) -> Result<()> {
         },
         contexts: Contexts::default(),
         metrics: Arc::default(),
-        limits: Arc::new(crate::controller::limits::RateLimits::new(args.provider_token_rate)),
+        // One namespace may have 4 slow requests in flight, and never more than all the reconcile
+        // slots but 4: whatever one tenant's endpoints do, others keep 4 slots.
+        limits: Arc::new(
+            crate::controller::limits::RateLimits::new(args.provider_token_rate)
+                .with_lanes(4, usize::from(args.max_concurrent_reconciles.saturating_sub(4).max(4))),
+        ),
         concurrency: args.max_concurrent_reconciles,
     };
     let tokens = Arc::new(HttpTokenEndpoint::new(http.clone()));

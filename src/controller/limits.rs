@@ -5,8 +5,9 @@
 //!
 //! Nobody waits here while holding a reconcile slot for longer than [`MAX_WAIT`]: a provider
 //! paused for longer, a queue longer than that, or a namespace that already has
-//! [`RateLimits::lane_cap`] requests in flight (a slow endpoint of one tenant) is answered
-//! [`Admission::Later`], and the reconcile gives its slot back and comes back then. So one tenant's
+//! [`RateLimits::lane_cap`] slow requests in flight (a slow endpoint of one tenant), or all the
+//! reconcile slots but a few, is answered [`Admission::Later`], and the reconcile gives its slot
+//! back and comes back then. So one tenant's
 //! throttled or slow endpoint cannot hold the slots every other tenant's renewals need.
 
 use std::cmp::Reverse;
@@ -25,8 +26,13 @@ pub const MAX_WAIT: Duration = Duration::from_secs(2);
 pub struct RateLimits {
     interval: Duration,
     queues: Mutex<HashMap<String, Arc<Mutex<Queue>>>>,
-    lanes: Arc<Mutex<HashMap<String, usize>>>,
+    lanes: Arc<Mutex<HashMap<String, Lane>>>,
+    /// Requests of one namespace in flight for longer than [`SLOW_AFTER`] at most.
     lane_cap: usize,
+    /// Requests of one namespace in flight at most, slow or not (the reconcile slots always left
+    /// to other namespaces).
+    lane_hard_cap: usize,
+    arrivals: std::sync::atomic::AtomicU64,
     /// Requests sent away in a row, by who asked: each comes back twice as late (up to
     /// [`MAX_DEFERRAL`]), so that bindings stuck behind a full lane do not poll the apiserver.
     deferrals: Mutex<HashMap<String, u32>>,
@@ -45,20 +51,27 @@ pub enum Admission {
     Later(Duration),
 }
 
+/// A request in flight counts as slow after this long.
+pub const SLOW_AFTER: Duration = Duration::from_secs(1);
+
+/// The requests of one namespace in flight: when each started.
+type Lane = HashMap<u64, Instant>;
+
 /// A request in flight in its lane (the requesting namespace); dropped when it is answered.
 #[derive(Debug)]
 pub struct LaneGuard {
-    lanes: Arc<Mutex<HashMap<String, usize>>>,
+    lanes: Arc<Mutex<HashMap<String, Lane>>>,
     lane: String,
+    id: u64,
 }
 
 impl Drop for LaneGuard {
     fn drop(&mut self) {
         if let Ok(mut lanes) = self.lanes.lock()
-            && let Some(n) = lanes.get_mut(&self.lane)
+            && let Some(lane) = lanes.get_mut(&self.lane)
         {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+            lane.remove(&self.id);
+            if lane.is_empty() {
                 lanes.remove(&self.lane);
             }
         }
@@ -81,29 +94,60 @@ impl RateLimits {
     pub fn new(per_second: f64) -> Self {
         let per_second = if per_second.is_finite() && per_second > 0.0 { per_second } else { 1.0 };
         let interval = Duration::from_secs_f64((1.0 / per_second).min(3600.0));
-        Self { interval, queues: Mutex::default(), lanes: Arc::default(), lane_cap: 4, deferrals: Mutex::default() }
+        Self {
+            interval,
+            queues: Mutex::default(),
+            lanes: Arc::default(),
+            lane_cap: 4,
+            lane_hard_cap: 12,
+            arrivals: std::sync::atomic::AtomicU64::new(0),
+            deferrals: Mutex::default(),
+        }
     }
 
-    /// At most `cap` token requests of one namespace in flight at once (at least one).
-    pub fn with_lane_cap(mut self, cap: usize) -> Self {
-        self.lane_cap = cap.max(1);
+    /// At most `slow` requests of one namespace in flight for longer than [`SLOW_AFTER`], and at
+    /// most `all` in flight at all (each at least one; `all` at least `slow`). With reconcile
+    /// concurrency C, `all` = C − `slow` leaves other namespaces `slow` slots whatever one does.
+    pub fn with_lanes(mut self, slow: usize, all: usize) -> Self {
+        self.lane_cap = slow.max(1);
+        self.lane_hard_cap = all.max(self.lane_cap);
         self
     }
 
-    /// The most requests one namespace may have in flight.
+    /// The most slow requests one namespace may have in flight.
     pub fn lane_cap(&self) -> usize {
         self.lane_cap
     }
 
-    /// A place in `lane` for a request, when it has one free.
-    fn enter(&self, lane: &str) -> Option<LaneGuard> {
-        let mut lanes = self.lanes.lock().ok()?;
-        let n = lanes.entry(lane.to_owned()).or_insert(0);
-        if *n >= self.lane_cap {
-            return None;
+    /// A place in `lane` for a request, when it has one free: fast requests (answered within
+    /// [`SLOW_AFTER`]) are bounded only by the hard cap, slow ones by the lane cap.
+    /// `Err(true)`: full of fast requests, worth a short wait; `Err(false)`: slow ones are in
+    /// flight, no use waiting.
+    fn enter(&self, lane: &str) -> Result<LaneGuard, bool> {
+        let mut lanes = self.lanes.lock().map_err(|_| false)?;
+        let now = Instant::now();
+        let in_flight = lanes.entry(lane.to_owned()).or_default();
+        let slow = in_flight.values().filter(|started| now.saturating_duration_since(**started) >= SLOW_AFTER).count();
+        if in_flight.len() >= self.lane_hard_cap || slow >= self.lane_cap {
+            return Err(slow == 0);
         }
-        *n = n.saturating_add(1);
-        Some(LaneGuard { lanes: Arc::clone(&self.lanes), lane: lane.to_owned() })
+        let id = self.arrivals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        in_flight.insert(id, now);
+        Ok(LaneGuard { lanes: Arc::clone(&self.lanes), lane: lane.to_owned(), id })
+    }
+
+    /// A place in `lane`, waiting up to [`MAX_WAIT`] for one while the lane is full of fast
+    /// requests (they free theirs soon); at once `None` when slow ones fill it.
+    async fn enter_within(&self, lane: &str) -> Option<LaneGuard> {
+        let until = Instant::now().checked_add(MAX_WAIT)?;
+        loop {
+            match self.enter(lane) {
+                Ok(guard) => return Some(guard),
+                Err(false) => return None,
+                Err(true) if Instant::now() >= until => return None,
+                Err(true) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
     }
 
     /// Admits a request of namespace `lane` to `provider` for `who` (a binding) now or within
@@ -134,7 +178,7 @@ impl RateLimits {
 
     /// An admission now or within the bounded wait, and whether a refusal was for a full lane.
     async fn admit_now(self: &Arc<Self>, provider: &str, lane: &str, deadline: DateTime<Utc>) -> (Admission, bool) {
-        let Some(guard) = self.enter(lane) else {
+        let Some(guard) = self.enter_within(lane).await else {
             return (Admission::Later(Duration::from_secs(2)), true);
         };
         let paused_for = self
@@ -274,7 +318,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_long_pause_or_a_full_lane_sends_the_reconcile_away_instead_of_holding_it() {
-        let limits = Arc::new(RateLimits::new(100.0).with_lane_cap(2));
+        let limits = Arc::new(RateLimits::new(100.0).with_lanes(2, 2));
         limits.pause("a/MailProvider/throttled", Instant::now() + Duration::from_secs(3600));
         let started = Instant::now();
         let Admission::Later(wait) = limits.admit("a/MailProvider/throttled", "a", "a/x", at(0)).await else {
@@ -297,7 +341,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_long_queue_sends_the_latest_deadline_away_within_the_bounded_wait() {
-        let limits = Arc::new(RateLimits::new(1.0).with_lane_cap(100));
+        let limits = Arc::new(RateLimits::new(1.0).with_lanes(100, 100));
         let mut admitted = 0;
         let mut later = 0;
         let started = Instant::now();
@@ -321,7 +365,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_binding_sent_away_again_and_again_comes_back_later_each_time() {
-        let limits = Arc::new(RateLimits::new(100.0).with_lane_cap(1));
+        let limits = Arc::new(RateLimits::new(100.0).with_lanes(1, 1));
         let Admission::Go(_held) = limits.admit("p", "ns", "ns/holder", at(0)).await else { panic!("first") };
         let mut waits = Vec::new();
         for _ in 0..8 {
@@ -334,6 +378,27 @@ mod tests {
         let Admission::Go(_again) = limits.admit("p", "ns", "ns/other", at(0)).await else { panic!("other") };
         let Admission::Later(w) = limits.admit("p", "ns", "ns/stuck", at(0)).await else { panic!("admitted") };
         assert_eq!(w.as_secs(), 2, "admitted once, its count starts over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fast_requests_share_the_lane_up_to_the_hard_cap_and_slow_ones_up_to_the_lane_cap() {
+        let limits = Arc::new(RateLimits::new(1000.0).with_lanes(2, 6));
+        let mut held = Vec::new();
+        for i in 0..6 {
+            let Admission::Go(g) = limits.admit("p", "ns", &format!("ns/{i}"), at(0)).await else {
+                panic!("fast request {i} refused")
+            };
+            held.push(g);
+        }
+        // The hard cap: a seventh waits the bounded wait, then is sent away.
+        assert!(matches!(limits.admit("p", "ns", "ns/7", at(0)).await, Admission::Later(_)));
+        // Two answered, and the rest in flight for more than a second are slow: only two may be
+        // slow at once, so with four slow in flight nobody else goes.
+        held.truncate(4);
+        tokio::time::sleep(SLOW_AFTER).await;
+        assert!(matches!(limits.admit("p", "ns", "ns/8", at(0)).await, Admission::Later(_)));
+        held.truncate(1);
+        let Admission::Go(_g) = limits.admit("p", "ns", "ns/9", at(0)).await else { panic!("one slow, one free") };
     }
 
     #[tokio::test(start_paused = true)]
