@@ -3,7 +3,8 @@
 # and device responses and id_tokens, Go durations, the SASL value and template substitution,
 # pasted authorization responses) with cargo-fuzz (libFuzzer, AddressSanitizer), each target for
 # the given seconds (default 30), and prints the executions per target; a target that ran no input
-# at all (0 executions, or no libFuzzer summary) fails the run. Installs cargo-fuzz when missing. The machine's stable toolchain builds the sanitizer flags cargo-fuzz passes when
+# at all (0 executions, or no libFuzzer summary) fails the run. Installs cargo-fuzz when missing.
+# The machine's stable toolchain builds the sanitizer flags cargo-fuzz passes when
 # RUSTC_BOOTSTRAP=1 is set, as here.
 set -euo pipefail
 cd "$(dirname "$0")/.."

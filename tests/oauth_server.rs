@@ -92,6 +92,7 @@ fn context(
             client,
             kube::runtime::events::Reporter { controller: "mail-oauth-operator".into(), instance: None },
         ),
+        reporter: kube::runtime::events::Reporter { controller: "mail-oauth-operator".into(), instance: None },
         clock: Arc::clone(clock) as Arc<dyn Clock>,
         pending: Default::default(),
         default_lifetime: Duration::hours(1),
@@ -1014,4 +1015,391 @@ async fn a_consent_that_names_nobody_is_identity_unverified_unless_the_binding_s
     let b = h.reconcile("desk").await;
     assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
     assert_eq!(b.status.as_ref().and_then(|s| s.account.clone()), None, "no identity is claimed");
+}
+
+// ---------- Behaviours the documentation promises, each run here once (issue 18) ----------
+
+impl Harness {
+    /// One reconcile of the binding as stored, its outcome as is.
+    async fn try_reconcile(&self, name: &str) -> mail_oauth_operator::Result<kube::runtime::controller::Action> {
+        let b: MailboxBinding =
+            serde_json::from_value(self.api.get(&binding_path(name)).expect("binding")).expect("parse");
+        binding::reconcile(Arc::new(b), Arc::clone(&self.ctx)).await
+    }
+
+    /// What the referable-Secret watch (strict mode, by label) reports of a Secret as stored now:
+    /// `Apply` of its metadata, or `Delete` once it is unlabelled.
+    fn watch_reports(&self, name: &str, event: fn(PartialSecret) -> watcher::Event<PartialSecret>) {
+        let stored = self.api.get(&secret_path(name)).expect("Secret");
+        let mut meta = PartialSecret::default();
+        meta.metadata = serde_json::from_value(stored["metadata"].clone()).expect("metadata");
+        self.ctx.referable.observe(&event(meta));
+    }
+
+    /// Points a stored binding at another provider of its namespace.
+    fn use_provider(&mut self, name: &str, provider: &str) {
+        let mut object = self.api.get(&binding_path(name)).expect("binding");
+        object["spec"]["providerRef"]["name"] = json!(provider);
+        self.api.put(&binding_path(name), object.clone());
+        self.bindings.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(object).expect("binding")));
+    }
+
+    /// Sets `spec.revokeOnDelete` on a stored binding.
+    fn revoke_on_delete(&mut self, name: &str, on: bool) {
+        let mut object = self.api.get(&binding_path(name)).expect("binding");
+        object["spec"]["revokeOnDelete"] = json!(on);
+        self.api.put(&binding_path(name), object.clone());
+        self.bindings.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(object).expect("binding")));
+    }
+
+    /// Stores a generic provider with these `generic` settings and client authentication (no
+    /// discovery unless `issuerUrl` is among them), reconciles it, and puts it in the cache; returns
+    /// it as stored and what its reconcile asked for.
+    async fn generic_provider(
+        &mut self,
+        name: &str,
+        generic: Value,
+        client_id: &str,
+        authentication: Value,
+    ) -> (MailProvider, kube::runtime::controller::Action) {
+        let object = json!({
+            "apiVersion": "mailoauth.io/v1alpha1", "kind": "MailProvider",
+            "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"), "generation": 1},
+            "spec": {"generic": generic, "clientId": client_id, "clientAuthentication": authentication}
+        });
+        self.api.put(&provider_path(name), object);
+        self.reconcile_provider(name).await
+    }
+
+    /// One reconcile of a stored provider; puts the result in the cache.
+    async fn reconcile_provider(&mut self, name: &str) -> (MailProvider, kube::runtime::controller::Action) {
+        let p: MailProvider =
+            serde_json::from_value(self.api.get(&provider_path(name)).expect("provider")).expect("provider parses");
+        let action = provider::reconcile(Arc::new(p), Arc::clone(&self.ctx)).await.expect("provider reconcile");
+        let stored: MailProvider =
+            serde_json::from_value(self.api.get(&provider_path(name)).expect("stored")).expect("provider parses");
+        self.providers.apply_watcher_event(&watcher::Event::Apply(stored.clone()));
+        (stored, action)
+    }
+
+    /// The grant state kept in memory for a binding whose write failed.
+    fn pending_refresh_token(&self, name: &str) -> Option<String> {
+        use secrecy::ExposeSecret;
+        let pending = self.ctx.pending.lock().expect("pending");
+        let p = pending.get(&(NS.to_owned(), name.to_owned()))?;
+        p.state.refresh_token.as_ref().map(|t| t.expose_secret().to_owned())
+    }
+}
+
+type PartialSecret = kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>;
+
+fn labelled_secret(name: &str, data: &[(&str, &str)]) -> Value {
+    let mut s = secret(name, data);
+    s["metadata"]["labels"] = json!({"mailoauth.io/allow-reference": "true"});
+    s
+}
+
+fn any_condition<'a>(b: &'a MailboxBinding, reason: &str) -> Option<&'a mail_oauth_operator::api::Condition> {
+    b.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.reason == reason))
+}
+
+#[tokio::test]
+async fn in_strict_mode_a_client_secret_is_read_once_and_again_only_when_its_secret_changes_or_is_unlabelled() {
+    let mut h = Harness::start_with(3600, ReferencePolicy::Labelled).await;
+    h.api.versioned();
+    let client = secret_path("idp-client");
+    h.api.put(&client, labelled_secret("idp-client", &[("client-secret", "mail-app-secret")]));
+    h.provider("idp", "mail-app", json!([{"name": "idp-client"}]), "clientSecretPost").await;
+    // The referable-Secret metadata watch shows the Secret at its version.
+    h.watch_reports("idp-client", watcher::Event::Apply);
+    h.binding("app", json!({"clientCredentials": {}}), json!(["mail"]));
+
+    let read = h.api.gets(&client);
+    let b = h.reconcile("app").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    assert_eq!(h.api.gets(&client), read + 1, "the first token request reads the client secret");
+
+    // A second token request: the client secret comes from memory, no GET of its Secret.
+    h.annotate("app", "mailoauth.io/refresh-requested", "1");
+    let b = h.reconcile("app").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.last_refresh_request.as_deref()), Some("1"));
+    assert_eq!(h.server.grants("client_credentials").await, 2);
+    assert_eq!(h.api.gets(&client), read + 1, "the cached client secret was read again");
+
+    // The Secret changes (a new resourceVersion, as the watch shows): read again, then cached.
+    h.api.put(&client, labelled_secret("idp-client", &[("client-secret", "mail-app-secret")]));
+    h.watch_reports("idp-client", watcher::Event::Apply);
+    h.annotate("app", "mailoauth.io/refresh-requested", "2");
+    h.reconcile("app").await;
+    assert_eq!(h.server.grants("client_credentials").await, 3);
+    assert_eq!(h.api.gets(&client), read + 2, "a changed Secret was not read again");
+    h.annotate("app", "mailoauth.io/refresh-requested", "3");
+    h.reconcile("app").await;
+    assert_eq!(h.server.grants("client_credentials").await, 4);
+    assert_eq!(h.api.gets(&client), read + 2, "the new version is cached");
+
+    // Unlabelled: the watch (by label) loses it; it is read again, refused, and nothing is sent.
+    h.api.put(&client, secret("idp-client", &[("client-secret", "mail-app-secret")]));
+    h.watch_reports("idp-client", watcher::Event::Delete);
+    h.annotate("app", "mailoauth.io/refresh-requested", "4");
+    let requests = h.server.token_requests().await;
+    let b = h.reconcile("app").await;
+    assert_eq!(h.api.gets(&client), read + 3, "an unlabelled Secret was not read again");
+    let refused = any_condition(&b, "SecretReferenceNotAllowed").expect("refused");
+    assert!(refused.message.contains("Secret mail/idp-client is not labelled"), "{}", refused.message);
+    assert_eq!(h.server.token_requests().await, requests, "a client secret that may no longer be read was sent");
+}
+
+#[tokio::test]
+async fn a_grant_state_that_could_not_be_written_is_kept_and_written_at_shutdown() {
+    let mut h = Harness::start(600).await;
+    h.api.versioned();
+    let seed = h.import_binding("helpdesk").await;
+    let b = h.reconcile("helpdesk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready));
+    let stored = h.stored_refresh_token("helpdesk");
+
+    // The apiserver fails every write of the grant state: the rotated refresh token the renewal
+    // brings lives in memory only (the stored one is spent at the server).
+    let grant = secret_path("helpdesk.mailoauth-grant");
+    h.api.fail_writes(&grant, usize::MAX);
+    let renew_at = b.status.as_ref().and_then(|s| s.token.as_ref()).expect("token").renew_at;
+    h.advance_to(renew_at + Duration::seconds(1));
+    let failed = h.try_reconcile("helpdesk").await;
+    assert!(matches!(failed, Err(mail_oauth_operator::Error::WriteGrantState { .. })), "{failed:?}");
+    assert_eq!(h.stored_refresh_token("helpdesk"), stored);
+    let rotated = h.pending_refresh_token("helpdesk").expect("the new grant state is kept in memory");
+    assert_ne!(rotated, stored);
+    let kept = h.ctx.pending.lock().expect("pending").clone();
+
+    // Shutdown while the apiserver still fails: retried until the deadline, then reported lost.
+    let soon = tokio::time::Instant::now() + std::time::Duration::from_millis(600);
+    assert_eq!(binding::flush_pending(&h.ctx.client, &h.ctx.pending, soon).await, 1);
+
+    // Shutdown once the apiserver answers: written (the same state, kept again as before).
+    *h.ctx.pending.lock().expect("pending") = kept;
+    h.api.heal(&grant);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    assert_eq!(binding::flush_pending(&h.ctx.client, &h.ctx.pending, deadline).await, 0, "nothing lost");
+    assert!(h.ctx.pending.lock().expect("pending").is_empty());
+    assert_eq!(h.stored_refresh_token("helpdesk"), rotated, "the rotated refresh token was written at shutdown");
+
+    // The next process renews with what was written: the grant is alive and nothing was lost.
+    h.restart();
+    let b = h.reconcile("helpdesk").await;
+    let renew_at = b.status.as_ref().and_then(|s| s.token.as_ref()).expect("token").renew_at;
+    h.advance_to(renew_at + Duration::seconds(1));
+    let b = h.reconcile("helpdesk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    assert_eq!(h.server.grants("refresh_token").await, 3, "import, the renewal written at shutdown, this one");
+    assert_eq!(h.server.refresh_directly(&seed).await["error"], "invalid_grant");
+}
+
+#[tokio::test]
+async fn a_grant_state_flushed_at_shutdown_never_overwrites_a_newer_grant() {
+    let mut h = Harness::start(600).await;
+    h.api.versioned();
+    h.import_binding("helpdesk").await;
+    let b = h.reconcile("helpdesk").await;
+    let grant = secret_path("helpdesk.mailoauth-grant");
+    h.api.fail_writes(&grant, usize::MAX);
+    let renew_at = b.status.as_ref().and_then(|s| s.token.as_ref()).expect("token").renew_at;
+    h.advance_to(renew_at + Duration::seconds(1));
+    assert!(h.try_reconcile("helpdesk").await.is_err());
+    let ours = h.pending_refresh_token("helpdesk").expect("kept in memory");
+
+    // Meanwhile the Secret was only touched (a label): the grant in it is the one ours came
+    // from, so ours is written over it.
+    let mut touched = h.api.get(&grant).expect("grant Secret");
+    touched["metadata"]["labels"]["example.com/touched"] = json!("yes");
+    h.api.put(&grant, touched);
+    let kept = h.ctx.pending.lock().expect("pending").clone();
+    h.api.heal(&grant);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    assert_eq!(binding::flush_pending(&h.ctx.client, &h.ctx.pending, deadline).await, 0);
+    assert_eq!(h.stored_refresh_token("helpdesk"), ours, "a touched Secret still takes the grant it came from");
+
+    // Meanwhile another writer (the next leader) stored a newer grant: ours is dropped.
+    let mut newer = h.api.get(&grant).expect("grant Secret");
+    newer["data"]["refresh_token"] = json!(STANDARD.encode("newer-grant-of-the-next-leader"));
+    h.api.put(&grant, newer);
+    // (The same state again, fenced on the version this process read before its failed write.)
+    *h.ctx.pending.lock().expect("pending") = kept;
+    assert_eq!(binding::flush_pending(&h.ctx.client, &h.ctx.pending, deadline).await, 0, "dropped, not lost");
+    assert!(h.ctx.pending.lock().expect("pending").is_empty());
+    assert_eq!(h.stored_refresh_token("helpdesk"), "newer-grant-of-the-next-leader", "a newer grant was overwritten");
+}
+
+#[tokio::test]
+async fn a_revocation_that_keeps_failing_holds_the_deletion_two_minutes_then_lets_go_with_revocation_failed() {
+    let mut h = Harness::start(600).await;
+    h.import_binding("helpdesk").await;
+    h.revoke_on_delete("helpdesk", true);
+    h.reconcile("helpdesk").await;
+    let b = h.reconcile("helpdesk").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    let rt = h.stored_refresh_token("helpdesk");
+    // The provider refuses the client's credentials from now on: every revocation fails.
+    h.api.put(&secret_path("client"), secret("client", &[("client-secret", "not-the-secret-any-more")]));
+
+    let deleted = h.now() - Duration::nanoseconds(h.now().timestamp_subsec_nanos().into());
+    let mut object = h.api.get(&binding_path("helpdesk")).expect("binding");
+    object["metadata"]["deletionTimestamp"] = json!(deleted.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    h.api.put(&binding_path("helpdesk"), object);
+    let held = |b: &MailboxBinding| {
+        b.metadata.finalizers.as_ref().is_some_and(|f| f.iter().any(|f| f == "mailoauth.io/revoke-on-delete"))
+    };
+    let failed =
+        |h: &Harness| h.api.events().into_iter().filter(|e| e["reason"] == "RevocationFailed").collect::<Vec<_>>();
+
+    h.advance_to(deleted);
+    let action = h.try_reconcile("helpdesk").await.expect("reconcile");
+    assert_eq!(action, kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(10)));
+    assert!(held(&h.reconcile("helpdesk").await), "the deletion is held while revocation may still work");
+    h.advance_to(deleted + Duration::minutes(2) - Duration::seconds(1));
+    assert!(held(&h.reconcile("helpdesk").await), "let go before the 2 minutes");
+    assert!(failed(&h).is_empty(), "{:?}", failed(&h));
+
+    h.advance_to(deleted + Duration::minutes(2));
+    let b = h.reconcile("helpdesk").await;
+    assert!(!held(&b), "still held after 2 minutes of failing revocations");
+    let events = failed(&h);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["type"], "Warning");
+    let note = events[0]["note"].as_str().unwrap_or_default();
+    assert!(note.contains("could not be revoked") && note.contains("after 2 minutes"), "{note}");
+    assert!(!note.contains("not-the-secret-any-more"), "{note}");
+    // Nothing was revoked: the refresh token still works, as the Warning says.
+    assert!(h.server.refresh_directly(&rt).await["access_token"].is_string());
+}
+
+#[tokio::test]
+async fn revoke_on_delete_on_a_provider_without_a_revocation_endpoint_is_an_invalid_spec_and_sends_nothing() {
+    let mut h = Harness::start(600).await;
+    h.api.put(&secret_path("client"), secret("client", &[("client-secret", "mail-app-secret")]));
+    // Explicit endpoints (no discovery): a token endpoint and no revocationUrl.
+    let generic = json!({"tokenUrl": format!("{}/token", h.server.issuer), "caBundle": h.server.ca_pem,
+                         "scopes": {"imap": ["mail"]}, "servers": {"imap": {"host": "127.0.0.1", "port": 10143}}});
+    let (p, _) =
+        h.generic_provider("idp", generic, "mail-app", json!({"clientSecretRefs": [{"name": "client"}]})).await;
+    assert!(p.status.as_ref().and_then(|s| s.endpoints.as_ref()).is_some_and(|e| e.revocation.is_none()));
+    h.binding("app", json!({"clientCredentials": {}}), json!(["mail"]));
+    h.revoke_on_delete("app", true);
+    h.reconcile("app").await;
+    let b = h.reconcile("app").await;
+    let ready = condition(&b, "Ready");
+    assert_eq!(ready.reason, "InvalidSpec", "{:?}", b.status);
+    assert!(
+        ready.message.contains("spec.revokeOnDelete") && ready.message.contains("no revocation endpoint"),
+        "{}",
+        ready.message
+    );
+    assert_eq!(h.server.token_requests().await, 0, "nothing was requested for a binding that could not be revoked");
+
+    h.revoke_on_delete("app", false);
+    let b = h.reconcile("app").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+}
+
+#[tokio::test]
+async fn a_client_secret_whose_expires_at_has_passed_makes_the_provider_say_client_secret_expired() {
+    let mut h = Harness::start(600).await;
+    h.api.put(&secret_path("client"), secret("client", &[("client-secret", "mail-app-secret")]));
+    let now = h.now();
+    let expires = now - Duration::nanoseconds(now.timestamp_subsec_nanos().into()) + Duration::days(3);
+    let stamp = expires.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let generic = json!({"issuerUrl": h.server.issuer, "caBundle": h.server.ca_pem, "scopes": {"imap": ["mail"]}});
+    let refs = json!({"clientSecretRefs": [{"name": "client", "expiresAt": stamp}]});
+    let (p, _) = h.generic_provider("idp", generic, "mail-app", refs).await;
+    let conditions = &p.status.as_ref().expect("status").conditions;
+    let expiring = conditions.iter().find(|c| c.type_ == "ClientSecretExpiring").expect("ClientSecretExpiring");
+    assert_eq!((expiring.reason.as_str(), expiring.message.contains("within 7 days")), ("ClientSecretExpiring", true));
+
+    // Five minutes before: the provider is looked at again when the secret expires.
+    h.advance_to(expires - Duration::minutes(5));
+    let (_, action) = h.reconcile_provider("idp").await;
+    assert_eq!(action, kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(300)));
+
+    h.advance_to(expires);
+    let (p, _) = h.reconcile_provider("idp").await;
+    let status = p.status.as_ref().expect("status");
+    let expired = status.conditions.iter().find(|c| c.type_ == "ClientSecretExpiring").expect("condition");
+    assert_eq!(expired.reason, "ClientSecretExpired", "{:?}", status.conditions);
+    assert_eq!(expired.status, mail_oauth_operator::api::ConditionStatus::True);
+    assert!(expired.message.contains(&stamp), "{}", expired.message);
+    assert_eq!(status.client_secret_expires_at, Some(expires));
+}
+
+#[tokio::test]
+async fn an_entra_client_secret_expired_answer_falls_back_to_the_next_secret_and_alone_is_client_secret_expired() {
+    let mut h = Harness::start(600).await;
+    let entra = support::fake_endpoint::FakeEndpoint::start(json!({
+        "/token expired-secret": {"status": 401, "body": {"error": "invalid_client",
+            "error_description": "AADSTS7000222: The provided client secret keys for app 'mail-app' are expired. Visit the Azure portal to create new keys for your app.\r\nTrace ID: 1\r\nCorrelation ID: 2"}},
+        "/token current-secret": {"status": 200, "body": {"access_token": "entra-access-token", "token_type": "Bearer", "expires_in": 3600}},
+    }))
+    .await;
+    h.api.put(&secret_path("old"), secret("old", &[("client-secret", "expired-secret")]));
+    h.api.put(&secret_path("new"), secret("new", &[("client-secret", "current-secret")]));
+    let generic = json!({"tokenUrl": format!("{}/token", entra.base), "caBundle": entra.ca_pem,
+                         "scopes": {"imap": ["mail"]}, "servers": {"imap": {"host": "127.0.0.1", "port": 10143}}});
+    let both = json!({"clientSecretRefs": [{"name": "old"}, {"name": "new"}], "method": "clientSecretPost"});
+    h.generic_provider("idp", generic.clone(), "mail-app", both).await;
+    h.binding("app", json!({"clientCredentials": {}}), json!(["mail"]));
+    let b = h.reconcile("app").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+    assert_eq!(decode(&h.published("app"), "access_token").as_deref(), Some("entra-access-token"));
+    assert_eq!((entra.count("/token expired-secret").await, entra.count("/token current-secret").await), (1, 1));
+
+    // Only the expired secret left: the binding says so, and waits for a person.
+    let only_old = json!({"clientSecretRefs": [{"name": "old"}], "method": "clientSecretPost"});
+    h.generic_provider("idp", generic, "mail-app", only_old).await;
+    h.annotate("app", "mailoauth.io/refresh-requested", "1");
+    let b = h.reconcile("app").await;
+    let authorized = condition(&b, "Authorized");
+    assert_eq!(authorized.reason, "ClientSecretExpired", "{:?}", b.status);
+    assert!(authorized.message.contains("AADSTS7000222"), "{}", authorized.message);
+    assert!(!authorized.message.contains("Trace ID"), "{}", authorized.message);
+    h.advance_to(h.now() + Duration::minutes(30));
+    h.reconcile("app").await;
+    assert_eq!(entra.count("/token expired-secret").await, 2, "a permanent failure is not retried");
+}
+
+#[tokio::test]
+async fn a_429_pauses_that_provider_only_and_another_provider_of_the_namespace_is_served_at_once() {
+    let mut h = Harness::start(600).await;
+    let throttled = support::fake_endpoint::FakeEndpoint::start(json!({
+        "/token": {"status": 429, "headers": {"retry-after": "120"}, "body": {"error": "too_many_requests"}},
+    }))
+    .await;
+    h.api.put(&secret_path("client"), secret("client", &[("client-secret", "mail-app-secret")]));
+    h.api.put(&secret_path("other"), secret("other", &[("client-secret", "other-secret")]));
+    h.provider("idp", "mail-app", json!([{"name": "client"}]), "clientSecretPost").await;
+    let generic = json!({"tokenUrl": format!("{}/token", throttled.base), "caBundle": throttled.ca_pem,
+                         "scopes": {"imap": ["mail"]}, "servers": {"imap": {"host": "127.0.0.1", "port": 10143}}});
+    h.generic_provider("busy", generic, "other-app", json!({"clientSecretRefs": [{"name": "other"}]})).await;
+    for (name, provider) in [("t1", "busy"), ("t2", "busy"), ("a1", "idp"), ("a2", "idp")] {
+        h.binding(name, json!({"clientCredentials": {}}), json!(["mail"]));
+        h.use_provider(name, provider);
+    }
+
+    let b = h.reconcile("t1").await;
+    assert!(any_condition(&b, "Throttled").is_some(), "{:?}", b.status);
+    assert_eq!(throttled.count("/token other-secret").await, 1);
+    // The throttled provider's next binding is sent away without a request, for the pause.
+    let started = std::time::Instant::now();
+    match h.try_reconcile("t2").await {
+        Err(mail_oauth_operator::Error::Deferred(wait)) => {
+            assert!(wait > std::time::Duration::from_secs(100), "paused for {wait:?}, not the 120 s asked");
+        }
+        other => panic!("t2 was not deferred for the pause: {other:?}"),
+    }
+    assert_eq!(throttled.count("/token other-secret").await, 1, "a request went to a paused provider");
+    // The other provider of the same namespace is not paused: served at once, without waiting.
+    for name in ["a1", "a2"] {
+        let b = h.reconcile(name).await;
+        assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{name}: {:?}", b.status);
+    }
+    assert_eq!(h.server.grants("client_credentials").await, 2);
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "waited {:?}", started.elapsed());
 }

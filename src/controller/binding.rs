@@ -584,9 +584,16 @@ async fn announce(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindi
         let note = if recovered { format!("recovered: {}", now_ready.message) } else { now_ready.message.clone() };
         events.push((EventType::Normal, if recovered { "Recovered".into() } else { "Ready".into() }, note));
     }
+    // Ready and Authorized often fail for the same reason: one Event per reason.
+    let mut seen = std::collections::BTreeSet::new();
+    events.retain(|(type_, reason, _)| seen.insert((*type_ == EventType::Warning, reason.clone())));
     for (type_, reason, note) in events {
         let event = Event { type_, reason, note: Some(note), action: "Reconcile".into(), secondary: None };
-        if let Err(e) = ctx.recorder.publish(&event, &binding.object_ref(&())).await {
+        // Each a new Event: the shared recorder would fold an Event of the same type and reason
+        // published within six minutes into the first one, re-sending its old note (a new device
+        // code would never be shown). Only transitions get here, so nothing needs folding.
+        let recorder = kube::runtime::events::Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+        if let Err(e) = recorder.publish(&event, &binding.object_ref(&())).await {
             warn!(error = %e, "publishing event failed");
         }
     }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Duration, Utc};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
-use kube::runtime::events::Recorder;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 
 use crate::api::{ClusterMailProvider, MailProvider, MailboxBinding};
@@ -62,8 +62,10 @@ pub struct Context {
     pub bindings: Store<MailboxBinding>,
     /// Namespace of `ClusterMailProvider` Secrets.
     pub cluster_namespace: String,
-    /// Event recorder.
+    /// Event recorder (folds repeats of an Event into a series: for retries).
     pub recorder: Recorder,
+    /// Who reports this process's Events: transitions are published each as an Event of its own.
+    pub reporter: Reporter,
     /// The clock.
     pub clock: Arc<dyn Clock>,
     /// Grant states whose write failed, by (namespace, binding): written before anything else,

@@ -314,6 +314,7 @@ impl Runtime {
             bindings: binding_store.clone(),
             cluster_namespace: settings.cluster_namespace.clone(),
             recorder: Recorder::new(client.clone(), assembly.reporter.clone()),
+            reporter: assembly.reporter.clone(),
             clock: Arc::clone(&self.clock),
             pending: Arc::clone(&assembly.pending),
             default_lifetime: settings.default_lifetime,

@@ -159,6 +159,7 @@ fn context_with(
         bindings: binding_store,
         cluster_namespace: "mail-oauth-operator".into(),
         recorder: Recorder::new(client, Reporter { controller: "mail-oauth-operator".into(), instance: None }),
+        reporter: Reporter { controller: "mail-oauth-operator".into(), instance: None },
         clock: Arc::new(Fixed(now())),
         pending: Default::default(),
         default_lifetime: Duration::hours(1),

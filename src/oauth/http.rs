@@ -597,4 +597,77 @@ mod tests {
         assert_eq!(retry_after("18446744073709551615", now), Some(Duration::MAX));
         assert_eq!(retry_after("soon", now), None);
     }
+
+    /// What a name's DNS records may hold, class by class, and whether (strict, with private
+    /// endpoints allowed) leave nothing to connect to. `PolicyResolver` hands every name's
+    /// `lookup_host` answer to `allowed_addresses`, so this is what a name resolving there gets;
+    /// the wiring itself is run through a real name (`localhost`) below.
+    #[test]
+    fn a_name_resolving_to_loopback_link_local_metadata_or_mapped_loopback_gets_no_address() {
+        let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 443);
+        let cases: [(&[&str], bool, bool); 12] = [
+            (&["127.0.0.1"], true, false),         // loopback (localhost, or a rebinding attack)
+            (&["127.0.0.53", "::1"], true, false), // loopback, A and AAAA
+            (&["::ffff:127.0.0.1"], true, false),  // IPv4-mapped loopback in an AAAA record
+            (&["::ffff:0:7f00:1"], true, false),   // IPv4-translated loopback
+            (&["10.0.0.5"], true, false),          // private
+            (&["169.254.169.254"], true, true),    // link-local: the cloud metadata service
+            (&["169.254.0.1"], true, true),        // link-local
+            (&["fe80::a9fe:a9fe"], true, true),    // IPv6 link-local
+            (&["fd00:ec2::254"], true, true),      // AWS metadata over IPv6
+            (&["100.100.100.200", "192.0.0.192"], true, true), // Alibaba and Oracle metadata
+            (&["::ffff:169.254.169.254"], true, true), // IPv4-mapped metadata
+            (&["169.254.169.254", "::ffff:127.0.0.1"], true, false), // metadata and mapped loopback
+        ];
+        let strict = OutboundPolicy::default();
+        let lab = OutboundPolicy { allow_private: true };
+        for (records, refused_strict, refused_lab) in cases {
+            let found: Vec<SocketAddr> = records.iter().map(|ip| at(ip)).collect();
+            assert_eq!(allowed_addresses(strict, found.clone()).is_err(), refused_strict, "strict: {records:?}");
+            match allowed_addresses(lab, found.clone()) {
+                Err(Refused) => assert!(refused_lab, "with private endpoints allowed: {records:?} refused"),
+                Ok(kept) => {
+                    assert!(!refused_lab, "with private endpoints allowed: {records:?} kept {kept:?}");
+                    // Only the allowed records are kept: never the link-local or metadata ones.
+                    let expected: Vec<SocketAddr> =
+                        found.into_iter().filter(|a| lab.refuse_ip(a.ip()).is_none()).collect();
+                    assert_eq!(kept, expected);
+                    assert!(kept.iter().all(|a| !matches!(v4_or_mapped(a.ip()), Some(v4) if v4.is_link_local())));
+                }
+            }
+        }
+    }
+
+    /// The IPv4 address of `ip`, mapped or not.
+    fn v4_or_mapped(ip: IpAddr) -> Option<Ipv4Addr> {
+        match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_to_a_name_resolving_to_loopback_never_connects_without_private_endpoints_allowed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let url = Url::parse(&format!("https://localhost:{port}/token")).unwrap();
+        let strict = HttpClients::default().get(None).unwrap();
+        let recorded = post_form(&strict, url.clone(), &[("grant_type", "client_credentials")], None).await;
+        let transport = recorded.transport.unwrap_or_default();
+        assert!(transport.contains("refused by the outbound policy"), "{transport}");
+        let accepted = tokio::time::timeout(StdDuration::from_millis(300), listener.accept()).await;
+        assert!(accepted.is_err(), "the refused request reached the listener");
+        // Allowed, the same name is connected to (the TLS handshake with a plain listener fails).
+        let lab = HttpClients::new(OutboundPolicy { allow_private: true }).get(None).unwrap();
+        let (recorded, accepted) = tokio::join!(
+            post_form(&lab, url, &[("grant_type", "client_credentials")], None),
+            tokio::time::timeout(StdDuration::from_secs(10), async {
+                let (socket, _) = listener.accept().await.unwrap();
+                drop(socket);
+            })
+        );
+        assert!(accepted.is_ok(), "the allowed request never reached the listener");
+        let transport = recorded.transport.unwrap_or_default();
+        assert!(!transport.contains("outbound policy"), "{transport}");
+    }
 }

@@ -873,6 +873,7 @@ mod tests {
             bindings: binding_store,
             cluster_namespace: "mail-oauth-operator".into(),
             recorder: Recorder::new(client, Reporter { controller: "mail-oauth-operator".into(), instance: None }),
+            reporter: Reporter { controller: "mail-oauth-operator".into(), instance: None },
             clock: Arc::new(Fixed),
             pending: Default::default(),
             default_lifetime: chrono::Duration::hours(1),

@@ -399,9 +399,11 @@ ELECT = {"LEADER_ELECT": "true", "LEADER_LEASE_DURATION": f"{LEASE_SECONDS}s"}
 # What the design promises after a SIGKILL (src/controller/leader.rs, kube-lease-manager): the
 # follower sleeps until the lease it last read runs out (at most LEASE_SECONDS after the kill: the
 # dead leader renewed it last at or before the kill), clears it, waits 0.1-1 s (the lease manager's
-# collision guard) and takes it; its leadership check runs every 250 ms. Plus a margin of 0.75 s for
-# the apiserver round trips, the Lease watch and this test's 200 ms polling.
-FAILOVER_SECONDS = LEASE_SECONDS + 1.0 + 0.25 + 0.75
+# collision guard: its retry period) and takes it; its leadership check runs every 250 ms. Plus a
+# margin of 1.25 s for the take-over's apiserver round trips (a read, a release, a write), the
+# Lease watch and this test's polling of /metrics every 200 ms. (It was 14 s: a lease written
+# twice as long as configured passed.)
+FAILOVER_SECONDS = LEASE_SECONDS + 1.0 + 0.25 + 1.25
 
 
 def lease_holder(bed):

@@ -611,16 +611,16 @@ def test_a_crash_between_the_token_response_and_the_last_write_loses_no_grant(be
     bed.start_operator(env_extra={"MAIL_OAUTH_OPERATOR_FAILPOINT": f"{step}/{name}"}, wait=False)
     apply(bed, secret(NS, f"{name}-seed", {"rt": seed}), doc)
     wait_for(f"the operator to die at {step}", lambda: bed.procs["operator"].poll() is not None, timeout=60)
-    # Died at the failpoint, not of something else: aborted (SIGABRT, no shutdown, no flush) right
-    # after logging that this step of this binding was reached.
     code = bed.procs.pop("operator").returncode
-    assert code == -signal.SIGABRT, f"the operator exited with {code}, not by the failpoint's abort"
     with open(bed.dir / "operator.log", "rb") as f:
         f.seek(offset)
         lines = [json.loads(line) for line in f.read().decode(errors="replace").splitlines() if line.startswith("{")]
+    bed.start_operator()  # before judging, so that a failure here leaves the next case an operator
+    # Died at the failpoint, not of something else: aborted (SIGABRT, no shutdown, no flush) right
+    # after logging that this step of this binding was reached.
+    assert code == -signal.SIGABRT, f"the operator exited with {code}, not by the failpoint's abort"
     reached = [entry for entry in lines if entry.get("fields", {}).get("message") == "failpoint reached; aborting"]
     assert [(e["fields"].get("step"), e.get("span", {}).get("object")) for e in reached] == [(step, name)], reached
-    bed.start_operator()
     wait_reason(bed, "mailboxbinding", name, "TokenValid", timeout=60)
     errors = bed.oauth("/test/stats")["errors_by_client"].get(client, 0)
     # Two refreshes in a row: each uses the newest stored refresh token; a lost rotation would

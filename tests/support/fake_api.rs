@@ -3,9 +3,15 @@
 //! applier set before but leaves out now removed, as field ownership does), status apply,
 //! DELETE, and Event creation. The real apiserver is exercised by the end-to-end suite; this
 //! lets the integration tests drive the real reconcilers against the real OAuth server.
+//!
+//! Opt-in, for tests that need them: every request counted (GETs included), writes to a path
+//! failing as an apiserver outage would ([`FakeApi::fail_writes`]), and `resourceVersion`s kept
+//! and enforced as the apiserver does ([`FakeApi::versioned`]: each write stamps a new one, and a
+//! write naming another than the stored one is refused 409 Conflict).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::{Method, Request, Response, StatusCode};
@@ -20,6 +26,16 @@ pub struct FakeApi {
     writes: Arc<Mutex<Vec<String>>>,
     /// Data keys each object's applier set in its last apply.
     applied: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
+    /// `METHOD path` of every request, reads included.
+    requests: Arc<Mutex<Vec<String>>>,
+    /// Bodies of the objects created (POST), by path: Events.
+    created: Arc<Mutex<Vec<(String, Value)>>>,
+    /// Writes to these paths fail (500) this many more times.
+    failing: Arc<Mutex<BTreeMap<String, usize>>>,
+    /// Whether `resourceVersion`s are stamped and enforced.
+    versioned: Arc<AtomicBool>,
+    /// The last `resourceVersion` given out.
+    version: Arc<AtomicU64>,
 }
 
 fn merge_object(old: &mut Value, new: &Value) {
@@ -51,9 +67,76 @@ impl FakeApi {
         Client::new(service, "default")
     }
 
-    /// Stores an object at its path.
-    pub fn put(&self, path: &str, object: Value) {
+    /// Stores an object at its path (with a new `resourceVersion` when versioned), as another
+    /// writer would.
+    pub fn put(&self, path: &str, mut object: Value) {
+        self.stamp(&mut object);
         self.objects.lock().expect("lock").insert(path.to_owned(), object);
+    }
+
+    /// From now on every write stamps a new `resourceVersion`, and a write that names another one
+    /// than the stored object's is refused with 409 Conflict, as the apiserver does.
+    pub fn versioned(&self) {
+        self.versioned.store(true, Ordering::SeqCst);
+    }
+
+    /// The next `times` writes (PATCH, POST) to `path` fail with 500, as an apiserver outage
+    /// would; `usize::MAX`: until [`FakeApi::heal`].
+    pub fn fail_writes(&self, path: &str, times: usize) {
+        self.failing.lock().expect("lock").insert(path.to_owned(), times);
+    }
+
+    /// Writes to `path` succeed again.
+    pub fn heal(&self, path: &str) {
+        self.failing.lock().expect("lock").remove(path);
+    }
+
+    /// How many GETs of `path` were made.
+    pub fn gets(&self, path: &str) -> usize {
+        let wanted = format!("GET {path}");
+        self.requests.lock().expect("lock").iter().filter(|r| **r == wanted).count()
+    }
+
+    /// The bodies of the Events created so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.created
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(p, _)| p.ends_with("/events"))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    fn stamp(&self, object: &mut Value) {
+        if self.versioned.load(Ordering::SeqCst) && object.is_object() {
+            let rv = self.version.fetch_add(1, Ordering::SeqCst) + 1;
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        }
+    }
+
+    /// A 409 when versioned and `body` names another `resourceVersion` than the stored object's.
+    fn conflicts(&self, path: &str, body: &Value) -> bool {
+        if !self.versioned.load(Ordering::SeqCst) {
+            return false;
+        }
+        let Some(wanted) = body["metadata"]["resourceVersion"].as_str() else { return false };
+        let stored = self.get(path);
+        stored.as_ref().and_then(|o| o["metadata"]["resourceVersion"].as_str()) != Some(wanted)
+    }
+
+    /// Whether this write is to fail (and counts it).
+    fn fails(&self, path: &str) -> bool {
+        let mut failing = self.failing.lock().expect("lock");
+        match failing.get_mut(path) {
+            Some(0) | None => false,
+            Some(n) => {
+                if *n != usize::MAX {
+                    *n -= 1;
+                }
+                true
+            }
+        }
     }
 
     /// The object at a path.
@@ -76,8 +159,24 @@ impl FakeApi {
         let path = req.uri().path().to_owned();
         let body: Value =
             serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap_or_default()).unwrap_or(Value::Null);
+        self.requests.lock().expect("lock").push(format!("{method} {path}"));
         if method != Method::GET {
             self.writes.lock().expect("lock").push(format!("{method} {path}"));
+            if self.fails(&path) {
+                return respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError",
+                            "code": 500, "message": "etcdserver: request timed out"}),
+                );
+            }
+            let main = path.trim_end_matches("/status");
+            if matches!(method, Method::PATCH) && self.conflicts(main, &body) {
+                return respond(
+                    StatusCode::CONFLICT,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict",
+                            "code": 409, "message": "the object has been modified; please apply your changes to the latest version and try again"}),
+                );
+            }
         }
         match method {
             Method::GET => match self.get(&path) {
@@ -88,12 +187,16 @@ impl FakeApi {
                 self.delete(&path);
                 respond(StatusCode::OK, &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}))
             }
-            Method::POST => respond(StatusCode::CREATED, &body),
+            Method::POST => {
+                self.created.lock().expect("lock").push((path, body.clone()));
+                respond(StatusCode::CREATED, &body)
+            }
             Method::PATCH if path.ends_with("/status") => {
                 let main = path.trim_end_matches("/status").to_owned();
                 let Some(mut object) = self.get(&main) else { return not_found() };
                 object["status"] = body["status"].clone();
                 self.put(&main, object.clone());
+                let Some(object) = self.get(&main) else { return not_found() };
                 respond(StatusCode::OK, &object)
             }
             Method::PATCH => {
@@ -108,6 +211,10 @@ impl FakeApi {
                     }
                 }
                 merge_object(stored, &body);
+                if self.versioned.load(Ordering::SeqCst) {
+                    let rv = self.version.fetch_add(1, Ordering::SeqCst) + 1;
+                    stored["metadata"]["resourceVersion"] = json!(rv.to_string());
+                }
                 respond(StatusCode::OK, stored)
             }
             _ => respond(StatusCode::METHOD_NOT_ALLOWED, &json!({})),

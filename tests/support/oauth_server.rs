@@ -48,7 +48,9 @@ async fn ensure_installed() {
     assert!(status.success(), "npm ci in {} failed", dir.display());
 }
 
-fn certificates() -> (String, String, String) {
+/// A fresh CA and a server certificate for 127.0.0.1 and localhost signed by it: (CA PEM,
+/// certificate PEM, key PEM).
+pub fn certificates() -> (String, String, String) {
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
