@@ -523,6 +523,40 @@ def test_signing_in_as_someone_else_is_refused_and_nothing_is_stored(bed):
     assert "refresh_token" not in (grant.get("data") or {})
 
 
+def test_scopes_granted_beyond_a_cluster_providers_allowed_scopes_are_neither_stored_nor_published(bed):
+    """The person edits `scope=` in the provider's authorize URL: the request asked for allowed
+    scopes only, the provider grants more; the admin's limit holds for what was granted."""
+    p = public_provider(bed, NS, "cp-scoped", "mail-device")
+    p["kind"] = "ClusterMailProvider"
+    del p["metadata"]["namespace"]
+    p["spec"]["allowedScopes"] = ["openid", "offline_access", "email"]
+    p["spec"]["allowedMailboxes"] = ["example.com"]
+    apply(bed, p)
+    wait_for("cp-scoped ready", lambda: any(c["type"] == "Ready" and c["status"] == "True" for c in (
+        bed.kubectl_json("get", "clustermailprovider", "cp-scoped").get("status") or {}).get("conditions", [])),
+        timeout=30)
+    doc = code_binding("greedy", "greedy@example.com", provider="cp-scoped")
+    doc["spec"]["providerRef"]["kind"] = "ClusterMailProvider"
+    doc["spec"]["scopes"] = ["openid", "offline_access", "email"]
+    apply(bed, doc)
+    wait_reason(bed, "greedy", "AwaitingAuthorization")
+    link = mbx(bed, "greedy")["status"]["authorization"]["url"]
+    get = browser(bed)
+    at_provider = sign_in(bed, get, link, until=bed.issuer)
+    parts = urllib.parse.urlsplit(at_provider)
+    query = urllib.parse.parse_qs(parts.query)
+    assert query["scope"] == ["openid offline_access email"], query["scope"]
+    query["scope"] = ["openid offline_access email mail"]
+    edited = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query, doseq=True)))
+    sign_in(bed, get, edited, account="greedy@example.com")
+    c = wait_reason(bed, "greedy", "ProviderNotAllowed", type_="Authorized", timeout=30)
+    assert "mail" in c["message"] and "allowedScopes" in c["message"], c["message"]
+    grant = bed.kubectl_json("get", "secret", "greedy.mailoauth-grant", "-n", NS)
+    assert "refresh_token" not in (grant.get("data") or {}) and "access_token" not in (grant.get("data") or {})
+    published = bed.kubectl("get", "secret", "greedy-mail-token", "-n", NS, "--ignore-not-found", "-o", "name")
+    assert published.stdout.strip() == "", "a token with more than the allowed scopes was published"
+
+
 def test_the_paste_path_and_an_authorization_interrupted_by_a_restart(bed):
     apply(bed, code_binding("pasted", "pasted@example.com"))
     wait_reason(bed, "pasted", "AwaitingAuthorization")
