@@ -1031,8 +1031,10 @@ impl Harness {
     /// `Apply` of its metadata, or `Delete` once it is unlabelled.
     fn watch_reports(&self, name: &str, event: fn(PartialSecret) -> watcher::Event<PartialSecret>) {
         let stored = self.api.get(&secret_path(name)).expect("Secret");
-        let mut meta = PartialSecret::default();
-        meta.metadata = serde_json::from_value(stored["metadata"].clone()).expect("metadata");
+        let meta = PartialSecret {
+            metadata: serde_json::from_value(stored["metadata"].clone()).expect("metadata"),
+            ..Default::default()
+        };
         self.ctx.referable.observe(&event(meta));
     }
 
