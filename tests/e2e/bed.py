@@ -8,7 +8,10 @@
   introspection listener for Dovecot;
 - Dovecot (IMAP with XOAUTH2 and OAUTHBEARER through RFC 7662 introspection) and, when running
   as root, Postfix (submission with SASL through Dovecot);
-- the operator binary, run as a local process with the chart's ServiceAccount token.
+- the operator binary, run as a local process as the chart's Deployment runs it: the container's
+  args and environment from `helm template` with the bed's values, the ServiceAccount it names
+  (a TokenRequest token), its readiness probe's path and its termination grace period. Only the
+  listen address (a free port on 127.0.0.1) is the bed's own; `POD_NAME` is the process's name.
 
 Every process writes a log under the bed's folder; `Bed.dump_logs()` prints their tails.
 
@@ -33,6 +36,16 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "mail-oauth-operator"
 OPERATOR_NAMESPACE = "mail-oauth-operator"
 RELEASE = "mail-oauth-operator"
+# The chart's values for the bed (`helm install` and the operator started from `helm template`),
+# beside its defaults (two replicas with leader election; the bed runs one process unless a test
+# starts more): the OAuth server, Dovecot and every endpoint of the tests listen on 127.0.0.1,
+# which the operator refuses unless allowPrivateEndpoints.
+BED_VALUES = ("--set", "allowPrivateEndpoints=true")
+# The image's entrypoint (Dockerfile); the chart's `command`, if it ever sets one, must name it.
+IMAGE_ENTRYPOINT = "/usr/local/bin/mail-oauth-operator"
+IMAGE_CMD = ["run"]
+# What a process gets from the bed's own environment (a container gets none of the shell's).
+PASSED_ENV = ("PATH", "HOME", "TMPDIR", "LANG", "LLVM_PROFILE_FILE")
 
 
 SERVICE_ACCOUNT = "mailer@e2e-project.iam.gserviceaccount.com"
@@ -86,6 +99,8 @@ class Bed:
         self.ports = {}
         self.root = os.geteuid() == 0
         self.env = dict(os.environ)
+        self.chart_values = []  # what helm_install was given, beside BED_VALUES
+        self.grace = {}  # each operator's terminationGracePeriodSeconds
 
     # ---------- certificates ----------
     def openssl(self, *args):
@@ -190,10 +205,10 @@ class Bed:
         wait_for("default ServiceAccount", lambda: self.alive("kube-controller-manager") and
                  self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0, timeout=60)
 
-    def write_kubeconfig(self, path, user):
+    def write_kubeconfig(self, path, user, server=None):
         config = {
             "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "e2e", "cluster": {"server": self.server,
+            "clusters": [{"name": "e2e", "cluster": {"server": server or self.server,
                                                      "certificate-authority": str(self.dir / "ca.crt")}}],
             "users": [{"name": "u", "user": user}],
             "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "u"}}],
@@ -378,34 +393,64 @@ mailbox_size_limit = 0
         return run(["helm", *args], env=helm_env)
 
     def helm_install(self, *values):
-        return self.helm("install", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, "--create-namespace", *values)
+        """Installs the chart with the bed's values and `values`; the operator is later started
+        from the same values."""
+        self.chart_values = list(values)
+        return self.helm("install", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
+                         *BED_VALUES, *values)
 
-    def service_account_kubeconfig(self):
+    def chart_deployment(self, *values):
+        """The chart's Deployment as `helm template` renders it for the bed's values, those given to
+        helm_install, and `values` (later ones win)."""
+        import yaml  # installed by scripts/tools.sh with pytest
+        rendered = self.helm("template", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, *BED_VALUES,
+                             *self.chart_values, *values, "--show-only", "templates/deployment.yaml").stdout
+        return next(d for d in yaml.safe_load_all(rendered) if d and d.get("kind") == "Deployment")
+
+    def service_account_kubeconfig(self, service_account=RELEASE):
         """A kubeconfig holding a TokenRequest token of the chart's ServiceAccount."""
-        token = self.kubectl("create", "token", RELEASE, "-n", OPERATOR_NAMESPACE, "--duration=6h").stdout.strip()
+        token = self.kubectl("create", "token", service_account, "-n", OPERATOR_NAMESPACE,
+                             "--duration=6h").stdout.strip()
         path = self.dir / "operator.kubeconfig"
         self.write_kubeconfig(path, user={"token": token})
         path.chmod(0o600)
         return path
 
-    def start_operator(self, *args, env_extra=None, wait=True, name="operator", kubeconfig=None):
+    def start_operator(self, *args, env_extra=None, wait=True, name="operator", kubeconfig=None, values=()):
+        """Starts the operator as the chart's Deployment would run it (see chart_command), as the
+        process `name` (its POD_NAME), with `args` after the container's args, `env_extra` over
+        its environment, and chart `values` beside the bed's."""
+        if name in self.procs and self.procs[name].poll() is None:
+            # Left running by a test that failed before stopping it: never two processes of a name.
+            self.stop_operator(name)
+        deployment = self.chart_deployment(*values)
+        pod = deployment["spec"]["template"]["spec"]
         port = free_port()
         self.ports[name] = port
-        # Strict Secret references, as the chart runs it.
-        env = dict(self.env, KUBECONFIG=str(kubeconfig or self.service_account_kubeconfig()), RUST_LOG="info",
-                   CLUSTER_RESOURCE_NAMESPACE=OPERATOR_NAMESPACE, STRICT_SECRET_REFERENCES="true")
+        cmd, container_env, probe = chart_command(deployment, self.operator_bin, pod_name=name)
+        env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        env.update(container_env)
+        # In a pod, the in-cluster configuration: here a kubeconfig with the same ServiceAccount.
+        env["KUBECONFIG"] = str(kubeconfig or self.service_account_kubeconfig(pod["serviceAccountName"]))
+        # The one thing the bed sets itself: where /healthz, /readyz and /metrics are served.
+        env["LISTEN_ADDRESS"] = f"127.0.0.1:{port}"
         env.update(env_extra or {})
-        # The bed's OAuth server is on 127.0.0.1, which the operator refuses unless allowed.
-        self.start(name, [str(self.operator_bin), "run", "--listen-address", f"127.0.0.1:{port}",
-                          "--log-format", "json", "--allow-private-endpoints", *args], env=env)
+        self.grace[name] = int(pod.get("terminationGracePeriodSeconds", 30))
+        # Started alone with leader election, it acts once it leads (it takes the free Lease, or
+        # its own from before a crash, at once): "started" means that.
+        alone = not any(n.startswith("operator") and n != name and p.poll() is None for n, p in self.procs.items())
+        self.start(name, [*cmd, *args], env=env)
         if wait:
-            wait_for(f"{name} /readyz", lambda: self.alive(name) and urllib.request.urlopen(
-                f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200, timeout=60)
+            wait_for(f"{name} {probe}", lambda: self.alive(name) and urllib.request.urlopen(
+                f"http://127.0.0.1:{port}{probe}", timeout=2).status == 200, timeout=60)
+            if alone and env.get("LEADER_ELECT") == "true":
+                wait_for(f"{name} to lead", lambda: self.alive(name)
+                         and self.metrics(name).get("mailoauth_leader") == 1, timeout=30)
 
     def stop_operator(self, name="operator"):
-        # A token request in flight (up to 30 s) finishes before the operator exits, as in the
-        # chart's 60 s grace period.
-        return self.stop(name, timeout=60)
+        """SIGTERM, then SIGKILL after the chart's terminationGracePeriodSeconds, as the kubelet
+        does; the exit code."""
+        return self.stop(name, timeout=self.grace.get(name, 30))
 
     def kill(self, name):
         """SIGKILL: no shutdown, no lease release."""
@@ -463,6 +508,40 @@ mailbox_size_limit = 0
             print(f"\n----- {log.name} (last {lines} of {len(text)} lines) -----", file=sys.stderr)
             for line in text[-lines:]:
                 print(line, file=sys.stderr)
+
+
+def chart_command(deployment, operator_bin, pod_name):
+    """The operator container's command line, environment and readiness probe path, from a
+    rendered Deployment: the args (or the image's CMD), the env with each `valueFrom.fieldRef`
+    resolved as the kubelet would for a pod named `pod_name` in the release namespace. Anything the
+    bed cannot resolve (another `valueFrom`, `envFrom`, a `$(VAR)` reference, a command that is not
+    the image's entrypoint) fails, so that a chart change the bed does not follow is noticed."""
+    pod = deployment["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "operator")
+    command = container.get("command") or [IMAGE_ENTRYPOINT]
+    if command[0] != IMAGE_ENTRYPOINT:
+        raise ValueError(f"the chart's command {command} is not the image's entrypoint {IMAGE_ENTRYPOINT}")
+    # As the kubelet does: a command of the container's own replaces the image's CMD too.
+    args = container.get("args", [] if "command" in container else IMAGE_CMD)
+    args = [*command[1:], *args]
+    if container.get("envFrom"):
+        raise ValueError(f"the bed cannot resolve envFrom: {container['envFrom']}")
+    fields = {"metadata.name": pod_name, "metadata.namespace": OPERATOR_NAMESPACE,
+              "spec.serviceAccountName": pod.get("serviceAccountName", "default")}
+    env = {}
+    for e in container.get("env", []):
+        if "valueFrom" in e:
+            path = (e["valueFrom"].get("fieldRef") or {}).get("fieldPath")
+            if path not in fields:
+                raise ValueError(f"the bed cannot resolve {e['name']}: {e['valueFrom']}")
+            env[e["name"]] = fields[path]
+        else:
+            env[e["name"]] = str(e.get("value", ""))
+    for text in [*args, *env.values()]:
+        if "$(" in text:
+            raise ValueError(f"the bed does not expand $(VAR) references: {text}")
+    probe = container["readinessProbe"]["httpGet"]["path"]
+    return [str(operator_bin), *args], env, probe
 
 
 def main(argv):
