@@ -208,7 +208,7 @@ async fn run_operator(args: RunArgs) -> Result<()> {
         client: Some(lease_client),
     });
     let settings = Settings {
-        namespaces: args.namespaces,
+        namespaces: watched(args.namespaces),
         cluster_namespace: args.cluster_resource_namespace,
         instance: std::env::var("POD_NAME").unwrap_or_else(|_| "mail-oauth-operator".into()),
         default_lifetime: args.default_token_lifetime,
@@ -248,6 +248,14 @@ fn rate_limited_client(config: kube::Config, qps: u32) -> Result<kube::Client> {
         .build())
 }
 
+/// The namespaces to watch, without blanks: the chart renders `WATCH_NAMESPACES=""` for an empty
+/// list, and `a,,b` or `a, b` are typing slips, not a namespace named "".
+fn watched(namespaces: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = namespaces.iter().map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect();
+    out.dedup();
+    out
+}
+
 /// This replica's identity in the election: the pod name, else a name unique to this process.
 fn election_identity() -> String {
     std::env::var("POD_NAME").unwrap_or_else(|_| {
@@ -276,4 +284,30 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { () = ctrl_c => {}, () = term => {} }
     tracing::info!("shutdown signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn namespaces_of(args: &[&str]) -> Vec<String> {
+        let mut argv = vec!["mail-oauth-operator", "run"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Run(run)) => watched(run.namespaces),
+            other => panic!("not a run command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_empty_namespace_list_watches_all_namespaces() {
+        assert_eq!(namespaces_of(&["--namespace", ""]), Vec::<String>::new());
+        assert_eq!(namespaces_of(&[]), Vec::<String>::new());
+    }
+
+    #[test]
+    fn blanks_in_a_namespace_list_are_dropped() {
+        assert_eq!(namespaces_of(&["--namespace", "a,, b ,"]), vec!["a".to_owned(), "b".to_owned()]);
+        assert_eq!(namespaces_of(&["--namespace", "a", "--namespace", "c"]), vec!["a".to_owned(), "c".to_owned()]);
+    }
 }
