@@ -9,7 +9,7 @@ use futures::FutureExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::controller::leader::ElectionSettings;
-use crate::controller::run::{Runtime, Settings};
+use crate::runtime::{Runtime, Settings};
 use crate::controller::{AuthorizationSettings, Contexts, SystemClock};
 use crate::error::{Error, Result};
 use crate::oauth::HttpTokenEndpoint;

@@ -12,6 +12,7 @@ pub mod error;
 pub mod metrics;
 pub mod oauth;
 pub mod policy;
+pub mod runtime;
 pub mod server;
 
 pub use error::{Error, Result};

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::Clock;
-use super::run::Shutdown;
+use super::Shutdown;
 use crate::policy::leader::{LeaseView, holds};
 
 /// How a replica takes part in leader election.

@@ -8,7 +8,6 @@ pub mod leader;
 pub mod limits;
 pub mod provider;
 pub mod revoke;
-pub mod run;
 pub mod secrets;
 pub mod versions;
 
@@ -29,6 +28,9 @@ use crate::oauth::TokenEndpoint;
 use crate::oauth::http::HttpClients;
 use crate::policy::grant_state::GrantState;
 use crate::policy::reference::ReferencePolicy;
+
+/// A shutdown signal every task can wait on.
+pub type Shutdown = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
 
 /// The clock, injected so that tests can fix time.
 pub trait Clock: Send + Sync {

@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-from bed import Bed, free_port, wait_for  # noqa: E402
+from bed import OPERATOR_NAMESPACE, Bed, free_port, wait_for  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -261,6 +261,9 @@ def main():
         bed.start_apiserver()
         bed.kubectl("apply", "-f", str(ROOT / "crds"))
         bed.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        # The operator's own namespace, where the chart's Deployment keeps its Lease (leader
+        # election is on, as the chart runs it).
+        bed.kubectl("create", "namespace", OPERATOR_NAMESPACE)
         run = Run(bed, args)
         for n in [int(s) for s in args.sizes.split(",") if s]:
             report["sizes"].append(run.size(n))

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures::future::{BoxFuture, Shared};
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
@@ -16,16 +16,13 @@ use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
 use tracing::{debug, info};
 
-use super::{Clock, Context, binding, provider};
+use crate::controller::{self, Clock, Context, Shutdown, binding, provider};
 use crate::api::{
     ALLOW_REFERENCE_LABEL, ClusterMailProvider, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailProvider, MailboxBinding,
     ProviderKind,
 };
 use crate::oauth::TokenEndpoint;
 use crate::oauth::http::HttpClients;
-
-/// A shutdown signal every task can wait on.
-pub type Shutdown = Shared<BoxFuture<'static, ()>>;
 
 /// What the controllers need to start.
 pub struct Settings {
@@ -42,13 +39,13 @@ pub struct Settings {
     /// Which referenced Secrets may be read.
     pub references: crate::policy::reference::ReferencePolicy,
     /// Where people's browsers go for the authorization code grant.
-    pub authorization: super::AuthorizationSettings,
+    pub authorization: controller::AuthorizationSettings,
     /// Filled with each context as it is made, for the authorization listener and `/metrics`.
-    pub contexts: super::Contexts,
+    pub contexts: controller::Contexts,
     /// Counters for `/metrics`.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Token requests per provider.
-    pub limits: Arc<super::limits::RateLimits>,
+    pub limits: Arc<controller::limits::RateLimits>,
     /// Reconciles running at once, per controller.
     pub concurrency: u16,
 }
@@ -77,8 +74,8 @@ pub struct Runtime {
     callback: Option<std::net::SocketAddr>,
     /// The authorization listener's own apiserver client (its own request budget), and the
     /// contexts it finds bindings in: the controllers' caches with that client.
-    listener: Option<(Client, super::Contexts)>,
-    election: Option<super::leader::ElectionSettings>,
+    listener: Option<(Client, controller::Contexts)>,
+    election: Option<controller::leader::ElectionSettings>,
     ready: Arc<AtomicBool>,
 }
 
@@ -86,8 +83,8 @@ pub struct Runtime {
 struct Assembly {
     tasks: Vec<BoxFuture<'static, ()>>,
     syncs: Vec<Synced>,
-    pending: super::PendingGrants,
-    leader: Arc<super::leader::Leadership>,
+    pending: controller::PendingGrants,
+    leader: Arc<controller::leader::Leadership>,
     reporter: Reporter,
     cluster_store: reflector::Store<ClusterMailProvider>,
     cluster_writer: Option<reflector::store::Writer<ClusterMailProvider>>,
@@ -130,12 +127,12 @@ impl Runtime {
     /// then cannot starve the lease renewals and reconciles of the main client.
     pub fn callback(mut self, address: Option<std::net::SocketAddr>, client: Client) -> Self {
         self.callback = address;
-        self.listener = address.map(|_| (client, super::Contexts::default()));
+        self.listener = address.map(|_| (client, controller::Contexts::default()));
         self
     }
 
     /// Takes part in leader election, if given.
-    pub fn election(mut self, election: Option<super::leader::ElectionSettings>) -> Self {
+    pub fn election(mut self, election: Option<controller::leader::ElectionSettings>) -> Self {
         self.election = election;
         self
     }
@@ -196,13 +193,13 @@ impl Runtime {
     }
 
     /// The leadership the controllers consult: elected, or always when there is no election.
-    async fn join_election(&self) -> crate::Result<(Arc<super::leader::Leadership>, Option<super::leader::Election>)> {
+    async fn join_election(&self) -> crate::Result<(Arc<controller::leader::Leadership>, Option<controller::leader::Election>)> {
         let Some(settings) = self.election.clone() else {
             self.settings.metrics.set_leader(true);
-            return Ok((super::leader::Leadership::always(), None));
+            return Ok((controller::leader::Leadership::always(), None));
         };
         info!(lease = %settings.name, namespace = %settings.namespace, identity = %settings.identity, "joining leader election");
-        let (leader, election, tasks) = super::leader::elect(
+        let (leader, election, tasks) = controller::leader::elect(
             settings.client.clone().unwrap_or_else(|| self.client.clone()),
             settings,
             Arc::clone(&self.clock),
@@ -283,7 +280,7 @@ impl Runtime {
             .applied_objects()
             .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
         let referable = self.referable_versions(assembly, scope);
-        let own_writes = super::OwnWrites::default();
+        let own_writes = controller::OwnWrites::default();
         let owned_secrets = owned_secrets(client, scope, own_writes.clone());
         let by_provider = {
             let store = binding_store.clone();
@@ -300,9 +297,9 @@ impl Runtime {
             .watches_shared_stream(providers_for_bindings, by_provider)
             .watches_shared_stream(cluster_for_bindings, by_cluster_provider);
 
-        let polls: super::Polls = Default::default();
-        let written: super::Written = Default::default();
-        let client_secrets: super::ClientSecretCache = Default::default();
+        let polls: controller::Polls = Default::default();
+        let written: controller::Written = Default::default();
+        let client_secrets: controller::ClientSecretCache = Default::default();
         // One context per client: the controllers' and, with the authorization listener, the
         // listener's (same caches and state, its own apiserver client).
         let context = |client: &Client| Context {
@@ -393,8 +390,8 @@ impl Runtime {
 
     /// In strict mode, the versions of referable Secrets (a client secret read once is reused
     /// until its Secret changes).
-    fn referable_versions(&self, assembly: &mut Assembly, scope: Option<&str>) -> super::versions::SecretVersions {
-        let referable = super::versions::SecretVersions::default();
+    fn referable_versions(&self, assembly: &mut Assembly, scope: Option<&str>) -> controller::versions::SecretVersions {
+        let referable = controller::versions::SecretVersions::default();
         if self.settings.references == crate::policy::reference::ReferencePolicy::Labelled {
             let versions = referable.clone();
             let api: Api<PartialObjectMeta<Secret>> = scoped(&self.client, scope);
@@ -421,7 +418,7 @@ impl Runtime {
         kind: &'static str,
         controller: Controller<K>,
         store: reflector::Store<K>,
-        leader: &super::leader::Leadership,
+        leader: &controller::leader::Leadership,
         reconcile: R,
         error_policy: fn(Arc<K>, &crate::Error, Arc<Context>) -> kube::runtime::controller::Action,
         ctx: Arc<Context>,
@@ -456,7 +453,7 @@ impl Runtime {
 fn owned_secrets(
     client: &Client,
     scope: Option<&str>,
-    own: super::OwnWrites,
+    own: controller::OwnWrites,
 ) -> impl futures::Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static {
     let api: Api<PartialObjectMeta<Secret>> = scoped(client, scope);
     let mut first_list = true;
