@@ -9,12 +9,12 @@ use futures::FutureExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::controller::leader::ElectionSettings;
-use crate::runtime::{Runtime, Settings};
 use crate::controller::{AuthorizationSettings, Contexts, SystemClock};
 use crate::error::{Error, Result};
 use crate::oauth::HttpTokenEndpoint;
 use crate::oauth::http::{HttpClients, OutboundPolicy};
 use crate::policy::reference::ReferencePolicy;
+use crate::runtime::{Runtime, Settings};
 
 /// mail-oauth-operator: OAuth 2.0 tokens for mailboxes, published into Kubernetes Secrets.
 #[derive(Debug, Parser)]

@@ -16,11 +16,11 @@ use kube::runtime::{Controller, Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
 use tracing::{debug, info};
 
-use crate::controller::{self, Clock, Context, Shutdown, binding, provider};
 use crate::api::{
     ALLOW_REFERENCE_LABEL, ClusterMailProvider, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailProvider, MailboxBinding,
     ProviderKind,
 };
+use crate::controller::{self, Clock, Context, Shutdown, binding, provider};
 use crate::oauth::TokenEndpoint;
 use crate::oauth::http::HttpClients;
 
@@ -182,7 +182,7 @@ impl Runtime {
         // Every controller has drained; what could not be written yet is written now, and only
         // then is the lease given up, so that the next leader reads it.
         let deadline = tokio::time::Instant::now().checked_add(flush_timeout).unwrap_or_else(tokio::time::Instant::now);
-        let lost = binding::flush_pending(&flush_client, &assembly.pending, deadline).await;
+        let lost = controller::grant_store::flush_pending(&flush_client, &assembly.pending, deadline).await;
         if lost > 0 {
             tracing::error!(lost, "grant states could not be written before shutdown");
         }
@@ -193,7 +193,9 @@ impl Runtime {
     }
 
     /// The leadership the controllers consult: elected, or always when there is no election.
-    async fn join_election(&self) -> crate::Result<(Arc<controller::leader::Leadership>, Option<controller::leader::Election>)> {
+    async fn join_election(
+        &self,
+    ) -> crate::Result<(Arc<controller::leader::Leadership>, Option<controller::leader::Election>)> {
         let Some(settings) = self.election.clone() else {
             self.settings.metrics.set_leader(true);
             return Ok((controller::leader::Leadership::always(), None));

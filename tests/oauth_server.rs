@@ -21,7 +21,7 @@ use chrono::{DateTime, Duration, Utc};
 use kube::runtime::reflector::{Store, store, store::Writer};
 use kube::runtime::watcher;
 use mail_oauth_operator::api::{ClusterMailProvider, MailProvider, MailboxBinding, Phase};
-use mail_oauth_operator::controller::{Clock, Context, binding, provider};
+use mail_oauth_operator::controller::{Clock, Context, binding, grant_store, provider};
 use mail_oauth_operator::oauth::HttpTokenEndpoint;
 use mail_oauth_operator::oauth::http::{HttpClients, OutboundPolicy};
 use mail_oauth_operator::policy::reference::ReferencePolicy;
@@ -1176,13 +1176,13 @@ async fn a_grant_state_that_could_not_be_written_is_kept_and_written_at_shutdown
 
     // Shutdown while the apiserver still fails: retried until the deadline, then reported lost.
     let soon = tokio::time::Instant::now() + std::time::Duration::from_millis(600);
-    assert_eq!(binding::flush_pending(&h.ctx.client, &h.ctx.pending, soon).await, 1);
+    assert_eq!(grant_store::flush_pending(&h.ctx.client, &h.ctx.pending, soon).await, 1);
 
     // Shutdown once the apiserver answers: written (the same state, kept again as before).
     *h.ctx.pending.lock().expect("pending") = kept;
     h.api.heal(&grant);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    assert_eq!(binding::flush_pending(&h.ctx.client, &h.ctx.pending, deadline).await, 0, "nothing lost");
+    assert_eq!(grant_store::flush_pending(&h.ctx.client, &h.ctx.pending, deadline).await, 0, "nothing lost");
     assert!(h.ctx.pending.lock().expect("pending").is_empty());
     assert_eq!(h.stored_refresh_token("helpdesk"), rotated, "the rotated refresh token was written at shutdown");
 
@@ -1218,7 +1218,7 @@ async fn a_grant_state_flushed_at_shutdown_never_overwrites_a_newer_grant() {
     let kept = h.ctx.pending.lock().expect("pending").clone();
     h.api.heal(&grant);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    assert_eq!(binding::flush_pending(&h.ctx.client, &h.ctx.pending, deadline).await, 0);
+    assert_eq!(grant_store::flush_pending(&h.ctx.client, &h.ctx.pending, deadline).await, 0);
     assert_eq!(h.stored_refresh_token("helpdesk"), ours, "a touched Secret still takes the grant it came from");
 
     // Meanwhile another writer (the next leader) stored a newer grant: ours is dropped.
@@ -1227,7 +1227,7 @@ async fn a_grant_state_flushed_at_shutdown_never_overwrites_a_newer_grant() {
     h.api.put(&grant, newer);
     // (The same state again, fenced on the version this process read before its failed write.)
     *h.ctx.pending.lock().expect("pending") = kept;
-    assert_eq!(binding::flush_pending(&h.ctx.client, &h.ctx.pending, deadline).await, 0, "dropped, not lost");
+    assert_eq!(grant_store::flush_pending(&h.ctx.client, &h.ctx.pending, deadline).await, 0, "dropped, not lost");
     assert!(h.ctx.pending.lock().expect("pending").is_empty());
     assert_eq!(h.stored_refresh_token("helpdesk"), "newer-grant-of-the-next-leader", "a newer grant was overwritten");
 }

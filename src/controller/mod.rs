@@ -4,10 +4,13 @@
 
 pub mod binding;
 pub mod certificate;
+pub mod cleanup;
+pub mod grant_store;
 pub mod leader;
 pub mod limits;
+pub mod obtain;
 pub mod provider;
-pub mod revoke;
+pub mod resolve;
 pub mod secrets;
 pub mod versions;
 

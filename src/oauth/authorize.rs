@@ -125,6 +125,31 @@ pub fn parse_response(text: &str) -> Option<Response> {
     }
 }
 
+/// Random bytes in a start token (256 bits).
+const START_BYTES: u32 = 32;
+
+/// The shortest start token accepted from a status (128 bits, base64url).
+const MIN_START_LEN: usize = 22;
+
+/// The start link of a binding: `<base>/authorize/<ns>/<name>?start=<token>`, keeping the token
+/// of `current` (the link the status shows) when it is such a link for this binding, else with a
+/// new token from the operating system's random source.
+pub fn start_link(base: &str, namespace: &str, name: &str, current: Option<&str>) -> String {
+    let link = format!("{base}/authorize/{namespace}/{name}");
+    let start = current
+        .and_then(|url| start_of(url, &link))
+        .map_or_else(|| oauth2::CsrfToken::new_random_len(START_BYTES).secret().clone(), str::to_owned);
+    format!("{link}?start={start}")
+}
+
+/// The start token of `url` when it is `<link>?start=<token>` with a well-formed token.
+pub fn start_of<'a>(url: &'a str, link: &str) -> Option<&'a str> {
+    let token = url.strip_prefix(link)?.strip_prefix("?start=")?;
+    let well_formed = (MIN_START_LEN..=128).contains(&token.len())
+        && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    well_formed.then_some(token)
+}
+
 #[cfg(test)]
 mod tests {
     use secrecy::ExposeSecret;

@@ -46,12 +46,11 @@ use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::api::{FIELD_MANAGER, Grant, MailboxBinding, Phase};
-use crate::controller::binding::{
-    AUTHORIZATION_REQUEST_LIFETIME, authorization_request, provider_for, request_pending,
-};
+use crate::controller::obtain::{AUTHORIZATION_REQUEST_LIFETIME, authorization_request, request_pending};
+use crate::controller::resolve::provider_for;
 use crate::controller::secrets::{Role, desired, grant_secret_name};
 use crate::controller::{Context, Contexts};
-use crate::oauth::authorize::{Response as Answer, binding_of, parse_response, same_state};
+use crate::oauth::authorize::{Response as Answer, binding_of, parse_response, same_state, start_of};
 use crate::oauth::grants::authorization_code::METHOD;
 use crate::oauth::grants::flow_for;
 use crate::policy::grant_state::PendingAuthorization;
@@ -79,12 +78,6 @@ const MAX_BODY: usize = 4096;
 
 /// The longest request target (path and query) served: a provider's code and state fit easily.
 const MAX_TARGET: usize = 8192;
-
-/// Random bytes in a start token (256 bits).
-const START_BYTES: u32 = 32;
-
-/// The shortest start token accepted from a status (128 bits, base64url).
-const MIN_START_LEN: usize = 22;
 
 /// The cookie binding a request to the browser that started it: `mailoauth_<binding key>`, one
 /// per binding, so that two mailboxes can be authorized side by side.
@@ -245,25 +238,6 @@ impl tokio::io::AsyncWrite for Connection {
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
     }
-}
-
-/// The start link of a binding: `<base>/authorize/<ns>/<name>?start=<token>`, keeping the token
-/// of `current` (the link the status shows) when it is such a link for this binding, else with a
-/// new token from the operating system's random source.
-pub fn start_link(base: &str, namespace: &str, name: &str, current: Option<&str>) -> String {
-    let link = format!("{base}/authorize/{namespace}/{name}");
-    let start = current
-        .and_then(|url| start_of(url, &link))
-        .map_or_else(|| oauth2::CsrfToken::new_random_len(START_BYTES).secret().clone(), str::to_owned);
-    format!("{link}?start={start}")
-}
-
-/// The start token of `url` when it is `<link>?start=<token>` with a well-formed token.
-fn start_of<'a>(url: &'a str, link: &str) -> Option<&'a str> {
-    let token = url.strip_prefix(link)?.strip_prefix("?start=")?;
-    let well_formed = (MIN_START_LEN..=128).contains(&token.len())
-        && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    well_formed.then_some(token)
 }
 
 /// The binding and the context that serves it.
@@ -958,6 +932,7 @@ mod tests {
 
     #[test]
     fn a_start_link_keeps_its_token_while_shown_and_gets_a_new_random_one_otherwise() {
+        use crate::oauth::authorize::start_link;
         let fresh = start_link(BASE, NS, "web", None);
         let token = fresh.strip_prefix(&format!("{BASE}/authorize/{NS}/web?start=")).unwrap_or_default();
         assert_eq!(token.len(), 43, "256 bits, base64url: {fresh}");

@@ -16,7 +16,8 @@ use secrecy::SecretString;
 use tracing::{info, warn};
 
 use super::Context;
-use super::binding::{client_of, provider_for};
+use super::obtain::admit;
+use super::resolve::{client_of, provider_for};
 use super::secrets::grant_secret_name;
 use crate::api::{MailboxBinding, ProviderKind};
 use crate::error::{Error, Result};
@@ -156,8 +157,7 @@ async fn revoke(ctx: &Context, binding: &MailboxBinding) -> std::result::Result<
     // In the namespace's lane, like a token request: a hanging revocation endpoint holds only it.
     let key = format!("{ns}/{}", binding.name_any());
     let deadline = crate::policy::time::plus(ctx.now(), chrono::Duration::hours(1));
-    let _lane =
-        super::binding::admit(ctx, &ns, &key, &who, deadline).await.map_err(|e| Refusal::Retry(e.to_string()))?;
+    let _lane = admit(ctx, &ns, &key, &who, deadline).await.map_err(|e| Refusal::Retry(e.to_string()))?;
     ctx.tokens
         .revoke(&request)
         .await

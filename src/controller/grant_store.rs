@@ -1,0 +1,228 @@
+//! The grant-state Secret: read, decode, write. A new grant state is kept in memory before its
+//! write, written with the version read as a precondition ([`super::Fence`]), and flushed at
+//! shutdown when a write failed.
+
+use std::collections::BTreeMap;
+use std::time::Duration as StdDuration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use secrecy::{ExposeSecret, SecretString};
+use tracing::{debug, info, warn};
+
+use super::secrets::{Role, desired, grant_secret_name};
+use super::{Context, Pending};
+use crate::api::{FIELD_MANAGER, MailboxBinding};
+use crate::error::{Error, Result};
+use crate::policy::grant_state::{Fenced, GrantState, PendingAuthorization, after_conflict};
+
+/// Writes of a grant state tried in one reconcile before it is kept in memory for the next.
+const GRANT_WRITE_ATTEMPTS: u64 = 3;
+
+pub(crate) async fn get_secret(api: &Api<Secret>, ns: &str, name: &str) -> Result<Option<Secret>> {
+    debug!(namespace = %ns, secret = %name, "reading Secret");
+    api.get_opt(name).await.map_err(|source| Error::ReadSecret {
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+        source,
+    })
+}
+
+/// Writes a published or grant-state Secret, so that the watch event of this write triggers no
+/// reconcile.
+pub(crate) async fn apply_owned(ctx: &Context, api: &Api<Secret>, secret: &Secret) -> Result<Secret, kube::Error> {
+    let ns = secret.metadata.namespace.clone().unwrap_or_default();
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    ctx.own_writes.begin(&ns, &name);
+    let result = apply_secret(api, secret).await;
+    match &result {
+        Ok(written) => ctx.own_writes.record(written),
+        Err(_) => ctx.own_writes.abandon(&ns, &name),
+    }
+    result
+}
+
+async fn apply_secret(api: &Api<Secret>, secret: &Secret) -> Result<Secret, kube::Error> {
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let mut body = serde_json::to_value(secret).map_err(kube::Error::SerdeError)?;
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("apiVersion".into(), "v1".into());
+        obj.insert("kind".into(), "Secret".into());
+    }
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body)).await
+}
+
+/// Writes the grant state (always new after a token request). It is kept in memory *before* the
+/// write, so that neither a failed write nor a cancelled reconcile loses it: written before
+/// anything else on the next reconcile, and flushed at shutdown. The write is conditioned on the
+/// version read ([`super::Fence`]): a deposed leader's late result never overwrites a newer grant.
+pub(crate) async fn persist_grant(
+    ctx: &Context,
+    api: &Api<Secret>,
+    binding: &MailboxBinding,
+    state: GrantState,
+    fence: &mut super::Fence,
+) -> Result<()> {
+    let ns = binding.namespace().unwrap_or_default();
+    let binding_name = binding.name_any();
+    let name = grant_secret_name(&binding_name);
+    let mut want = desired(binding, &name, Role::Grant, state.encode());
+    ctx.keep_pending(&ns, &binding_name, Pending { state: state.clone(), secret: want.clone(), fence: fence.clone() });
+    let mut attempt = 0_u64;
+    let source = loop {
+        want.metadata.resource_version = fence.version.clone();
+        match apply_owned(ctx, api, &want).await {
+            Ok(written) => {
+                fence.version = written.resource_version();
+                fence.basis = state.refresh_token.clone();
+                ctx.take_pending(&ns, &binding_name);
+                return Ok(());
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                let current = get_secret(api, &ns, &name).await?;
+                match after_conflict(
+                    current.as_ref().and_then(decode_grant).as_ref(),
+                    current.as_ref().and_then(decode_pending).is_some(),
+                    fence.basis.as_ref().map(ExposeSecret::expose_secret),
+                    &state,
+                ) {
+                    Fenced::Written => {
+                        fence.version = current.and_then(|s| s.resource_version());
+                        fence.basis = state.refresh_token.clone();
+                        ctx.take_pending(&ns, &binding_name);
+                        return Ok(());
+                    }
+                    Fenced::Stale => {
+                        warn!("the grant state was replaced by a newer one since it was read; this result is dropped");
+                        ctx.take_pending(&ns, &binding_name);
+                        return Err(Error::StaleGrantState { namespace: ns, name });
+                    }
+                    Fenced::Retry => fence.version = current.and_then(|s| s.resource_version()),
+                }
+            }
+            Err(e) => {
+                warn!(attempt, error = %e, "writing grant state failed");
+                attempt = attempt.saturating_add(1);
+                if attempt >= GRANT_WRITE_ATTEMPTS {
+                    break e;
+                }
+                tokio::time::sleep(StdDuration::from_millis(attempt.saturating_mul(250))).await;
+                continue;
+            }
+        }
+        attempt = attempt.saturating_add(1);
+        if attempt >= GRANT_WRITE_ATTEMPTS {
+            return Err(Error::StaleGrantState { namespace: ns, name });
+        }
+    };
+    ctx.keep_pending(&ns, &binding_name, Pending { state, secret: want, fence: fence.clone() });
+    Err(Error::WriteGrantState { namespace: ns, name, source })
+}
+
+/// Writes every grant state still waiting, retrying until `deadline`; called at shutdown so that
+/// a rotated refresh token outlives the process. Returns how many could not be written. A write
+/// that meets a newer grant (409, and the Secret holds another grant than the one it started
+/// from) is dropped, as in [`persist_grant`].
+pub async fn flush_pending(
+    client: &kube::Client,
+    pending: &super::PendingGrants,
+    deadline: tokio::time::Instant,
+) -> usize {
+    let waiting: Vec<((String, String), Pending)> = pending.lock().map(|mut p| p.drain().collect()).unwrap_or_default();
+    let mut lost = 0_usize;
+    for ((ns, binding), p) in waiting {
+        let api: Api<Secret> = Api::namespaced(client.clone(), &ns);
+        let mut wait = StdDuration::from_millis(200);
+        let mut secret = p.secret.clone();
+        secret.metadata.resource_version = p.fence.version.clone();
+        loop {
+            let result = apply_secret(&api, &secret).await;
+            let retry = match result {
+                Ok(_) => {
+                    info!(%binding, namespace = %ns, "grant state written at shutdown");
+                    break;
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    let name = secret.metadata.name.clone().unwrap_or_default();
+                    let current = api.get_opt(&name).await.ok().flatten();
+                    let basis = p.fence.basis.as_ref().map(ExposeSecret::expose_secret);
+                    let pending_now = current.as_ref().and_then(decode_pending).is_some();
+                    match after_conflict(current.as_ref().and_then(decode_grant).as_ref(), pending_now, basis, &p.state)
+                    {
+                        Fenced::Written => break,
+                        Fenced::Stale => {
+                            warn!(%binding, namespace = %ns, "a newer grant state was stored meanwhile; this one is dropped");
+                            break;
+                        }
+                        Fenced::Retry => {
+                            secret.metadata.resource_version = current.and_then(|s| s.resource_version());
+                            "the grant state changed since it was read".to_owned()
+                        }
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now().checked_add(wait).is_some_and(|t| t < deadline) {
+                warn!(%binding, namespace = %ns, error = %retry, "writing grant state at shutdown failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = std::cmp::min(wait.saturating_mul(2), StdDuration::from_secs(2));
+            } else {
+                tracing::error!(%binding, namespace = %ns, error = %retry, "grant state could not be written before shutdown");
+                lost = lost.saturating_add(1);
+                break;
+            }
+        }
+    }
+    lost
+}
+
+fn secret_bytes(secret: &Secret) -> Option<BTreeMap<String, Vec<u8>>> {
+    secret.data.as_ref().map(|d| d.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect())
+}
+
+/// The grant state a Secret holds, if it holds one.
+pub(crate) fn decode_grant(secret: &Secret) -> Option<GrantState> {
+    secret_bytes(secret).and_then(|d| GrantState::decode(&d))
+}
+
+/// The authorization in progress a grant-state Secret holds, if any.
+pub(crate) fn decode_pending(secret: &Secret) -> Option<PendingAuthorization> {
+    secret_bytes(secret).and_then(|d| PendingAuthorization::decode(&d))
+}
+
+/// Writes an authorization in progress as the whole grant state: a new authorization replaces
+/// whatever grant was stored (a person asked for it, or there was none). Losing this write loses
+/// no token: the next reconcile starts a new authorization.
+pub async fn persist_pending(
+    api: &Api<Secret>,
+    binding: &MailboxBinding,
+    pending: &PendingAuthorization,
+) -> Result<()> {
+    persist_pending_data(api, binding, pending.encode(), &mut super::Fence::default(), None).await
+}
+
+/// Writes `data` as the whole grant-state Secret's content.
+/// Conditioned on the version read: a Secret changed meanwhile (a newer grant, the listener's
+/// write) is not overwritten; the reconcile starts again from it.
+pub(crate) async fn persist_pending_data(
+    api: &Api<Secret>,
+    binding: &MailboxBinding,
+    data: BTreeMap<String, String>,
+    fence: &mut super::Fence,
+    basis: Option<SecretString>,
+) -> Result<()> {
+    let name = grant_secret_name(&binding.name_any());
+    let namespace = binding.namespace().unwrap_or_default();
+    let mut want = desired(binding, &name, Role::Grant, data);
+    want.metadata.resource_version = fence.version.clone();
+    match apply_secret(api, &want).await {
+        Ok(written) => {
+            fence.version = written.resource_version();
+            fence.basis = basis;
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::StaleGrantState { namespace, name }),
+        Err(source) => Err(Error::WriteGrantState { namespace, name, source }),
+    }
+}
