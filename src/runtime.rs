@@ -218,7 +218,9 @@ impl Runtime {
     /// The admin server and the authorization listener, each if asked for.
     fn servers(&self) -> BoxFuture<'static, crate::Result<()>> {
         let admin = self.admin.map(|address| {
-            let registry = crate::metrics::registry(
+            let mut registry = crate::metrics::registry(&self.settings.metrics);
+            controller::observe::register(
+                &mut registry,
                 &self.settings.metrics,
                 Arc::clone(&self.settings.contexts),
                 Arc::clone(&self.settings.limits),

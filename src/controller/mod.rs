@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod grant_store;
 pub mod leader;
 pub mod limits;
+pub mod observe;
 pub mod obtain;
 pub mod provider;
 pub mod resolve;

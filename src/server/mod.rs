@@ -74,8 +74,7 @@ mod tests {
     async fn get_status(ready: bool, path: &str) -> StatusCode {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let limits = Arc::new(crate::controller::limits::RateLimits::new(1.0));
-        let registry = crate::metrics::registry(&Arc::default(), crate::controller::Contexts::default(), limits);
+        let registry = crate::metrics::registry(&crate::metrics::Metrics::default());
         let app = router(Admin { ready: Arc::new(AtomicBool::new(ready)), registry: Arc::new(registry) });
         tokio::spawn(async move { axum::serve(listener, app).await });
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap_or_else(|e| panic!("{e}"));
