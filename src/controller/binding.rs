@@ -13,19 +13,21 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::Context;
+use super::resolve::ProviderUse;
 use super::secrets::{Role, binding_label, desired, grant_secret_name, up_to_date};
+use super::{Context, Fence};
 use crate::api::common::find_condition;
 use crate::api::{AUTHORIZATION_RESPONSE_ANNOTATION, ConditionStatus, MailboxBinding, MailboxBindingStatus};
 use crate::error::{Error, Result};
 use crate::oauth::authorize::{Response, parse_response};
 use crate::oauth::exchange::Requester;
-use crate::oauth::grants::flow_for;
+use crate::oauth::grants::{Flow, flow_for};
 use crate::policy::Reason;
 use crate::policy::binding::{
-    Decision, Inputs, Outcome, ProviderState, conditions, decide, grant_matches, next_status, reauthorize_requested,
-    requeue_after,
+    Decision, Inputs, Outcome, ProviderState, Why, conditions, decide, grant_matches, needs_issuer, next_status,
+    reauthorize_requested, redeemable, requeue_after, status_over,
 };
+use crate::policy::classify::Failure;
 use crate::policy::grant_state::{GrantState, PendingAuthorization, spent_request_data};
 use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict, from_predecessor};
 use crate::policy::publish::published_data;
@@ -34,266 +36,394 @@ use super::grant_store::{apply_owned, decode_grant, decode_pending, get_secret, 
 use super::obtain::{Known, Obtained, obtain};
 use super::resolve::provider_for;
 
-/// Reconciles one binding.
+/// Reconciles one binding, in stages: what needs no decision first, then everything the decision
+/// needs read once, the decision (pure), the provider call with the grant state written before
+/// anything else, and the writes of what the result says (published Secret, status, Events).
 pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Result<Action> {
+    if let Some(done) = preflight(&ctx, &binding).await? {
+        return Ok(done);
+    }
+    // A grant state whose write failed before is written before anything else happens; that
+    // write completes the earlier token request, so nothing is requested in this reconcile.
+    let flushed = flush_kept(&ctx, &binding).await?;
+    let mut seen = gather(&ctx, &binding).await?;
+    settle(&ctx, &binding, &mut seen).await?;
+    let now = ctx.now();
+    let decision = decide(seen.inputs(now, &binding));
+    let acted = act(&ctx, &binding, &mut seen, &decision, flushed, now).await?;
+    let (status, failure, next_poll) = write(&ctx, &binding, &seen, acted, now).await?;
+    let requeue = requeue_after(now, &decision, &status, failure.as_ref(), next_poll);
+    Ok(requeue.and_then(|d| d.to_std().ok()).map_or_else(Action::await_change, Action::requeue))
+}
+
+/// What ends a reconcile before anything is read: another replica leads (a grant state this one
+/// could not write while it led is still written: it may hold the only copy of a rotated refresh
+/// token); the cached copy is older than this process's own last status write (acting on it
+/// could repeat what that write recorded; the cache catches up within milliseconds); the binding
+/// is being deleted ([`super::cleanup`]), which also keeps the finalizer in line with the spec.
+async fn preflight(ctx: &Context, binding: &MailboxBinding) -> Result<Option<Action>> {
     let name = binding.name_any();
     let ns =
         binding.namespace().ok_or_else(|| Error::MissingNamespace { kind: "MailboxBinding", name: name.clone() })?;
-    // Another replica leads: it does everything. A grant state this replica could not write while
-    // it led is still written (it may hold the only copy of a rotated refresh token).
     if !ctx.leader.is_leader() {
-        if let Some(mut pending) = ctx.take_pending(&ns, &name) {
-            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-            persist_grant(&ctx, &secrets, &binding, pending.state, &mut pending.fence).await?;
-        }
-        return Ok(Action::await_change());
+        flush_kept(ctx, binding).await?;
+        return Ok(Some(Action::await_change()));
     }
-    // A copy from before this process's own last status write (the cache lags by milliseconds):
-    // acting on it could repeat what that write recorded (a requested refresh). Soon the cache
-    // has caught up.
     if ctx.behind_own_write(&ns, &name, binding.resource_version().as_deref()) {
         debug!("the cache has not caught up with the last status write; waiting");
-        return Ok(Action::requeue(StdDuration::from_millis(200)));
+        return Ok(Some(Action::requeue(StdDuration::from_millis(200))));
     }
-    // revokeOnDelete's finalizer, and a deletion: nothing else is done for a deleted binding.
-    if let Some(action) = super::cleanup::handle(&ctx, &binding).await? {
-        return Ok(action);
-    }
-    let now = ctx.now();
+    super::cleanup::handle(ctx, binding).await
+}
+
+/// Writes the grant state kept in memory after a failed write, if any; whether there was one.
+async fn flush_kept(ctx: &Context, binding: &MailboxBinding) -> Result<bool> {
+    let ns = binding.namespace().unwrap_or_default();
+    let Some(mut kept) = ctx.take_pending(&ns, &binding.name_any()) else { return Ok(false) };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let grant_name = grant_secret_name(&name);
+    persist_grant(ctx, &secrets, binding, kept.state, &mut kept.fence).await?;
+    Ok(true)
+}
 
-    // A grant state whose write failed before is written before anything else happens; that
-    // write completes the earlier token request, so nothing is requested in this reconcile.
-    let flushed = match ctx.take_pending(&ns, &name) {
-        Some(mut pending) => {
-            persist_grant(&ctx, &secrets, &binding, pending.state.clone(), &mut pending.fence).await?;
-            true
+/// Everything the decision needs, read once.
+struct Seen {
+    /// The binding's grant as the spec says it now; `None`: not supported by this version.
+    flow: Option<Box<dyn Flow>>,
+    /// The provider as the decision sees it.
+    provider: ProviderState,
+    /// What a usable provider offers.
+    usable: Option<ProviderUse>,
+    /// The published Secret as read.
+    published: Option<Secret>,
+    /// Why the binding may not write its Secrets, if so.
+    conflict: Option<String>,
+    /// The stored grant state (none when the Secrets conflict).
+    grant: Option<GrantState>,
+    /// The authorization in progress as stored.
+    stored_pending: Option<PendingAuthorization>,
+    /// What grant-state writes are conditioned on.
+    fence: Fence,
+    /// The grant state is an earlier binding's of this name, to be made this one's.
+    adopted: bool,
+}
+
+impl Seen {
+    /// The stored grant the binding's grant produced (as the spec says it now): the one the
+    /// decisions use; any valid token stays published either way.
+    fn owned(&self) -> Option<&GrantState> {
+        self.grant.as_ref().filter(|g| self.flow.as_ref().is_some_and(|f| f.owns(g)))
+    }
+
+    fn inputs<'a>(&'a self, now: DateTime<Utc>, binding: &'a MailboxBinding) -> Inputs<'a> {
+        Inputs {
+            now,
+            binding,
+            provider: &self.provider,
+            grant: self.owned(),
+            stored: self.grant.as_ref(),
+            secret_conflict: self.conflict.as_deref(),
+            supported: self.flow.is_some(),
         }
-        None => false,
-    };
+    }
+}
 
+/// Reads the provider (from the caches), both Secrets (at once: one round trip of latency), and
+/// judges whether the binding may write them.
+async fn gather(ctx: &Context, binding: &MailboxBinding) -> Result<Seen> {
+    let name = binding.name_any();
+    let ns = binding.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let flow = flow_for(&binding.spec.grant);
-    let (provider, usable) = provider_for(&binding, flow.as_deref(), &ctx).await?;
-    // Both Secrets at once: one round trip of latency, not two.
+    let (provider, usable) = provider_for(binding, flow.as_deref(), ctx).await?;
     let (grant_secret, published) = futures::future::try_join(
-        get_secret(&secrets, &ns, &grant_name),
+        get_secret(&secrets, &ns, &grant_secret_name(&name)),
         get_secret(&secrets, &ns, &binding.spec.secret_name),
     )
     .await?;
-    let conflict = secret_conflict(&binding, &provider, grant_secret.as_ref(), published.as_ref(), &ctx);
-    let mut grant = grant_secret.as_ref().filter(|_| conflict.is_none()).and_then(decode_grant);
-    let stored_pending = grant_secret.as_ref().filter(|_| conflict.is_none()).and_then(decode_pending);
-    // Every grant-state write below is conditioned on the version read here (see `Fence`).
-    let mut fence = super::Fence {
-        version: grant_secret.as_ref().and_then(|s| s.resource_version()),
-        basis: grant.as_ref().and_then(|g| g.refresh_token.clone()),
-    };
-    // A grant state adopted from an earlier binding of this name is made this binding's own
-    // (owner reference), so that garbage collection keeps it and later writes are ours.
+    let conflict = secret_conflict(binding, &provider, grant_secret.as_ref(), published.as_ref(), ctx);
+    let ours = grant_secret.as_ref().filter(|_| conflict.is_none());
+    let grant = ours.and_then(decode_grant);
     let uid = binding.uid().unwrap_or_default();
-    let adopted =
-        grant_secret.as_ref().is_some_and(|s| from_predecessor(&uid, &name, &binding_label(&name), &s.metadata));
-    if let (true, None, Some(state)) = (adopted, conflict.as_ref(), grant.as_ref()) {
-        info!("adopting the grant state of an earlier binding of this name");
-        persist_grant(&ctx, &secrets, &binding, state.clone(), &mut fence).await?;
-    }
+    Ok(Seen {
+        adopted: ours.is_some_and(|s| from_predecessor(&uid, &name, &binding_label(&name), &s.metadata)),
+        stored_pending: ours.and_then(decode_pending),
+        // Every grant-state write is conditioned on the version read here (see `Fence`).
+        fence: Fence {
+            version: grant_secret.as_ref().and_then(|s| s.resource_version()),
+            basis: grant.as_ref().and_then(|g| g.refresh_token.clone()),
+        },
+        grant,
+        flow,
+        provider,
+        usable,
+        published,
+        conflict,
+    })
+}
 
-    // A grant stored before issuers were recorded is bound now, to the provider it matches (by
-    // name and client id) as it is at this first look: written only, nothing is sent. From here
-    // on an edit of that provider's endpoints finds the grant bound.
-    if let (None, Some(g), Some(u)) = (conflict.as_ref(), grant.as_ref(), usable.as_ref())
-        && g.issuer.is_none()
-        && (g.refresh_token.is_some() || g.previous_refresh_token.is_some())
-        && grant_matches(&u.key, &u.spec.client_id, u.endpoints.token.as_deref(), g)
+/// Grant-state writes that come before any decision, and send nothing: a grant state adopted from
+/// an earlier binding of this name is made this binding's own (owner reference: garbage
+/// collection keeps it and later writes are ours); a grant stored before issuers were recorded is
+/// bound to the provider it matches (by name and client id) as it is at this first look, so that
+/// an edit of that provider's endpoints from here on finds the grant bound.
+async fn settle(ctx: &Context, binding: &MailboxBinding, seen: &mut Seen) -> Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &binding.namespace().unwrap_or_default());
+    if let (true, Some(state)) = (seen.adopted, seen.grant.clone()) {
+        info!("adopting the grant state of an earlier binding of this name");
+        persist_grant(ctx, &secrets, binding, state, &mut seen.fence).await?;
+    }
+    if let (Some(g), Some(u)) = (seen.grant.as_ref(), seen.usable.as_ref())
+        && needs_issuer(g, &u.key, &u.spec.client_id, u.endpoints.token.as_deref())
     {
-        let who = Requester {
-            provider_key: &u.key,
-            provider: &u.spec,
-            endpoints: &u.endpoints,
-            scopes: &u.scopes,
-            mailbox: &binding.spec.mailbox,
-        };
+        let who = requester(binding, u);
         let bound = GrantState { issuer: crate::oauth::exchange::issuer_of(&who), ..g.clone() };
         info!("recording the issuer of a grant stored before issuers were recorded");
-        persist_grant(&ctx, &secrets, &binding, bound.clone(), &mut fence).await?;
-        grant = Some(bound);
+        persist_grant(ctx, &secrets, binding, bound.clone(), &mut seen.fence).await?;
+        seen.grant = Some(bound);
     }
+    Ok(())
+}
 
-    // Only a grant state the binding's grant produced (as the spec says it now) is used for
-    // decisions; any valid token stays published either way.
-    let owned = grant.as_ref().filter(|g| flow.as_ref().is_some_and(|f| f.owns(g)));
-    let decision = decide(Inputs {
-        now,
-        binding: &binding,
-        provider: &provider,
-        grant: owned,
-        stored: grant.as_ref(),
-        secret_conflict: conflict.as_deref(),
-        supported: flow.is_some(),
-    });
-    let mut failure = None;
-    let mut next_poll = None;
-    let mut forget_pasted = false;
-    let mut outcome = match (&decision, &usable, flow.as_deref()) {
+/// Who a request is sent for: the binding at its usable provider.
+fn requester<'a>(binding: &'a MailboxBinding, usable: &'a ProviderUse) -> Requester<'a> {
+    Requester {
+        provider_key: &usable.key,
+        provider: &usable.spec,
+        endpoints: &usable.endpoints,
+        scopes: &usable.scopes,
+        mailbox: &binding.spec.mailbox,
+    }
+}
+
+/// What the action came to, for the writes after it.
+struct Acted {
+    outcome: Outcome,
+    failure: Option<Failure>,
+    next_poll: Option<DateTime<Utc>>,
+    /// A pasted authorization response was read: it is removed (after what it brought is stored).
+    forget_pasted: bool,
+}
+
+/// Carries out the decision: asks the provider when the decision says so, and stores what must
+/// be stored before anything else (a new grant state, an authorization in progress, a spent
+/// request). `seen.grant` becomes the grant to publish.
+async fn act(
+    ctx: &Context,
+    binding: &MailboxBinding,
+    seen: &mut Seen,
+    decision: &Decision,
+    flushed: bool,
+    now: DateTime<Utc>,
+) -> Result<Acted> {
+    let mut acted = Acted { outcome: Outcome::Unchanged, failure: None, next_poll: None, forget_pasted: false };
+    let usable = seen.usable.clone();
+    let flow = seen.flow.take();
+    acted.outcome = match (decision, usable, flow.as_deref()) {
         (Decision::Suspended, _, _) => Outcome::Suspended,
         (Decision::Blocked { reason, message }, _, _) => Outcome::Blocked { reason: *reason, message: message.clone() },
         // The flushed state is the token an earlier request obtained: that refresh ends here.
         _ if flushed => Outcome::Refreshed,
         (Decision::Obtain { why }, Some(usable), Some(flow)) => {
-            let reauthorize = reauthorize_requested(&binding).is_some();
-            let client_id = &usable.spec.client_id;
-            let token_url = usable.endpoints.token.as_deref();
-            let usable_grant = owned.filter(|g| !reauthorize && grant_matches(&usable.key, client_id, token_url, g));
-            // A device code or an authorization code is redeemed only where it was issued for.
-            let pending = stored_pending
-                .as_ref()
-                .filter(|p| !reauthorize && p.provider == usable.key && &p.client_id == client_id)
-                .filter(|p| p.token_url.as_deref().is_none_or(|u| Some(u) == token_url))
-                .map(|p| PendingAuthorization { next_poll: ctx.next_poll(&ns, &name, p.next_poll), ..p.clone() });
-            // What a person's browser brought back: a pasted redirect URL, or the callback's code.
-            let pasted = annotation(&binding, AUTHORIZATION_RESPONSE_ANNOTATION);
-            let response = match (pasted, pending.as_ref()) {
-                (Some(text), _) => parse_response(text),
-                (None, Some(p)) => match (&p.code, &p.state) {
-                    (Some(code), Some(state)) => Some(Response::Code { code: code.clone(), state: state.clone() }),
-                    _ => None,
-                },
-                (None, None) => None,
-            };
-            let known = Known { grant: usable_grant, pending: pending.as_ref(), response: response.as_ref() };
-            let obtained = obtain(&ctx, &binding, usable, flow, known, now).await?;
-            failpoint("after-token-response", &name);
-            // Consumed once, then removed (after what it brought is stored): the code in it is
-            // single-use anyway.
-            forget_pasted = pasted.is_some();
-            if response.is_some()
-                && matches!(obtained, Obtained::Failed { .. })
-                && let Some(data) = spent_request_data(grant.as_ref(), stored_pending.as_ref())
-            {
-                // A response is answered once: the request it answered is spent. A stored grant is
-                // kept whatever the response was (a stray or replayed one answers nothing).
-                let kept = grant.as_ref().and_then(|g| g.refresh_token.clone());
-                persist_pending_data(&secrets, &binding, data, &mut fence, kept).await?;
-            }
-            match obtained {
-                Obtained::Awaiting(p) if !p.persistent() => {
-                    next_poll = Some(p.next_poll);
-                    Outcome::Awaiting(p)
-                }
-                Obtained::Awaiting(p) => {
-                    if !stored_pending.as_ref().is_some_and(|s| s.same_stored(&p)) {
-                        let started = stored_pending.as_ref().is_none_or(|s| s.device_code_differs(&p));
-                        persist_pending_data(&secrets, &binding, p.encode(), &mut fence, None).await?;
-                        if started {
-                            info!(method = %p.method, "waiting for a person to authorize");
-                            // A new authorization replaces whatever grant was stored.
-                            grant = None;
-                        }
-                    }
-                    ctx.set_next_poll(&ns, &name, p.next_poll);
-                    next_poll = Some(p.next_poll);
-                    Outcome::Awaiting(p)
-                }
-                Obtained::Token(state) => {
-                    info!(why = ?why, expires_at = %state.expires_at, "token obtained");
-                    ctx.forget_poll(&ns, &name);
-                    persist_grant(&ctx, &secrets, &binding, state.clone(), &mut fence).await?;
-                    failpoint("after-grant-write", &name);
-                    grant = Some(state);
-                    Outcome::Refreshed
-                }
-                Obtained::Failed { failure: f, rescued } => {
-                    warn!(reason = %f.reason, message = %f.message, "token request failed");
-                    if let Some(state) = rescued {
-                        warn!("the failed response carried a refresh token; storing it");
-                        persist_grant(&ctx, &secrets, &binding, state.clone(), &mut fence).await?;
-                        grant = Some(state);
-                    }
-                    failure = Some(f.clone());
-                    Outcome::Failed(f)
-                }
-            }
+            obtain_and_store(ctx, binding, seen, (&usable, flow, *why), &mut acted, now).await?
         }
         _ => Outcome::Unchanged,
     };
-    if forget_pasted {
-        forget_pasted_response(&ctx, &binding).await;
-    }
+    seen.flow = flow;
+    Ok(acted)
+}
 
-    if !matches!(outcome, Outcome::Suspended | Outcome::Blocked { .. })
-        && let (Some(g), Some(usable)) = (grant.as_ref().filter(|g| g.expires_at > now), usable.as_ref())
+/// The grant's next step at the provider, and what its answer makes stored.
+async fn obtain_and_store(
+    ctx: &Context,
+    binding: &MailboxBinding,
+    seen: &mut Seen,
+    (usable, flow, why): (&ProviderUse, &dyn Flow, Why),
+    acted: &mut Acted,
+    now: DateTime<Utc>,
+) -> Result<Outcome> {
+    let name = binding.name_any();
+    let ns = binding.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let reauthorize = reauthorize_requested(binding).is_some();
+    let token_url = usable.endpoints.token.as_deref();
+    let usable_grant = seen
+        .grant
+        .as_ref()
+        .filter(|g| flow.owns(g))
+        .filter(|g| !reauthorize && grant_matches(&usable.key, &usable.spec.client_id, token_url, g));
+    // A device code or an authorization code is redeemed only where it was issued for.
+    let pending = redeemable(seen.stored_pending.as_ref(), reauthorize, &usable.key, &usable.spec.client_id, token_url)
+        .map(|p| PendingAuthorization { next_poll: ctx.next_poll(&ns, &name, p.next_poll), ..p.clone() });
+    // What a person's browser brought back: a pasted redirect URL, or the callback's code.
+    let pasted = annotation(binding, AUTHORIZATION_RESPONSE_ANNOTATION);
+    let response = browser_response(pasted, pending.as_ref());
+    let known = Known { grant: usable_grant, pending: pending.as_ref(), response: response.as_ref() };
+    let obtained = obtain(ctx, binding, usable, flow, known, now).await?;
+    failpoint("after-token-response", &name);
+    // Consumed once, then removed (after what it brought is stored): the code in it is single-use
+    // anyway.
+    acted.forget_pasted = pasted.is_some();
+    if response.is_some()
+        && matches!(obtained, Obtained::Failed { .. })
+        && let Some(data) = spent_request_data(seen.grant.as_ref(), seen.stored_pending.as_ref())
     {
-        match published_data(
-            &binding.spec.mailbox,
-            g,
-            &binding.spec.protocols,
-            &usable.servers,
-            binding.spec.secret_template.as_ref(),
-        ) {
-            Ok(data) => {
-                let want = desired(&binding, &binding.spec.secret_name, Role::Published, data);
-                if !published.as_ref().is_some_and(|p| up_to_date(p, &want)) {
-                    match apply_owned(&ctx, &secrets, &want).await {
-                        Ok(_) => {
-                            info!(secret = %binding.spec.secret_name, "published Secret written");
-                            failpoint("after-publish", &name);
-                        }
-                        // The apiserver refuses what it will always refuse: say so in status
-                        // instead of retrying the same write.
-                        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
-                            let shown: String = e.message.chars().take(300).collect();
-                            outcome = Outcome::Blocked {
-                                reason: Reason::InvalidSpec,
-                                message: Reason::InvalidSpec.message(format!(
-                                    "the apiserver refused the published Secret {}: {shown}",
-                                    binding.spec.secret_name
-                                )),
-                            };
-                        }
-                        Err(source) => {
-                            return Err(Error::WritePublishedSecret {
-                                namespace: ns.clone(),
-                                name: binding.spec.secret_name.clone(),
-                                source,
-                            });
-                        }
-                    }
+        // A response is answered once: the request it answered is spent. A stored grant is kept
+        // whatever the response was (a stray or replayed one answers nothing).
+        let kept = seen.grant.as_ref().and_then(|g| g.refresh_token.clone());
+        persist_pending_data(&secrets, binding, data, &mut seen.fence, kept).await?;
+    }
+    Ok(match obtained {
+        Obtained::Awaiting(p) if !p.persistent() => {
+            acted.next_poll = Some(p.next_poll);
+            Outcome::Awaiting(p)
+        }
+        Obtained::Awaiting(p) => {
+            let stored = seen.stored_pending.as_ref();
+            if !stored.is_some_and(|s| s.same_stored(&p)) {
+                let started = stored.is_none_or(|s| s.device_code_differs(&p));
+                persist_pending_data(&secrets, binding, p.encode(), &mut seen.fence, None).await?;
+                if started {
+                    info!(method = %p.method, "waiting for a person to authorize");
+                    // A new authorization replaces whatever grant was stored.
+                    seen.grant = None;
                 }
             }
-            Err(e) => outcome = Outcome::Blocked { reason: Reason::InvalidSpec, message: e.to_string() },
+            ctx.set_next_poll(&ns, &name, p.next_poll);
+            acted.next_poll = Some(p.next_poll);
+            Outcome::Awaiting(p)
         }
-    }
+        Obtained::Token(state) => {
+            info!(why = ?why, expires_at = %state.expires_at, "token obtained");
+            ctx.forget_poll(&ns, &name);
+            persist_grant(ctx, &secrets, binding, state.clone(), &mut seen.fence).await?;
+            failpoint("after-grant-write", &name);
+            seen.grant = Some(state);
+            Outcome::Refreshed
+        }
+        Obtained::Failed { failure, rescued } => {
+            warn!(reason = %failure.reason, message = %failure.message, "token request failed");
+            if let Some(state) = rescued {
+                warn!("the failed response carried a refresh token; storing it");
+                persist_grant(ctx, &secrets, binding, state.clone(), &mut seen.fence).await?;
+                seen.grant = Some(state);
+            }
+            acted.failure = Some(failure.clone());
+            Outcome::Failed(failure)
+        }
+    })
+}
 
-    let mut status = next_status(now, &binding, grant.as_ref(), &outcome);
-    if binding.status.as_ref() != Some(&status) {
-        match patch_status(&ctx, &binding, &status).await {
-            // The cached copy was stale (our own last status write had not reached the cache yet).
-            // A reconcile that did something (a refresh, an annotation acted on) must not lose it
-            // to a retry that sees nothing to do: the status is computed again from the current
-            // object and written once more.
-            Err(e) if e.is_conflict() && !matches!(outcome, Outcome::Unchanged) => {
-                let api: Api<MailboxBinding> = Api::namespaced(ctx.client.clone(), &ns);
-                let fresh = api.get(&name).await.map_err(|source| Error::WriteStatus {
-                    kind: "MailboxBinding",
-                    name: name.clone(),
-                    source,
-                })?;
-                // The annotation values acted on are this reconcile's, not the current object's
-                // (a newer value there has not been acted on yet).
-                let acted = (status.last_refresh_request.clone(), status.last_reauthorize_request.clone());
-                status = next_status(now, &fresh, grant.as_ref(), &outcome);
-                (status.last_refresh_request, status.last_reauthorize_request) = acted;
-                if fresh.status.as_ref() != Some(&status) {
-                    patch_status(&ctx, &fresh, &status).await?;
-                }
-            }
-            other => other?,
-        }
+/// What the browser brought back: a pasted redirect URL first, else the code the callback
+/// listener stored with the request.
+fn browser_response(pasted: Option<&str>, pending: Option<&PendingAuthorization>) -> Option<Response> {
+    match (pasted, pending) {
+        (Some(text), _) => parse_response(text),
+        (None, Some(p)) => match (&p.code, &p.state) {
+            (Some(code), Some(state)) => Some(Response::Code { code: code.clone(), state: state.clone() }),
+            _ => None,
+        },
+        (None, None) => None,
     }
-    announce(&ctx, &binding, &status).await;
-    let requeue = requeue_after(now, &decision, &status, failure.as_ref(), next_poll);
-    Ok(requeue.and_then(|d| d.to_std().ok()).map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Writes what the action's result says: the published Secret (when a valid token is held and
+/// the binding is neither suspended nor blocked), the status, the Events of its transitions.
+/// Returns the status written and what the requeue depends on.
+async fn write(
+    ctx: &Context,
+    binding: &MailboxBinding,
+    seen: &Seen,
+    acted: Acted,
+    now: DateTime<Utc>,
+) -> Result<(MailboxBindingStatus, Option<Failure>, Option<DateTime<Utc>>)> {
+    let Acted { mut outcome, failure, next_poll, forget_pasted } = acted;
+    if forget_pasted {
+        forget_pasted_response(ctx, binding).await;
+    }
+    if !matches!(outcome, Outcome::Suspended | Outcome::Blocked { .. })
+        && let (Some(g), Some(usable)) = (seen.grant.as_ref().filter(|g| g.expires_at > now), seen.usable.as_ref())
+        && let Some(blocked) = publish(ctx, binding, g, usable, seen.published.as_ref()).await?
+    {
+        outcome = blocked;
+    }
+    let status = write_status(ctx, binding, seen.grant.as_ref(), &outcome, now).await?;
+    announce(ctx, binding, &status).await;
+    Ok((status, failure, next_poll))
+}
+
+/// Writes the published Secret unless it is up to date. `Some(outcome)`: the binding is blocked
+/// (the template cannot render, or the apiserver refuses what it will always refuse: said in
+/// status instead of retrying the same write).
+async fn publish(
+    ctx: &Context,
+    binding: &MailboxBinding,
+    grant: &GrantState,
+    usable: &ProviderUse,
+    published: Option<&Secret>,
+) -> Result<Option<Outcome>> {
+    let spec = &binding.spec;
+    let data =
+        match published_data(&spec.mailbox, grant, &spec.protocols, &usable.servers, spec.secret_template.as_ref()) {
+            Ok(data) => data,
+            Err(e) => return Ok(Some(Outcome::Blocked { reason: Reason::InvalidSpec, message: e.to_string() })),
+        };
+    let want = desired(binding, &spec.secret_name, Role::Published, data);
+    if published.is_some_and(|p| up_to_date(p, &want)) {
+        return Ok(None);
+    }
+    let ns = binding.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    match apply_owned(ctx, &secrets, &want).await {
+        Ok(_) => {
+            info!(secret = %spec.secret_name, "published Secret written");
+            failpoint("after-publish", &binding.name_any());
+            Ok(None)
+        }
+        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 400 => {
+            let shown: String = e.message.chars().take(300).collect();
+            Ok(Some(Outcome::Blocked {
+                reason: Reason::InvalidSpec,
+                message: Reason::InvalidSpec
+                    .message(format!("the apiserver refused the published Secret {}: {shown}", spec.secret_name)),
+            }))
+        }
+        Err(source) => Err(Error::WritePublishedSecret { namespace: ns, name: spec.secret_name.clone(), source }),
+    }
+}
+
+/// Writes the status the outcome gives, unless it is unchanged. The cached copy may be stale (our
+/// own last status write had not reached the cache yet): a reconcile that did something (a
+/// refresh, an annotation acted on) must not lose it to a retry that sees nothing to do, so on a
+/// conflict the status is computed again from the current object and written once more.
+async fn write_status(
+    ctx: &Context,
+    binding: &MailboxBinding,
+    grant: Option<&GrantState>,
+    outcome: &Outcome,
+    now: DateTime<Utc>,
+) -> Result<MailboxBindingStatus> {
+    let status = next_status(now, binding, grant, outcome);
+    if binding.status.as_ref() == Some(&status) {
+        return Ok(status);
+    }
+    match patch_status(ctx, binding, &status).await {
+        Err(e) if e.is_conflict() && !matches!(outcome, Outcome::Unchanged) => {
+            let name = binding.name_any();
+            let api: Api<MailboxBinding> =
+                Api::namespaced(ctx.client.clone(), &binding.namespace().unwrap_or_default());
+            let fresh = api.get(&name).await.map_err(|source| Error::WriteStatus {
+                kind: "MailboxBinding",
+                name: name.clone(),
+                source,
+            })?;
+            let again = status_over(now, &fresh, grant, outcome, &status);
+            if fresh.status.as_ref() != Some(&again) {
+                patch_status(ctx, &fresh, &again).await?;
+            }
+            Ok(again)
+        }
+        other => other.map(|()| status),
+    }
 }
 
 /// What to do when a reconcile fails: retry soon; at once after a stale-object conflict.

@@ -581,6 +581,47 @@ pub fn requeue_after(
     Some(std::cmp::max(between(now, next), Duration::seconds(1)))
 }
 
+/// Whether a stored grant was stored before issuers were recorded and is to be bound now to the
+/// provider it matches (by name and client id) as that provider is at this first look: it holds a
+/// refresh token, and no issuer yet.
+pub fn needs_issuer(grant: &GrantState, provider_key: &str, client_id: &str, token_url: Option<&str>) -> bool {
+    grant.issuer.is_none()
+        && (grant.refresh_token.is_some() || grant.previous_refresh_token.is_some())
+        && grant_matches(provider_key, client_id, token_url, grant)
+}
+
+/// The stored authorization in progress that may be redeemed at this provider: none when a new
+/// authorization is asked for, and a device code or an authorization code goes only to the
+/// provider, client and token endpoint it was issued for.
+pub fn redeemable<'a>(
+    stored: Option<&'a PendingAuthorization>,
+    reauthorize: bool,
+    provider_key: &str,
+    client_id: &str,
+    token_url: Option<&str>,
+) -> Option<&'a PendingAuthorization> {
+    stored
+        .filter(|_| !reauthorize)
+        .filter(|p| p.provider == provider_key && p.client_id == client_id)
+        .filter(|p| p.token_url.as_deref().is_none_or(|u| Some(u) == token_url))
+}
+
+/// The status to write over `fresh` (the current object, after a status write from a stale copy
+/// conflicted): computed again from it, but with the annotation values this reconcile acted on
+/// (`acted`'s), not the current object's (a newer value there has not been acted on yet).
+pub fn status_over(
+    now: DateTime<Utc>,
+    fresh: &MailboxBinding,
+    grant: Option<&GrantState>,
+    outcome: &Outcome,
+    acted: &MailboxBindingStatus,
+) -> MailboxBindingStatus {
+    let mut status = next_status(now, fresh, grant, outcome);
+    status.last_refresh_request.clone_from(&acted.last_refresh_request);
+    status.last_reauthorize_request.clone_from(&acted.last_reauthorize_request);
+    status
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
