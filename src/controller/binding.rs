@@ -16,18 +16,18 @@ use tracing::{debug, info, warn};
 use super::resolve::ProviderUse;
 use super::secrets::{Role, binding_label, desired, grant_secret_name, up_to_date};
 use super::{Context, Fence};
-use crate::api::common::find_condition;
-use crate::api::{AUTHORIZATION_RESPONSE_ANNOTATION, ConditionStatus, MailboxBinding, MailboxBindingStatus};
+use crate::api::{AUTHORIZATION_RESPONSE_ANNOTATION, MailboxBinding, MailboxBindingStatus};
 use crate::error::{Error, Result};
 use crate::oauth::authorize::{Response, parse_response};
 use crate::oauth::exchange::Requester;
 use crate::oauth::grants::{Flow, flow_for};
 use crate::policy::Reason;
 use crate::policy::binding::{
-    Decision, Inputs, Outcome, ProviderState, Why, conditions, decide, grant_matches, needs_issuer, next_status,
+    Decision, Inputs, Outcome, ProviderState, Why, decide, grant_matches, needs_issuer, next_status,
     reauthorize_requested, redeemable, requeue_after, status_over,
 };
 use crate::policy::classify::Failure;
+use crate::policy::events::transitions;
 use crate::policy::grant_state::{GrantState, PendingAuthorization, spent_request_data};
 use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict, from_predecessor};
 use crate::policy::publish::published_data;
@@ -479,57 +479,14 @@ async fn patch_status(ctx: &Context, binding: &MailboxBinding, status: &MailboxB
     Ok(())
 }
 
-/// Events that tell a person what changed, once: a Warning when the binding enters a failure it
-/// did not have before, a Normal Event when it first becomes Ready and when it recovers, and a
-/// Normal Event with the code and URL whenever a new authorization waits for a person. Waiting
-/// states (`Pending`, `ProviderPending`, `AwaitingAuthorization`) are no failure and get no Warning.
+/// Publishes the Events of the status change ([`crate::policy::events::transitions`]), each as an
+/// Event of its own: the shared recorder would fold an Event of the same type and reason
+/// published within six minutes into the first one, re-sending its old note (a new device code
+/// would never be shown). Only transitions get here, so nothing needs folding.
 async fn announce(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindingStatus) {
-    let before = binding.status.as_ref();
-    let failing = |s: Option<&MailboxBindingStatus>| {
-        s.into_iter()
-            .flat_map(|s| s.conditions.iter())
-            .filter(|c| c.type_ == conditions::READY || c.type_ == conditions::AUTHORIZED)
-            .filter(|c| c.status == ConditionStatus::False)
-            .filter(|c| {
-                ![Reason::Pending, Reason::ProviderPending, Reason::AwaitingAuthorization]
-                    .iter()
-                    .any(|r| r.as_str() == c.reason)
-            })
-            .map(|c| (c.reason.clone(), c.message.clone()))
-            .collect::<Vec<_>>()
-    };
-    let old = failing(before);
-    // One Normal Event per new code or link a person has to use.
-    let shown =
-        |s: Option<&MailboxBindingStatus>| s.and_then(|s| s.authorization.as_ref()).map(|a| a.user_code.clone());
-    let awaiting = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == conditions::AUTHORIZED && c.reason == Reason::AwaitingAuthorization.as_str())
-        .filter(|_| shown(before) != shown(Some(status)))
-        .map(|c| (EventType::Normal, Reason::AwaitingAuthorization.as_str().to_owned(), c.message.clone()));
-    let mut events: Vec<(EventType, String, String)> = failing(Some(status))
-        .into_iter()
-        .filter(|(reason, _)| !old.iter().any(|(r, _)| r == reason))
-        .map(|(reason, message)| (EventType::Warning, reason, message))
-        .chain(awaiting)
-        .collect();
-    let ready = |s: Option<&MailboxBindingStatus>| {
-        s.and_then(|s| find_condition(&s.conditions, conditions::READY)).filter(|c| c.is_true()).cloned()
-    };
-    if let (None, Some(now_ready)) = (ready(before), ready(Some(status))) {
-        let recovered = !old.is_empty();
-        let note = if recovered { format!("recovered: {}", now_ready.message) } else { now_ready.message.clone() };
-        events.push((EventType::Normal, if recovered { "Recovered".into() } else { "Ready".into() }, note));
-    }
-    // Ready and Authorized often fail for the same reason: one Event per reason.
-    let mut seen = std::collections::BTreeSet::new();
-    events.retain(|(type_, reason, _)| seen.insert((*type_ == EventType::Warning, reason.clone())));
-    for (type_, reason, note) in events {
-        let event = Event { type_, reason, note: Some(note), action: "Reconcile".into(), secondary: None };
-        // Each a new Event: the shared recorder would fold an Event of the same type and reason
-        // published within six minutes into the first one, re-sending its old note (a new device
-        // code would never be shown). Only transitions get here, so nothing needs folding.
+    for e in transitions(binding.status.as_ref(), status) {
+        let type_ = if e.warning { EventType::Warning } else { EventType::Normal };
+        let event = Event { type_, reason: e.reason, note: Some(e.note), action: "Reconcile".into(), secondary: None };
         let recorder = kube::runtime::events::Recorder::new(ctx.client.clone(), ctx.reporter.clone());
         if let Err(e) = recorder.publish(&event, &binding.object_ref(&())).await {
             warn!(error = %e, "publishing event failed");

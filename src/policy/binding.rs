@@ -960,4 +960,70 @@ mod tests {
         let wait = Decision::Wait { until: None };
         assert_eq!(requeue_after(t(100), &wait, &status, None, None), Some(Duration::seconds(3500)));
     }
+
+    fn device_pending(provider: &str, client_id: &str, token_url: Option<&str>) -> PendingAuthorization {
+        PendingAuthorization {
+            method: "deviceCode".into(),
+            device_code: Some("dc".to_owned().into()),
+            user_code: Some("ABCD".into()),
+            verification_uri: None,
+            verification_uri_complete: None,
+            started_at: t(0),
+            expires_at: t(900),
+            interval: Duration::seconds(5),
+            next_poll: t(5),
+            provider: provider.into(),
+            client_id: client_id.into(),
+            scopes: vec!["mail".into()],
+            state: None,
+            code_verifier: None,
+            redirect_uri: None,
+            url: None,
+            code: None,
+            binding_uid: Some("uid-a".into()),
+            generation: Some(1),
+            token_url: token_url.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_pending_code_is_redeemed_only_where_it_was_issued_and_not_when_a_new_one_is_asked_for() {
+        let p = device_pending("MailProvider/idp", "client", Some(TOKEN_URL));
+        let redeem = |p: &PendingAuthorization, again: bool, key: &str, client: &str, url: Option<&str>| {
+            redeemable(Some(p), again, key, client, url).is_some()
+        };
+        assert!(redeem(&p, false, "MailProvider/idp", "client", Some(TOKEN_URL)));
+        assert!(!redeem(&p, true, "MailProvider/idp", "client", Some(TOKEN_URL)), "reauthorization asked for");
+        assert!(!redeem(&p, false, "MailProvider/other", "client", Some(TOKEN_URL)), "another provider");
+        assert!(!redeem(&p, false, "MailProvider/idp", "other", Some(TOKEN_URL)), "another client");
+        assert!(!redeem(&p, false, "MailProvider/idp", "client", Some("https://evil.example/token")), "moved endpoint");
+        let legacy = device_pending("MailProvider/idp", "client", None);
+        assert!(redeem(&legacy, false, "MailProvider/idp", "client", Some(TOKEN_URL)), "stored before endpoints were");
+        assert!(redeemable(None, false, "MailProvider/idp", "client", Some(TOKEN_URL)).is_none());
+    }
+
+    #[test]
+    fn only_a_legacy_grant_holding_a_refresh_token_at_its_own_provider_gets_an_issuer() {
+        let legacy = GrantState { issuer: None, ..grant(0, 3600) };
+        assert!(needs_issuer(&legacy, "MailProvider/idp", "client", Some(TOKEN_URL)));
+        assert!(!needs_issuer(&grant(0, 3600), "MailProvider/idp", "client", Some(TOKEN_URL)), "bound already");
+        assert!(!needs_issuer(&legacy, "MailProvider/other", "client", Some(TOKEN_URL)), "another provider");
+        assert!(!needs_issuer(&legacy, "MailProvider/idp", "other", Some(TOKEN_URL)), "another client");
+        let no_refresh = GrantState { refresh_token: None, previous_refresh_token: None, ..legacy };
+        assert!(!needs_issuer(&no_refresh, "MailProvider/idp", "client", Some(TOKEN_URL)), "nothing to bind");
+    }
+
+    #[test]
+    fn a_status_recomputed_after_a_conflict_keeps_the_annotation_values_acted_on() {
+        let b = import();
+        let g = grant(0, 3600);
+        let mut acted = next_status(t(10), &b, Some(&g), &Outcome::Refreshed);
+        acted.last_refresh_request = Some("acted-on".into());
+        let mut fresh = b.clone();
+        fresh.metadata.annotations =
+            Some([("mailoauth.io/refresh-requested".to_owned(), "newer".to_owned())].into_iter().collect());
+        let again = status_over(t(10), &fresh, Some(&g), &Outcome::Refreshed, &acted);
+        assert_eq!(again.last_refresh_request.as_deref(), Some("acted-on"), "the newer value is not acted on yet");
+        assert_eq!(again.token, acted.token);
+    }
 }

@@ -5,6 +5,7 @@ pub mod binding;
 pub mod classify;
 pub mod condition;
 pub mod duration;
+pub mod events;
 pub mod grant_state;
 pub mod identity;
 pub mod leader;
