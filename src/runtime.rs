@@ -285,7 +285,7 @@ impl Runtime {
             .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
         let referable = self.referable_versions(assembly, scope);
         let own_writes = controller::OwnWrites::default();
-        let owned_secrets = owned_secrets(client, scope, own_writes.clone());
+        let (owned, owned_secrets) = owned_secrets(client, scope, own_writes.clone());
         let by_provider = {
             let store = binding_store.clone();
             move |p: Arc<MailProvider>| referencing(&store, ProviderKind::MailProvider, &p.name_any(), p.namespace())
@@ -323,6 +323,7 @@ impl Runtime {
             polls: Arc::clone(&polls),
             written: Arc::clone(&written),
             own_writes: own_writes.clone(),
+            owned: owned.clone(),
             referable: referable.clone(),
             client_secrets: Arc::clone(&client_secrets),
             authorization: settings.authorization.clone(),
@@ -450,24 +451,35 @@ impl Runtime {
     }
 }
 
-/// The owned Secrets' metadata (by label, no data), as triggers for their bindings. Our own
-/// writes' events are left out (they would only make the binding read its Secrets again to find
+/// The owned Secrets' metadata (by label, no data): kept in `cache` (slimmed: see
+/// [`controller::owned::slim`]), and as triggers for their bindings. Our own writes' events are
+/// left out of the triggers (they would only make the binding look at its Secrets again to find
 /// them as it wrote them), and so is the first list at start (every binding is reconciled from
 /// the bindings' own list then; later relists do trigger: changes may hide in them).
 fn owned_secrets(
     client: &Client,
     scope: Option<&str>,
     own: controller::OwnWrites,
-) -> impl futures::Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static {
+) -> (
+    controller::owned::OwnedSecrets,
+    impl futures::Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static,
+) {
     let api: Api<PartialObjectMeta<Secret>> = scoped(client, scope);
+    let (store, writer) = reflector::store();
+    let synced = Arc::new(AtomicBool::new(false));
+    let cache = controller::owned::OwnedSecrets::new(store, Arc::clone(&synced));
     let mut first_list = true;
-    watcher(api, watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")))
-        .default_backoff()
+    let watch = watcher(api, watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")))
+        .modify(controller::owned::slim)
+        .default_backoff();
+    let stream = reflector::reflector(writer, watch)
         .filter_map(move |event| {
             std::future::ready(match event {
                 Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) => Some(Ok(s)),
                 Ok(watcher::Event::InitApply(s)) => (!first_list).then_some(Ok(s)),
                 Ok(watcher::Event::InitDone) => {
+                    // The store holds the whole list now: absence in it means absence.
+                    synced.store(true, Ordering::Release);
                     first_list = false;
                     None
                 }
@@ -475,7 +487,8 @@ fn owned_secrets(
                 Err(e) => Some(Err(e)),
             })
         })
-        .filter(move |s| std::future::ready(s.as_ref().map_or(true, |m| !own.is_own(&m.metadata))))
+        .filter(move |s| std::future::ready(s.as_ref().map_or(true, |m| !own.is_own(&m.metadata))));
+    (cache, stream)
 }
 
 /// Turns `ready` true once every cache has synced. Polled, not awaited: waiting on every store's

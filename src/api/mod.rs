@@ -40,3 +40,13 @@ pub const ALLOW_REFERENCE_LABEL: &str = "mailoauth.io/allow-reference";
 /// Annotation a person sets to the final redirect URL (or its `code=...&state=...`) of an
 /// authorization code request when the browser cannot reach the operator; consumed once, then removed.
 pub const AUTHORIZATION_RESPONSE_ANNOTATION: &str = "mailoauth.io/authorization-response";
+/// Annotation listing the data keys the operator owns in a published Secret.
+pub const OWNED_KEYS_ANNOTATION: &str = "mailoauth.io/owned-keys";
+/// Annotation on a grant-state Secret: a digest of its data (SHA-256, never the data).
+pub const GRANT_DIGEST_ANNOTATION: &str = "mailoauth.io/grant-digest";
+/// Annotation on a grant-state Secret: a digest of what the grant was obtained for (the binding's
+/// grant, the issuer's provider, client and token endpoint, the requested scopes).
+pub const GRANT_FOR_ANNOTATION: &str = "mailoauth.io/grant-for";
+/// Annotation on a published Secret: a digest of what it was made from (the grant-state digest
+/// and the binding's and provider's publishing inputs).
+pub const SOURCE_ANNOTATION: &str = "mailoauth.io/source";

@@ -2,12 +2,15 @@
 //! provider, the grant state, the Secrets), decide, act (the provider call, the grant state
 //! written first), publish, write status and Events.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
@@ -16,12 +19,16 @@ use tracing::{debug, info, warn};
 use super::resolve::ProviderUse;
 use super::secrets::{Role, binding_label, desired, grant_secret_name, up_to_date};
 use super::{Context, Fence};
-use crate::api::{AUTHORIZATION_RESPONSE_ANNOTATION, MailboxBinding, MailboxBindingStatus};
+use crate::api::{
+    AUTHORIZATION_RESPONSE_ANNOTATION, Grant, MailboxBinding, MailboxBindingStatus, OWNED_KEYS_ANNOTATION, Protocol,
+    SOURCE_ANNOTATION, ServerAddress,
+};
 use crate::error::{Error, Result};
 use crate::oauth::authorize::{Response, parse_response};
 use crate::oauth::exchange::Requester;
 use crate::oauth::grants::{Flow, flow_for};
 use crate::policy::Reason;
+use crate::policy::at_rest::{self, grant_digest, grant_for};
 use crate::policy::binding::{
     Decision, Inputs, Outcome, ProviderState, Why, decide, grant_matches, needs_issuer, next_status,
     reauthorize_requested, redeemable, requeue_after, status_over,
@@ -32,8 +39,12 @@ use crate::policy::grant_state::{GrantState, PendingAuthorization, spent_request
 use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict, from_predecessor};
 use crate::policy::publish::published_data;
 
-use super::grant_store::{apply_owned, decode_grant, decode_pending, get_secret, persist_grant, persist_pending_data};
+use super::grant_store::{
+    apply_owned, create_owned, created_or_foreign, decode_grant, decode_pending, get_secret, persist_grant,
+    persist_pending_data,
+};
 use super::obtain::{Known, Obtained, obtain};
+use super::owned::Cached;
 use super::resolve::provider_for;
 
 /// Reconciles one binding, in stages: what needs no decision first, then everything the decision
@@ -46,7 +57,10 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     // A grant state whose write failed before is written before anything else happens; that
     // write completes the earlier token request, so nothing is requested in this reconcile.
     let flushed = flush_kept(&ctx, &binding).await?;
-    let mut seen = gather(&ctx, &binding).await?;
+    let mut seen = match gather(&ctx, &binding, flushed).await? {
+        Gathered::AtRest(requeue) => return Ok(requeue),
+        Gathered::Seen(seen) => *seen,
+    };
     settle(&ctx, &binding, &mut seen).await?;
     let now = ctx.now();
     let decision = decide(seen.inputs(now, &binding));
@@ -93,8 +107,8 @@ struct Seen {
     provider: ProviderState,
     /// What a usable provider offers.
     usable: Option<ProviderUse>,
-    /// The published Secret as read.
-    published: Option<Secret>,
+    /// The published Secret as read or cached.
+    published: Published,
     /// Why the binding may not write its Secrets, if so.
     conflict: Option<String>,
     /// The stored grant state (none when the Secrets conflict).
@@ -127,30 +141,97 @@ impl Seen {
     }
 }
 
-/// Reads the provider (from the caches), both Secrets (at once: one round trip of latency), and
-/// judges whether the binding may write them.
-async fn gather(ctx: &Context, binding: &MailboxBinding) -> Result<Seen> {
+/// The published Secret as the reconcile knows it.
+enum Published {
+    /// Absent (as read, or as the owned-Secret cache says: created, never applied over).
+    Absent,
+    /// Its cached metadata: judged by the digests written with it, not read.
+    Cached(Arc<PartialObjectMeta<Secret>>),
+    /// Read.
+    Read(Box<Secret>),
+}
+
+impl Published {
+    fn meta(&self) -> Option<&ObjectMeta> {
+        match self {
+            Published::Absent => None,
+            Published::Cached(m) => Some(&m.metadata),
+            Published::Read(s) => Some(&s.metadata),
+        }
+    }
+}
+
+/// What gathering found.
+enum Gathered {
+    /// The binding is at rest (see [`crate::policy::at_rest`]): nothing was read, nothing is to be
+    /// written; come back then.
+    AtRest(Action),
+    /// What the decision needs.
+    Seen(Box<Seen>),
+}
+
+/// Reads the provider (from the caches) and whatever of the two Secrets the owned-Secret cache
+/// cannot answer for (both at once: one round trip of latency), and judges whether the binding
+/// may write them. A binding at rest reads nothing. The grant state of a grant that spends a
+/// credential (a refresh token, a device code) is read even when the cache says it is absent:
+/// a Secret of someone else by that name must stop the request, not be found after it.
+async fn gather(ctx: &Context, binding: &MailboxBinding, flushed: bool) -> Result<Gathered> {
     let name = binding.name_any();
     let ns = binding.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let flow = flow_for(&binding.spec.grant);
     let (provider, usable) = provider_for(binding, flow.as_deref(), ctx).await?;
-    let (grant_secret, published) = futures::future::try_join(
-        get_secret(&secrets, &ns, &grant_secret_name(&name)),
-        get_secret(&secrets, &ns, &binding.spec.secret_name),
+    let grant_name = grant_secret_name(&name);
+    let grant_view = ctx.owned.view(&ns, &grant_name, &ctx.own_writes);
+    let published_view = ctx.owned.view(&ns, &binding.spec.secret_name, &ctx.own_writes);
+    if let (false, Cached::Present(g), Cached::Present(p), Some(u)) =
+        (flushed, &grant_view, &published_view, usable.as_ref())
+        && let Some(renew_at) = at_rest_until(ctx, binding, u, &g.metadata, &p.metadata)
+    {
+        debug!("at rest: nothing read, nothing to write");
+        let status = binding.status.clone().unwrap_or_default();
+        let requeue = requeue_after(ctx.now(), &Decision::Keep { renew_at }, &status, None, None);
+        return Ok(Gathered::AtRest(
+            requeue.and_then(|d| d.to_std().ok()).map_or_else(Action::await_change, Action::requeue),
+        ));
+    }
+    let stateless = matches!(binding.spec.grant, Grant::ClientCredentials {} | Grant::JwtBearer {});
+    let read_grant = !matches!(grant_view, Cached::Absent) || !stateless;
+    let read_published = matches!(published_view, Cached::Unknown);
+    let maybe = |read: bool, name: String| {
+        let secrets = secrets.clone();
+        let ns = ns.clone();
+        async move { if read { get_secret(&secrets, &ns, &name).await } else { Ok(None) } }
+    };
+    let (grant_secret, read) = futures::future::try_join(
+        maybe(read_grant, grant_name.clone()),
+        maybe(read_published, binding.spec.secret_name.clone()),
     )
     .await?;
-    let conflict = secret_conflict(binding, &provider, grant_secret.as_ref(), published.as_ref(), ctx);
+    let published = match (published_view, read) {
+        (Cached::Present(m), _) => Published::Cached(m),
+        (_, Some(s)) => Published::Read(Box::new(s)),
+        (_, None) => Published::Absent,
+    };
+    for (secret, seen) in
+        [(&grant_name, grant_secret.is_some()), (&binding.spec.secret_name, published.meta().is_some())]
+    {
+        if !seen {
+            ctx.owned.not_foreign(&ns, secret);
+        }
+    }
+    let conflict = secret_conflict(binding, &provider, grant_secret.as_ref(), published.meta(), ctx);
     let ours = grant_secret.as_ref().filter(|_| conflict.is_none());
     let grant = ours.and_then(decode_grant);
     let uid = binding.uid().unwrap_or_default();
-    Ok(Seen {
+    Ok(Gathered::Seen(Box::new(Seen {
         adopted: ours.is_some_and(|s| from_predecessor(&uid, &name, &binding_label(&name), &s.metadata)),
         stored_pending: ours.and_then(decode_pending),
         // Every grant-state write is conditioned on the version read here (see `Fence`).
         fence: Fence {
             version: grant_secret.as_ref().and_then(|s| s.resource_version()),
             basis: grant.as_ref().and_then(|g| g.refresh_token.clone()),
+            absent: grant_secret.is_none(),
         },
         grant,
         flow,
@@ -158,7 +239,44 @@ async fn gather(ctx: &Context, binding: &MailboxBinding) -> Result<Seen> {
         usable,
         published,
         conflict,
-    })
+    })))
+}
+
+/// When the binding is at rest with its Secrets as cached, its renewal time.
+fn at_rest_until(
+    ctx: &Context,
+    binding: &MailboxBinding,
+    usable: &ProviderUse,
+    grant: &ObjectMeta,
+    published: &ObjectMeta,
+) -> Option<DateTime<Utc>> {
+    let spec = serde_json::to_string(&binding.spec.grant).ok()?;
+    let grant_for =
+        grant_for(&spec, &usable.key, &usable.spec.client_id, usable.endpoints.token.as_deref(), &usable.scopes);
+    let inputs = publish_inputs(binding, &usable.servers);
+    let want = desired(binding, &binding.spec.secret_name, Role::Published, BTreeMap::new());
+    let labels = want.metadata.labels.unwrap_or_default();
+    let mut annotations = want.metadata.annotations.unwrap_or_default();
+    annotations.remove(OWNED_KEYS_ANNOTATION);
+    let seen = at_rest::Seen {
+        now: ctx.now(),
+        binding,
+        grant,
+        published,
+        grant_for: &grant_for,
+        inputs: &inputs,
+        published_labels: &labels,
+        published_annotations: &annotations,
+    };
+    at_rest::at_rest(&seen)?;
+    binding.status.as_ref()?.token.as_ref().map(|t| t.renew_at)
+}
+
+/// What a published Secret is made from besides the grant (see [`at_rest::source`]): the
+/// binding's mailbox, protocols and template, and the provider's mail servers.
+pub(crate) fn publish_inputs(binding: &MailboxBinding, servers: &BTreeMap<Protocol, ServerAddress>) -> String {
+    let spec = &binding.spec;
+    serde_json::to_string(&(&spec.mailbox, &spec.protocols, servers, &spec.secret_template)).unwrap_or_default()
 }
 
 /// Grant-state writes that come before any decision, and send nothing: a grant state adopted from
@@ -342,7 +460,7 @@ async fn write(
     }
     if !matches!(outcome, Outcome::Suspended | Outcome::Blocked { .. })
         && let (Some(g), Some(usable)) = (seen.grant.as_ref().filter(|g| g.expires_at > now), seen.usable.as_ref())
-        && let Some(blocked) = publish(ctx, binding, g, usable, seen.published.as_ref()).await?
+        && let Some(blocked) = publish(ctx, binding, g, usable, &seen.published).await?
     {
         outcome = blocked;
     }
@@ -351,15 +469,18 @@ async fn write(
     Ok((status, failure, next_poll))
 }
 
-/// Writes the published Secret unless it is up to date. `Some(outcome)`: the binding is blocked
-/// (the template cannot render, or the apiserver refuses what it will always refuse: said in
-/// status instead of retrying the same write).
+/// Writes the published Secret unless it is up to date (judged from its data when it was read,
+/// from the digest written with it when only its metadata is cached). An absent one is created,
+/// so that a Secret of someone else of that name is never written over: the create fails and
+/// the binding is blocked with `SecretConflict`. `Some(outcome)`: the binding is blocked (also
+/// when the template cannot render, or the apiserver refuses what it will always refuse: said
+/// in status instead of retrying the same write).
 async fn publish(
     ctx: &Context,
     binding: &MailboxBinding,
     grant: &GrantState,
     usable: &ProviderUse,
-    published: Option<&Secret>,
+    published: &Published,
 ) -> Result<Option<Outcome>> {
     let spec = &binding.spec;
     let data =
@@ -367,13 +488,35 @@ async fn publish(
             Ok(data) => data,
             Err(e) => return Ok(Some(Outcome::Blocked { reason: Reason::InvalidSpec, message: e.to_string() })),
         };
-    let want = desired(binding, &spec.secret_name, Role::Published, data);
-    if published.is_some_and(|p| up_to_date(p, &want)) {
+    let mut want = desired(binding, &spec.secret_name, Role::Published, data);
+    let made_from = at_rest::source(&grant_digest(&grant.encode()), &publish_inputs(binding, &usable.servers));
+    want.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(SOURCE_ANNOTATION.to_owned(), made_from);
+    let current = match published {
+        Published::Absent => false,
+        Published::Cached(m) => cached_up_to_date(&m.metadata, &want),
+        Published::Read(s) => up_to_date(s, &want),
+    };
+    if current {
         return Ok(None);
     }
     let ns = binding.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    match apply_owned(ctx, &secrets, &want).await {
+    let mut written = match published {
+        Published::Absent => create_owned(ctx, &secrets, &want).await,
+        _ => apply_owned(ctx, &secrets, &want).await,
+    };
+    if let (Published::Absent, Err(kube::Error::Api(e))) = (published, &written)
+        && e.code == 409
+    {
+        let (found, foreign) = created_or_foreign(ctx, &secrets, binding, &ns, &spec.secret_name).await?;
+        if let (true, Some(s)) = (foreign, found) {
+            let uid = binding.uid().unwrap_or_default();
+            let message = existing_conflict(&uid, &s.metadata).unwrap_or_default();
+            return Ok(Some(Outcome::Blocked { reason: Reason::SecretConflict, message }));
+        }
+        written = apply_owned(ctx, &secrets, &want).await;
+    }
+    match written {
         Ok(_) => {
             info!(secret = %spec.secret_name, "published Secret written");
             failpoint("after-publish", &binding.name_any());
@@ -389,6 +532,27 @@ async fn publish(
         }
         Err(source) => Err(Error::WritePublishedSecret { namespace: ns, name: spec.secret_name.clone(), source }),
     }
+}
+
+/// Whether a published Secret known by its cached metadata holds what `want` says: ours, carrying
+/// every label and annotation of `want` (the source digest among them), and none of its data keys
+/// owned by another field manager.
+fn cached_up_to_date(meta: &ObjectMeta, want: &Secret) -> bool {
+    let subset = |want: &Option<BTreeMap<String, String>>, have: &Option<BTreeMap<String, String>>| {
+        want.iter().flatten().all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    let foreign = meta.annotations.as_ref().and_then(|a| a.get(at_rest::FOREIGN_KEYS)).map_or("", String::as_str);
+    let touched = foreign.split(',').any(|k| want.data.as_ref().is_some_and(|d| d.contains_key(k)));
+    let owner_ok = want
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .all(|w| meta.owner_references.iter().flatten().any(|o| o.uid == w.uid && o.controller == w.controller));
+    !touched
+        && owner_ok
+        && subset(&want.metadata.labels, &meta.labels)
+        && subset(&want.metadata.annotations, &meta.annotations)
 }
 
 /// Writes the status the outcome gives, unless it is unchanged. The cached copy may be stale (our
@@ -498,7 +662,7 @@ fn secret_conflict(
     binding: &MailboxBinding,
     provider: &ProviderState,
     grant: Option<&Secret>,
-    published: Option<&Secret>,
+    published: Option<&ObjectMeta>,
     ctx: &Context,
 ) -> Option<String> {
     let uid = binding.uid().unwrap_or_default();
@@ -524,9 +688,8 @@ fn secret_conflict(
                 && provider_key.is_some_and(|k| k == g.provider)
         })
     };
-    let published_conflict = published
-        .filter(|s| !from_predecessor(&uid, &name, &label, &s.metadata))
-        .and_then(|s| existing_conflict(&uid, &s.metadata));
+    let published_conflict =
+        published.filter(|m| !from_predecessor(&uid, &name, &label, m)).and_then(|m| existing_conflict(&uid, m));
     let grant_conflict = grant.and_then(|s| {
         if from_predecessor(&uid, &name, &label, &s.metadata) {
             (!adoptable_grant(s)).then(|| {

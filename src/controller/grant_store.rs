@@ -6,16 +6,18 @@ use std::collections::BTreeMap;
 use std::time::Duration as StdDuration;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 use tracing::{debug, info, warn};
 
 use super::secrets::{Role, desired, grant_secret_name};
 use super::{Context, Pending};
-use crate::api::{FIELD_MANAGER, MailboxBinding};
+use crate::api::{FIELD_MANAGER, GRANT_DIGEST_ANNOTATION, GRANT_FOR_ANNOTATION, MailboxBinding};
 use crate::error::{Error, Result};
+use crate::policy::at_rest::{grant_digest, grant_for};
 use crate::policy::grant_state::{Fenced, GrantState, PendingAuthorization, after_conflict};
+use crate::policy::ownership::existing_conflict;
 
 /// Writes of a grant state tried in one reconcile before it is kept in memory for the next.
 const GRANT_WRITE_ATTEMPTS: u64 = 3;
@@ -43,6 +45,57 @@ pub(crate) async fn apply_owned(ctx: &Context, api: &Api<Secret>, secret: &Secre
     result
 }
 
+/// Creates a Secret the cache says is absent, so that a Secret of someone else of that name is
+/// never written over (the create fails with 409; see [`created_or_foreign`]).
+pub(crate) async fn create_owned(ctx: &Context, api: &Api<Secret>, secret: &Secret) -> Result<Secret, kube::Error> {
+    let ns = secret.metadata.namespace.clone().unwrap_or_default();
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    ctx.own_writes.begin(&ns, &name);
+    let params = PostParams { dry_run: false, field_manager: Some(FIELD_MANAGER.to_owned()) };
+    let result = api.create(&params, secret).await;
+    match &result {
+        Ok(written) => ctx.own_writes.record(written),
+        Err(_) => ctx.own_writes.abandon(&ns, &name),
+    }
+    result
+}
+
+/// After a create met an existing Secret: that Secret, and whether it is someone else's (then it
+/// is read from now on, and never written).
+pub(crate) async fn created_or_foreign(
+    ctx: &Context,
+    api: &Api<Secret>,
+    binding: &MailboxBinding,
+    ns: &str,
+    name: &str,
+) -> Result<(Option<Secret>, bool)> {
+    let current = get_secret(api, ns, name).await?;
+    let uid = binding.uid().unwrap_or_default();
+    let foreign = current.as_ref().is_some_and(|s| existing_conflict(&uid, &s.metadata).is_some());
+    if foreign {
+        ctx.owned.found_foreign(ns, name);
+    }
+    Ok((current, foreign))
+}
+
+/// The grant-state Secret for `state`, with the digests a later reconcile judges it by without
+/// reading it ([`crate::policy::at_rest`]).
+pub(crate) fn grant_secret(binding: &MailboxBinding, name: &str, state: &GrantState) -> Secret {
+    let data = state.encode();
+    let spec = serde_json::to_string(&binding.spec.grant).unwrap_or_default();
+    let token_url = state.issuer.as_ref().map(|i| i.token_url.as_str());
+    let annotations = [
+        (GRANT_DIGEST_ANNOTATION.to_owned(), grant_digest(&data)),
+        (
+            GRANT_FOR_ANNOTATION.to_owned(),
+            grant_for(&spec, &state.provider, &state.client_id, token_url, &state.requested_scopes),
+        ),
+    ];
+    let mut secret = desired(binding, name, Role::Grant, data);
+    secret.metadata.annotations.get_or_insert_with(BTreeMap::new).extend(annotations);
+    secret
+}
+
 async fn apply_secret(api: &Api<Secret>, secret: &Secret) -> Result<Secret, kube::Error> {
     let name = secret.metadata.name.clone().unwrap_or_default();
     let mut body = serde_json::to_value(secret).map_err(kube::Error::SerdeError)?;
@@ -67,20 +120,30 @@ pub(crate) async fn persist_grant(
     let ns = binding.namespace().unwrap_or_default();
     let binding_name = binding.name_any();
     let name = grant_secret_name(&binding_name);
-    let mut want = desired(binding, &name, Role::Grant, state.encode());
+    let mut want = grant_secret(binding, &name, &state);
     ctx.keep_pending(&ns, &binding_name, Pending { state: state.clone(), secret: want.clone(), fence: fence.clone() });
     let mut attempt = 0_u64;
     let source = loop {
         want.metadata.resource_version = fence.version.clone();
-        match apply_owned(ctx, api, &want).await {
+        // Absent when read (or as the cache says): created, never applied over a Secret someone
+        // else made meanwhile.
+        let written =
+            if fence.absent { create_owned(ctx, api, &want).await } else { apply_owned(ctx, api, &want).await };
+        match written {
             Ok(written) => {
                 fence.version = written.resource_version();
                 fence.basis = state.refresh_token.clone();
+                fence.absent = false;
                 ctx.take_pending(&ns, &binding_name);
                 return Ok(());
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {
-                let current = get_secret(api, &ns, &name).await?;
+                let (current, foreign) = created_or_foreign(ctx, api, binding, &ns, &name).await?;
+                if foreign {
+                    warn!("a Secret of someone else has the grant state's name; nothing is written over it");
+                    ctx.take_pending(&ns, &binding_name);
+                    return Err(Error::StaleGrantState { namespace: ns, name });
+                }
                 match after_conflict(
                     current.as_ref().and_then(decode_grant).as_ref(),
                     current.as_ref().and_then(decode_pending).is_some(),
@@ -88,6 +151,7 @@ pub(crate) async fn persist_grant(
                     &state,
                 ) {
                     Fenced::Written => {
+                        fence.absent = false;
                         fence.version = current.and_then(|s| s.resource_version());
                         fence.basis = state.refresh_token.clone();
                         ctx.take_pending(&ns, &binding_name);
@@ -98,7 +162,10 @@ pub(crate) async fn persist_grant(
                         ctx.take_pending(&ns, &binding_name);
                         return Err(Error::StaleGrantState { namespace: ns, name });
                     }
-                    Fenced::Retry => fence.version = current.and_then(|s| s.resource_version()),
+                    Fenced::Retry => {
+                        fence.absent = current.is_none();
+                        fence.version = current.and_then(|s| s.resource_version());
+                    }
                 }
             }
             Err(e) => {
@@ -136,8 +203,15 @@ pub async fn flush_pending(
         let mut wait = StdDuration::from_millis(200);
         let mut secret = p.secret.clone();
         secret.metadata.resource_version = p.fence.version.clone();
+        let owner = secret.metadata.owner_references.iter().flatten().map(|o| o.uid.clone()).next().unwrap_or_default();
+        let mut absent = p.fence.absent;
         loop {
-            let result = apply_secret(&api, &secret).await;
+            let result = if absent {
+                let params = PostParams { dry_run: false, field_manager: Some(FIELD_MANAGER.to_owned()) };
+                api.create(&params, &secret).await
+            } else {
+                apply_secret(&api, &secret).await
+            };
             let retry = match result {
                 Ok(_) => {
                     info!(%binding, namespace = %ns, "grant state written at shutdown");
@@ -146,6 +220,10 @@ pub async fn flush_pending(
                 Err(kube::Error::Api(e)) if e.code == 409 => {
                     let name = secret.metadata.name.clone().unwrap_or_default();
                     let current = api.get_opt(&name).await.ok().flatten();
+                    if current.as_ref().is_some_and(|s| existing_conflict(&owner, &s.metadata).is_some()) {
+                        warn!(%binding, namespace = %ns, "a Secret of someone else has the grant state's name; not written");
+                        break;
+                    }
                     let basis = p.fence.basis.as_ref().map(ExposeSecret::expose_secret);
                     let pending_now = current.as_ref().and_then(decode_pending).is_some();
                     match after_conflict(current.as_ref().and_then(decode_grant).as_ref(), pending_now, basis, &p.state)
@@ -156,6 +234,7 @@ pub async fn flush_pending(
                             break;
                         }
                         Fenced::Retry => {
+                            absent = current.is_none();
                             secret.metadata.resource_version = current.and_then(|s| s.resource_version());
                             "the grant state changed since it was read".to_owned()
                         }
@@ -220,6 +299,7 @@ pub(crate) async fn persist_pending_data(
         Ok(written) => {
             fence.version = written.resource_version();
             fence.basis = basis;
+            fence.absent = false;
             Ok(())
         }
         Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::StaleGrantState { namespace, name }),

@@ -10,6 +10,7 @@ pub mod leader;
 pub mod limits;
 pub mod observe;
 pub mod obtain;
+pub mod owned;
 pub mod provider;
 pub mod resolve;
 pub mod secrets;
@@ -99,6 +100,9 @@ pub struct Context {
     /// Secrets this process has just written (published and grant state), until their watch
     /// event arrives: that event is our own write and triggers no reconcile.
     pub own_writes: OwnWrites,
+    /// The metadata of the Secrets the operator owns: absent ones are created without a read,
+    /// bindings at rest are re-checked without one.
+    pub owned: owned::OwnedSecrets,
     /// Versions of the Secrets labelled as referable (strict mode), from a metadata watch.
     pub referable: versions::SecretVersions,
     /// Client secrets read before, with the version of the Secret they came from: reused while
@@ -164,6 +168,9 @@ pub struct Fence {
     pub version: Option<String>,
     /// The refresh token stored when it was read.
     pub basis: Option<secrecy::SecretString>,
+    /// The Secret was absent when read (or as the owned-Secret cache says): the first write
+    /// creates it, so that a Secret someone else made meanwhile is never written over.
+    pub absent: bool,
 }
 
 /// Grant states waiting to be written, by (namespace, binding).

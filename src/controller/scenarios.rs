@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tower_test::mock::{self, Handle};
 
 use super::secrets::{Role, desired, grant_secret_name};
-use super::{Clock, Context, binding};
+use super::{Clock, Context, binding, grant_store};
 use crate::api::{
     Condition, ConditionStatus, Endpoints, MailProvider, MailProviderSpec, MailProviderStatus, MailboxBinding,
     MailboxBindingSpec,
@@ -29,6 +29,7 @@ use crate::oauth::http::HttpClients;
 use crate::oauth::{
     DeviceCode, DeviceRequest, Rejected, RevokeRequest, TokenEndpoint, TokenRequest, TokenSet, UserinfoRequest,
 };
+use crate::policy::at_rest;
 use crate::policy::binding::{Outcome, next_status};
 use crate::policy::grant_state::GrantState;
 use crate::policy::publish::published_data;
@@ -167,6 +168,7 @@ fn context_with(
         polls: Default::default(),
         written: Default::default(),
         own_writes: Default::default(),
+        owned: Default::default(),
         referable: Default::default(),
         client_secrets: Default::default(),
         authorization: Default::default(),
@@ -231,6 +233,16 @@ impl ApiServer {
             .to_owned();
         let bytes = request.into_body().collect_bytes().await.unwrap_or_default();
         (serde_json::from_slice(&bytes).unwrap_or(Value::Null), Sent { query, content_type }, send)
+    }
+
+    /// Expects a create (POST) of the Secret `name` by our field manager (an absent Secret is
+    /// created, never applied over one someone else made); answers with its body, returns it.
+    async fn create(&mut self, name: &str) -> Value {
+        let (body, sent, send) = self.expect_sent(Method::POST, SECRETS_PATH).await;
+        assert_eq!(body["metadata"]["name"], name, "{body}");
+        assert_eq!(sent.query.get("fieldManager").map(String::as_str), Some(crate::api::FIELD_MANAGER), "{name}");
+        send.send_response(ok(&body));
+        body
     }
 
     async fn get(&mut self, path: &str, answer: Option<Value>) {
@@ -306,6 +318,9 @@ fn decoded_keys(v: &Value) -> Vec<String> {
 }
 
 const GRANT_PATH: &str = "/api/v1/namespaces/mail/secrets/helpdesk.mailoauth-grant";
+const SECRETS_PATH: &str = "/api/v1/namespaces/mail/secrets";
+const GRANT_NAME: &str = "helpdesk.mailoauth-grant";
+const PUBLISHED_NAME: &str = "helpdesk-mail-token";
 const PUBLISHED_PATH: &str = "/api/v1/namespaces/mail/secrets/helpdesk-mail-token";
 const CLIENT_SECRET_PATH: &str = "/api/v1/namespaces/mail/secrets/contoso-oauth";
 const STATUS_PATH: &str = "/apis/mailoauth.io/v1alpha1/namespaces/mail/mailboxbindings/helpdesk/status";
@@ -327,11 +342,14 @@ async fn a_first_reconcile_reads_two_secrets_and_the_client_secret_then_writes_g
     server.get(GRANT_PATH, None).await;
     server.get(PUBLISHED_PATH, None).await;
     server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
-    let grant = server.apply(GRANT_PATH).await;
+    let grant = server.create(GRANT_NAME).await;
     assert_eq!(grant["metadata"]["labels"]["mailoauth.io/secret-role"], "grant");
+    assert!(grant["metadata"]["annotations"]["mailoauth.io/grant-digest"].is_string(), "{grant}");
+    assert!(grant["metadata"]["annotations"]["mailoauth.io/grant-for"].is_string(), "{grant}");
     assert_eq!(grant["metadata"]["ownerReferences"][0]["uid"], "uid-helpdesk");
     assert_eq!(grant["metadata"]["ownerReferences"][0]["controller"], true);
-    let published = server.apply(PUBLISHED_PATH).await;
+    let published = server.create(PUBLISHED_NAME).await;
+    assert!(published["metadata"]["annotations"]["mailoauth.io/source"].is_string(), "{published}");
     assert_eq!(
         decoded_keys(&published),
         [
@@ -407,8 +425,14 @@ async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
     b.status = Some(next_status(now() - Duration::minutes(5), &b, Some(&grant), &Outcome::Refreshed));
     let servers = crate::oauth::provider::servers(&provider().spec);
     let data = published_data(&b.spec.mailbox, &grant, &b.spec.protocols, &servers, None).unwrap_or_default();
-    let grant_secret = desired(&b, &grant_secret_name("helpdesk"), Role::Grant, grant.encode());
+    let grant_secret = grant_store::grant_secret(&b, &grant_secret_name("helpdesk"), &grant);
     let mut published = desired(&b, &b.spec.secret_name, Role::Published, data);
+    let source = at_rest::source(&at_rest::grant_digest(&grant.encode()), &binding::publish_inputs(&b, &servers));
+    published
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(crate::api::SOURCE_ANNOTATION.into(), source);
     // A key someone else added does not make the Secret out of date.
     if let Some(d) = published.data.as_mut() {
         d.insert("added-by-someone".into(), k8s_openapi::ByteString(b"x".to_vec()));
@@ -422,6 +446,164 @@ async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
 
     reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no token request");
+}
+
+/// `ctx` with an owned-Secret cache that has listed `secrets` (their metadata) and nothing else.
+fn cached(ctx: Arc<Context>, secrets: &[Secret]) -> Arc<Context> {
+    let (store, mut writer) = store::<kube::core::PartialObjectMeta<Secret>>();
+    for s in secrets {
+        let mut meta = kube::core::PartialObjectMeta::<Secret> { metadata: s.metadata.clone(), ..Default::default() };
+        super::owned::slim(&mut meta);
+        writer.apply_watcher_event(&watcher::Event::Apply(meta));
+    }
+    let synced = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut ctx = Arc::try_unwrap(ctx).unwrap_or_else(|_| panic!("one reference"));
+    ctx.owned = super::owned::OwnedSecrets::new(store, synced);
+    Arc::new(ctx)
+}
+
+/// A binding made Ready five minutes ago, and its two Secrets as the operator wrote them.
+fn at_rest_binding() -> (MailboxBinding, Secret, Secret) {
+    let mut b = binding_object();
+    let token_url = "https://login.microsoftonline.com/contoso.com/oauth2/v2.0/token";
+    let grant = GrantState {
+        refresh_token: None,
+        previous_refresh_token: None,
+        access_token: "at-0".to_owned().into(),
+        token_type: "Bearer".into(),
+        issued_at: now() - Duration::minutes(5),
+        expires_at: now() + Duration::minutes(55),
+        scopes: vec!["https://outlook.office365.com/.default".into()],
+        requested_scopes: vec!["https://outlook.office365.com/.default".into()],
+        provider: "MailProvider/contoso".into(),
+        client_id: "app-id".into(),
+        imported_from: None,
+        mailbox: Some("helpdesk@contoso.com".into()),
+        account: None,
+        issuer: Some(crate::policy::grant_state::Issuer {
+            token_url: token_url.into(),
+            revocation_url: None,
+            client_auth: "client_secret_post".into(),
+        }),
+    };
+    b.status = Some(next_status(now() - Duration::minutes(5), &b, Some(&grant), &Outcome::Refreshed));
+    let servers = crate::oauth::provider::servers(&provider().spec);
+    let data = published_data(&b.spec.mailbox, &grant, &b.spec.protocols, &servers, None).unwrap_or_default();
+    let grant_secret = grant_store::grant_secret(&b, &grant_secret_name("helpdesk"), &grant);
+    let mut published = desired(&b, &b.spec.secret_name, Role::Published, data);
+    let source = at_rest::source(&at_rest::grant_digest(&grant.encode()), &binding::publish_inputs(&b, &servers));
+    published
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(crate::api::SOURCE_ANNOTATION.into(), source);
+    (b, grant_secret, published)
+}
+
+#[tokio::test]
+async fn a_binding_at_rest_with_its_secrets_cached_as_written_reads_and_writes_nothing() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let (b, grant_secret, published) = at_rest_binding();
+    let ctx = cached(context(client, Arc::clone(&tokens), std::slice::from_ref(&b)), &[grant_secret, published]);
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b), ctx));
+    server.nothing_more().await;
+    let action = reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no token request");
+    assert!(format!("{action:?}").contains("requeue_after: Some("), "{action:?}");
+}
+
+#[tokio::test]
+async fn a_cached_secret_someone_else_edited_or_a_provider_edit_is_not_at_rest() {
+    // Someone else's field manager owns a data key of the published Secret: it is read.
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let (b, grant_secret, mut published) = at_rest_binding();
+    published.metadata.managed_fields =
+        Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry {
+            manager: Some("kubectl-edit".into()),
+            fields_v1: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1(
+                json!({"f:data": {"f:access_token": {}}}),
+            )),
+            ..Default::default()
+        }]);
+    let ctx =
+        cached(context(client, Arc::clone(&tokens), std::slice::from_ref(&b)), &[grant_secret.clone(), published]);
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+    server.get(GRANT_PATH, Some(secret_json(&grant_secret))).await;
+    // Judged from its metadata: the edited key is rewritten, nothing read.
+    let repaired = server.apply(PUBLISHED_PATH).await;
+    assert_eq!(repaired["metadata"]["name"], PUBLISHED_NAME);
+    server.nothing_more().await;
+    reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no token request");
+
+    // The provider's token endpoint changed: the grant state is read (the decision needs it), and
+    // a grant that holds no refresh token is obtained again there.
+    let (client, mut server) = mocked();
+    let (b, grant_secret, published) = at_rest_binding();
+    let mut moved = provider();
+    if let Some(e) = moved.status.as_mut().and_then(|s| s.endpoints.as_mut()) {
+        e.token = Some("https://idp.example.com/token".into());
+    }
+    let ctx = cached(
+        context_with(client, Arc::clone(&tokens), std::slice::from_ref(&b), moved),
+        &[grant_secret.clone(), published],
+    );
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+    server.get(GRANT_PATH, Some(secret_json(&grant_secret))).await;
+    server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
+    server.apply(GRANT_PATH).await;
+    server.apply(PUBLISHED_PATH).await;
+    server.apply_status(STATUS_PATH, &b).await;
+    server.nothing_more().await;
+    reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn absent_secrets_are_created_without_a_read_and_a_foreign_one_found_at_create_is_a_conflict() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let b = binding_object();
+    let ctx = cached(context(client, Arc::clone(&tokens), std::slice::from_ref(&b)), &[]);
+    let first = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
+    // Nothing read but the client secret: the cache says both Secrets are absent.
+    server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
+    server.create(GRANT_NAME).await;
+    // Someone else's Secret has the published Secret's name (it carries no operator label, so the
+    // cache never showed it): the create fails, it is read, and nothing is written over it.
+    let (_, _, send) = server.expect_sent(Method::POST, SECRETS_PATH).await;
+    send.send_response(
+        Response::builder()
+            .status(StatusCode::CONFLICT)
+            .body(Body::from(
+                serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "AlreadyExists", "code": 409, "message": "already exists"}))
+                .expect("json"),
+            ))
+            .expect("response"),
+    );
+    let foreign = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": PUBLISHED_NAME, "namespace": NS, "resourceVersion": "7"}, "data": {"password": "eA=="}});
+    server.get(PUBLISHED_PATH, Some(foreign.clone())).await;
+    let status = server.apply_status(STATUS_PATH, &b).await;
+    assert_eq!(status["status"]["conditions"][0]["reason"], "SecretConflict", "{status}");
+    server.event("Warning", "SecretConflict").await;
+    server.nothing_more().await;
+    first.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+
+    // From now on that name is read before anything is asked of the provider.
+    let second = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
+    server.get(PUBLISHED_PATH, Some(foreign)).await;
+    let status = server.apply_status(STATUS_PATH, &b).await;
+    assert_eq!(status["status"]["conditions"][0]["reason"], "SecretConflict");
+    // (The copy reconciled still shows no status: the transition is announced again.)
+    server.event("Warning", "SecretConflict").await;
+    server.nothing_more().await;
+    second.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1, "no second token request");
 }
 
 #[tokio::test]
@@ -488,8 +670,8 @@ async fn a_grant_state_that_cannot_be_written_is_kept_and_written_first_on_the_n
     server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
     let mut written = Vec::new();
     for _ in 0..3 {
-        let (body, sent, send) = server.expect_sent(Method::PATCH, GRANT_PATH).await;
-        sent.assert_apply(GRANT_PATH);
+        // Absent when read: created, never applied over.
+        let (body, _, send) = server.expect_sent(Method::POST, SECRETS_PATH).await;
         written.push(body["data"]["access_token"].clone());
         send.send_response(server_error());
     }
@@ -499,14 +681,14 @@ async fn a_grant_state_that_cannot_be_written_is_kept_and_written_first_on_the_n
 
     // Next reconcile: the kept state is written before anything else, and no new token is asked for.
     let second = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
-    let grant = server.apply(GRANT_PATH).await;
+    let grant = server.create(GRANT_NAME).await;
     assert_eq!(grant["data"]["access_token"], written[0], "the same token as the failed writes");
     let mut stored = grant.clone();
     stored["apiVersion"] = "v1".into();
     stored["kind"] = "Secret".into();
     server.get(GRANT_PATH, Some(stored)).await;
     server.get(PUBLISHED_PATH, None).await;
-    let published = server.apply(PUBLISHED_PATH).await;
+    let published = server.create(PUBLISHED_NAME).await;
     assert_eq!(published["data"]["access_token"], written[0]);
     let status = server.apply_status(STATUS_PATH, &b).await;
     assert_eq!(status["status"]["phase"], "Ready");
@@ -542,8 +724,8 @@ async fn a_refresh_whose_status_write_meets_a_stale_copy_is_written_again_from_t
     server.get(GRANT_PATH, None).await;
     server.get(PUBLISHED_PATH, None).await;
     server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
-    server.apply(GRANT_PATH).await;
-    server.apply(PUBLISHED_PATH).await;
+    server.create(GRANT_NAME).await;
+    server.create(PUBLISHED_NAME).await;
     let (_, sent, send) = server.expect_sent(Method::PATCH, STATUS_PATH).await;
     sent.assert_apply(STATUS_PATH);
     send.send_response(conflict());

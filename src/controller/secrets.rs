@@ -11,8 +11,7 @@ use kube::{Resource, ResourceExt};
 use crate::api::{BINDING_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, MailboxBinding, SECRET_ROLE_LABEL};
 use crate::policy::validate::{GRANT_SECRET_SUFFIX, MAX_LABEL};
 
-/// Annotation listing the data keys the operator owns in a published Secret.
-pub const OWNED_KEYS_ANNOTATION: &str = "mailoauth.io/owned-keys";
+pub use crate::api::OWNED_KEYS_ANNOTATION;
 
 /// Longest Secret name.
 const MAX_NAME: usize = 253;

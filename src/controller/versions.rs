@@ -111,6 +111,11 @@ impl OwnWrites {
         }
     }
 
+    /// Whether a write of this Secret is in flight or its watch event has not come yet.
+    pub fn is_tracked(&self, namespace: &str, name: &str) -> bool {
+        self.0.lock().is_ok_and(|map| map.contains_key(&(namespace.to_owned(), name.to_owned())))
+    }
+
     /// Whether a watched Secret event is our own write (each write is recognised once; a later
     /// version is someone else's change). An event that comes while the write is in flight is
     /// taken as ours: the apiserver answers a write after storing it, so an event seen then is

@@ -1,6 +1,7 @@
 //! Pure policy: what to do now, given a clock and the objects. No I/O; every function here is
 //! deterministic in its inputs, so each decision is unit-tested without a cluster or a server.
 
+pub mod at_rest;
 pub mod binding;
 pub mod classify;
 pub mod condition;

@@ -855,6 +855,7 @@ mod tests {
             polls: Default::default(),
             written: Default::default(),
             own_writes: Default::default(),
+            owned: Default::default(),
             referable: Default::default(),
             client_secrets: Default::default(),
             authorization: crate::controller::AuthorizationSettings {

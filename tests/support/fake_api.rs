@@ -187,6 +187,29 @@ impl FakeApi {
                 self.delete(&path);
                 respond(StatusCode::OK, &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}))
             }
+            // A create of a Secret: stored at its name, refused when one exists (as the
+            // apiserver does: 409 AlreadyExists).
+            Method::POST if path.ends_with("/secrets") => {
+                let name = body["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                let at = format!("{path}/{name}");
+                if self.get(&at).is_some() {
+                    return respond(
+                        StatusCode::CONFLICT,
+                        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists",
+                                "code": 409, "message": format!("secrets \"{name}\" already exists")}),
+                    );
+                }
+                let keys: Vec<String> =
+                    body["data"].as_object().map(|d| d.keys().cloned().collect()).unwrap_or_default();
+                self.applied.lock().expect("lock").insert(at.clone(), keys);
+                let mut stored = body.clone();
+                if self.versioned.load(Ordering::SeqCst) {
+                    let rv = self.version.fetch_add(1, Ordering::SeqCst) + 1;
+                    stored["metadata"]["resourceVersion"] = json!(rv.to_string());
+                }
+                self.objects.lock().expect("lock").insert(at, stored.clone());
+                respond(StatusCode::CREATED, &stored)
+            }
             Method::POST => {
                 self.created.lock().expect("lock").push((path, body.clone()));
                 respond(StatusCode::CREATED, &body)
