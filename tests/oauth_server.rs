@@ -100,6 +100,7 @@ fn context(
         polls: Default::default(),
         written: Default::default(),
         own_writes: Default::default(),
+        owned: Default::default(),
         referable: Default::default(),
         client_secrets: Default::default(),
         authorization: Default::default(),
