@@ -115,6 +115,8 @@ if (process.env.CLIENT_CERT_FILE) {
     response_types: ['code'],
     redirect_uris: ['http://127.0.0.1/callback', 'http://localhost/callback'],
     token_endpoint_auth_method: 'private_key_jwt',
+    // Entra's certificate credentials ask for PS256: an RS256 assertion is refused here.
+    token_endpoint_auth_signing_alg: 'PS256',
     jwks: { keys: [jwk] },
     scope: 'openid offline_access email mail',
   });
