@@ -181,8 +181,8 @@ impl Reason {
             }
             Reason::ClientSecretNotFound => "create the Secret named in clientAuthentication.clientSecretRefs",
             Reason::EndpointsUnresolved => {
-                "check generic.issuerUrl (it must serve /.well-known/openid-configuration over \
-                 https) or give tokenUrl explicitly"
+                "check generic.issuerUrl (it must serve /.well-known/openid-configuration or RFC 8414's \
+                 /.well-known/oauth-authorization-server over https) or give tokenUrl explicitly"
             }
             Reason::ClientSecretExpiring => {
                 "create a new client secret at the provider and add it first in clientSecretRefs"
