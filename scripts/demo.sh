@@ -6,13 +6,37 @@
 #                          example and show the result
 #   scripts/demo.sh approve  approve the device code the demo's scanner binding shows, as the
 #                          person at the verification page would
+#   scripts/demo.sh status show the running demo's bindings (starts nothing)
 #   scripts/demo.sh down   stop everything it started
+# Anything else is refused: only "up" (or no argument) starts a demo, replacing a running one.
 # The first run builds kube-apiserver 1.20.2 from Debian's source package (about 6-7 minutes on
 # 2 cores; cached afterwards); later runs are ready in well under a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=${MAIL_OAUTH_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mail-oauth-operator}
 state=$cache/demo
+
+usage() {
+  echo "usage: scripts/demo.sh [up|status|approve|down]" >&2
+  exit 2
+}
+[ $# -le 1 ] || usage
+case "${1:-up}" in
+  up | approve | status | down) ;;
+  *) usage ;;
+esac
+
+if [ "${1:-up}" = status ]; then
+  if [ ! -f "$state/admin.kubeconfig" ]; then
+    echo "no demo is running (start one with: scripts/demo.sh)"
+    exit 1
+  fi
+  eval "$(scripts/tools.sh)"
+  export KUBECONFIG=$state/admin.kubeconfig
+  echo "\$ kubectl get mbx -n demo -o wide"
+  kubectl get mbx -n demo -o wide
+  exit 0
+fi
 
 if [ "${1:-up}" = approve ]; then
   python3 - "$state" <<'PY'

@@ -244,6 +244,21 @@ fn condition<'a>(b: &'a MailboxBinding, type_: &str) -> &'a mail_oauth_operator:
 }
 
 #[tokio::test]
+async fn a_server_without_openid_connect_discovery_is_found_through_its_rfc8414_metadata() {
+    let server = OAuthServer::start_with(3600, &[("DISCOVERY", "rfc8414")]).await;
+    let mut h = Harness::start_on(server, ReferencePolicy::Any);
+    h.api.put(&secret_path("idp-client"), secret("idp-client", &[("client-secret", "mail-app-secret")]));
+    let p = h.provider("idp", "mail-app", json!([{"name": "idp-client"}]), "clientSecretPost").await;
+    let status = p.status.as_ref().expect("status");
+    assert_eq!(status.conditions[0].reason, "ProviderReady", "{:?}", status.conditions);
+    let endpoints = status.endpoints.clone().expect("endpoints discovered");
+    assert_eq!(endpoints.token, Some(format!("{}/token", h.server.issuer)));
+    h.binding("app", json!({"clientCredentials": {}}), json!(["mail"]));
+    let b = h.reconcile("app").await;
+    assert_eq!(b.status.as_ref().and_then(|s| s.phase), Some(Phase::Ready), "{:?}", b.status);
+}
+
+#[tokio::test]
 async fn client_credentials_publish_a_token_from_a_discovered_provider_over_its_ca_bundle() {
     let mut h = Harness::start(3600).await;
     h.api.put(&secret_path("idp-client"), secret("idp-client", &[("client-secret", "mail-app-secret")]));

@@ -202,7 +202,8 @@ fn default_tenant() -> String {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GenericPreset {
-    /// Issuer for OIDC discovery (`/.well-known/openid-configuration`).
+    /// Issuer for discovery: OpenID Connect's `/.well-known/openid-configuration`, or, when the
+    /// server has none, RFC 8414's `/.well-known/oauth-authorization-server`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048), regex(pattern = HTTPS_URL))]
     pub issuer_url: Option<String>,

@@ -1,8 +1,11 @@
 //! Signed JWT assertions (RFC 7523): client authentication with a private key (`private_key_jwt`,
 //! with the certificate's `x5t#S256` thumbprint in the header, as Entra expects), and the JWT
-//! bearer grant's assertion (a Google service account acting for a mailbox). RS256 for RSA keys,
-//! ES256 for P-256 keys; assertions live five minutes from a minute back (clock skew) and carry a
-//! unique `jti`. They are signed with the wall clock, which is what the server checks them against.
+//! bearer grant's assertion (a Google service account acting for a mailbox). With an RSA key a
+//! client assertion is PS256 (RSASSA-PSS: Entra's certificate credentials say "alg: Should be
+//! PS256") and a bearer assertion RS256 (Google's service accounts sign with RS256); a P-256 key
+//! signs ES256 either way. Assertions live five minutes from a minute back (clock skew) and carry
+//! a unique `jti`. They are signed with the wall clock, which is what the server checks them
+//! against.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -22,7 +25,8 @@ pub const CLOCK_SKEW: Duration = Duration::seconds(60);
 #[derive(Clone)]
 pub struct SigningKey {
     key: EncodingKey,
-    alg: Algorithm,
+    /// The key's family: RSA or P-256.
+    family: Family,
     /// `x5t#S256`: base64url of the certificate's SHA-256, when a certificate is known.
     x5t_s256: Option<String>,
     /// `kid`, when the key has an id (a service account's `private_key_id`).
@@ -31,7 +35,36 @@ pub struct SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey").field("alg", &self.alg).field("x5t_s256", &self.x5t_s256).finish_non_exhaustive()
+        f.debug_struct("SigningKey")
+            .field("family", &self.family)
+            .field("x5t_s256", &self.x5t_s256)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What kind of key signs, and so which algorithms it can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    Rsa,
+    P256,
+}
+
+/// What an assertion is for; it decides the algorithm an RSA key signs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// `private_key_jwt` client authentication: PS256 (Entra's certificate credentials).
+    ClientAssertion,
+    /// A JWT bearer grant (RFC 7523 §2.1): RS256 (Google's service accounts).
+    BearerGrant,
+}
+
+impl Family {
+    fn algorithm(self, purpose: Purpose) -> Algorithm {
+        match (self, purpose) {
+            (Family::Rsa, Purpose::ClientAssertion) => Algorithm::PS256,
+            (Family::Rsa, Purpose::BearerGrant) => Algorithm::RS256,
+            (Family::P256, _) => Algorithm::ES256,
+        }
     }
 }
 
@@ -39,10 +72,10 @@ impl SigningKey {
     /// A key from PEM (PKCS#1 or PKCS#8 RSA, SEC1 or PKCS#8 P-256), with its certificate's PEM
     /// for the thumbprint, and a key id.
     pub fn from_pem(key_pem: &[u8], certificate_pem: Option<&[u8]>, kid: Option<String>) -> Result<Self, String> {
-        let (key, alg) = match EncodingKey::from_rsa_pem(key_pem) {
-            Ok(k) => (k, Algorithm::RS256),
+        let (key, family) = match EncodingKey::from_rsa_pem(key_pem) {
+            Ok(k) => (k, Family::Rsa),
             Err(_) => match EncodingKey::from_ec_pem(key_pem) {
-                Ok(k) => (k, Algorithm::ES256),
+                Ok(k) => (k, Family::P256),
                 Err(_) => return Err("the private key is not an RSA or P-256 key in PEM".into()),
             },
         };
@@ -50,15 +83,23 @@ impl SigningKey {
             Some(pem) => Some(thumbprint(pem)?),
             None => None,
         };
-        let signer = Self { key, alg, x5t_s256, kid };
-        // A key that cannot sign (a P-384 key read as EC, a truncated PEM) is refused now.
-        signer.sign(&serde_json::json!({"probe": true}))?;
+        let signer = Self { key, family, x5t_s256, kid };
+        // A key that cannot sign (a P-384 key read as EC, a truncated PEM) is refused now, for
+        // either purpose.
+        for purpose in [Purpose::ClientAssertion, Purpose::BearerGrant] {
+            signer.sign(purpose, &serde_json::json!({"probe": true}))?;
+        }
         Ok(signer)
     }
 
-    /// Signs `claims`.
-    pub fn sign(&self, claims: &serde_json::Value) -> Result<SecretString, String> {
-        let mut header = Header::new(self.alg);
+    /// The algorithm an assertion for `purpose` is signed with.
+    pub fn algorithm(&self, purpose: Purpose) -> Algorithm {
+        self.family.algorithm(purpose)
+    }
+
+    /// Signs `claims` for `purpose`.
+    pub fn sign(&self, purpose: Purpose, claims: &serde_json::Value) -> Result<SecretString, String> {
+        let mut header = Header::new(self.algorithm(purpose));
         header.x5t_s256.clone_from(&self.x5t_s256);
         header.kid.clone_from(&self.kid);
         jsonwebtoken::encode(&header, claims, &self.key)
@@ -80,15 +121,18 @@ pub fn client_assertion(
     now: DateTime<Utc>,
 ) -> Result<SecretString, String> {
     let iat = now.timestamp().saturating_sub(CLOCK_SKEW.num_seconds());
-    key.sign(&serde_json::json!({
-        "iss": client_id,
-        "sub": client_id,
-        "aud": audience,
-        "jti": jti(),
-        "iat": iat,
-        "nbf": iat,
-        "exp": iat.saturating_add(ASSERTION_LIFETIME.num_seconds()),
-    }))
+    key.sign(
+        Purpose::ClientAssertion,
+        &serde_json::json!({
+            "iss": client_id,
+            "sub": client_id,
+            "aud": audience,
+            "jti": jti(),
+            "iat": iat,
+            "nbf": iat,
+            "exp": iat.saturating_add(ASSERTION_LIFETIME.num_seconds()),
+        }),
+    )
 }
 
 /// A JWT bearer grant assertion (RFC 7523 §2.1; Google's service accounts: `iss` the account,
@@ -102,15 +146,18 @@ pub fn bearer_assertion(
     now: DateTime<Utc>,
 ) -> Result<SecretString, String> {
     let iat = now.timestamp().saturating_sub(CLOCK_SKEW.num_seconds());
-    key.sign(&serde_json::json!({
-        "iss": issuer,
-        "sub": subject,
-        "scope": scopes.join(" "),
-        "aud": audience,
-        "jti": jti(),
-        "iat": iat,
-        "exp": iat.saturating_add(ASSERTION_LIFETIME.num_seconds()),
-    }))
+    key.sign(
+        Purpose::BearerGrant,
+        &serde_json::json!({
+            "iss": issuer,
+            "sub": subject,
+            "scope": scopes.join(" "),
+            "aud": audience,
+            "jti": jti(),
+            "iat": iat,
+            "exp": iat.saturating_add(ASSERTION_LIFETIME.num_seconds()),
+        }),
+    )
 }
 
 fn certificate_der(pem: &[u8]) -> Result<Vec<u8>, String> {
@@ -171,6 +218,51 @@ mod tests {
         assert!(!format!("{signer:?}").contains("PRIVATE"));
         let expiry = certificate_expiry(cert.pem().as_bytes()).unwrap();
         assert!(expiry > now, "{expiry}");
+    }
+
+    /// An RSA key pair (PKCS#8 private, SPKI public), made by openssl: ring cannot generate RSA
+    /// keys, and Entra's certificates are RSA.
+    pub(crate) fn rsa_key_pair() -> (String, String) {
+        let run = |args: &[&str], input: Option<&[u8]>| {
+            use std::io::Write;
+            let mut child = std::process::Command::new("openssl")
+                .args(args)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("openssl runs");
+            if let Some(input) = input {
+                child.stdin.take().unwrap().write_all(input).unwrap();
+            }
+            drop(child.stdin.take());
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success());
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let private = run(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"], None);
+        let public = run(&["pkey", "-pubout"], Some(private.as_bytes()));
+        (private, public)
+    }
+
+    #[test]
+    fn an_rsa_key_signs_client_assertions_ps256_for_entra_and_bearer_assertions_rs256_for_google() {
+        let (private, public) = rsa_key_pair();
+        let signer = SigningKey::from_pem(private.as_bytes(), None, None).unwrap();
+        let now = chrono::Utc::now();
+        let verify = |jwt: &str, alg: Algorithm| {
+            let key = jsonwebtoken::DecodingKey::from_rsa_pem(public.as_bytes()).unwrap();
+            let mut v = jsonwebtoken::Validation::new(alg);
+            v.set_audience(&["https://idp/token"]);
+            jsonwebtoken::decode::<serde_json::Value>(jwt, &key, &v).map(|d| d.header.alg)
+        };
+        let client = client_assertion(&signer, "app", "https://idp/token", now).unwrap();
+        assert_eq!(claims_of(client.expose_secret()).0["alg"], "PS256");
+        assert_eq!(verify(client.expose_secret(), Algorithm::PS256).unwrap(), Algorithm::PS256);
+        assert!(verify(client.expose_secret(), Algorithm::RS256).is_err(), "not RS256");
+        let bearer =
+            bearer_assertion(&signer, "sa@p.iam.gserviceaccount.com", "m@x", &[], "https://idp/token", now).unwrap();
+        assert_eq!(claims_of(bearer.expose_secret()).0["alg"], "RS256");
+        assert_eq!(verify(bearer.expose_secret(), Algorithm::RS256).unwrap(), Algorithm::RS256);
     }
 
     #[test]

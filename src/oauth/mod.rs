@@ -10,6 +10,8 @@ pub mod grants;
 pub mod http;
 pub mod presets;
 pub mod provider;
+#[cfg(test)]
+mod provider_answers;
 pub mod response;
 
 pub use client::{

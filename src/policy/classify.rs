@@ -60,17 +60,29 @@ fn reason_of(err: &UpstreamError) -> (Reason, bool) {
     }
     let aadsts = err.description.as_deref().and_then(aadsts_code);
     match aadsts {
-        Some(70008 | 700082 | 50173 | 700084 | 50076 | 50079 | 50078) => {
+        Some(70008 | 700082 | 50173 | 700084 | 50076 | 50079 | 50078 | 70043) => {
             return (Reason::ReauthorizationRequired, false);
         }
         Some(65001) => return (Reason::ConsentRequired, false),
         Some(7000222) => return (Reason::ClientSecretExpired, false),
-        Some(7000215 | 700016 | 7000218) => return (Reason::ClientCredentialsInvalid, false),
+        Some(7000215 | 700016) => return (Reason::ClientCredentialsInvalid, false),
+        // Entra wants a client secret or assertion: the app does not allow public client flows
+        // (not a wrong secret), or a redirect URI is not registered: the registration refuses
+        // this request, retrying cannot help.
+        Some(7000218 | 50011) => return (Reason::RequestRejected, false),
+        // The assertion's times are off: the clock, which NTP repairs without anyone's edit.
+        Some(700024) => return (Reason::TokenRequestFailed, true),
         _ => {}
+    }
+    if let Some(found) = google_reason(err) {
+        return found;
     }
     match err.error.as_deref() {
         Some("invalid_grant" | "interaction_required" | "login_required") => (Reason::ReauthorizationRequired, false),
-        Some("invalid_scope" | "consent_required") => (Reason::ConsentRequired, false),
+        // `access_denied` at a token endpoint (not a person declining a code, which the device
+        // flow reads first): the server will not issue for this client and subject, e.g.
+        // Google's domain-wide delegation that does not list the client.
+        Some("invalid_scope" | "consent_required" | "access_denied") => (Reason::ConsentRequired, false),
         Some("invalid_client") => (Reason::ClientCredentialsInvalid, false),
         Some("invalid_request" | "unsupported_grant_type" | "unauthorized_client") => (Reason::RequestRejected, false),
         Some("slow_down") => (Reason::Throttled, true),
@@ -88,13 +100,47 @@ fn reason_of(err: &UpstreamError) -> (Reason, bool) {
     }
 }
 
+/// Google's token endpoint answers a service account's assertion (domain-wide delegation) with
+/// the generic codes; its `error_description` says which part is wrong.
+fn google_reason(err: &UpstreamError) -> Option<(Reason, bool)> {
+    let description = err.description.as_deref()?;
+    if description.contains(GOOGLE_DELEGATION_MISSING) {
+        // The delegation is the Workspace admin's consent for the domain.
+        Some((Reason::ConsentRequired, false))
+    } else if description.contains(GOOGLE_CLOCK) {
+        Some((Reason::TokenRequestFailed, true))
+    } else if description.contains(GOOGLE_SIGNATURE) {
+        Some((Reason::ClientCredentialsInvalid, false))
+    } else if description.contains(GOOGLE_NO_USER) {
+        Some((Reason::InvalidSpec, false))
+    } else {
+        None
+    }
+}
+
+/// Google: the service account's client id is not listed, or not for these scopes.
+const GOOGLE_DELEGATION_MISSING: &str = "Client is unauthorized to retrieve access tokens";
+/// Google: the assertion's `iat`/`exp` are not around Google's time.
+const GOOGLE_CLOCK: &str = "Invalid JWT: Token must be a short-lived token";
+/// Google: the assertion is not signed by a current key of the service account.
+const GOOGLE_SIGNATURE: &str = "Invalid JWT Signature";
+/// Google: the `sub` (the mailbox) is no user of the domain.
+const GOOGLE_NO_USER: &str = "Invalid email or User ID";
+
+/// Where a Workspace admin lists a service account for domain-wide delegation.
+const GOOGLE_DELEGATION_FIX: &str = "Google Admin console -> Security -> Access and data control -> API controls -> \
+     Manage Domain Wide Delegation: add the service account's numeric client ID (its Unique ID, not its email) with \
+     exactly the scopes the binding requests (https://mail.google.com/); a new or changed delegation may take up \
+     to 24 hours to apply, then set mailoauth.io/refresh-requested to a new value";
+
 /// Provider answers whose cause a person could not guess from the text, with what to do. Data,
-/// not branches: a new one is a row.
+/// not branches: a new one is a row. The first row that matches is shown.
 const HINTS: &[(Hint, &str)] = &[
     (
         Hint::Aadsts(53003),
-        "Conditional Access blocked the sign-in; Microsoft-managed policies block the device code flow since \
-         2025: use the authorizationCode grant, or have an admin exclude this app from the policy",
+        "Conditional Access blocked the sign-in; the Microsoft-managed policy \"Block device code flow\" (since \
+         2025) can exclude users and groups only, not apps: use the authorizationCode grant, or have an admin \
+         exclude the mailbox's user from that policy",
     ),
     (
         Hint::Aadsts(700082),
@@ -102,24 +148,60 @@ const HINTS: &[(Hint, &str)] = &[
          unsuspended so that it is used",
     ),
     (
+        Hint::Aadsts(70043),
+        "a Conditional Access sign-in frequency policy ended the grant: authorize again, or have an admin \
+         exclude the mailbox's user from that sign-in frequency policy",
+    ),
+    (
         Hint::Aadsts(700024),
         "the client assertion's times are outside what Entra accepts: the operator's clock is off; check \
-         the node's time synchronisation (NTP)",
+         the node's time synchronisation (NTP); retried with backoff",
     ),
     (
         Hint::Aadsts(7000215),
         "the client secret is wrong: use the secret's Value, not its ID, from the app registration",
     ),
     (
-        Hint::Text("Invalid JWT"),
-        "Google refused the service-account assertion: check the node's clock (NTP), that the key in \
-         serviceAccountKeyRef is current, and that domain-wide delegation lists this client id and scope",
+        Hint::Aadsts(7000218),
+        "Entra treats the app as a confidential client and got no secret or assertion: for a public client \
+         (no clientAuthentication, e.g. deviceCode) turn on Authentication -> Advanced settings -> \
+         \"Allow public client flows\" in the app registration; otherwise give the provider a client secret \
+         or certificate",
+    ),
+    (
+        Hint::Aadsts(700016),
+        "no app with this client id exists in the tenant: check clientId (the Application (client) ID) and \
+         microsoft.tenant; an app registered in another tenant must first be consented in this one",
+    ),
+    (
+        Hint::Aadsts(50011),
+        "the redirect URI is not registered: add <public URL>/callback exactly, under Authentication, to \
+         the app registration (\"Mobile and desktop applications\" for http://localhost, \"Web\" for https)",
+    ),
+    (Hint::Text(GOOGLE_DELEGATION_MISSING), GOOGLE_DELEGATION_FIX),
+    (
+        Hint::Text(GOOGLE_CLOCK),
+        "Google refused the service-account assertion's times: the operator's clock is off; check the \
+         node's time synchronisation (NTP); retried with backoff",
+    ),
+    (
+        Hint::Text(GOOGLE_SIGNATURE),
+        "Google did not accept the assertion's signature: the key in serviceAccountKeyRef was deleted, \
+         disabled or belongs to another service account; create a new JSON key for this service account \
+         and put it in that Secret",
+    ),
+    (
+        Hint::Text(GOOGLE_NO_USER),
+        "Google knows no user spec.mailbox in the Workspace domain: name the mailbox's primary address \
+         of an existing user (not a group or an alias)",
     ),
     (
         Hint::Text("Token has been expired or revoked"),
-        "if this happens about a week after consent, the Google consent screen is still in Testing: \
-         publish it (In production), then authorize again",
+        "if this happens about a week after consent, the Google OAuth consent screen is External and in \
+         Testing: for a Workspace domain make the app Internal (or publish it, In production), then \
+         authorize again",
     ),
+    (Hint::Error("access_denied"), GOOGLE_DELEGATION_FIX),
 ];
 
 /// What a hint matches.
@@ -129,17 +211,20 @@ enum Hint {
     Aadsts(u32),
     /// Text in the `error_description`.
     Text(&'static str),
+    /// The OAuth `error` code.
+    Error(&'static str),
 }
 
 /// The hint for a provider answer, if there is one.
 pub fn hint(err: &UpstreamError) -> Option<&'static str> {
-    let description = err.description.as_deref()?;
+    let description = err.description.as_deref().unwrap_or_default();
     let code = aadsts_code(description);
     HINTS
         .iter()
         .find(|(h, _)| match h {
             Hint::Aadsts(n) => code == Some(*n),
             Hint::Text(t) => description.contains(t),
+            Hint::Error(e) => err.error.as_deref() == Some(*e),
         })
         .map(|(_, text)| *text)
 }
@@ -188,7 +273,7 @@ mod tests {
                 "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe.",
                 "clock",
             ),
-            ("invalid_grant", "Token has been expired or revoked.", "consent screen is still in Testing"),
+            ("invalid_grant", "Token has been expired or revoked.", "consent screen is External and in Testing"),
         ];
         for (error, description, words) in cases {
             let f = classify(&oauth(400, error, description));

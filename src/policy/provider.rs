@@ -235,12 +235,44 @@ pub fn mailbox_allowed(allowed: &[String], mailbox: &str) -> bool {
         })
 }
 
+/// Exchange Online's resource, as the operator spells it in the scopes it sends.
+const EXCHANGE_RESOURCE: &str = "https://outlook.office365.com/";
+
+/// Other spellings of the same resource: Microsoft's pages write `https://outlook.office.com/`
+/// (`https://outlook.office.com/IMAP.AccessAsUser.All`), and Entra accepts and may grant either.
+const EXCHANGE_RESOURCE_ALIASES: [&str; 2] = ["https://outlook.office.com/", EXCHANGE_RESOURCE];
+
+/// A scope as it is compared: an Exchange Online scope under either host, with its permission
+/// name without case (Entra's permission names are case-insensitive); any other scope as written
+/// (RFC 6749 §3.3: scope tokens are case-sensitive).
+pub fn scope_key(scope: &str) -> std::borrow::Cow<'_, str> {
+    for resource in EXCHANGE_RESOURCE_ALIASES {
+        if let Some(head) = scope.get(..resource.len())
+            && head.eq_ignore_ascii_case(resource)
+        {
+            let permission = scope.get(resource.len()..).unwrap_or_default();
+            return std::borrow::Cow::Owned(format!("{EXCHANGE_RESOURCE}{}", permission.to_ascii_lowercase()));
+        }
+    }
+    std::borrow::Cow::Borrowed(scope)
+}
+
+/// Whether two scopes name the same permission (see [`scope_key`]).
+pub fn same_scope(a: &str, b: &str) -> bool {
+    a == b || scope_key(a) == scope_key(b)
+}
+
+/// Whether `list` names `scope` (see [`scope_key`]).
+pub fn lists_scope(list: &[String], scope: &str) -> bool {
+    list.iter().any(|s| same_scope(s, scope))
+}
+
 /// The scopes among `requested` that `allowed` does not list (none when `allowed` is empty).
 pub fn scopes_not_allowed<'a>(allowed: &[String], requested: &'a [String]) -> Vec<&'a str> {
     if allowed.is_empty() {
         return Vec::new();
     }
-    requested.iter().filter(|s| !allowed.contains(s)).map(String::as_str).collect()
+    requested.iter().filter(|s| !lists_scope(allowed, s)).map(String::as_str).collect()
 }
 
 /// Scopes a provider may grant beside those asked for without them counting as more: OpenID
@@ -260,7 +292,7 @@ pub fn granted_beyond(
     let extra: Vec<&str> = granted
         .unwrap_or_default()
         .iter()
-        .filter(|s| !requested.contains(s) && !IDENTITY_SCOPES.contains(&s.as_str()))
+        .filter(|s| !lists_scope(requested, s) && !IDENTITY_SCOPES.contains(&s.as_str()))
         .map(String::as_str)
         .collect();
     let refused =
@@ -409,6 +441,47 @@ mod tests {
         assert!(granted_beyond(&limits, &asked, Some(&more), None).is_some_and(|w| w.contains("Mail.ReadWrite.All")));
         assert!(granted_beyond(&limits, &asked, None, Some("boss@fabrikam.com")).is_some());
         assert_eq!(granted_beyond(&limits, &asked, None, Some("a@contoso.com")), None);
+    }
+
+    #[test]
+    fn both_microsoft_spellings_of_an_exchange_scope_are_the_same_scope() {
+        let docs = "https://outlook.office.com/IMAP.AccessAsUser.All";
+        let sent = "https://outlook.office365.com/IMAP.AccessAsUser.All";
+        let allowed = vec![docs.to_owned(), "https://outlook.office.com/SMTP.Send".to_owned(), "offline_access".into()];
+        let requested =
+            vec![sent.to_owned(), "https://outlook.office365.com/SMTP.Send".to_owned(), "offline_access".into()];
+        assert!(scopes_not_allowed(&allowed, &requested).is_empty());
+        let more = vec!["https://outlook.office365.com/Mail.ReadWrite".to_owned()];
+        assert_eq!(scopes_not_allowed(&allowed, &more), vec!["https://outlook.office365.com/Mail.ReadWrite"]);
+        // Entra grants under the other host than was asked: that is no scope beyond the request.
+        let limits = cluster(serde_json::json!({"allowedScopes": [docs], "allowedMailboxes": ["contoso.com"]}));
+        assert_eq!(granted_beyond(&limits, &[sent.to_owned()], Some(&[docs.to_owned(), "openid".into()]), None), None);
+        let beyond = ["https://outlook.office.com/Mail.ReadWrite.All".to_owned()];
+        assert!(granted_beyond(&limits, &[sent.to_owned()], Some(&beyond), None).is_some());
+        // Only Exchange Online's resource: other scopes keep their case and host.
+        assert!(!same_scope("https://mail.google.com/", "https://MAIL.google.com/"));
+        assert!(!same_scope("https://outlook.office.com.evil/IMAP.AccessAsUser.All", sent));
+        assert!(!same_scope(
+            "https://outlook.office365.com/IMAP.AccessAsUser.All",
+            "https://outlook.office365.com/POP.AccessAsUser.All"
+        ));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::policy::fuzz_cases()))]
+        #[test]
+        fn an_exchange_scope_under_either_host_is_allowed_by_the_other(
+            permission in "[A-Za-z.]{1,30}", docs_host in proptest::bool::ANY, upper in proptest::bool::ANY
+        ) {
+            let host = |office365: bool| if office365 { "https://outlook.office365.com/" } else { "https://outlook.office.com/" };
+            let allowed = vec![format!("{}{permission}", host(docs_host))];
+            let written = format!("{}{permission}", host(!docs_host));
+            let asked = if upper { written.to_ascii_uppercase() } else { written };
+            proptest::prop_assert!(scopes_not_allowed(&allowed, std::slice::from_ref(&asked)).is_empty(), "{asked}");
+            proptest::prop_assert!(same_scope(&asked, &allowed[0]));
+            let other = format!("{}{permission}X", host(docs_host));
+            proptest::prop_assert!(!same_scope(&other, &allowed[0]));
+        }
     }
 
     #[test]

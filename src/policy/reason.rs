@@ -12,13 +12,17 @@ pub enum Reason {
     AwaitingAuthorization,
     /// The person did not complete the interactive grant in time.
     AuthorizationExpired,
-    /// The person declined the interactive grant (`access_denied`).
+    /// The person declined the interactive grant (`access_denied`; Entra's device flow says
+    /// `authorization_declined`).
     AuthorizationDenied,
     /// The grant is dead (`invalid_grant`: revoked, expired, password changed).
     ReauthorizationRequired,
-    /// The user or an admin has not consented to the scopes (`invalid_scope`, AADSTS65001).
+    /// The user or an admin has not consented to the scopes (`invalid_scope`, AADSTS65001), or a
+    /// token endpoint denied this client (`access_denied`; Google: a domain-wide delegation that
+    /// does not list the client or its scopes).
     ConsentRequired,
-    /// The provider rejected the client id or secret (`invalid_client`, AADSTS7000215).
+    /// The provider rejected the client id or its credential (`invalid_client`, AADSTS7000215,
+    /// AADSTS700016, Google's "Invalid JWT Signature").
     ClientCredentialsInvalid,
     /// The client secret has expired (AADSTS7000222).
     ClientSecretExpired,
@@ -133,7 +137,9 @@ impl Reason {
                  tenant), then set mailoauth.io/refresh-requested to a new value"
             }
             Reason::ClientCredentialsInvalid => {
-                "check the provider's clientId and the client secret in the referenced Secret"
+                "check the provider's clientId (and for Microsoft its tenant) and its credential: the client \
+                 secret in the referenced Secret, the certificate in certificateRef, or the service account \
+                 key in serviceAccountKeyRef"
             }
             Reason::ClientSecretExpired => {
                 "create a new client secret at the provider, add it first in \
@@ -175,8 +181,8 @@ impl Reason {
             }
             Reason::ClientSecretNotFound => "create the Secret named in clientAuthentication.clientSecretRefs",
             Reason::EndpointsUnresolved => {
-                "check generic.issuerUrl (it must serve /.well-known/openid-configuration over \
-                 https) or give tokenUrl explicitly"
+                "check generic.issuerUrl (it must serve /.well-known/openid-configuration or RFC 8414's \
+                 /.well-known/oauth-authorization-server over https) or give tokenUrl explicitly"
             }
             Reason::ClientSecretExpiring => {
                 "create a new client secret at the provider and add it first in clientSecretRefs"

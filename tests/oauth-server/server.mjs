@@ -10,7 +10,8 @@
 // SERVICE_ACCOUNT_PUBLIC_KEY_FILE and SERVICE_ACCOUNT_EMAIL (optional: a JWT bearer service account),
 // APP_TOKEN_EMAIL (optional: the mailbox client-credentials tokens may open),
 // FAST_ACCESS_TOKEN_TTL (seconds, for client mail-app-fast), INTROSPECTION_PORT (optional
-// plain-http listener for Dovecot on 127.0.0.1).
+// plain-http listener for Dovecot on 127.0.0.1), DISCOVERY=rfc8414 (no OpenID Connect discovery:
+// metadata only at RFC 8414's /.well-known/oauth-authorization-server).
 // Prints one JSON line {"issuer", "port", "introspectionPort"} on stdout when listening.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -115,6 +116,8 @@ if (process.env.CLIENT_CERT_FILE) {
     response_types: ['code'],
     redirect_uris: ['http://127.0.0.1/callback', 'http://localhost/callback'],
     token_endpoint_auth_method: 'private_key_jwt',
+    // Entra's certificate credentials ask for PS256: an RS256 assertion is refused here.
+    token_endpoint_auth_signing_alg: 'PS256',
     jwks: { keys: [jwk] },
     scope: 'openid offline_access email mail',
   });
@@ -241,8 +244,13 @@ async function testRoute(req, res) {
 
 const tls = { cert: fs.readFileSync(process.env.TLS_CERT), key: fs.readFileSync(process.env.TLS_KEY) };
 let callback;
+// DISCOVERY=rfc8414: a plain OAuth 2.0 server without OpenID Connect discovery, publishing its
+// metadata only at RFC 8414's /.well-known/oauth-authorization-server.
+const rfc8414Only = process.env.DISCOVERY === 'rfc8414';
 const server = https.createServer(tls, async (req, res) => {
   if (req.url.startsWith('/test/')) return testRoute(req, res);
+  if (rfc8414Only && req.url.startsWith('/.well-known/openid-configuration')) return send(res, 404, { error: 'not_found' });
+  if (rfc8414Only && req.url === '/.well-known/oauth-authorization-server') req.url = '/.well-known/openid-configuration';
   if (req.method === 'GET' && req.url.startsWith('/interaction/')) return interaction(req, res);
   if (req.method === 'POST' && req.url.startsWith('/device/auth')) stats.device_codes += 1;
   if (req.method === 'POST' && req.url.startsWith('/token')) {

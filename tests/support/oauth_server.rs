@@ -19,7 +19,8 @@ pub struct OAuthServer {
     pub issuer: String,
     /// PEM of the CA that signed the server certificate.
     pub ca_pem: String,
-    /// The certificate of the `private_key_jwt` client `mail-cert` (P-256).
+    /// The certificate of the `private_key_jwt` client `mail-cert` (RSA, as Entra's certificates
+    /// are; the server accepts only PS256 assertions from it, as Entra asks).
     pub client_cert_pem: String,
     /// Its private key.
     pub client_key_pem: String,
@@ -46,6 +47,16 @@ async fn ensure_installed() {
         .await
         .expect("npm runs (Node.js 20+ and npm must be installed)");
     assert!(status.success(), "npm ci in {} failed", dir.display());
+}
+
+/// A fresh 2048-bit RSA private key (PKCS#8 PEM), made by openssl: ring cannot generate RSA keys.
+pub fn rsa_private_key() -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
+        .output()
+        .expect("openssl runs");
+    assert!(out.status.success(), "openssl genpkey failed");
+    String::from_utf8(out.stdout).expect("PEM")
 }
 
 /// A fresh CA and a server certificate for 127.0.0.1 and localhost signed by it: (CA PEM,
@@ -77,7 +88,7 @@ impl OAuthServer {
         let (ca_pem, cert, key) = certificates();
         std::fs::write(dir.path().join("tls.crt"), &cert).expect("write cert");
         std::fs::write(dir.path().join("tls.key"), &key).expect("write key");
-        let client_key = KeyPair::generate().expect("client key");
+        let client_key = KeyPair::from_pem(&rsa_private_key()).expect("client key");
         let client_cert = CertificateParams::new(vec!["mail-cert".to_owned()])
             .expect("client params")
             .self_signed(&client_key)
