@@ -93,10 +93,20 @@ pub(crate) async fn verify(
     };
     let sasl = Sasl::new(mechanism, creds, target);
     ensure_protected(conn, target)?;
-    conn.write_line(&format!("a4 AUTHENTICATE {}", mechanism.name()), Step::Authenticate).await?;
+    let seen = login(conn, &sasl, settings).await?;
+    // Logging out is a courtesy: the verdict is already known.
+    if conn.write_line("a6 LOGOUT", Step::Logout).await.is_ok() {
+        let _ = answer(conn, "a6", Step::Logout, settings, false).await;
+    }
+    Ok(seen)
+}
+
+/// The two-step SASL exchange and, when it succeeds, the check that the mailbox is connected.
+async fn login(conn: &mut Conn, sasl: &Sasl, settings: &Settings) -> Result<Observed, MailError> {
+    conn.write_line(&format!("a4 AUTHENTICATE {}", sasl.mechanism.name()), Step::Authenticate).await?;
     match answer(conn, "a4", Step::Authenticate, settings, true).await? {
         Err(_ready) => {}
-        Ok(a) => return Ok(refused(&sasl, a)),
+        Ok(a) => return Ok(refused(sasl, a)),
     }
     conn.write_secret_line(sasl.response(), Step::Authenticate).await?;
     let done = match answer(conn, "a4", Step::Authenticate, settings, true).await? {
@@ -111,19 +121,14 @@ pub(crate) async fn verify(
         }
     };
     if done.status != ImapStatus::Ok {
-        return Ok(refused(&sasl, done));
+        return Ok(refused(sasl, done));
     }
     conn.write_line("a5 LIST \"\" \"\"", Step::Check).await?;
-    let seen = match answer(conn, "a5", Step::Check, settings, false).await? {
+    Ok(match answer(conn, "a5", Step::Check, settings, false).await? {
         Ok(a) if a.status == ImapStatus::Ok => Observed::LoggedIn,
         Ok(a) => Observed::NotConnected { text: sasl.text(&[a.line]) },
         Err(text) => Observed::NotConnected { text: sasl.text(&[text]) },
-    };
-    // Logging out is a courtesy: the verdict is already known.
-    if conn.write_line("a6 LOGOUT", Step::Logout).await.is_ok() {
-        let _ = answer(conn, "a6", Step::Logout, settings, false).await;
-    }
-    Ok(seen)
+    })
 }
 
 fn refused(sasl: &Sasl, a: Answer) -> Observed {

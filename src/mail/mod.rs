@@ -347,9 +347,9 @@ pub async fn verify(target: &Target, creds: &Credentials, settings: &Settings) -
     match tokio::time::timeout(limits.overall, session(target, creds, settings)).await {
         Ok(Ok(seen)) => seen,
         Ok(Err(e)) => e.observed(),
-        Err(_) => Observed::Unreachable {
-            why: format!("the check did not finish within {} s", limits.overall.as_secs()),
-        },
+        Err(_) => {
+            Observed::Unreachable { why: format!("the check did not finish within {} s", limits.overall.as_secs()) }
+        }
     }
 }
 

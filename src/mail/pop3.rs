@@ -61,11 +61,21 @@ pub(crate) async fn verify(
     };
     let sasl = Sasl::new(mechanism, creds, target);
     ensure_protected(conn, target)?;
-    conn.write_line(&format!("AUTH {}", mechanism.name()), Step::Authenticate).await?;
+    let seen = login(conn, &sasl).await?;
+    // QUIT is a courtesy: the verdict is already known.
+    if conn.write_line("QUIT", Step::Logout).await.is_ok() {
+        let _ = conn.read_line(Step::Logout).await;
+    }
+    Ok(seen)
+}
+
+/// The two-step SASL exchange.
+async fn login(conn: &mut Conn, sasl: &Sasl) -> Result<Observed, MailError> {
+    conn.write_line(&format!("AUTH {}", sasl.mechanism.name()), Step::Authenticate).await?;
     let line = conn.read_line(Step::Authenticate).await?;
     match reply::pop3(&line) {
         Pop3::Continuation(_) => {}
-        Pop3::Err(_) => return Ok(refused(&sasl, line)),
+        Pop3::Err(_) => return Ok(refused(sasl, line)),
         _ => return Err(MailError::Unexpected { step: Step::Authenticate, text: sasl.text(&[line]) }),
     }
     conn.write_secret_line(sasl.response(), Step::Authenticate).await?;
@@ -75,16 +85,11 @@ pub(crate) async fn verify(
         conn.write_line(sasl.failure_answer(), Step::Authenticate).await?;
         line = conn.read_line(Step::Authenticate).await?;
     }
-    let seen = match reply::pop3(&line) {
-        Pop3::Ok(_) => Observed::LoggedIn,
-        Pop3::Err(_) => refused(&sasl, line),
-        _ => return Err(MailError::Unexpected { step: Step::Authenticate, text: sasl.text(&[line]) }),
-    };
-    // QUIT is a courtesy: the verdict is already known.
-    if conn.write_line("QUIT", Step::Logout).await.is_ok() {
-        let _ = conn.read_line(Step::Logout).await;
+    match reply::pop3(&line) {
+        Pop3::Ok(_) => Ok(Observed::LoggedIn),
+        Pop3::Err(_) => Ok(refused(sasl, line)),
+        _ => Err(MailError::Unexpected { step: Step::Authenticate, text: sasl.text(&[line]) }),
     }
-    Ok(seen)
 }
 
 fn refused(sasl: &Sasl, line: String) -> Observed {

@@ -81,9 +81,17 @@ pub(crate) async fn verify(
     };
     let sasl = Sasl::new(mechanism, creds, target);
     ensure_protected(conn, target)?;
-    let r = command(conn, &format!("AUTH {}", mechanism.name()), Step::Authenticate, settings).await?;
+    let seen = login(conn, &sasl, settings).await?;
+    // QUIT is a courtesy: the verdict is already known.
+    let _ = command(conn, "QUIT", Step::Logout, settings).await;
+    Ok(seen)
+}
+
+/// The two-step SASL exchange.
+async fn login(conn: &mut Conn, sasl: &Sasl, settings: &Settings) -> Result<Observed, MailError> {
+    let r = command(conn, &format!("AUTH {}", sasl.mechanism.name()), Step::Authenticate, settings).await?;
     if r.code != 334 {
-        return Ok(refused(&sasl, &r));
+        return Ok(refused(sasl, &r));
     }
     conn.write_secret_line(sasl.response(), Step::Authenticate).await?;
     let mut r = read_reply(conn, Step::Authenticate, settings).await?;
@@ -91,10 +99,7 @@ pub(crate) async fn verify(
         // A failure challenge (base64 JSON): answer it so that the server ends the exchange.
         r = command(conn, sasl.failure_answer(), Step::Authenticate, settings).await?;
     }
-    let seen = if r.code == 235 { Observed::LoggedIn } else { refused(&sasl, &r) };
-    // QUIT is a courtesy: the verdict is already known.
-    let _ = command(conn, "QUIT", Step::Logout, settings).await;
-    Ok(seen)
+    Ok(if r.code == 235 { Observed::LoggedIn } else { refused(sasl, &r) })
 }
 
 fn refused(sasl: &Sasl, r: &Reply) -> Observed {

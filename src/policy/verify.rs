@@ -144,9 +144,16 @@ fn upper(p: Protocol) -> &'static str {
     }
 }
 
-/// A mailbox as shown in a command: printable characters only, bounded.
+/// A mailbox (or service principal) as shown in a PowerShell command: as it is when it holds only
+/// letters, digits and `@._+-`; otherwise in single quotes (PowerShell takes nothing in them
+/// literally but a doubled quote), printable ASCII only. Bounded.
 fn shown(mailbox: &str) -> String {
-    mailbox.chars().filter(|c| c.is_ascii_graphic() && !matches!(c, '\'' | '"' | '`' | '$')).take(254).collect()
+    let printable: String = mailbox.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(254).collect();
+    if !printable.is_empty() && printable.chars().all(|c| c.is_ascii_alphanumeric() || "@._+-".contains(c)) {
+        printable
+    } else {
+        format!("'{}'", printable.replace('\'', "''"))
+    }
 }
 
 fn contains(text: &str, needle: &str) -> bool {
@@ -181,11 +188,9 @@ pub fn classify(check: &Check<'_>, seen: &Observed) -> Verdict {
     let mailbox = shown(check.mailbox);
     let verdict = |reason, transient, message| Verdict { reason, transient, message };
     match seen {
-        Observed::LoggedIn => verdict(
-            VerifyReason::Verified,
-            false,
-            format!("{mailbox} logged in to {at} with its token and out again"),
-        ),
+        Observed::LoggedIn => {
+            verdict(VerifyReason::Verified, false, format!("{mailbox} logged in to {at} with its token and out again"))
+        }
         Observed::NotConnected { text } => {
             let text = provider_text(text, &[]);
             if contains(&text, "authenticated but not connected") {
@@ -334,11 +339,16 @@ mod tests {
             assert!(!v.transient);
             assert!(v.message.contains(&format!("disabled for {scope}")), "{}", v.message);
             assert!(
-                v.message.contains("Set-CASMailbox -Identity scanner@contoso.com -SmtpClientAuthenticationDisabled $false"),
+                v.message
+                    .contains("Set-CASMailbox -Identity scanner@contoso.com -SmtpClientAuthenticationDisabled $false"),
                 "{}",
                 v.message
             );
-            assert!(v.message.contains("Set-TransportConfig -SmtpClientAuthenticationDisabled $false"), "{}", v.message);
+            assert!(
+                v.message.contains("Set-TransportConfig -SmtpClientAuthenticationDisabled $false"),
+                "{}",
+                v.message
+            );
             assert!(v.message.contains("5.7.139"), "{}", v.message);
         }
     }
@@ -417,11 +427,13 @@ mod tests {
 
     #[test]
     fn a_temporary_refusal_is_transient_and_never_an_access_problem() {
-        let seen = Observed::Refused { text: "a2 NO [UNAVAILABLE] Temporary authentication failure".into(), temporary: true };
+        let seen =
+            Observed::Refused { text: "a2 NO [UNAVAILABLE] Temporary authentication failure".into(), temporary: true };
         let v = classify(&check(Protocol::Imap, GrantKind::AppOnly), &seen);
         assert_eq!(v.reason, VerifyReason::LoginRefused);
         assert!(v.transient);
-        let seen = Observed::Refused { text: "454 4.7.0 Temporary authentication failure: disabled".into(), temporary: true };
+        let seen =
+            Observed::Refused { text: "454 4.7.0 Temporary authentication failure: disabled".into(), temporary: true };
         assert_eq!(classify(&check(Protocol::Pop3, GrantKind::Delegated), &seen).reason, VerifyReason::LoginRefused);
     }
 
@@ -436,7 +448,8 @@ mod tests {
         assert!(!v.message.contains("EwBwA8l6"), "{}", v.message);
         assert!(v.message.len() < 1_000, "{}", v.message);
         // Control characters from a hostile server never reach the message.
-        let v = classify(&check(Protocol::Imap, GrantKind::Delegated), &refused_with("a2 NO \u{1b}[31mred\r\nInjected: 1"));
+        let v =
+            classify(&check(Protocol::Imap, GrantKind::Delegated), &refused_with("a2 NO \u{1b}[31mred\r\nInjected: 1"));
         assert!(!v.message.contains('\u{1b}') && !v.message.contains("Injected"), "{}", v.message);
     }
 
@@ -467,6 +480,15 @@ mod tests {
         let mut c = check(Protocol::Smtp, GrantKind::Delegated);
         c.mailbox = "x@y.com; Remove-Mailbox -Identity 'ceo'\n$(rm)";
         let v = classify(&c, &refused_with(SMTP_TENANT));
-        assert!(!v.message.contains('\n') && !v.message.contains('\'') && !v.message.contains("$(rm"), "{}", v.message);
+        assert!(
+            v.message.contains(
+                "-Identity 'x@y.com; Remove-Mailbox -Identity ''ceo''$(rm)' -SmtpClientAuthenticationDisabled"
+            ),
+            "{}",
+            v.message
+        );
+        assert!(!v.message.contains('\n'), "{}", v.message);
+        c.mailbox = "scanner@contoso.com";
+        assert!(classify(&c, &refused_with(SMTP_TENANT)).message.contains("-Identity scanner@contoso.com -Smtp"));
     }
 }
