@@ -30,7 +30,12 @@ async fn answer(
             Imap::Tagged { tag: t, status, .. } if t == tag => return Ok(Ok(Answer { status, line, untagged })),
             Imap::Continuation(text) if continuation => return Ok(Err(text.to_owned())),
             Imap::Untagged(text) => {
-                if text.len() >= 3 && text.get(..3).is_some_and(|w| w.eq_ignore_ascii_case("BYE")) {
+                if text.get(..3).is_some_and(|w| w.eq_ignore_ascii_case("BYE")) {
+                    // During authentication a BYE is the server's refusal (Dovecot: "Authentication
+                    // response too large"); elsewhere the conversation is over.
+                    if step == Step::Authenticate {
+                        return Ok(Ok(Answer { status: ImapStatus::No, line, untagged }));
+                    }
                     return Err(MailError::Closed { step });
                 }
                 untagged.push(text.to_owned());
