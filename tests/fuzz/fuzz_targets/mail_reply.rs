@@ -22,7 +22,16 @@ fuzz_target!(|bytes: &[u8]| {
     assert!(!text.contains(TOKEN));
     for protocol in Protocol::ALL {
         for grant in [GrantKind::Delegated, GrantKind::AppOnly] {
-            let check = Check { protocol, host: "mail.example", port: 993, mailbox: &line, grant, service_principal: None };
+            let check = Check {
+                protocol,
+                host: "mail.example",
+                port: 993,
+                mailbox: "m@example.com",
+                grant,
+                service_principal: None,
+            };
+            // Any mailbox name (tenant input) stays on one line.
+            let any_mailbox = Check { mailbox: &line, service_principal: Some(&line), ..check };
             for seen in [
                 Observed::Refused { text: text.clone(), temporary: false },
                 Observed::NotConnected { text: text.clone() },
@@ -30,6 +39,7 @@ fuzz_target!(|bytes: &[u8]| {
                 let verdict = classify(&check, &seen);
                 assert!(!verdict.message.contains(TOKEN));
                 assert!(!verdict.message.contains('\n'));
+                assert!(!classify(&any_mailbox, &seen).message.contains('\n'));
             }
         }
     }
