@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fuzzes the parsers that read what tenants and token endpoints send (tests/fuzz: token, error
+# Fuzzes the parsers that read what tenants, token endpoints and mail servers send (tests/fuzz: token, error
 # and device responses and id_tokens, Go durations, the SASL value and template substitution,
-# pasted authorization responses) with cargo-fuzz (libFuzzer, AddressSanitizer), each target for
+# pasted authorization responses, mail server replies) with cargo-fuzz (libFuzzer, AddressSanitizer), each target for
 # the given seconds (default 30), and prints the executions per target; a target that ran no input
 # at all (0 executions, or no libFuzzer summary) fails the run. Installs cargo-fuzz when missing.
 # The machine's stable toolchain builds the sanitizer flags cargo-fuzz passes when
@@ -15,7 +15,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 export RUSTC_BOOTSTRAP=1
 total=0
-for target in token_response go_duration publish authorization_response; do
+for target in token_response go_duration publish authorization_response mail_reply; do
   log=$(mktemp)
   if ! cargo fuzz run --fuzz-dir tests/fuzz "$target" -- -max_total_time="$seconds" >"$log" 2>&1; then
     tail -40 "$log" >&2

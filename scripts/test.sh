@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: installs what the tests need (Node.js and npm for the real
-# OAuth server, its npm packages, cargo-nextest when missing), then the unit, scenario and
+# OAuth server, its npm packages, cargo-nextest, Dovecot and, as root, Postfix when missing), then the unit, scenario and
 # integration tests, then the end-to-end suite on real parts (tests/e2e/run.sh: it installs and
 # builds its own components). The tests start and stop the servers they use themselves.
 # `scripts/test.sh --no-e2e` skips the end-to-end suite.
@@ -13,6 +13,18 @@ if ! need node || ! need npm; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm
 fi
 (cd tests/oauth-server && npm ci --no-audit --no-fund --loglevel=error)
+
+# tests/mail_servers.rs logs in at a real Dovecot (IMAP, POP3) and, as root, Postfix submission.
+packages=(dovecot-core dovecot-imapd dovecot-pop3d)
+[ "$(id -u)" = 0 ] && packages+=(postfix)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}" >&2
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null || true
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest" >&2

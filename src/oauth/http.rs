@@ -186,10 +186,10 @@ struct PolicyResolver(OutboundPolicy);
 /// A resolution refused by the outbound policy.
 #[derive(Debug, thiserror::Error)]
 #[error("every address of this name is refused by the outbound policy")]
-struct Refused;
+pub(crate) struct Refused;
 
 /// The addresses of `found` the policy allows, or [`Refused`] when there are none.
-fn allowed_addresses(
+pub(crate) fn allowed_addresses(
     policy: OutboundPolicy,
     found: impl IntoIterator<Item = SocketAddr>,
 ) -> Result<Vec<SocketAddr>, Refused> {

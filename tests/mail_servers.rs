@@ -1,0 +1,340 @@
+//! The XOAUTH2 mail clients (`mail_oauth_operator::mail`) against real servers: Dovecot IMAP
+//! (STARTTLS) and POP3 (implicit TLS), and Postfix submission (STARTTLS, SASL through Dovecot;
+//! root only), all validating tokens of the real OAuth server (oidc-provider) by RFC 7662
+//! introspection, with TLS certificates from a throwaway CA the client is given as extra root.
+//! Outside CI a missing Postfix (not root) is reported as skipped; in CI (`CI` set) it fails.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mail_oauth_operator::api::Protocol;
+use mail_oauth_operator::mail::{Credentials, Settings, Target, TlsMode, certificates_from_pem, verify};
+use mail_oauth_operator::oauth::http::OutboundPolicy;
+use mail_oauth_operator::policy::verify::{Check, GrantKind, Observed, VerifyReason, classify};
+use secrecy::SecretString;
+use support::oauth_server::{OAuthServer, certificates};
+
+const MAILBOX: &str = "helpdesk@example.com";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+/// Dovecot with IMAP (STARTTLS required) and POP3 (implicit TLS), the oauth2 passdb, and an auth
+/// listener for Postfix. Stopped on drop.
+struct Dovecot {
+    imap: u16,
+    pop3s: u16,
+    auth: u16,
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl Dovecot {
+    fn start(dir: &Path, introspection: u16, cert: &Path, key: &Path) -> Self {
+        let d = dir.join("dovecot");
+        std::fs::create_dir_all(d.join("run")).unwrap();
+        std::fs::create_dir_all(d.join("mail")).unwrap();
+        let (imap, pop3s, auth) = (free_port(), free_port(), free_port());
+        let (users, mail_user) = if root() {
+            let chown = Command::new("chown").args(["dovecot:dovecot"]).arg(d.join("mail")).status().unwrap();
+            assert!(chown.success());
+            (
+                "default_internal_user = dovecot\ndefault_login_user = dovenull\nfirst_valid_uid = 100\n".to_owned(),
+                "uid=dovecot gid=dovecot".to_owned(),
+            )
+        } else {
+            let me = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap();
+            let me = me.trim();
+            let ids = |flag: &str| String::from_utf8(Command::new("id").arg(flag).output().unwrap().stdout).unwrap();
+            (
+                format!("default_internal_user = {me}\ndefault_login_user = {me}\n"),
+                format!("uid={} gid={}", ids("-u").trim(), ids("-g").trim()),
+            )
+        };
+        std::fs::write(
+            d.join("oauth2.conf.ext"),
+            format!(
+                "introspection_mode = post\n\
+                 introspection_url = http://introspector:introspector-secret@127.0.0.1:{introspection}/token/introspection\n\
+                 force_introspection = yes\nusername_attribute = email\nactive_attribute = active\n\
+                 active_value = true\nscope = mail\n"
+            ),
+        )
+        .unwrap();
+        let d_s = d.display();
+        // One home for every user: a long user name must not become a path.
+        let conf = format!(
+            r#"
+base_dir = {d_s}/run
+state_dir = {d_s}/run
+log_path = {d_s}/dovecot.log
+protocols = imap pop3
+listen = 127.0.0.1
+ssl = required
+ssl_cert = <{cert}
+ssl_key = <{key}
+ssl_dh = </usr/share/dovecot/dh.pem
+disable_plaintext_auth = yes
+auth_mechanisms = xoauth2 oauthbearer
+auth_cache_size = 0
+auth_failure_delay = 0
+auth_verbose = yes
+{users}
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {d_s}/oauth2.conf.ext
+}}
+userdb {{
+  driver = static
+  args = {mail_user} home={d_s}/mail/home
+}}
+mail_location = maildir:~/Maildir
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {imap}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    port = 0
+  }}
+  inet_listener pop3s {{
+    address = 127.0.0.1
+    port = {pop3s}
+    ssl = yes
+  }}
+}}
+service auth {{
+  inet_listener {{
+    address = 127.0.0.1
+    port = {auth}
+  }}
+}}
+service anvil {{
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
+}}
+"#,
+            cert = cert.display(),
+            key = key.display(),
+        );
+        std::fs::write(d.join("dovecot.conf"), conf).unwrap();
+        let child = Command::new("dovecot").arg("-F").arg("-c").arg(d.join("dovecot.conf")).spawn().expect(
+            "dovecot runs (scripts/test.sh installs dovecot-core, dovecot-imapd and dovecot-pop3d when missing)",
+        );
+        let dovecot = Dovecot { imap, pop3s, auth, child, dir: d };
+        dovecot.wait_for(imap, "Dovecot IMAP");
+        dovecot.wait_for(pop3s, "Dovecot POP3S");
+        dovecot
+    }
+
+    fn wait_for(&self, port: u16, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "{what} did not listen within 20 s: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Postfix with a submission service (STARTTLS required, SASL through Dovecot). Root only.
+struct Postfix {
+    port: u16,
+    conf: PathBuf,
+}
+
+impl Postfix {
+    fn start(dir: &Path, dovecot_auth: u16, cert: &Path, key: &Path) -> Self {
+        let d = dir.join("postfix");
+        let (conf, queue, data) = (d.join("conf"), d.join("queue"), d.join("data"));
+        for p in [&conf, &queue, &data] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        assert!(Command::new("chown").arg("postfix:postfix").arg(&data).status().unwrap().success());
+        let port = free_port();
+        std::fs::write(
+            conf.join("main.cf"),
+            format!(
+                "compatibility_level = 3.6\nqueue_directory = {q}\ndata_directory = {data}\nmail_owner = postfix\n\
+                 setgid_group = postdrop\nmyhostname = mail.localhost\nmydestination =\ninet_interfaces = 127.0.0.1\n\
+                 inet_protocols = ipv4\nmaillog_file = {d}/postfix.log\nmaillog_file_prefixes = {d}\n\
+                 smtpd_sasl_type = dovecot\nsmtpd_sasl_path = inet:127.0.0.1:{dovecot_auth}\nsmtpd_sasl_auth_enable = yes\n\
+                 smtpd_tls_security_level = encrypt\nsmtpd_tls_auth_only = yes\nsmtpd_tls_cert_file = {cert}\n\
+                 smtpd_tls_key_file = {key}\nsmtpd_relay_restrictions = permit_sasl_authenticated, reject\n\
+                 alias_maps =\nalias_database =\nlocal_recipient_maps =\n",
+                q = queue.display(),
+                data = data.display(),
+                d = d.display(),
+                cert = cert.display(),
+                key = key.display(),
+            ),
+        )
+        .unwrap();
+        let mut master = std::fs::read_to_string("/etc/postfix/master.cf").unwrap();
+        master.push_str(&format!(
+            "\n127.0.0.1:{port} inet n - n - - smtpd\n  -o syslog_name=postfix/submission\n  -o smtpd_sasl_auth_enable=yes\n"
+        ));
+        std::fs::write(conf.join("master.cf"), master).unwrap();
+        let out = Command::new("postfix").arg("-c").arg(&conf).arg("start").output().unwrap();
+        assert!(
+            out.status.success(),
+            "postfix start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "Postfix submission did not listen within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Postfix { port, conf }
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = Command::new("postfix").arg("-c").arg(&self.conf).arg("stop").output();
+    }
+}
+
+/// An access token from a real refresh-token grant for `account`.
+async fn access_token(oauth: &OAuthServer, account: &str) -> String {
+    let refresh = oauth.seed_refresh_token(account).await;
+    let answer = oauth.refresh_directly(&refresh).await;
+    answer["access_token"].as_str().unwrap_or_else(|| panic!("no access token: {answer}")).to_owned()
+}
+
+async fn check(settings: &Settings, protocol: Protocol, port: u16, tls: TlsMode, user: &str, token: &str) -> Observed {
+    let target = Target { protocol, host: "localhost".to_owned(), port, tls };
+    let creds = Credentials { user: user.to_owned(), token: SecretString::from(token.to_owned()) };
+    verify(&target, &creds, settings).await
+}
+
+fn reason(protocol: Protocol, user: &str, seen: &Observed) -> VerifyReason {
+    let c = Check {
+        protocol,
+        host: "localhost",
+        port: 0,
+        mailbox: user,
+        grant: GrantKind::Delegated,
+        service_principal: None,
+    };
+    classify(&c, seen).reason
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_dovecot_and_postfix_accept_real_tokens_and_refuse_others() {
+    let started = Instant::now();
+    let introspection = free_port();
+    let oauth = OAuthServer::start_with(3600, &[("INTROSPECTION_PORT", &introspection.to_string())]).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The mail servers' certificate, from a CA of their own that the client gets as extra root.
+    let (ca, cert, key) = certificates();
+    let (cert_path, key_path) = (dir.path().join("mail.crt"), dir.path().join("mail.key"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let dovecot = Dovecot::start(dir.path(), introspection, &cert_path, &key_path);
+    let settings = Settings::new(OutboundPolicy { allow_private: true }, &certificates_from_pem(&ca).unwrap()).unwrap();
+    let token = access_token(&oauth, MAILBOX).await;
+
+    // A token from a real grant logs in over IMAP (STARTTLS) and POP3 (implicit TLS).
+    let imap = check(&settings, Protocol::Imap, dovecot.imap, TlsMode::Starttls, MAILBOX, &token).await;
+    assert_eq!(imap, Observed::LoggedIn, "{}", dovecot.log());
+    assert_eq!(reason(Protocol::Imap, MAILBOX, &imap), VerifyReason::Verified);
+    let pop3 = check(&settings, Protocol::Pop3, dovecot.pop3s, TlsMode::Implicit, MAILBOX, &token).await;
+    assert_eq!(pop3, Observed::LoggedIn, "{}", dovecot.log());
+
+    // A token for another user than the one logging in, and a token the server does not know.
+    for (user, bad) in [("stranger@example.com", token.as_str()), (MAILBOX, "not-a-token-the-server-issued")] {
+        for (protocol, port, tls) in
+            [(Protocol::Imap, dovecot.imap, TlsMode::Starttls), (Protocol::Pop3, dovecot.pop3s, TlsMode::Implicit)]
+        {
+            let seen = check(&settings, protocol, port, tls, user, bad).await;
+            assert!(matches!(seen, Observed::Refused { temporary: false, .. }), "{protocol:?} {user}: {seen:?}");
+            assert_eq!(reason(protocol, user, &seen), VerifyReason::LoginRefused);
+        }
+    }
+
+    // A SASL response of 7 KiB (a 5,400-character user name: oidc-provider's tokens are short)
+    // logs in at Dovecot, whose login process refuses command lines over 4 KiB: the two-step
+    // exchange is what makes it pass. Over 8 KiB Dovecot 2.3 refuses any SASL response
+    // ("Authentication response too large") and closes the connection.
+    for (length, logs_in) in [(5_400, true), (7_000, false)] {
+        let long_user = format!("{}@example.com", "l".repeat(length));
+        let long_token = access_token(&oauth, &long_user).await;
+        let response = mail_oauth_operator::policy::publish::xoauth2(&long_user, &long_token);
+        assert!(response.len() > 4 * 1024 && (response.len() > 8 * 1024) != logs_in, "{}", response.len());
+        let seen = check(&settings, Protocol::Imap, dovecot.imap, TlsMode::Starttls, &long_user, &long_token).await;
+        if logs_in {
+            // Dovecot's login process accepts it ("Login: user=<...>, method=XOAUTH2"); its imap
+            // process then cannot serve a user name this long (its config protocol refuses the
+            // request: "Config client connection sent too much data") and drops the connection.
+            // What this proves is the login, read from Dovecot's log.
+            let log = dovecot.log();
+            let accepted = format!("Login: user=<{}", "l".repeat(60));
+            assert!(log.contains(&accepted) && log.contains("method=XOAUTH2"), "{seen:?}: {log}");
+            assert!(!matches!(seen, Observed::Refused { .. } | Observed::Tls { .. }), "{seen:?}");
+        } else {
+            // Dovecot drops the connection: a typed outcome, not a hang.
+            assert!(matches!(seen, Observed::Refused { .. } | Observed::Unreachable { .. }), "{seen:?}");
+            assert!(dovecot.log().contains("Authentication response too large"), "{}", dovecot.log());
+        }
+    }
+
+    // Without the servers' CA among the roots: TLSFailed, nothing sent.
+    let wrong =
+        Target { protocol: Protocol::Pop3, host: "localhost".to_owned(), port: dovecot.pop3s, tls: TlsMode::Implicit };
+    let creds = Credentials { user: MAILBOX.to_owned(), token: SecretString::from(token.clone()) };
+    let untrusted = Settings::new(OutboundPolicy { allow_private: true }, &[]).unwrap();
+    let seen = verify(&wrong, &creds, &untrusted).await;
+    assert_eq!(reason(Protocol::Pop3, MAILBOX, &seen), VerifyReason::TlsFailed, "{seen:?}");
+
+    // Postfix submission: EHLO, STARTTLS, EHLO, AUTH XOAUTH2 through Dovecot's auth service.
+    if root() {
+        let postfix = Postfix::start(dir.path(), dovecot.auth, &cert_path, &key_path);
+        let smtp = check(&settings, Protocol::Smtp, postfix.port, TlsMode::Starttls, MAILBOX, &token).await;
+        assert_eq!(smtp, Observed::LoggedIn, "{}", dovecot.log());
+        let seen =
+            check(&settings, Protocol::Smtp, postfix.port, TlsMode::Starttls, "stranger@example.com", &token).await;
+        assert_eq!(reason(Protocol::Smtp, "stranger@example.com", &seen), VerifyReason::LoginRefused, "{seen:?}");
+    } else if std::env::var_os("CI").is_some() {
+        panic!("Postfix submission needs root: run CI as root (the SMTP check against Postfix was not run)");
+    } else {
+        eprintln!("SKIPPED: Postfix submission (needs root); IMAP and POP3 were checked");
+    }
+    eprintln!("real mail servers checked in {:?}", started.elapsed());
+}
