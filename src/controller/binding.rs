@@ -174,7 +174,9 @@ enum Gathered {
 /// cannot answer for (both at once: one round trip of latency), and judges whether the binding
 /// may write them. A binding at rest reads nothing. The grant state of a grant that spends a
 /// credential (a refresh token, a device code) is read even when the cache says it is absent:
-/// a Secret of someone else by that name must stop the request, not be found after it.
+/// a Secret of someone else by that name must stop the request, not be found after it; a
+/// stateless grant's (client credentials, JWT bearer) is not: a Secret of someone else there
+/// costs one access token, never written over it.
 async fn gather(ctx: &Context, binding: &MailboxBinding, flushed: bool) -> Result<Gathered> {
     let name = binding.name_any();
     let ns = binding.namespace().unwrap_or_default();
@@ -197,7 +199,14 @@ async fn gather(ctx: &Context, binding: &MailboxBinding, flushed: bool) -> Resul
     }
     let stateless = matches!(binding.spec.grant, Grant::ClientCredentials {} | Grant::JwtBearer {});
     let read_grant = !matches!(grant_view, Cached::Absent) || !stateless;
-    let read_published = matches!(published_view, Cached::Unknown);
+    // Before a first grant, a published Secret the cache says is absent is read all the same: a
+    // Secret of someone else by that name (the cache sees only the operator's) must stop the
+    // token request. With a grant stored, an absent one is created (a conflict answers then).
+    let read_published = match published_view {
+        Cached::Unknown => true,
+        Cached::Absent => !matches!(grant_view, Cached::Present(_)),
+        Cached::Present(_) => false,
+    };
     let maybe = |read: bool, name: String| {
         let secrets = secrets.clone();
         let ns = ns.clone();
@@ -541,8 +550,18 @@ fn cached_up_to_date(meta: &ObjectMeta, want: &Secret) -> bool {
     let subset = |want: &Option<BTreeMap<String, String>>, have: &Option<BTreeMap<String, String>>| {
         want.iter().flatten().all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
     };
-    let foreign = meta.annotations.as_ref().and_then(|a| a.get(at_rest::FOREIGN_KEYS)).map_or("", String::as_str);
-    let touched = foreign.split(',').any(|k| want.data.as_ref().is_some_and(|d| d.contains_key(k)));
+    let keys = |key: &str| -> std::collections::BTreeSet<&str> {
+        meta.annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map_or("", String::as_str)
+            .split(',')
+            .filter(|k| !k.is_empty())
+            .collect()
+    };
+    let wanted: std::collections::BTreeSet<&str> = want.data.iter().flatten().map(|(k, _)| k.as_str()).collect();
+    // Every key still the operator's (none removed or replaced by anyone), none another's.
+    let touched = !wanted.is_subset(&keys(at_rest::OWN_KEYS)) || !wanted.is_disjoint(&keys(at_rest::FOREIGN_KEYS));
     let owner_ok = want
         .metadata
         .owner_references

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::secrets::{Role, desired, grant_secret_name};
 use super::{Context, Pending};
-use crate::api::{FIELD_MANAGER, GRANT_DIGEST_ANNOTATION, GRANT_FOR_ANNOTATION, MailboxBinding};
+use crate::api::{FIELD_MANAGER, GRANT_DIGEST_ANNOTATION, GRANT_FOR_ANNOTATION, MailboxBinding, OWNED_KEYS_ANNOTATION};
 use crate::error::{Error, Result};
 use crate::policy::at_rest::{grant_digest, grant_for};
 use crate::policy::grant_state::{Fenced, GrantState, PendingAuthorization, after_conflict};
@@ -85,6 +85,7 @@ pub(crate) fn grant_secret(binding: &MailboxBinding, name: &str, state: &GrantSt
     let spec = serde_json::to_string(&binding.spec.grant).unwrap_or_default();
     let token_url = state.issuer.as_ref().map(|i| i.token_url.as_str());
     let annotations = [
+        (OWNED_KEYS_ANNOTATION.to_owned(), data.keys().cloned().collect::<Vec<_>>().join(",")),
         (GRANT_DIGEST_ANNOTATION.to_owned(), grant_digest(&data)),
         (
             GRANT_FOR_ANNOTATION.to_owned(),

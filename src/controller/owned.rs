@@ -15,7 +15,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 
 use super::OwnWrites;
 use crate::api::FIELD_MANAGER;
-use crate::policy::at_rest::{FOREIGN_KEYS, foreign_keys};
+use crate::policy::at_rest::{FOREIGN_KEYS, OWN_KEYS, data_keys};
 
 /// What the cache says of one Secret.
 #[derive(Clone, Debug)]
@@ -81,14 +81,17 @@ impl OwnedSecrets {
 /// `kubectl apply`'s last-applied copy (which may hold the whole Secret) are dropped.
 pub fn slim(secret: &mut PartialObjectMeta<Secret>) {
     let meta = &mut secret.metadata;
-    let foreign = foreign_keys(meta, FIELD_MANAGER);
+    let foreign = data_keys(meta, FIELD_MANAGER, false);
+    let own = data_keys(meta, FIELD_MANAGER, true);
     meta.managed_fields = None;
     let annotations = meta.annotations.get_or_insert_with(Default::default);
     annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    if foreign.is_empty() {
-        annotations.remove(FOREIGN_KEYS);
-    } else {
-        annotations.insert(FOREIGN_KEYS.to_owned(), foreign.join(","));
+    for (key, keys) in [(FOREIGN_KEYS, foreign), (OWN_KEYS, own)] {
+        if keys.is_empty() {
+            annotations.remove(key);
+        } else {
+            annotations.insert(key.to_owned(), keys.join(","));
+        }
     }
     if annotations.is_empty() {
         meta.annotations = None;
@@ -127,7 +130,8 @@ mod tests {
         assert!(s.metadata.managed_fields.is_none());
         let annotations = s.metadata.annotations.unwrap_or_default();
         assert_eq!(annotations.get(FOREIGN_KEYS).map(String::as_str), Some("access_token"));
-        assert_eq!(annotations.len(), 1, "{annotations:?}");
+        assert_eq!(annotations.get(OWN_KEYS).map(String::as_str), Some("access_token"));
+        assert_eq!(annotations.len(), 2, "{annotations:?}");
     }
 
     #[test]

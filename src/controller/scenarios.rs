@@ -451,8 +451,26 @@ async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
 /// `ctx` with an owned-Secret cache that has listed `secrets` (their metadata) and nothing else.
 fn cached(ctx: Arc<Context>, secrets: &[Secret]) -> Arc<Context> {
     let (store, mut writer) = store::<kube::core::PartialObjectMeta<Secret>>();
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
     for s in secrets {
         let mut meta = kube::core::PartialObjectMeta::<Secret> { metadata: s.metadata.clone(), ..Default::default() };
+        // As the apiserver shows it: the operator's field manager owns every data key no other
+        // manager took.
+        let others = crate::policy::at_rest::data_keys(&meta.metadata, crate::api::FIELD_MANAGER, false);
+        let ours: serde_json::Map<String, Value> = s
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, _)| k)
+            .filter(|k| !others.contains(k))
+            .map(|k| (format!("f:{k}"), json!({})))
+            .collect();
+        meta.metadata.managed_fields.get_or_insert_with(Vec::new).push(ManagedFieldsEntry {
+            manager: Some(crate::api::FIELD_MANAGER.into()),
+            operation: Some("Apply".into()),
+            fields_v1: Some(FieldsV1(json!({"f:data": ours}))),
+            ..Default::default()
+        });
         super::owned::slim(&mut meta);
         writer.apply_watcher_event(&watcher::Event::Apply(meta));
     }
@@ -562,17 +580,51 @@ async fn a_cached_secret_someone_else_edited_or_a_provider_edit_is_not_at_rest()
 }
 
 #[tokio::test]
-async fn absent_secrets_are_created_without_a_read_and_a_foreign_one_found_at_create_is_a_conflict() {
+async fn a_first_grant_creates_its_secrets_reading_only_whether_its_published_name_is_taken() {
     let (client, mut server) = mocked();
     let tokens = Arc::new(Canned::default());
-    let b = binding_object();
+    let mut b = binding_object();
+    b.metadata.resource_version = Some("42".into());
     let ctx = cached(context(client, Arc::clone(&tokens), std::slice::from_ref(&b)), &[]);
-    let first = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
-    // Nothing read but the client secret: the cache says both Secrets are absent.
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+    // The cache sees only the operator's Secrets: whether someone else's has the published name
+    // is asked once, before the token request. The grant state (client credentials) is not read.
+    server.get(PUBLISHED_PATH, None).await;
     server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
     server.create(GRANT_NAME).await;
-    // Someone else's Secret has the published Secret's name (it carries no operator label, so the
-    // cache never showed it): the create fails, it is read, and nothing is written over it.
+    server.create(PUBLISHED_NAME).await;
+    server.apply_status(STATUS_PATH, &b).await;
+    server.event("Normal", "Ready").await;
+    server.nothing_more().await;
+    reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+
+    // Someone else's Secret has the published name: nothing is asked of the provider.
+    let (client, mut server) = mocked();
+    let ctx = cached(context(client, Arc::clone(&tokens), std::slice::from_ref(&b)), &[]);
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+    let foreign = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": PUBLISHED_NAME, "namespace": NS, "resourceVersion": "7"}, "data": {"password": "eA=="}});
+    server.get(PUBLISHED_PATH, Some(foreign)).await;
+    let status = server.apply_status(STATUS_PATH, &b).await;
+    assert_eq!(status["status"]["conditions"][0]["reason"], "SecretConflict", "{status}");
+    server.event("Warning", "SecretConflict").await;
+    server.nothing_more().await;
+    reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1, "no token request");
+}
+
+#[tokio::test]
+async fn a_published_secret_recreated_by_someone_else_is_found_at_create_and_never_written_over() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let (b, grant_secret, _) = at_rest_binding();
+    // The published Secret was deleted (the cache shows only the grant state) and someone else
+    // made one of that name.
+    let ctx =
+        cached(context(client, Arc::clone(&tokens), std::slice::from_ref(&b)), std::slice::from_ref(&grant_secret));
+    let first = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
+    server.get(GRANT_PATH, Some(secret_json(&grant_secret))).await;
     let (_, _, send) = server.expect_sent(Method::POST, SECRETS_PATH).await;
     send.send_response(
         Response::builder()
@@ -592,18 +644,18 @@ async fn absent_secrets_are_created_without_a_read_and_a_foreign_one_found_at_cr
     server.event("Warning", "SecretConflict").await;
     server.nothing_more().await;
     first.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0);
 
-    // From now on that name is read before anything is asked of the provider.
+    // From now on that name is read, and the conflict seen before anything is written.
     let second = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
+    server.get(GRANT_PATH, Some(secret_json(&grant_secret))).await;
     server.get(PUBLISHED_PATH, Some(foreign)).await;
     let status = server.apply_status(STATUS_PATH, &b).await;
     assert_eq!(status["status"]["conditions"][0]["reason"], "SecretConflict");
-    // (The copy reconciled still shows no status: the transition is announced again.)
     server.event("Warning", "SecretConflict").await;
     server.nothing_more().await;
     second.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1, "no second token request");
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]

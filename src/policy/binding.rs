@@ -128,10 +128,11 @@ pub fn seed(binding: &MailboxBinding) -> u64 {
 /// not be able to stop renewals for longer than a token lives).
 pub const MAX_RETRY_AFTER: Duration = Duration::hours(1);
 
-/// Whether two scope lists name the same set of scopes.
+/// Whether two scope lists name the same set of scopes (either spelling of an Exchange Online
+/// scope being one scope: see [`super::provider::scope_key`]).
 pub fn same_scopes(a: &[String], b: &[String]) -> bool {
-    fn set(v: &[String]) -> std::collections::BTreeSet<&str> {
-        v.iter().map(String::as_str).collect()
+    fn set(v: &[String]) -> std::collections::BTreeSet<std::borrow::Cow<'_, str>> {
+        v.iter().map(|s| super::provider::scope_key(s)).collect()
     }
     set(a) == set(b)
 }
@@ -1025,5 +1026,14 @@ mod tests {
         let again = status_over(t(10), &fresh, Some(&g), &Outcome::Refreshed, &acted);
         assert_eq!(again.last_refresh_request.as_deref(), Some("acted-on"), "the newer value is not acted on yet");
         assert_eq!(again.token, acted.token);
+    }
+
+    #[test]
+    fn either_spelling_of_an_exchange_scope_is_no_scope_change() {
+        let docs = vec!["https://outlook.office.com/IMAP.AccessAsUser.All".to_owned(), "offline_access".to_owned()];
+        let sent = vec!["offline_access".to_owned(), "https://outlook.office365.com/IMAP.AccessAsUser.All".to_owned()];
+        assert!(same_scopes(&docs, &sent));
+        assert!(!same_scopes(&docs, &["offline_access".to_owned()]));
+        assert!(!same_scopes(&["Mail".to_owned()], &["mail".to_owned()]), "other scopes keep their case");
     }
 }
