@@ -81,32 +81,15 @@ fn context(
     let http = HttpClients::new(OutboundPolicy { allow_private: true });
     let client = api.client();
     Arc::new(Context {
-        client: client.clone(),
         tokens: Arc::new(HttpTokenEndpoint::new(http.clone())),
         http,
         providers,
         cluster_providers: cluster_store,
         bindings,
-        cluster_namespace: "mail-oauth-operator".into(),
-        recorder: kube::runtime::events::Recorder::new(
-            client,
-            kube::runtime::events::Reporter { controller: "mail-oauth-operator".into(), instance: None },
-        ),
-        reporter: kube::runtime::events::Reporter { controller: "mail-oauth-operator".into(), instance: None },
         clock: Arc::clone(clock) as Arc<dyn Clock>,
-        pending: Default::default(),
-        default_lifetime: Duration::hours(1),
         references,
-        polls: Default::default(),
-        written: Default::default(),
-        own_writes: Default::default(),
-        owned: Default::default(),
-        referable: Default::default(),
-        client_secrets: Default::default(),
-        authorization: Default::default(),
-        metrics: Default::default(),
         limits: Arc::new(mail_oauth_operator::controller::limits::RateLimits::new(rate)),
-        leader: mail_oauth_operator::controller::leader::Leadership::always(),
+        ..Context::test(client)
     })
 }
 

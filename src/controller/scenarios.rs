@@ -13,7 +13,6 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Client;
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::store;
 use kube::runtime::watcher;
 use serde_json::{Value, json};
@@ -25,7 +24,6 @@ use crate::api::{
     Condition, ConditionStatus, Endpoints, MailProvider, MailProviderSpec, MailProviderStatus, MailboxBinding,
     MailboxBindingSpec,
 };
-use crate::oauth::http::HttpClients;
 use crate::oauth::{
     DeviceCode, DeviceRequest, Rejected, RevokeRequest, TokenEndpoint, TokenRequest, TokenSet, UserinfoRequest,
 };
@@ -152,29 +150,12 @@ fn context_with(
         bw.apply_watcher_event(&watcher::Event::Apply(b.clone()));
     }
     Arc::new(Context {
-        client: client.clone(),
         tokens,
-        http: HttpClients::default(),
         providers,
         cluster_providers,
         bindings: binding_store,
-        cluster_namespace: "mail-oauth-operator".into(),
-        recorder: Recorder::new(client, Reporter { controller: "mail-oauth-operator".into(), instance: None }),
-        reporter: Reporter { controller: "mail-oauth-operator".into(), instance: None },
         clock: Arc::new(Fixed(now())),
-        pending: Default::default(),
-        default_lifetime: Duration::hours(1),
-        references: Default::default(),
-        polls: Default::default(),
-        written: Default::default(),
-        own_writes: Default::default(),
-        owned: Default::default(),
-        referable: Default::default(),
-        client_secrets: Default::default(),
-        authorization: Default::default(),
-        metrics: Default::default(),
-        limits: Arc::new(super::limits::RateLimits::new(100.0)),
-        leader: super::leader::Leadership::always(),
+        ..Context::test(client)
     })
 }
 
@@ -408,19 +389,16 @@ async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
     let mut b = binding_object();
     let grant = GrantState {
         refresh_token: None,
-        previous_refresh_token: None,
         access_token: "at-0".to_owned().into(),
-        token_type: "Bearer".into(),
         issued_at: now() - Duration::minutes(5),
         expires_at: now() + Duration::minutes(55),
         scopes: vec!["https://outlook.office365.com/.default".into()],
         requested_scopes: vec!["https://outlook.office365.com/.default".into()],
         provider: "MailProvider/contoso".into(),
         client_id: "app-id".into(),
-        imported_from: None,
         mailbox: Some("helpdesk@contoso.com".into()),
-        account: None,
         issuer: None,
+        ..GrantState::test()
     };
     b.status = Some(next_status(now() - Duration::minutes(5), &b, Some(&grant), &Outcome::Refreshed));
     let servers = crate::oauth::provider::servers(&provider().spec);
@@ -486,23 +464,20 @@ fn at_rest_binding() -> (MailboxBinding, Secret, Secret) {
     let token_url = "https://login.microsoftonline.com/contoso.com/oauth2/v2.0/token";
     let grant = GrantState {
         refresh_token: None,
-        previous_refresh_token: None,
         access_token: "at-0".to_owned().into(),
-        token_type: "Bearer".into(),
         issued_at: now() - Duration::minutes(5),
         expires_at: now() + Duration::minutes(55),
         scopes: vec!["https://outlook.office365.com/.default".into()],
         requested_scopes: vec!["https://outlook.office365.com/.default".into()],
         provider: "MailProvider/contoso".into(),
         client_id: "app-id".into(),
-        imported_from: None,
         mailbox: Some("helpdesk@contoso.com".into()),
-        account: None,
         issuer: Some(crate::policy::grant_state::Issuer {
             token_url: token_url.into(),
             revocation_url: None,
             client_auth: "client_secret_post".into(),
         }),
+        ..GrantState::test()
     };
     b.status = Some(next_status(now() - Duration::minutes(5), &b, Some(&grant), &Outcome::Refreshed));
     let servers = crate::oauth::provider::servers(&provider().spec);

@@ -190,19 +190,13 @@ mod tests {
         b.metadata.generation = Some(1);
         let grant = crate::policy::grant_state::GrantState {
             refresh_token: None,
-            previous_refresh_token: None,
-            access_token: "at".to_owned().into(),
-            token_type: "Bearer".into(),
             issued_at: t(0),
             expires_at: t(3600),
             scopes: vec![],
             requested_scopes: vec![],
-            provider: "MailProvider/idp".into(),
             client_id: "c".into(),
-            imported_from: None,
-            mailbox: Some("a@example.com".into()),
-            account: None,
             issuer: None,
+            ..crate::policy::grant_state::GrantState::test()
         };
         b.status = Some(crate::policy::binding::next_status(t(0), &b, Some(&grant), &Outcome::Refreshed));
         b

@@ -662,24 +662,15 @@ mod tests {
 
     fn grant(issued: i64, lifetime: i64) -> GrantState {
         GrantState {
-            refresh_token: Some("rt".to_owned().into()),
-            previous_refresh_token: None,
-            access_token: "at".to_owned().into(),
-            token_type: "Bearer".into(),
             issued_at: t(issued),
             expires_at: t(issued + lifetime),
-            scopes: vec!["mail".into()],
-            requested_scopes: vec!["mail".into()],
-            provider: "MailProvider/idp".into(),
-            client_id: "client".into(),
             imported_from: Some("seed/refresh_token".into()),
-            mailbox: Some("a@example.com".into()),
-            account: None,
             issuer: Some(crate::policy::grant_state::Issuer {
                 token_url: TOKEN_URL.into(),
                 revocation_url: Some("https://idp.example.com/revoke".into()),
                 client_auth: "none".into(),
             }),
+            ..GrantState::test()
         }
     }
 

@@ -115,6 +115,35 @@ impl PartialEq for GrantState {
 }
 
 impl GrantState {
+    /// A fixture for tests: a delegated grant of `MailProvider/idp` (client `client`) for
+    /// `a@example.com`, refresh token `rt`, access token `at` issued at 2027-01-15T08:00:00Z for an
+    /// hour, scope `mail`, bound to `https://idp.example.com/token`. Change what a test is about
+    /// with struct update syntax: `GrantState { expires_at, ..GrantState::test() }`.
+    #[doc(hidden)]
+    pub fn test() -> Self {
+        let issued_at = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        Self {
+            refresh_token: Some("rt".to_owned().into()),
+            previous_refresh_token: None,
+            access_token: "at".to_owned().into(),
+            token_type: "Bearer".into(),
+            issued_at,
+            expires_at: DateTime::from_timestamp(1_800_003_600, 0).unwrap_or_default(),
+            scopes: vec!["mail".into()],
+            requested_scopes: vec!["mail".into()],
+            provider: "MailProvider/idp".into(),
+            client_id: "client".into(),
+            imported_from: None,
+            mailbox: Some("a@example.com".into()),
+            account: None,
+            issuer: Some(Issuer {
+                token_url: "https://idp.example.com/token".into(),
+                revocation_url: None,
+                client_auth: "none".into(),
+            }),
+        }
+    }
+
     /// The Secret data for this state.
     pub fn encode(&self) -> BTreeMap<String, String> {
         let mut data = BTreeMap::new();
@@ -429,17 +458,13 @@ mod tests {
             refresh_token: Some("rt-1".to_owned().into()),
             previous_refresh_token: Some("rt-0".to_owned().into()),
             access_token: "at-1".to_owned().into(),
-            token_type: "Bearer".into(),
             issued_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
             expires_at: DateTime::from_timestamp(1_700_003_600, 0).unwrap_or_default(),
             scopes: vec!["openid".into(), "mail".into()],
-            requested_scopes: vec!["mail".into()],
             provider: "MailProvider/p".into(),
-            client_id: "client".into(),
             imported_from: Some("import/refresh_token".into()),
-            mailbox: Some("a@example.com".into()),
-            account: None,
             issuer: None,
+            ..GrantState::test()
         };
         let data = state.encode().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
         assert_eq!(GrantState::decode(&data), Some(state));
@@ -481,23 +506,19 @@ mod tests {
     fn state(rt: Option<&str>) -> GrantState {
         GrantState {
             refresh_token: rt.map(|t| SecretString::from(t.to_owned())),
-            previous_refresh_token: None,
-            access_token: "at".to_owned().into(),
-            token_type: "Bearer".into(),
             issued_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
             expires_at: DateTime::from_timestamp(1_700_003_600, 0).unwrap_or_default(),
             scopes: vec![],
             requested_scopes: vec![],
             provider: "MailProvider/p".into(),
             client_id: "c".into(),
-            imported_from: None,
             mailbox: None,
-            account: None,
             issuer: Some(Issuer {
                 token_url: "https://idp/token".into(),
                 revocation_url: None,
                 client_auth: "none".into(),
             }),
+            ..GrantState::test()
         }
     }
 
@@ -588,17 +609,15 @@ mod tests {
             refresh_token: Some("very-secret-refresh".to_owned().into()),
             previous_refresh_token: Some("very-secret-previous".to_owned().into()),
             access_token: "very-secret-access".to_owned().into(),
-            token_type: "Bearer".into(),
             issued_at: Utc::now(),
             expires_at: Utc::now(),
             scopes: vec![],
             requested_scopes: vec![],
             provider: "MailProvider/p".into(),
             client_id: "c".into(),
-            imported_from: None,
             mailbox: None,
-            account: None,
             issuer: None,
+            ..GrantState::test()
         };
         let shown = format!("{state:?}");
         assert!(!shown.contains("very-secret"), "{shown}");

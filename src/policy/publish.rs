@@ -143,19 +143,16 @@ mod tests {
     fn grant() -> GrantState {
         GrantState {
             refresh_token: Some("refresh-secret".to_owned().into()),
-            previous_refresh_token: None,
             access_token: "ya29.token".to_owned().into(),
-            token_type: "Bearer".into(),
             issued_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
             expires_at: DateTime::from_timestamp(1_700_003_600, 0).unwrap_or_default(),
             scopes: vec![],
             requested_scopes: vec![],
             provider: "MailProvider/p".into(),
             client_id: "c".into(),
-            imported_from: None,
             mailbox: None,
-            account: None,
             issuer: None,
+            ..GrantState::test()
         }
     }
 

@@ -745,7 +745,7 @@ mod tests {
     use chrono::{DateTime, Utc};
     use http::Method;
     use kube::Client;
-    use kube::runtime::events::{Recorder, Reporter};
+
     use kube::runtime::reflector::store;
     use kube::runtime::watcher;
     use serde_json::{Value, json};
@@ -839,32 +839,15 @@ mod tests {
             bw.apply_watcher_event(&watcher::Event::Apply(b.clone()));
         }
         let ctx = Context {
-            client: client.clone(),
-            tokens: Arc::new(crate::oauth::HttpTokenEndpoint::default()),
-            http: crate::oauth::http::HttpClients::default(),
             providers,
             cluster_providers,
             bindings: binding_store,
-            cluster_namespace: "mail-oauth-operator".into(),
-            recorder: Recorder::new(client, Reporter { controller: "mail-oauth-operator".into(), instance: None }),
-            reporter: Reporter { controller: "mail-oauth-operator".into(), instance: None },
             clock: Arc::new(Fixed),
-            pending: Default::default(),
-            default_lifetime: chrono::Duration::hours(1),
-            references: Default::default(),
-            polls: Default::default(),
-            written: Default::default(),
-            own_writes: Default::default(),
-            owned: Default::default(),
-            referable: Default::default(),
-            client_secrets: Default::default(),
             authorization: crate::controller::AuthorizationSettings {
                 redirect_uri: format!("{BASE}/callback"),
                 link_base: Some(BASE.into()),
             },
-            metrics: Default::default(),
-            limits: Arc::new(crate::controller::limits::RateLimits::new(100.0)),
-            leader: crate::controller::leader::Leadership::always(),
+            ..Context::test(client)
         };
         (Arc::new(std::sync::Mutex::new(vec![Arc::new(ctx)])), handle)
     }

@@ -15,19 +15,12 @@ fuzz_target!(|input: (&str, &str, &str, &str)| {
     let now = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
     let grant = GrantState {
         refresh_token: None,
-        previous_refresh_token: None,
         access_token: secrecy::SecretString::from(token.to_owned()),
-        token_type: "Bearer".into(),
         issued_at: now,
         expires_at: now,
-        scopes: vec![],
-        requested_scopes: vec![],
-        provider: "MailProvider/p".into(),
-        client_id: "c".into(),
-        imported_from: None,
         mailbox: Some(mailbox.to_owned()),
-        account: None,
         issuer: None,
+        ..GrantState::test()
     };
     let template =
         SecretTemplate { data: BTreeMap::from([(key.to_owned(), template.to_owned())]), ..Default::default() };
