@@ -119,6 +119,8 @@ struct Seen {
     fence: Fence,
     /// The grant state is an earlier binding's of this name, to be made this one's.
     adopted: bool,
+    /// The grant state lacks the digests a restart judges it by (written by an older version).
+    unmarked: bool,
 }
 
 impl Seen {
@@ -235,6 +237,11 @@ async fn gather(ctx: &Context, binding: &MailboxBinding, flushed: bool) -> Resul
     let uid = binding.uid().unwrap_or_default();
     Ok(Gathered::Seen(Box::new(Seen {
         adopted: ours.is_some_and(|s| from_predecessor(&uid, &name, &binding_label(&name), &s.metadata)),
+        unmarked: ours.zip(grant.as_ref()).is_some_and(|(s, g)| {
+            let want = super::grant_store::grant_secret(binding, &grant_name, g);
+            let have = s.metadata.annotations.as_ref();
+            want.metadata.annotations.iter().flatten().any(|(k, v)| have.and_then(|a| a.get(k)) != Some(v))
+        }),
         stored_pending: ours.and_then(decode_pending),
         // Every grant-state write is conditioned on the version read here (see `Fence`).
         fence: Fence {
@@ -290,13 +297,18 @@ pub(crate) fn publish_inputs(binding: &MailboxBinding, servers: &BTreeMap<Protoc
 
 /// Grant-state writes that come before any decision, and send nothing: a grant state adopted from
 /// an earlier binding of this name is made this binding's own (owner reference: garbage
-/// collection keeps it and later writes are ours); a grant stored before issuers were recorded is
+/// collection keeps it and later writes are ours), and one an older version wrote gets the
+/// digests a restart judges it by (once); a grant stored before issuers were recorded is
 /// bound to the provider it matches (by name and client id) as it is at this first look, so that
 /// an edit of that provider's endpoints from here on finds the grant bound.
 async fn settle(ctx: &Context, binding: &MailboxBinding, seen: &mut Seen) -> Result<()> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &binding.namespace().unwrap_or_default());
-    if let (true, Some(state)) = (seen.adopted, seen.grant.clone()) {
-        info!("adopting the grant state of an earlier binding of this name");
+    if let (true, Some(state)) = (seen.adopted || seen.unmarked, seen.grant.clone()) {
+        if seen.adopted {
+            info!("adopting the grant state of an earlier binding of this name");
+        } else {
+            info!("recording the digests of a grant state an older version wrote");
+        }
         persist_grant(ctx, &secrets, binding, state, &mut seen.fence).await?;
     }
     if let (Some(g), Some(u)) = (seen.grant.as_ref(), seen.usable.as_ref())

@@ -634,6 +634,38 @@ async fn a_published_secret_recreated_by_someone_else_is_found_at_create_and_nev
 }
 
 #[tokio::test]
+async fn secrets_an_older_version_wrote_get_their_digests_once_and_nothing_is_requested() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let (b, marked, published) = at_rest_binding();
+    // As an older version wrote them: the same data, no digests.
+    let mut grant_secret = marked.clone();
+    grant_secret.metadata.annotations = None;
+    let mut old_published = published.clone();
+    if let Some(a) = old_published.metadata.annotations.as_mut() {
+        a.remove(crate::api::SOURCE_ANNOTATION);
+    }
+    let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b), ctx));
+    server.get(GRANT_PATH, Some(secret_json(&grant_secret))).await;
+    server.get(PUBLISHED_PATH, Some(secret_json(&old_published))).await;
+    let grant = server.apply(GRANT_PATH).await;
+    assert_eq!(
+        grant["metadata"]["annotations"],
+        serde_json::to_value(&marked.metadata.annotations).unwrap_or_default()
+    );
+    assert_eq!(grant["data"], serde_json::to_value(&marked.data).unwrap_or_default(), "the same grant");
+    let rewritten = server.apply(PUBLISHED_PATH).await;
+    assert_eq!(
+        rewritten["metadata"]["annotations"],
+        serde_json::to_value(&published.metadata.annotations).unwrap_or_default()
+    );
+    server.nothing_more().await;
+    reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no token request");
+}
+
+#[tokio::test]
 async fn a_secret_owned_by_someone_else_is_left_alone_and_reported_as_a_conflict() {
     let (client, mut server) = mocked();
     let tokens = Arc::new(Canned::default());
