@@ -68,7 +68,12 @@ impl Flow for AuthorizationCodeFlow {
                  was replaced)"
                     .into(),
             ),
-            (None, Some(p)) if input.now < p.expires_at => Step::Await(p.clone()),
+            // Nothing to poll: the callback's write (or a pasted response) wakes the binding; come
+            // back at the request's expiry. (A stored request's `next_poll` is its start after a
+            // restart: taken as is, the binding would be reconciled every second.)
+            (None, Some(p)) if input.now < p.expires_at => {
+                Step::Await(PendingAuthorization { next_poll: p.expires_at, ..p.clone() })
+            }
             (None, _) => Step::StartAuthorization,
         }
     }
@@ -179,8 +184,9 @@ mod tests {
     #[test]
     fn without_a_request_one_is_started_and_a_current_one_is_awaited() {
         assert!(matches!(AuthorizationCodeFlow.step(&input(at(0), None, None)), Step::StartAuthorization));
-        let p = pending();
-        assert!(matches!(AuthorizationCodeFlow.step(&input(at(10), Some(&p), None)), Step::Await(_)));
+        let p = PendingAuthorization { next_poll: at(0), ..pending() };
+        let Step::Await(waiting) = AuthorizationCodeFlow.step(&input(at(10), Some(&p), None)) else { panic!("await") };
+        assert_eq!(waiting.next_poll, p.expires_at, "nothing to poll: back at the request's expiry, not every second");
         assert!(matches!(AuthorizationCodeFlow.step(&input(at(600), Some(&p), None)), Step::StartAuthorization));
     }
 
