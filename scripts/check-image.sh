@@ -4,6 +4,9 @@
 #   scripts/check-image.sh [ARCHIVE]     default target/image/mail-oauth-operator-<appVersion>.tar
 #   scripts/check-image.sh --self-test   also breaks copies of the image (a shell added, the user
 #                                        root, a wrong tag) and fails unless each is refused
+#   scripts/check-image.sh --containerd  also imports the archive into a containerd of its own, as
+#                                        `kind load image-archive` and `k3s ctr images import` do,
+#                                        and fails unless it is mail-oauth-operator:<appVersion>
 #
 # From the oci-archive (what `kind load image-archive` or `skopeo copy` gets): its one tag is the
 # chart's appVersion and containerd's name is mail-oauth-operator:<appVersion>; the config's user is
@@ -22,12 +25,24 @@ name=mail-oauth-operator
 chart=charts/$name/Chart.yaml
 app_version=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$/\1/p' "$chart")
 entrypoint=$(sed -n 's/^IMAGE_ENTRYPOINT = "\(.*\)"$/\1/p' tests/e2e/bed.py)
-[ -n "$app_version" ] && [ -n "$entrypoint" ] || { echo "check-image: no appVersion in $chart or IMAGE_ENTRYPOINT in tests/e2e/bed.py" >&2; exit 1; }
+if [ -z "$app_version" ] || [ -z "$entrypoint" ]; then
+  echo "check-image: no appVersion in $chart or IMAGE_ENTRYPOINT in tests/e2e/bed.py" >&2; exit 1
+fi
 grep -q "image: \"{{ .Values.image.repository }}:{{ default .Chart.AppVersion .Values.image.tag }}\"" \
   charts/$name/templates/deployment.yaml || { echo "check-image: the chart no longer pulls <repository>:<appVersion>" >&2; exit 1; }
 
-self_test=0
-if [ "${1:-}" = --self-test ]; then self_test=1; shift; fi
+self_test=0 with_containerd=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --self-test) self_test=1; shift ;;
+    --containerd) with_containerd=1; shift ;;
+    -*) echo "check-image: unknown option $1" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
+if [ "$with_containerd" = 1 ] && { ! command -v containerd >/dev/null || ! command -v ctr >/dev/null; }; then
+  echo "check-image: --containerd needs containerd and ctr (Debian's containerd; scripts/tools.sh installs it)" >&2; exit 1
+fi
 archive=${1:-target/image/$name-$app_version.tar}
 [ -f "$archive" ] || { echo "check-image: no image at $archive (scripts/image.sh BINARY writes it)" >&2; exit 1; }
 chroot=$(command -v chroot) || { echo "check-image: no chroot (coreutils)" >&2; exit 1; }
@@ -35,7 +50,11 @@ chroot=$(command -v chroot) || { echo "check-image: no chroot (coreutils)" >&2; 
 
 tmp=$(mktemp -d)
 child=
-cleanup() { if [ -n "$child" ]; then kill -KILL "$child" 2>/dev/null || true; fi; rm -rf "$tmp"; }
+cleanup() {
+  if [ -n "$child" ]; then kill -KILL "$child" 2>/dev/null || true; fi
+  if [ -n "${ctrd:-}" ]; then kill -TERM "$ctrd" 2>/dev/null || true; wait "$ctrd" 2>/dev/null || true; fi
+  rm -rf "$tmp"
+}
 trap cleanup EXIT
 
 # check ARCHIVE DIR: every check on one archive; prints "FAIL: ..." for each failure, returns 1 if any.
@@ -105,12 +124,12 @@ PY
   found=$(cd "$rootfs" && find . \( -type f -o -type l \) \( -name sh -o -name bash -o -name dash -o -name ash \
     -o -name zsh -o -name ksh -o -name mksh -o -name csh -o -name tcsh -o -name fish -o -name busybox \
     -o -name toybox -o -name apt -o -name apt-get -o -name dpkg \) | sort)
-  [ -z "$found" ] || fail "a shell or package manager in the image: $(echo $found)"
+  [ -z "$found" ] || fail "a shell or package manager in the image: $(paste -sd' ' <<<"$found")"
   found=$(cd "$rootfs" && find ./bin ./sbin ./usr/bin ./usr/sbin ./usr/local/bin ./usr/local/sbin \
     \( -type f -o -type l \) ! -path ".$entrypoint" 2>/dev/null | sort)
-  [ -z "$found" ] || fail "programs besides the operator: $(echo $found)"
+  [ -z "$found" ] || fail "programs besides the operator: $(paste -sd' ' <<<"$found")"
   found=$(cd "$rootfs" && find . -type f -perm /111 -exec sh -c 'head -c2 "$1" | grep -q "^#!" && echo "$1"' _ {} \; | sort)
-  [ -z "$found" ] || fail "scripts (no interpreter can run them): $(echo $found)"
+  [ -z "$found" ] || fail "scripts (no interpreter can run them): $(paste -sd' ' <<<"$found")"
   [ -x "$rootfs$entrypoint" ] || { fail "no executable at $entrypoint"; return 1; }
   # Resolve the config's user as a runtime does: numeric, or a name in the image's /etc/passwd.
   local uid=${user%%:*} gid=${user#*:}
@@ -197,9 +216,37 @@ PY
   echo "check-image: $archive: tag $tag, user $user ($uid:$gid), no shell, '$version', /healthz 200, /readyz 503, stopped on SIGTERM (chroot)" >&2
 }
 
+# What `kind load image-archive` and `k3s ctr images import` do with the archive: a containerd of
+# its own (sockets and content under $tmp) imports it; it must be the chart's default image.
+ctrd=
+containerd_import() {
+  local dir=$tmp/containerd ref=docker.io/library/$name:$app_version
+  mkdir -p "$dir"
+  printf 'version = 2\nroot = "%s/root"\nstate = "%s/state"\n[grpc]\n  address = "%s/sock"\n' "$dir" "$dir" "$dir" > "$dir/config.toml"
+  containerd --config "$dir/config.toml" >"$dir/log" 2>&1 &
+  ctrd=$!
+  local deadline=$((SECONDS + 20))
+  until [ -S "$dir/sock" ] || [ $SECONDS -ge $deadline ]; do sleep 0.1; done
+  local ok=1
+  if ! ctr -a "$dir/sock" -n k8s.io images import --all-platforms --digests --snapshotter=native "$archive" >"$dir/import.log" 2>&1; then
+    cat "$dir/import.log" "$dir/log" >&2
+    echo "check-image: FAIL: containerd (as kind and k3s load an archive) cannot import $archive" >&2; ok=0
+  elif ! ctr -a "$dir/sock" -n k8s.io images ls -q | grep -qxF "$ref"; then
+    ctr -a "$dir/sock" -n k8s.io images ls -q >&2
+    echo "check-image: FAIL: containerd imports $archive, but not as $ref (the chart's default image)" >&2; ok=0
+  fi
+  kill -TERM "$ctrd" 2>/dev/null || true; wait "$ctrd" 2>/dev/null || true; ctrd=
+  [ "$ok" = 1 ] && echo "check-image: containerd imports it as $ref (kind load image-archive, ctr images import)" >&2
+  [ "$ok" = 1 ]
+}
+
 started=$SECONDS
 if ! check "$archive" "$tmp/good"; then
   echo "check-image: FAILED: $archive is not an image the chart can run" >&2
+  exit 1
+fi
+if [ "$with_containerd" = 1 ] && ! containerd_import; then
+  echo "check-image: FAILED: $archive does not load into a cluster's containerd as the chart's image" >&2
   exit 1
 fi
 echo "check-image: passed in $((SECONDS - started)) s" >&2

@@ -101,7 +101,7 @@ done
 # 2. What a distroless root keeps of them: libraries, the CA bundle (update-ca-certificates would
 #    build it in postinst; here it is the same concatenation), the licences. No programs: libc6's
 #    and ca-certificates' scripts and helpers go (a shell script is useless without a shell).
-rm -rf "$rootfs"/usr/sbin "$rootfs"/usr/bin "$rootfs"/sbin "$rootfs"/bin "$rootfs"/etc/ca-certificates \
+rm -rf "${rootfs:?}"/usr/sbin "${rootfs:?}"/usr/bin "${rootfs:?}"/sbin "${rootfs:?}"/bin "$rootfs"/etc/ca-certificates \
   "$rootfs"/usr/share/lintian "$rootfs"/usr/share/man "$rootfs"/usr/share/info "$rootfs"/usr/libexec
 find "$rootfs/usr/share/doc" -type f ! -name copyright -delete
 mkdir -p "$rootfs/etc/ssl/certs"

