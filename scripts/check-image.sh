@@ -16,7 +16,8 @@
 # unpacked root with `chroot --userspec=<the image's user>` (podman and crun cannot run containers
 # on these machines, see docs; a chroot proves the image holds everything the binary needs, the
 # dynamic loader and libraries included): `--version` gives the chart's version, and `run`
-# against an unreachable API server answers /healthz 200 and /readyz 503, then stops on SIGTERM.
+# against an unreachable API server answers /healthz 200 and /readyz 503, then stops on SIGTERM,
+# having written nothing into its root (the chart mounts it read-only).
 # Needs root (chroot), umoci, python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -171,6 +172,7 @@ contexts:
 current-context: x
 EOF
   chmod 0644 "$rootfs/tmp/kubeconfig"
+  touch "$dir/before-run" && sleep 0.01
   local port
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   env -i KUBECONFIG=/tmp/kubeconfig RUST_LOG=info "$chroot" --userspec="$uid:$gid" "$rootfs" \
@@ -208,12 +210,15 @@ PY
   wait "$child" 2>/dev/null || true
   child=
   grep -q 'shutdown signal received' "$dir/run.log" || fail "no 'shutdown signal received' in the operator's log"
+  # The chart mounts the root read-only (readOnlyRootFilesystem): the operator must write nothing.
+  found=$(cd "$rootfs" && find . -newer "$dir/before-run" ! -path ./tmp/kubeconfig | sort)
+  [ -z "$found" ] || fail "the operator wrote into its root (read-only in the chart): $(paste -sd' ' <<<"$found")"
   if grep -q not-a-real-token "$dir/run.log"; then fail "the credential leaked into the log"; fi
   if [ "$failures" -gt 0 ]; then
     echo "check-image: the operator's log:" >&2; sed 's/^/  /' "$dir/run.log" | tail -20 >&2
     return 1
   fi
-  echo "check-image: $archive: tag $tag, user $user ($uid:$gid), no shell, '$version', /healthz 200, /readyz 503, stopped on SIGTERM (chroot)" >&2
+  echo "check-image: $archive: tag $tag, user $user ($uid:$gid), no shell, '$version', /healthz 200, /readyz 503, stopped on SIGTERM, wrote nothing (chroot)" >&2
 }
 
 # What `kind load image-archive` and `k3s ctr images import` do with the archive: a containerd of
