@@ -101,6 +101,18 @@ if manifests:
             problems.append(f"no org.opencontainers.image.{key} label")
     if labels.get("org.opencontainers.image.version", version) != version:
         problems.append(f"the version label {labels['org.opencontainers.image.version']} is not {version}")
+    # Every layer a whole tar (other runtimes than containerd and umoci refuse a truncated one),
+    # its names relative.
+    import tarfile
+    for layer in manifest.get("layers", []):
+        algo, hexa = layer["digest"].split(":", 1)
+        try:
+            with tarfile.open(os.path.join(layout, "blobs", algo, hexa), "r:*") as tar:
+                absolute = [m.name for m in tar if m.name.startswith("/")]
+            if absolute:
+                problems.append(f"layer {layer['digest'][:19]} has absolute names: {absolute[:3]}")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            problems.append(f"layer {layer['digest'][:19]} is not a whole tar archive: {e}")
     print(f"config: user {user}, {config.get('os')}/{config.get('architecture')}, entrypoint {c.get('Entrypoint')} {c.get('Cmd')}, "
           f"revision {labels.get('org.opencontainers.image.revision')}", file=sys.stderr)
 for p in problems:
@@ -277,8 +289,9 @@ broken() {
 copy() { mkdir -p "$tmp/$1/layout" && tar -xf "$archive" -C "$tmp/$1/layout"; }
 
 copy shell
-mkdir -p "$tmp/shell/add/bin" && cp "$(readlink -f /bin/sh)" "$tmp/shell/add/bin/sh"
-umoci insert --image "$tmp/shell/layout:$app_version" "$tmp/shell/add/bin/sh" /bin/sh >/dev/null
+umoci unpack --image "$tmp/shell/layout:$app_version" "$tmp/shell/bundle" >/dev/null
+mkdir -p "$tmp/shell/bundle/rootfs/bin" && cp "$(readlink -f /bin/sh)" "$tmp/shell/bundle/rootfs/bin/sh"
+umoci repack --image "$tmp/shell/layout:$app_version" "$tmp/shell/bundle" >/dev/null
 broken shell "/bin/sh added" "a shell or package manager in the image: ./bin/sh"
 
 copy root

@@ -128,8 +128,12 @@ fi
 image="$out/oci:$tag"
 umoci init --layout "$out/oci"
 umoci new --image "$image"
-umoci insert "${rootless[@]}" --image "$image" --history.created "$created" \
-  --history.created_by "scripts/image.sh: Debian ${packages[*]} and $name" "$rootfs" /
+# unpack + repack, not `umoci insert`: umoci 0.4's insert writes a layer whose tar lacks its end
+# (containerd and umoci read it, other runtimes refuse it).
+umoci unpack "${rootless[@]}" --image "$image" "$work/bundle" >/dev/null
+cp -a "$rootfs/." "$work/bundle/rootfs/"
+umoci repack --image "$image" --history.created "$created" \
+  --history.created_by "scripts/image.sh: Debian ${packages[*]} and $name" "$work/bundle"
 labels=(
   "org.opencontainers.image.title=$name"
   "org.opencontainers.image.description=Kubernetes operator that obtains, refreshes and publishes OAuth 2.0 tokens for mailboxes"
