@@ -24,9 +24,11 @@ apt_install() {
 
 need node && need npm || apt_install nodejs npm
 need python3 || apt_install python3 python3-venv
-need umoci || apt_install umoci
-need containerd && need ctr || apt_install containerd
-need shellcheck || apt_install shellcheck # actionlint checks the workflows' run: scripts with it
+missing=()
+need umoci || missing+=(umoci)
+{ need containerd && need ctr; } || missing+=(containerd)
+need shellcheck || missing+=(shellcheck) # actionlint checks the workflows' run: scripts with it
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 if [ ! -x "$tools/helm/helm" ] || [ ! -x "$tools/kubectl/kubectl" ]; then
   echo "installing helm and kubectl into $tools" >&2
