@@ -104,6 +104,11 @@ done
 rm -rf "${rootfs:?}"/usr/sbin "${rootfs:?}"/usr/bin "${rootfs:?}"/sbin "${rootfs:?}"/bin "$rootfs"/etc/ca-certificates \
   "$rootfs"/usr/share/lintian "$rootfs"/usr/share/man "$rootfs"/usr/share/info "$rootfs"/usr/libexec
 find "$rootfs/usr/share/doc" -type f ! -name copyright -delete
+# Packages of a merged-/usr release (Debian 13, recent Ubuntu) put the libraries and the dynamic
+# loader under /usr only; the binary asks for /lib64/ld-linux-*.so.2 or /lib/ld-linux-*.so.1.
+for dir in lib lib64; do
+  if [ ! -e "$rootfs/$dir" ] && [ -d "$rootfs/usr/$dir" ]; then ln -s "usr/$dir" "$rootfs/$dir"; fi
+done
 mkdir -p "$rootfs/etc/ssl/certs"
 find "$rootfs/usr/share/ca-certificates" -name '*.crt' | LC_ALL=C sort | xargs cat > "$rootfs/etc/ssl/certs/ca-certificates.crt"
 printf 'root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' > "$rootfs/etc/passwd"
