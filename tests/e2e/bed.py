@@ -41,7 +41,7 @@ RELEASE = "mail-oauth-operator"
 # starts more): the OAuth server, Dovecot and every endpoint of the tests listen on 127.0.0.1,
 # which the operator refuses unless allowPrivateEndpoints.
 BED_VALUES = ("--set", "allowPrivateEndpoints=true")
-# The image's entrypoint (Dockerfile); the chart's `command`, if it ever sets one, must name it.
+# The image's entrypoint (scripts/image.sh); the chart's `command`, if it ever sets one, must name it.
 IMAGE_ENTRYPOINT = "/usr/local/bin/mail-oauth-operator"
 IMAGE_CMD = ["run"]
 # What a process gets from the bed's own environment (a container gets none of the shell's).
