@@ -580,7 +580,9 @@ fn cached_up_to_date(meta: &ObjectMeta, want: &Secret) -> bool {
         .iter()
         .flatten()
         .all(|w| meta.owner_references.iter().flatten().any(|o| o.uid == w.uid && o.controller == w.controller));
-    !touched
+    let trimmed = meta.annotations.as_ref().is_some_and(|a| a.contains_key(at_rest::TRIMMED));
+    !trimmed
+        && !touched
         && owner_ok
         && subset(&want.metadata.labels, &meta.labels)
         && subset(&want.metadata.annotations, &meta.annotations)

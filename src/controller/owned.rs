@@ -14,8 +14,11 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use super::OwnWrites;
-use crate::api::FIELD_MANAGER;
-use crate::policy::at_rest::{FOREIGN_KEYS, OWN_KEYS, data_keys};
+use crate::api::{
+    BINDING_LABEL, FIELD_MANAGER, GRANT_DIGEST_ANNOTATION, GRANT_FOR_ANNOTATION, MANAGED_BY_LABEL,
+    OWNED_KEYS_ANNOTATION, SECRET_ROLE_LABEL, SOURCE_ANNOTATION,
+};
+use crate::policy::at_rest::{FOREIGN_KEYS, OWN_KEYS, TRIMMED, data_keys};
 
 /// What the cache says of one Secret.
 #[derive(Clone, Debug)]
@@ -76,27 +79,62 @@ impl OwnedSecrets {
     }
 }
 
-/// What the cache keeps of an owned Secret's metadata: the data keys other field managers own
-/// become one in-memory annotation ([`FOREIGN_KEYS`]); the managed fields themselves and
-/// `kubectl apply`'s last-applied copy (which may hold the whole Secret) are dropped.
+/// What the cache keeps of an owned Secret's metadata: the data keys other field managers own and
+/// those the operator's own become in-memory annotations ([`FOREIGN_KEYS`], [`OWN_KEYS`]); the
+/// managed fields themselves, `kubectl apply`'s last-applied copy (which may hold the whole
+/// Secret), finalizers and owner references other than the controller's are dropped. Anyone who
+/// can write a Secret can label it as the operator's: what is kept of one is bounded
+/// ([`KEEP_BYTES`]); beyond that only the operator's own labels and annotations are kept, and the
+/// Secret is marked ([`TRIMMED`]) so that it is read, never judged from the cache.
 pub fn slim(secret: &mut PartialObjectMeta<Secret>) {
     let meta = &mut secret.metadata;
-    let foreign = data_keys(meta, FIELD_MANAGER, false);
-    let own = data_keys(meta, FIELD_MANAGER, true);
+    let foreign = data_keys(meta, FIELD_MANAGER, false).join(",");
+    let own = data_keys(meta, FIELD_MANAGER, true).join(",");
     meta.managed_fields = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
+    if let Some(owners) = meta.owner_references.as_mut() {
+        owners.retain(|o| o.controller == Some(true));
+    }
     let annotations = meta.annotations.get_or_insert_with(Default::default);
     annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
-    for (key, keys) in [(FOREIGN_KEYS, foreign), (OWN_KEYS, own)] {
-        if keys.is_empty() {
-            annotations.remove(key);
-        } else {
-            annotations.insert(key.to_owned(), keys.join(","));
+    for key in [FOREIGN_KEYS, OWN_KEYS, TRIMMED] {
+        annotations.remove(key);
+    }
+    let size = |m: &Option<std::collections::BTreeMap<String, String>>| {
+        m.iter().flatten().map(|(k, v)| k.len().saturating_add(v.len())).fold(0_usize, usize::saturating_add)
+    };
+    let kept = size(&meta.annotations)
+        .saturating_add(size(&meta.labels))
+        .saturating_add(foreign.len())
+        .saturating_add(own.len());
+    let annotations = meta.annotations.get_or_insert_with(Default::default);
+    if kept > KEEP_BYTES {
+        annotations.retain(|k, v| OURS.contains(&k.as_str()) && v.len() <= 1024);
+        if let Some(labels) = meta.labels.as_mut() {
+            labels.retain(|k, v| LABELS.contains(&k.as_str()) && v.len() <= 63);
+        }
+        annotations.insert(TRIMMED.to_owned(), "true".to_owned());
+    } else {
+        for (key, keys) in [(FOREIGN_KEYS, foreign), (OWN_KEYS, own)] {
+            if !keys.is_empty() {
+                annotations.insert(key.to_owned(), keys);
+            }
         }
     }
     if annotations.is_empty() {
         meta.annotations = None;
     }
 }
+
+/// The most bytes of labels, annotations and data-key lists kept of one cached Secret.
+pub const KEEP_BYTES: usize = 8 * 1024;
+
+/// The annotations the operator writes on its Secrets.
+const OURS: [&str; 4] = [OWNED_KEYS_ANNOTATION, GRANT_DIGEST_ANNOTATION, GRANT_FOR_ANNOTATION, SOURCE_ANNOTATION];
+
+/// The labels the operator writes on its Secrets.
+const LABELS: [&str; 3] = [MANAGED_BY_LABEL, BINDING_LABEL, SECRET_ROLE_LABEL];
 
 #[cfg(test)]
 mod tests {
@@ -151,5 +189,29 @@ mod tests {
         assert!(matches!(cache.view("ns", "a", &own), Cached::Unknown), "someone else's: read it");
         cache.not_foreign("ns", "a");
         assert!(matches!(cache.view("ns", "a", &own), Cached::Absent));
+    }
+
+    #[test]
+    fn a_labelled_secret_stuffed_with_metadata_is_kept_small_and_marked_to_be_read() {
+        let big = "x".repeat(KEEP_BYTES);
+        let mut s = PartialObjectMeta::<Secret> {
+            metadata: ObjectMeta {
+                name: Some("a".into()),
+                labels: Some([(MANAGED_BY_LABEL.to_owned(), "mail-oauth-operator".to_owned())].into()),
+                annotations: Some(
+                    [("stuffing".to_owned(), big), (SOURCE_ANNOTATION.to_owned(), "s".to_owned())].into(),
+                ),
+                finalizers: Some(vec!["x".into(); 100]),
+                ..ObjectMeta::default()
+            },
+            ..PartialObjectMeta::default()
+        };
+        slim(&mut s);
+        let annotations = s.metadata.annotations.unwrap_or_default();
+        assert_eq!(annotations.get(TRIMMED).map(String::as_str), Some("true"));
+        assert_eq!(annotations.get(SOURCE_ANNOTATION).map(String::as_str), Some("s"));
+        assert!(!annotations.contains_key("stuffing"));
+        assert!(s.metadata.finalizers.is_none());
+        assert_eq!(s.metadata.labels.map(|l| l.len()), Some(1));
     }
 }

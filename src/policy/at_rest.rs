@@ -25,6 +25,9 @@ use crate::policy::ownership::controller_of;
 /// the data keys some other field manager owns (comma separated).
 pub const FOREIGN_KEYS: &str = "internal.mailoauth.io/foreign-data-keys";
 
+/// Likewise: more was labelled or annotated on the Secret than the cache keeps (so it is read).
+pub const TRIMMED: &str = "internal.mailoauth.io/trimmed";
+
 /// Likewise: the data keys the operator's field manager owns. A key someone else removed or
 /// replaced is no longer among them (managed fields follow the object).
 pub const OWN_KEYS: &str = "internal.mailoauth.io/own-data-keys";
@@ -102,7 +105,11 @@ pub fn untouched(meta: &ObjectMeta, uid: &str) -> bool {
     let owned = controller_of(meta).is_some_and(|o| o.uid == uid);
     let written = keys(meta, OWNED_KEYS_ANNOTATION);
     let foreign = keys(meta, FOREIGN_KEYS);
-    owned && !written.is_empty() && written == keys(meta, OWN_KEYS) && written.is_disjoint(&foreign)
+    owned
+        && annotation(meta, TRIMMED).is_none()
+        && !written.is_empty()
+        && written == keys(meta, OWN_KEYS)
+        && written.is_disjoint(&foreign)
 }
 
 /// What the at-rest judgement is given.
