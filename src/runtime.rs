@@ -304,6 +304,7 @@ impl Runtime {
         let polls: controller::Polls = Default::default();
         let written: controller::Written = Default::default();
         let client_secrets: controller::ClientSecretCache = Default::default();
+        let namespace_labels = controller::NamespaceLabels::default();
         // One context per client: the controllers' and, with the authorization listener, the
         // listener's (same caches and state, its own apiserver client).
         let context = |client: &Client| Context {
@@ -324,6 +325,7 @@ impl Runtime {
             written: Arc::clone(&written),
             own_writes: own_writes.clone(),
             owned: owned.clone(),
+            namespace_labels: namespace_labels.clone(),
             referable: referable.clone(),
             client_secrets: Arc::clone(&client_secrets),
             authorization: settings.authorization.clone(),

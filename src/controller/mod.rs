@@ -103,12 +103,46 @@ pub struct Context {
     /// The metadata of the Secrets the operator owns: absent ones are created without a read,
     /// bindings at rest are re-checked without one.
     pub owned: owned::OwnedSecrets,
+    /// Namespaces' labels as read for a `ClusterMailProvider`'s namespace selector, for a few
+    /// seconds: a restart reads each namespace once, not once per binding.
+    pub namespace_labels: NamespaceLabels,
     /// Versions of the Secrets labelled as referable (strict mode), from a metadata watch.
     pub referable: versions::SecretVersions,
     /// Client secrets read before, with the version of the Secret they came from: reused while
     /// the watch shows that version (strict mode only; a Secret unlabelled or changed is read
     /// again, and refused if it may no longer be read).
     pub client_secrets: ClientSecretCache,
+}
+
+/// Namespaces' labels, each kept for [`NamespaceLabels::TTL`] (at most 4,096 namespaces).
+#[derive(Clone, Debug, Default)]
+pub struct NamespaceLabels(
+    Arc<Mutex<HashMap<String, (std::time::Instant, std::collections::BTreeMap<String, String>)>>>,
+);
+
+impl NamespaceLabels {
+    /// How long labels read are used: a label change takes effect within this.
+    pub const TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// The labels of `namespace` read less than [`Self::TTL`] ago.
+    pub fn get(&self, namespace: &str) -> Option<std::collections::BTreeMap<String, String>> {
+        let map = self.0.lock().ok()?;
+        let (at, labels) = map.get(namespace)?;
+        (at.elapsed() < Self::TTL).then(|| labels.clone())
+    }
+
+    /// Keeps the labels just read of `namespace`.
+    pub fn put(&self, namespace: &str, labels: std::collections::BTreeMap<String, String>) {
+        if let Ok(mut map) = self.0.lock() {
+            if map.len() >= 4096 {
+                map.retain(|_, (at, _)| at.elapsed() < Self::TTL);
+                if map.len() >= 4096 {
+                    map.clear();
+                }
+            }
+            map.insert(namespace.to_owned(), (std::time::Instant::now(), labels));
+        }
+    }
 }
 
 /// Client secrets by (namespace, Secret, key): the Secret's `resourceVersion` and the value.
@@ -202,6 +236,7 @@ impl Context {
             written: Written::default(),
             own_writes: OwnWrites::default(),
             owned: owned::OwnedSecrets::default(),
+            namespace_labels: NamespaceLabels::default(),
             referable: versions::SecretVersions::default(),
             client_secrets: ClientSecretCache::default(),
             authorization: AuthorizationSettings::default(),

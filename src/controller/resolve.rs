@@ -187,9 +187,17 @@ fn ready_endpoints(status: Option<&MailProviderStatus>, generation: Option<i64>)
 async fn namespace_allowed(ctx: &Context, allowed: &Option<crate::api::AllowedNamespaces>, ns: &str) -> Result<bool> {
     let needs_labels = allowed.as_ref().is_some_and(|a| a.selector.is_some() && !a.names.iter().any(|n| n == ns));
     let labels = if needs_labels {
-        let api: Api<Namespace> = Api::all(ctx.client.clone());
-        let namespace = api.get_opt(ns).await.map_err(|source| Error::ReadNamespace { name: ns.to_owned(), source })?;
-        namespace.map(|n| n.labels().clone()).unwrap_or_default()
+        match ctx.namespace_labels.get(ns) {
+            Some(labels) => labels,
+            None => {
+                let api: Api<Namespace> = Api::all(ctx.client.clone());
+                let namespace =
+                    api.get_opt(ns).await.map_err(|source| Error::ReadNamespace { name: ns.to_owned(), source })?;
+                let labels = namespace.map(|n| n.labels().clone()).unwrap_or_default();
+                ctx.namespace_labels.put(ns, labels.clone());
+                labels
+            }
+        }
     } else {
         BTreeMap::new()
     };
