@@ -116,9 +116,10 @@ pub struct Context {
 
 /// Namespaces' labels, each kept for [`NamespaceLabels::TTL`] (at most 4,096 namespaces).
 #[derive(Clone, Debug, Default)]
-pub struct NamespaceLabels(
-    Arc<Mutex<HashMap<String, (std::time::Instant, std::collections::BTreeMap<String, String>)>>>,
-);
+pub struct NamespaceLabels(Arc<Mutex<HashMap<String, LabelsRead>>>);
+
+/// When a namespace's labels were read, and the labels.
+type LabelsRead = (std::time::Instant, std::collections::BTreeMap<String, String>);
 
 impl NamespaceLabels {
     /// How long labels read are used: a label change takes effect within this.
