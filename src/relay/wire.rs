@@ -186,7 +186,7 @@ mod tests {
         assert_eq!(m.scan(b"Subject: x\r\n\r\n..stuffed\r\n.."), None);
         assert_eq!(m.scan(b"\r\nbody\r"), None);
         assert_eq!(m.scan(b"\n.\r"), None);
-        assert_eq!(m.scan(b"\nQUIT\r\n"), Some(2));
+        assert_eq!(m.scan(b"\nQUIT\r\n"), Some(1));
         let mut m = EndOfData::default();
         assert_eq!(m.scan(b"a\r\r\n.\r\nb"), Some(7));
         let mut m = EndOfData::default();
