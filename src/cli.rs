@@ -228,8 +228,8 @@ async fn run_relay(args: RelayArgs) -> Result<()> {
     let relay_error = |e: &dyn std::fmt::Display| Error::Relay(e.to_string());
     let roots = match &args.upstream_ca_file {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| Error::Relay(format!("reading {}: {e}", path.display())))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| Error::Relay(format!("reading {}: {e}", path.display())))?;
             crate::mail::certificates_from_pem(&text).map_err(|e| relay_error(&e))?
         }
         None => Vec::new(),

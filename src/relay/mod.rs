@@ -149,10 +149,9 @@ pub struct Relay {
 async fn bind(address: Option<SocketAddr>) -> Result<Option<TcpListener>, RelayError> {
     match address {
         None => Ok(None),
-        Some(address) => TcpListener::bind(address)
-            .await
-            .map(Some)
-            .map_err(|e| RelayError::Bind { address, why: e.to_string() }),
+        Some(address) => {
+            TcpListener::bind(address).await.map(Some).map_err(|e| RelayError::Bind { address, why: e.to_string() })
+        }
     }
 }
 

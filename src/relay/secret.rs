@@ -110,9 +110,11 @@ fn read_key(base: &Path, shown: &str, key: &'static str) -> Result<Option<String
         Err(e) => return Err(SecretError::Read { dir: shown.to_owned(), key, why: e.to_string() }),
     };
     let mut bytes = Vec::new();
-    file.take(MAX_FILE.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(|e| SecretError::Read { dir: shown.to_owned(), key, why: e.to_string() })?;
+    file.take(MAX_FILE.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| SecretError::Read {
+        dir: shown.to_owned(),
+        key,
+        why: e.to_string(),
+    })?;
     if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_FILE {
         return Err(SecretError::TooLarge { dir: shown.to_owned(), key });
     }

@@ -151,7 +151,9 @@ async fn before_auth(mut client: Wire, peer: IpAddr, implicit_tls: bool, shared:
                 None => "502 5.5.1 STARTTLS is not offered here".to_owned(),
             },
             "AUTH" if !greeted => "503 5.5.1 Send EHLO first".to_owned(),
-            "AUTH" if !auth_allowed => "538 5.7.11 Encryption required for requested authentication mechanism".to_owned(),
+            "AUTH" if !auth_allowed => {
+                "538 5.7.11 Encryption required for requested authentication mechanism".to_owned()
+            }
             "AUTH" => match authenticate(&mut client, &rest, peer, shared).await {
                 Ok(Some((upstream, mailbox))) => return Before::Relay(Box::new(client), upstream, mailbox),
                 Ok(None) => continue,
@@ -349,7 +351,8 @@ async fn relay(mut client: Wire, upstream: crate::mail::Submission, mailbox: &st
             "EHLO" | "HELO" => {
                 // A new EHLO resets the transaction: the upstream is reset, the answer is the
                 // upstream's extensions with the relay's AUTH.
-                if up.write_line("RSET", limits.write).await.is_err() || upstream_reply(&mut up, shared).await.is_err() {
+                if up.write_line("RSET", limits.write).await.is_err() || upstream_reply(&mut up, shared).await.is_err()
+                {
                     let _ = client.write_line(LOST, limits.write).await;
                     return;
                 }

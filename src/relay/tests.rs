@@ -36,10 +36,7 @@ fn pki() -> (CertificateDer<'static>, TlsAcceptor) {
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
+        .with_single_cert(vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
         .unwrap();
     (ca_cert.der().clone(), TlsAcceptor::from(Arc::new(config)))
 }
@@ -182,7 +179,8 @@ impl Client {
         assert!(self.reply().await.starts_with("220 "));
         let ehlo = self.send("EHLO client.test").await;
         assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
-        let plain = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("\0{MAILBOX}\0{password}"));
+        let plain =
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("\0{MAILBOX}\0{password}"));
         self.send(&format!("AUTH PLAIN {plain}")).await
     }
 }
@@ -206,7 +204,10 @@ async fn auth_plain_then_a_message_goes_upstream_with_xoauth2_and_its_reply_come
     assert!(!ehlo.contains("XOAUTH2") && !ehlo.contains("STARTTLS"), "{ehlo}");
     // Pipelined: MAIL, RCPT, DATA in one write; replies in order.
     c.wire
-        .write(format!("MAIL FROM:<{MAILBOX}>\r\nRCPT TO:<a@example.org>\r\nDATA\r\n").as_bytes(), Duration::from_secs(5))
+        .write(
+            format!("MAIL FROM:<{MAILBOX}>\r\nRCPT TO:<a@example.org>\r\nDATA\r\n").as_bytes(),
+            Duration::from_secs(5),
+        )
         .await
         .unwrap();
     assert!(c.reply().await.starts_with("250 "));

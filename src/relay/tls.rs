@@ -60,9 +60,7 @@ impl CertDir {
         let version = std::fs::canonicalize(self.dir.join("..data")).ok();
         let files = ["tls.crt", "tls.key"]
             .iter()
-            .map(|f| {
-                std::fs::metadata(self.dir.join(f)).map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None))
-            })
+            .map(|f| std::fs::metadata(self.dir.join(f)).map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None)))
             .collect();
         (version, files)
     }
