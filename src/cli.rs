@@ -1,5 +1,5 @@
-//! The command line: `run` starts the operator, `crds` prints the CRDs. Every flag of `run` has an
-//! environment variable, as the Helm chart sets them.
+//! The command line: `run` starts the operator, `relay` the mail relay, `crds` prints the CRDs.
+//! Every flag of `run` and `relay` has an environment variable, as the Helm chart sets them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +30,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the operator.
     Run(Box<RunArgs>),
+    /// Run the mail relay: password-only clients submit mail, the relay sends it with XOAUTH2.
+    Relay(Box<RelayArgs>),
     /// Print the CustomResourceDefinitions as YAML.
     Crds {
         /// Write one file per CRD into this folder instead of printing.
@@ -121,6 +123,45 @@ pub struct RunArgs {
     pub leader_lease_duration: std::time::Duration,
 }
 
+/// Flags of `relay`.
+#[derive(Debug, clap::Args)]
+pub struct RelayArgs {
+    /// The published Secret mounted as a volume (a sidecar next to one app).
+    #[arg(long, env = "SECRET_DIR")]
+    pub secret_dir: std::path::PathBuf,
+    /// SMTP submission with STARTTLS.
+    #[arg(long, env = "SMTP_ADDRESS")]
+    pub smtp_address: Option<SocketAddr>,
+    /// SMTP submission with implicit TLS.
+    #[arg(long, env = "SMTPS_ADDRESS")]
+    pub smtps_address: Option<SocketAddr>,
+    /// `tls.crt` and `tls.key` for the listeners (reloaded when they change).
+    #[arg(long, env = "TLS_CERT_DIR")]
+    pub tls_cert_dir: Option<std::path::PathBuf>,
+    /// Accept AUTH without TLS from addresses other than loopback (old devices on a trusted
+    /// segment: the password crosses that segment in clear).
+    #[arg(long, env = "ALLOW_PLAINTEXT_AUTH")]
+    pub allow_plaintext_auth: bool,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "LISTEN_ADDRESS", default_value = "0.0.0.0:8080")]
+    pub listen_address: SocketAddr,
+    /// Allow an upstream mail server on a loopback or private address (a lab).
+    #[arg(long, env = "ALLOW_PRIVATE_ENDPOINTS")]
+    pub allow_private_endpoints: bool,
+    /// PEM certificates trusted for the upstream mail server besides the web roots.
+    #[arg(long, env = "UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<std::path::PathBuf>,
+    /// Client connections at once.
+    #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value = "256", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_connections: u32,
+    /// The name in the greeting and EHLO.
+    #[arg(long, env = "RELAY_NAME", default_value = "mail-oauth-operator-relay")]
+    pub name: String,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
 fn parse_rate(text: &str) -> Result<f64, String> {
     let rate: f64 = text.parse().map_err(|_| "must be a number of requests per second".to_owned())?;
     if !(0.01..=10_000.0).contains(&rate) {
@@ -177,7 +218,44 @@ pub async fn execute(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run(args) => run_operator(*args).await,
+        Command::Relay(args) => run_relay(*args).await,
     }
+}
+
+async fn run_relay(args: RelayArgs) -> Result<()> {
+    use crate::relay::{Relay, RelayConfig};
+    init_logging(args.log_format);
+    let relay_error = |e: &dyn std::fmt::Display| Error::Relay(e.to_string());
+    let roots = match &args.upstream_ca_file {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| Error::Relay(format!("reading {}: {e}", path.display())))?;
+            crate::mail::certificates_from_pem(&text).map_err(|e| relay_error(&e))?
+        }
+        None => Vec::new(),
+    };
+    let mut mail = crate::mail::Settings::new(OutboundPolicy { allow_private: args.allow_private_endpoints }, &roots)
+        .map_err(|e| relay_error(&e))?;
+    mail.client_name.clone_from(&args.name);
+    let config = RelayConfig {
+        secret_dir: args.secret_dir,
+        smtp: args.smtp_address,
+        smtps: args.smtps_address,
+        cert_dir: args.tls_cert_dir,
+        allow_plaintext_auth: args.allow_plaintext_auth,
+        mail,
+        limits: crate::relay::SessionLimits::default(),
+        failures: crate::relay::guard::FailureLimits::default(),
+        max_connections: usize::try_from(args.max_connections).unwrap_or(256),
+        name: args.name,
+    };
+    let relay = Relay::bind(config).await.map_err(|e| relay_error(&e))?;
+    let shutdown = shutdown_signal().boxed().shared();
+    let admin = tokio::spawn(crate::relay::serve_admin(args.listen_address, shutdown.clone()));
+    relay.serve(shutdown).await;
+    admin.abort();
+    tracing::info!("stopped");
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

@@ -87,6 +87,9 @@ pub enum Error {
         /// Cause.
         source: std::io::Error,
     },
+    /// The relay could not start (the step is in the text).
+    #[error("relay: {0}")]
+    Relay(String),
     /// Printing the CRDs failed.
     #[error("rendering CRDs: {0}")]
     Crds(#[source] serde_yaml::Error),
@@ -137,6 +140,7 @@ impl Error {
             Error::Serve { .. } => "serve",
             Error::WriteFile { .. } => "write_file",
             Error::Crds(_) => "crds",
+            Error::Relay(_) => "relay",
             Error::Election(_) => "election",
             Error::NotLeader => "not_leader",
             Error::Panicked => "panicked",

@@ -13,6 +13,7 @@ pub mod mail;
 pub mod metrics;
 pub mod oauth;
 pub mod policy;
+pub mod relay;
 pub mod runtime;
 pub mod server;
 

@@ -3,6 +3,8 @@
 //! root only), all validating tokens of the real OAuth server (oidc-provider) by RFC 7662
 //! introspection, with TLS certificates from a throwaway CA the client is given as extra root.
 //! Outside CI a missing Postfix (not root) is reported as skipped; in CI (`CI` set) it fails.
+//! The relay (`mail-oauth-operator relay`, the binary) is driven by Python's `smtplib` with a
+//! password only: the mail goes to Postfix with XOAUTH2 and is read back from Dovecot's IMAP.
 
 #![allow(
     clippy::unwrap_used,
@@ -180,6 +182,21 @@ struct Postfix {
 impl Postfix {
     fn start(dir: &Path, dovecot_auth: u16, cert: &Path, key: &Path) -> Self {
         let d = dir.join("postfix");
+        // Mail for the mailbox is delivered into the Maildir Dovecot serves (its static userdb home).
+        let owner = |flag: &str| {
+            String::from_utf8(Command::new("id").arg(flag).arg("dovecot").output().unwrap().stdout)
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let virtual_mailboxes = format!(
+            "virtual_mailbox_domains = example.com\nvirtual_mailbox_base = {base}\n\
+             virtual_mailbox_maps = inline:{{ {MAILBOX}=home/Maildir/ }}\nvirtual_uid_maps = static:{uid}\n\
+             virtual_gid_maps = static:{gid}\nvirtual_minimum_uid = 1\n",
+            base = dir.join("dovecot").join("mail").display(),
+            uid = owner("-u"),
+            gid = owner("-g"),
+        );
         let (conf, queue, data) = (d.join("conf"), d.join("queue"), d.join("data"));
         for p in [&conf, &queue, &data] {
             std::fs::create_dir_all(p).unwrap();
@@ -195,7 +212,7 @@ impl Postfix {
                  smtpd_sasl_type = dovecot\nsmtpd_sasl_path = inet:127.0.0.1:{dovecot_auth}\nsmtpd_sasl_auth_enable = yes\n\
                  smtpd_tls_security_level = encrypt\nsmtpd_tls_auth_only = yes\nsmtpd_tls_cert_file = {cert}\n\
                  smtpd_tls_key_file = {key}\nsmtpd_relay_restrictions = permit_sasl_authenticated, reject\n\
-                 alias_maps =\nalias_database =\nlocal_recipient_maps =\n",
+                 alias_maps =\nalias_database =\nlocal_recipient_maps =\n{virtual_mailboxes}",
                 q = queue.display(),
                 data = data.display(),
                 d = d.display(),
@@ -331,10 +348,154 @@ async fn real_dovecot_and_postfix_accept_real_tokens_and_refuse_others() {
         let seen =
             check(&settings, Protocol::Smtp, postfix.port, TlsMode::Starttls, "stranger@example.com", &token).await;
         assert_eq!(reason(Protocol::Smtp, "stranger@example.com", &seen), VerifyReason::LoginRefused, "{seen:?}");
+        relay_sends_a_password_clients_mail_to_postfix_with_xoauth2(&dovecot, &postfix, &oauth, dir.path(), &ca).await;
     } else if std::env::var_os("CI").is_some() {
         panic!("Postfix submission needs root: run CI as root (the SMTP check against Postfix was not run)");
     } else {
         eprintln!("SKIPPED: Postfix submission (needs root); IMAP and POP3 were checked");
     }
     eprintln!("real mail servers checked in {:?}", started.elapsed());
+}
+
+/// The relay binary, stopped on drop.
+struct RelayProcess(std::process::Child);
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A client that knows only a password (Python `smtplib`, STARTTLS, `AUTH PLAIN` by `login`)
+/// sends through the relay; the relay logs in at Postfix with the mailbox's real token; the mail
+/// is delivered to the mailbox and read back over IMAP (XOAUTH2) from Dovecot. Then: a wrong
+/// password is 535, another sender 550, and nothing of either arrives.
+async fn relay_sends_a_password_clients_mail_to_postfix_with_xoauth2(
+    dovecot: &Dovecot,
+    postfix: &Postfix,
+    oauth: &OAuthServer,
+    dir: &Path,
+    ca: &str,
+) {
+    let token = access_token(oauth, MAILBOX).await;
+    let secret = dir.join("relay-secret");
+    std::fs::create_dir_all(&secret).unwrap();
+    let password = "a long random relay password, 0123456789";
+    let expires = (chrono::Utc::now() + chrono::Duration::minutes(50)).to_rfc3339();
+    for (key, value) in [
+        ("username", MAILBOX),
+        ("relay_password", password),
+        ("access_token", token.as_str()),
+        ("expires_at", expires.as_str()),
+        ("smtp_host", "localhost"),
+        ("smtp_port", &postfix.port.to_string()),
+    ] {
+        std::fs::write(secret.join(key), value).unwrap();
+    }
+    let ca_path = dir.join("ca.crt");
+    std::fs::write(&ca_path, ca).unwrap();
+    // The relay's own certificate: the mail servers' (localhost), as tls.crt and tls.key.
+    let certs = dir.join("relay-tls");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(dir.join("mail.crt"), certs.join("tls.crt")).unwrap();
+    std::fs::copy(dir.join("mail.key"), certs.join("tls.key")).unwrap();
+    let (smtp, admin) = (free_port(), free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_mail-oauth-operator"))
+        .arg("relay")
+        .arg("--secret-dir")
+        .arg(&secret)
+        .args(["--smtp-address", &format!("127.0.0.1:{smtp}"), "--listen-address", &format!("127.0.0.1:{admin}")])
+        .arg("--tls-cert-dir")
+        .arg(&certs)
+        .arg("--upstream-ca-file")
+        .arg(&ca_path)
+        .arg("--allow-private-endpoints")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut relay = RelayProcess(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", smtp)).is_err() {
+        if let Ok(Some(status)) = relay.0.try_wait() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(relay.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the relay exited ({status}): {err}");
+        }
+        assert!(Instant::now() < deadline, "the relay did not listen within 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let subject = format!("relayed {}", std::process::id());
+    let script = r#"
+import base64, imaplib, smtplib, ssl, sys, time
+smtp_port, imap_port, ca, user, password, token, subject = sys.argv[1:8]
+ctx = ssl.create_default_context(cafile=ca)
+with smtplib.SMTP("localhost", int(smtp_port), timeout=30) as s:
+    s.starttls(context=ctx)
+    s.ehlo()
+    try:
+        s.login(user, "wrong password")
+        sys.exit("a wrong password was accepted")
+    except smtplib.SMTPAuthenticationError as e:
+        assert e.smtp_code == 535, e
+    s.login(user, password)
+    try:
+        s.sendmail("ceo@example.com", [user], "Subject: not me\r\n\r\nno\r\n")
+        sys.exit("another sender was accepted")
+    except smtplib.SMTPSenderRefused as e:
+        assert e.smtp_code == 550, e
+    s.sendmail(user, [user], "From: %s\r\nTo: %s\r\nSubject: %s\r\n\r\nsent through the relay\r\n" % (user, user, subject))
+auth = "user=%s\x01auth=Bearer %s\x01\x01" % (user, token)
+deadline = time.time() + 30
+while True:
+    m = imaplib.IMAP4("localhost", int(imap_port))
+    m.starttls(ctx)
+    m.authenticate("XOAUTH2", lambda _: auth.encode())
+    m.select("INBOX")
+    typ, found = m.search(None, "SUBJECT", '"%s"' % subject)
+    if found[0]:
+        typ, data = m.fetch(found[0].split()[0], "(RFC822)")
+        body = data[0][1].decode()
+        assert "sent through the relay" in body, body
+        typ, others = m.search(None, "SUBJECT", '"not me"')
+        assert not others[0], "the refused sender's mail arrived"
+        print("arrived")
+        break
+    m.logout()
+    if time.time() > deadline:
+        sys.exit("the mail did not arrive within 30 s")
+    time.sleep(0.5)
+"#;
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args([
+            &smtp.to_string(),
+            &dovecot.imap.to_string(),
+            ca_path.to_str().unwrap(),
+            MAILBOX,
+            password,
+            &token,
+            &subject,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let _ = relay.0.kill();
+    let _ = relay.0.wait();
+    let mut relay_log = String::new();
+    std::io::Read::read_to_string(relay.0.stdout.as_mut().unwrap(), &mut relay_log).unwrap();
+    std::io::Read::read_to_string(relay.0.stderr.as_mut().unwrap(), &mut relay_log).unwrap();
+    let postfix_log = std::fs::read_to_string(dir.join("postfix").join("postfix.log")).unwrap_or_default();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("arrived"),
+        "client: {}{}\nrelay: {relay_log}\npostfix: {postfix_log}\ndovecot: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        dovecot.log()
+    );
+    // Postfix logged in with XOAUTH2 as the mailbox; the relay's log holds neither secret.
+    assert!(postfix_log.contains("sasl_method=XOAUTH2") && postfix_log.contains(MAILBOX), "{postfix_log}");
+    assert!(!relay_log.contains(&token) && !relay_log.contains(password), "{relay_log}");
 }

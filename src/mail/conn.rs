@@ -221,6 +221,12 @@ impl Conn {
             .map_err(|_| MailError::Closed { step })
     }
 
+    /// The stream and what was read from it but not yet consumed, for a caller that goes on
+    /// reading (the relay after the login).
+    pub(crate) fn into_parts(self) -> (Box<dyn super::Io>, Vec<u8>) {
+        (Box::new(self.stream), self.buf)
+    }
+
     /// Closes the connection (TLS close_notify when under TLS), within a short time.
     pub(crate) async fn close(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;

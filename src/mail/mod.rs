@@ -2,8 +2,9 @@
 //! allows, set up TLS (implicit, or STARTTLS/STLS that must succeed before any credential is
 //! sent), log in with the two-step SASL exchange (never an initial response: long Entra tokens
 //! pass servers that cut first lines), log out. Every line, reply and wait is bounded; the
-//! outcome is an [`Observed`] that `crate::policy::verify` classifies. Verification uses it now,
-//! the relay will reuse the connection and login steps.
+//! outcome is an [`Observed`] that `crate::policy::verify` classifies. Verification uses it, and
+//! the relay opens its upstream submission with [`submission`] (the same steps, stopping after the
+//! login).
 
 mod conn;
 mod imap;
@@ -364,6 +365,48 @@ async fn session(target: &Target, creds: &Credentials, settings: &Settings) -> R
     };
     conn.close().await;
     seen
+}
+
+/// A byte stream a session can go on with: the mail server connection after the login.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// An SMTP submission session logged in with XOAUTH2 (or OAUTHBEARER): the relay's upstream.
+pub struct Submission {
+    /// The server's EHLO extensions after TLS (one keyword line each, as the server wrote them).
+    pub extensions: Vec<String>,
+    /// The stream, under TLS unless `tls: none` was allowed.
+    pub stream: Box<dyn Io>,
+    /// Bytes read after the login's reply (none from a server that waits for its client).
+    pub pending: Vec<u8>,
+}
+
+/// Opens an SMTP submission session at `target` as `creds` and logs in, within the overall
+/// bound; what was seen when it did not log in (never an error carrying a token).
+pub async fn submission(target: &Target, creds: &Credentials, settings: &Settings) -> Result<Submission, Observed> {
+    let open = async {
+        let mut conn =
+            Conn::open(&target.host, target.port, target.tls, settings.policy, settings.tls.clone(), settings.limits)
+                .await?;
+        match smtp::open(&mut conn, target, creds, settings).await? {
+            Ok(extensions) => Ok(Ok((conn, extensions))),
+            Err(seen) => {
+                conn.close().await;
+                Ok(Err(seen))
+            }
+        }
+    };
+    match tokio::time::timeout(settings.limits.overall, open).await {
+        Ok(Ok(Ok((conn, extensions)))) => {
+            let (stream, pending) = conn.into_parts();
+            Ok(Submission { extensions, stream, pending })
+        }
+        Ok(Ok(Err(seen))) => Err(seen),
+        Ok(Err(e)) => Err(MailError::observed(&e)),
+        Err(_) => Err(Observed::Unreachable {
+            why: format!("the login did not finish within {} s", settings.limits.overall.as_secs()),
+        }),
+    }
 }
 
 /// Fails unless the connection is protected as `target` says: the last guard before a token is

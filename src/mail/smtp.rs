@@ -1,5 +1,6 @@
 //! SMTP submission: greeting, `EHLO`, `STARTTLS`, `EHLO` again, `AUTH XOAUTH2` (or OAUTHBEARER
-//! when only that is offered) in two steps, `QUIT`. No mail is sent.
+//! when only that is offered) in two steps, `QUIT`. No mail is sent here; [`open`] stops after the
+//! login for the relay, which sends it.
 
 use super::conn::Conn;
 use super::reply;
@@ -59,6 +60,23 @@ pub(crate) async fn verify(
     creds: &Credentials,
     settings: &Settings,
 ) -> Result<Observed, MailError> {
+    let seen = match open(conn, target, creds, settings).await? {
+        Ok(_) => Observed::LoggedIn,
+        Err(seen) => seen,
+    };
+    // QUIT is a courtesy: the verdict is already known.
+    let _ = command(conn, "QUIT", Step::Logout, settings).await;
+    Ok(seen)
+}
+
+/// Greeting, `EHLO`, `STARTTLS`, `EHLO`, the two-step SASL login: the server's extensions
+/// (after TLS) when logged in, else what was seen. The relay goes on from here.
+pub(crate) async fn open(
+    conn: &mut Conn,
+    target: &Target,
+    creds: &Credentials,
+    settings: &Settings,
+) -> Result<Result<Vec<String>, Observed>, MailError> {
     let greeting = read_reply(conn, Step::Greeting, settings).await?;
     if greeting.code != 220 {
         return Err(MailError::Unexpected { step: Step::Greeting, text: server_text(&greeting.shown(), &[]) });
@@ -77,14 +95,14 @@ pub(crate) async fn verify(
     }
     let offered: Vec<String> = extensions.iter().filter_map(|e| reply::smtp_auth_mechanisms(e)).flatten().collect();
     let Some(mechanism) = reply::pick_mechanism(offered.iter().map(String::as_str)) else {
-        return Ok(Observed::NoMechanism { offered: server_text(&offered, &[]) });
+        return Ok(Err(Observed::NoMechanism { offered: server_text(&offered, &[]) }));
     };
     let sasl = Sasl::new(mechanism, creds, target);
     ensure_protected(conn, target)?;
-    let seen = login(conn, &sasl, settings).await?;
-    // QUIT is a courtesy: the verdict is already known.
-    let _ = command(conn, "QUIT", Step::Logout, settings).await;
-    Ok(seen)
+    Ok(match login(conn, &sasl, settings).await? {
+        Observed::LoggedIn => Ok(extensions),
+        seen => Err(seen),
+    })
 }
 
 /// The two-step SASL exchange.

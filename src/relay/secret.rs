@@ -1,0 +1,157 @@
+//! The published Secret as kubelet mounts it (one file per key; an update swaps the `..data`
+//! symlink): read whole, from one resolved version of the directory, each file bounded, every time
+//! a client authenticates, so a renewed token or a rotated password is used by the next session.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// Largest file read from the directory (a token is a few KiB).
+const MAX_FILE: u64 = 64 * 1024;
+
+/// Why the mounted Secret cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// A key the relay needs is not there.
+    #[error(
+        "{dir}: the key {key} is missing (the binding needs spec.relay.enabled, and the Secret must be mounted as a volume)"
+    )]
+    Missing {
+        /// The directory.
+        dir: String,
+        /// The key.
+        key: &'static str,
+    },
+    /// A file could not be read.
+    #[error("{dir}: reading the key {key} failed: {why}")]
+    Read {
+        /// The directory.
+        dir: String,
+        /// The key.
+        key: &'static str,
+        /// The I/O error.
+        why: String,
+    },
+    /// A file is larger than the bound.
+    #[error("{dir}: the key {key} is larger than {MAX_FILE} bytes")]
+    TooLarge {
+        /// The directory.
+        dir: String,
+        /// The key.
+        key: &'static str,
+    },
+}
+
+/// One reading of the mounted Secret. `Debug` shows neither the password nor the token.
+pub struct Mounted {
+    /// The mailbox (`username`): the only envelope sender accepted for now.
+    pub mailbox: String,
+    /// The user name clients log in with (`relay_username`, else `username`).
+    pub relay_username: String,
+    /// SHA-256 of `relay_password`: only digests are compared, in constant time.
+    password_digest: [u8; 32],
+    /// The access token, when published.
+    pub token: Option<SecretString>,
+    /// When the token expires, when published and readable.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// `smtp_host`, when published.
+    pub smtp_host: Option<String>,
+    /// `smtp_port`, when published and a port.
+    pub smtp_port: Option<u16>,
+}
+
+impl std::fmt::Debug for Mounted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounted")
+            .field("mailbox", &self.mailbox)
+            .field("relay_username", &self.relay_username)
+            .field("expires_at", &self.expires_at)
+            .field("smtp_host", &self.smtp_host)
+            .field("smtp_port", &self.smtp_port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mounted {
+    /// Whether `user` and `password` are the relay credentials: the user name compared without
+    /// case (it is no secret), the password's SHA-256 digest compared in constant time
+    /// (`subtle`), so neither the time taken nor the digest's length tells how much matched.
+    pub fn accepts(&self, user: &str, password: &[u8]) -> bool {
+        let given: [u8; 32] = Sha256::digest(password).into();
+        let password_ok: bool = given.ct_eq(&self.password_digest).into();
+        password_ok & user.eq_ignore_ascii_case(&self.relay_username)
+    }
+
+    /// The token, when there is one that is still valid `margin` after `now` (an unknown expiry
+    /// counts as valid: the upstream decides).
+    pub fn current_token(&self, now: DateTime<Utc>, margin: chrono::Duration) -> Option<&SecretString> {
+        let token = self.token.as_ref().filter(|t| !t.expose_secret().is_empty())?;
+        match self.expires_at {
+            Some(at) if at <= now.checked_add_signed(margin).unwrap_or(now) => None,
+            _ => Some(token),
+        }
+    }
+}
+
+/// The directory's current version: `..data` resolved when kubelet made it, so every key comes
+/// from the same update.
+fn version(dir: &Path) -> PathBuf {
+    std::fs::canonicalize(dir.join("..data")).unwrap_or_else(|_| dir.to_owned())
+}
+
+fn read_key(base: &Path, shown: &str, key: &'static str) -> Result<Option<String>, SecretError> {
+    let file = match std::fs::File::open(base.join(key)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(SecretError::Read { dir: shown.to_owned(), key, why: e.to_string() }),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| SecretError::Read {
+        dir: shown.to_owned(),
+        key,
+        why: e.to_string(),
+    })?;
+    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_FILE {
+        return Err(SecretError::TooLarge { dir: shown.to_owned(), key });
+    }
+    // Values end where their text ends: a hand-written file's final newline is not part of it.
+    Ok(Some(String::from_utf8_lossy(&bytes).trim().to_owned()).filter(|v| !v.is_empty()))
+}
+
+/// Reads the mounted Secret at `dir` (blocking: small files; callers on the runtime use
+/// [`read_async`]). `username` and `relay_password` are required.
+pub fn read(dir: &Path) -> Result<Mounted, SecretError> {
+    let shown = dir.display().to_string();
+    let base = version(dir);
+    let missing = |key| SecretError::Missing { dir: shown.clone(), key };
+    let mailbox = read_key(&base, &shown, "username")?.ok_or_else(|| missing("username"))?;
+    let password = read_key(&base, &shown, "relay_password")?.ok_or_else(|| missing("relay_password"))?;
+    let relay_username = read_key(&base, &shown, "relay_username")?.unwrap_or_else(|| mailbox.clone());
+    let token = read_key(&base, &shown, "access_token")?.map(SecretString::from);
+    let expires_at = read_key(&base, &shown, "expires_at")?
+        .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+        .map(|t| t.with_timezone(&Utc));
+    let smtp_host = read_key(&base, &shown, "smtp_host")?;
+    let smtp_port = read_key(&base, &shown, "smtp_port")?.and_then(|p| p.parse().ok());
+    Ok(Mounted {
+        mailbox,
+        relay_username,
+        password_digest: Sha256::digest(password.as_bytes()).into(),
+        token,
+        expires_at,
+        smtp_host,
+        smtp_port,
+    })
+}
+
+/// [`read`] off the runtime's threads.
+pub async fn read_async(dir: PathBuf) -> Result<Mounted, SecretError> {
+    match tokio::task::spawn_blocking(move || read(&dir)).await {
+        Ok(r) => r,
+        Err(e) => Err(SecretError::Read { dir: String::new(), key: "username", why: e.to_string() }),
+    }
+}

@@ -1,0 +1,371 @@
+//! The relay against a scripted upstream submission server (in-process, STARTTLS with an rcgen
+//! CA, XOAUTH2 checked against the token) and a client over an in-memory pipe whose source
+//! address the test chooses (loopback or not).
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use super::guard::{FailureLimits, Failures};
+use super::wire::Wire;
+use super::{SessionLimits, Shared};
+use crate::mail::{Limits, Settings};
+use crate::oauth::http::OutboundPolicy;
+
+const MAILBOX: &str = "scanner@example.com";
+const PASSWORD: &str = "correct horse battery staple 0123456789";
+const TOKEN: &str = "ya29.relay-TOKEN-Zx9Qk3mP0sL7vR2tY5uW8eA1dG4hJ6";
+
+fn pki() -> (CertificateDer<'static>, TlsAcceptor) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&key, &issuer).unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+        .unwrap();
+    (ca_cert.der().clone(), TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Every line the upstream received.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// A submission server: STARTTLS, XOAUTH2 (two steps) accepting only `TOKEN` for `MAILBOX`,
+/// then MAIL/RCPT/DATA; the message gets `data_reply`.
+async fn upstream(acceptor: TlsAcceptor, data_reply: &'static str) -> (u16, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (acceptor, log) = (acceptor.clone(), log.clone());
+            tokio::spawn(async move {
+                let wait = Duration::from_secs(5);
+                let mut w = Wire::new(Box::new(tcp), Vec::new(), 64 * 1024);
+                w.write_line("220 upstream ESMTP", wait).await.unwrap();
+                let mut in_data = false;
+                while let Ok(line) = w.read_line(wait).await {
+                    let line = String::from_utf8_lossy(&line).into_owned();
+                    log.lock().unwrap().push(line.clone());
+                    if in_data {
+                        if line == "." {
+                            in_data = false;
+                            w.write_line(data_reply, wait).await.unwrap();
+                        }
+                        continue;
+                    }
+                    let verb = line.split(' ').next().unwrap().to_ascii_uppercase();
+                    let reply = match verb.as_str() {
+                        "EHLO" => "250-upstream\r\n250-PIPELINING\r\n250-SIZE 35882577\r\n250-STARTTLS\r\n250-AUTH XOAUTH2 PLAIN\r\n250 CHUNKING".to_owned(),
+                        "STARTTLS" => {
+                            w.write_line("220 2.0.0 go", wait).await.unwrap();
+                            let stream = acceptor.accept(w.into_stream().unwrap()).await.unwrap();
+                            w = Wire::new(Box::new(stream), Vec::new(), 64 * 1024);
+                            continue;
+                        }
+                        "AUTH" => "334 ".to_owned(),
+                        _ if line == crate::policy::publish::xoauth2(MAILBOX, TOKEN) => "235 2.7.0 ok".to_owned(),
+                        "MAIL" | "RCPT" | "RSET" => "250 2.1.0 Ok".to_owned(),
+                        "DATA" => {
+                            in_data = true;
+                            "354 End data with <CR><LF>.<CR><LF>".to_owned()
+                        }
+                        "QUIT" => {
+                            let _ = w.write_line("221 2.0.0 Bye", wait).await;
+                            return;
+                        }
+                        _ => "535 5.7.8 no".to_owned(),
+                    };
+                    if w.write_line(&reply, wait).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+fn write_secret(dir: &Path, port: u16, token: &str, expires_at: &str) {
+    for (k, v) in [
+        ("username", MAILBOX),
+        ("relay_password", PASSWORD),
+        ("access_token", token),
+        ("expires_at", expires_at),
+        ("smtp_host", "localhost"),
+        ("smtp_port", &port.to_string()),
+    ] {
+        std::fs::write(dir.join(k), v).unwrap();
+    }
+}
+
+fn future() -> String {
+    (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339()
+}
+
+fn shared(dir: &Path, ca: &CertificateDer<'static>) -> Arc<Shared> {
+    let mut mail = Settings::new(OutboundPolicy { allow_private: true }, std::slice::from_ref(ca)).unwrap();
+    mail.limits = Limits { overall: Duration::from_secs(4), reply: Duration::from_secs(2), ..Limits::default() };
+    Arc::new(Shared {
+        secret_dir: dir.to_owned(),
+        certs: None,
+        allow_plaintext_auth: false,
+        mail,
+        limits: SessionLimits { upstream_reply: Duration::from_secs(3), ..SessionLimits::default() },
+        failures: Failures::new(FailureLimits {
+            delay_per_failure: Duration::from_millis(200),
+            max_delay: Duration::from_secs(1),
+            refuse_after: 3,
+            forget_after: Duration::from_secs(60),
+            max_sources: 16,
+        }),
+        name: "relay.test".to_owned(),
+        extensions: Mutex::new(None),
+    })
+}
+
+struct Client {
+    wire: Wire,
+    /// Everything the relay sent.
+    heard: String,
+}
+
+impl Client {
+    fn connect(shared: &Arc<Shared>, peer: &str) -> Self {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let peer: IpAddr = peer.parse().unwrap();
+        tokio::spawn(super::smtp::session(Box::new(b), peer, false, shared.clone()));
+        Client { wire: Wire::new(Box::new(a), Vec::new(), 64 * 1024), heard: String::new() }
+    }
+
+    /// One whole reply, its lines joined by newlines.
+    async fn reply(&mut self) -> String {
+        let mut lines = Vec::new();
+        loop {
+            let line = String::from_utf8(self.wire.read_line(Duration::from_secs(10)).await.unwrap()).unwrap();
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            lines.push(line);
+            if last {
+                break;
+            }
+        }
+        let text = lines.join("\n");
+        self.heard.push_str(&text);
+        text
+    }
+
+    async fn send(&mut self, line: &str) -> String {
+        self.wire.write_line(line, Duration::from_secs(5)).await.unwrap();
+        self.reply().await
+    }
+
+    async fn login(&mut self, password: &str) -> String {
+        assert!(self.reply().await.starts_with("220 "));
+        let ehlo = self.send("EHLO client.test").await;
+        assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
+        let plain =
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("\0{MAILBOX}\0{password}"));
+        self.send(&format!("AUTH PLAIN {plain}")).await
+    }
+}
+
+fn b64(s: &str) -> String {
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s)
+}
+
+#[tokio::test]
+async fn auth_plain_then_a_message_goes_upstream_with_xoauth2_and_its_reply_comes_back() {
+    let (ca, acceptor) = pki();
+    let (port, seen) = upstream(acceptor, "250 2.0.0 Ok: queued as 4F2A").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), port, TOKEN, &future());
+    let shared = shared(dir.path(), &ca);
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    assert!(c.login(PASSWORD).await.starts_with("235 "), "{}", c.heard);
+    // After AUTH, EHLO lists the upstream's extensions with the relay's AUTH instead of its own.
+    let ehlo = c.send("EHLO client.test").await;
+    assert!(ehlo.contains("SIZE 35882577") && ehlo.contains("CHUNKING") && ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
+    assert!(!ehlo.contains("XOAUTH2") && !ehlo.contains("STARTTLS"), "{ehlo}");
+    // Pipelined: MAIL, RCPT, DATA in one write; replies in order.
+    c.wire
+        .write(
+            format!("MAIL FROM:<{MAILBOX}>\r\nRCPT TO:<a@example.org>\r\nDATA\r\n").as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert!(c.reply().await.starts_with("250 "));
+    assert!(c.reply().await.starts_with("250 "));
+    assert!(c.reply().await.starts_with("354 "));
+    assert_eq!(c.send("Subject: hi\r\n\r\n..dot\r\n.").await, "250 2.0.0 Ok: queued as 4F2A");
+    assert!(c.send("QUIT").await.starts_with("221 "));
+    let upstream_saw = seen.lock().unwrap().join("\n");
+    assert!(upstream_saw.contains("AUTH XOAUTH2") && upstream_saw.contains("..dot"), "{upstream_saw}");
+    assert!(!upstream_saw.contains(PASSWORD) && !upstream_saw.contains(&b64(&format!("\0{MAILBOX}\0{PASSWORD}"))));
+    assert!(!c.heard.contains(TOKEN) && !c.heard.contains(&crate::policy::publish::xoauth2(MAILBOX, TOKEN)));
+}
+
+#[tokio::test]
+async fn auth_login_works_and_the_upstreams_refusal_of_a_message_is_relayed_not_250() {
+    let (ca, acceptor) = pki();
+    let (port, _) = upstream(acceptor, "554 5.7.1 Rejected: spam").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), port, TOKEN, &future());
+    let shared = shared(dir.path(), &ca);
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    assert!(c.reply().await.starts_with("220 "));
+    c.send("EHLO x").await;
+    assert_eq!(c.send("AUTH LOGIN").await, "334 VXNlcm5hbWU6");
+    assert_eq!(c.send(&b64(MAILBOX)).await, "334 UGFzc3dvcmQ6");
+    assert!(c.send(&b64(PASSWORD)).await.starts_with("235 "), "{}", c.heard);
+    assert!(c.send(&format!("MAIL FROM:<{MAILBOX}>")).await.starts_with("250"));
+    assert!(c.send("RCPT TO:<a@example.org>").await.starts_with("250"));
+    assert!(c.send("DATA").await.starts_with("354"));
+    assert_eq!(c.send("body\r\n.").await, "554 5.7.1 Rejected: spam");
+}
+
+#[tokio::test]
+async fn mail_before_auth_another_sender_and_auth_without_tls_from_the_network_are_refused() {
+    let (ca, acceptor) = pki();
+    let (port, seen) = upstream(acceptor, "250 ok").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), port, TOKEN, &future());
+    let shared = shared(dir.path(), &ca);
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    assert!(c.reply().await.starts_with("220 "));
+    c.send("EHLO x").await;
+    assert!(c.send(&format!("MAIL FROM:<{MAILBOX}>")).await.starts_with("530 5.7.0"));
+    assert!(c.send("RCPT TO:<a@example.org>").await.starts_with("530 5.7.0"));
+    assert!(c.send("DATA").await.starts_with("530 5.7.0"));
+    // Nothing reached the upstream: it is not even connected before AUTH.
+    assert!(seen.lock().unwrap().is_empty());
+
+    // From a non-loopback source without TLS: AUTH is neither offered nor accepted.
+    let mut c = Client::connect(&shared, "192.0.2.10");
+    assert!(c.reply().await.starts_with("220 "));
+    let ehlo = c.send("EHLO x").await;
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    let plain = b64(&format!("\0{MAILBOX}\0{PASSWORD}"));
+    assert!(c.send(&format!("AUTH PLAIN {plain}")).await.starts_with("538 5.7.11"));
+
+    // Authenticated, another envelope sender is refused and not sent upstream.
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    assert!(c.login(PASSWORD).await.starts_with("235 "));
+    assert!(c.send("MAIL FROM:<ceo@example.com>").await.starts_with("550 5.7.1"));
+    assert!(!seen.lock().unwrap().iter().any(|l| l.contains("ceo@example.com")));
+    assert!(c.send(&format!("MAIL FROM:<{MAILBOX}> SIZE=100")).await.starts_with("250"));
+}
+
+#[tokio::test]
+async fn wrong_passwords_are_slowed_then_the_source_is_refused() {
+    let (ca, acceptor) = pki();
+    let (port, seen) = upstream(acceptor, "250 ok").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), port, TOKEN, &future());
+    let shared = shared(dir.path(), &ca);
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    let started = Instant::now();
+    assert!(c.login("wrong").await.starts_with("535 5.7.8"));
+    let plain = b64(&format!("\0{MAILBOX}\0also wrong"));
+    assert!(c.send(&format!("AUTH PLAIN {plain}")).await.starts_with("535 5.7.8"));
+    // 200 ms, then 400 ms.
+    assert!(started.elapsed() >= Duration::from_millis(600), "{:?}", started.elapsed());
+    // The third failure reaches the limit: answered, then the connection is closed.
+    let third = c.send(&format!("AUTH PLAIN {plain}")).await;
+    assert!(third.starts_with("535 5.7.8"), "{third}");
+    assert!(c.reply().await.starts_with("421 4.7.0"));
+    // A new connection from the source is refused at once, even with the right password.
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    assert!(c.reply().await.starts_with("421 4.7.0"));
+    // Another source is not.
+    let mut c = Client::connect(&shared, "::1");
+    assert!(c.login(PASSWORD).await.starts_with("235 "));
+    assert!(!seen.lock().unwrap().iter().any(|l| l.contains("wrong")));
+}
+
+#[tokio::test]
+async fn an_expired_token_or_an_unreachable_upstream_is_a_temporary_failure() {
+    let (ca, _) = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    write_secret(dir.path(), closed, TOKEN, &future());
+    let shared = shared(dir.path(), &ca);
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    let answer = c.login(PASSWORD).await;
+    assert!(answer.starts_with("454 4.7.0"), "{answer}");
+    // The client may try again on the same connection; still no mail without AUTH.
+    assert!(c.send(&format!("MAIL FROM:<{MAILBOX}>")).await.starts_with("530"));
+
+    write_secret(dir.path(), closed, TOKEN, "2020-01-01T00:00:00Z");
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    assert!(c.login(PASSWORD).await.starts_with("454 4.7.0"));
+    write_secret_without_token(dir.path());
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    assert!(c.login(PASSWORD).await.starts_with("454 4.7.0"));
+    assert!(!c.heard.contains(TOKEN));
+}
+
+fn write_secret_without_token(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join("access_token"));
+}
+
+#[tokio::test]
+async fn the_relay_does_not_start_without_a_relay_password() {
+    let (ca, _) = pki();
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), 1, TOKEN, &future());
+    std::fs::remove_file(dir.path().join("relay_password")).unwrap();
+    let mail = Settings::new(OutboundPolicy { allow_private: true }, std::slice::from_ref(&ca)).unwrap();
+    let config = super::RelayConfig {
+        secret_dir: dir.path().to_owned(),
+        smtp: Some("127.0.0.1:0".parse().unwrap()),
+        smtps: None,
+        cert_dir: None,
+        allow_plaintext_auth: false,
+        mail,
+        limits: SessionLimits::default(),
+        failures: FailureLimits::default(),
+        max_connections: 4,
+        name: "relay.test".to_owned(),
+    };
+    let err = super::Relay::bind(config).await.err().unwrap().to_string();
+    assert!(err.contains("relay_password is missing"), "{err}");
+}
+
+#[test]
+fn a_kubelet_update_is_read_from_the_new_version_of_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (version, password) in [("..v1", "old password"), ("..v2", "new password")] {
+        std::fs::create_dir(d.join(version)).unwrap();
+        std::fs::write(d.join(version).join("username"), MAILBOX).unwrap();
+        std::fs::write(d.join(version).join("relay_password"), password).unwrap();
+    }
+    std::os::unix::fs::symlink("..v1", d.join("..data")).unwrap();
+    for key in ["username", "relay_password"] {
+        std::os::unix::fs::symlink(format!("..data/{key}"), d.join(key)).unwrap();
+    }
+    assert!(super::secret::read(d).unwrap().accepts(MAILBOX, b"old password"));
+    // kubelet's swap: a new ..data link renamed over the old one.
+    std::os::unix::fs::symlink("..v2", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    let now = super::secret::read(d).unwrap();
+    assert!(now.accepts("SCANNER@example.com", b"new password") && !now.accepts(MAILBOX, b"old password"));
+    assert!(!format!("{now:?}").contains("password\""));
+}
