@@ -114,6 +114,18 @@ pub enum Error {
         /// Name.
         name: String,
     },
+    /// A Secret of someone else has the grant state's name: a new grant state holding a refresh
+    /// token is kept in memory (never written over it, never dropped) until the name is free.
+    #[error(
+        "a Secret of someone else has the grant state's name {namespace}/{name}; the new grant state is kept in \
+         memory until it is deleted or renamed"
+    )]
+    GrantStateTaken {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
     /// The provider's rate limit, a `Retry-After` or its lane of concurrent requests has no room
     /// now: the reconcile gives its slot back and comes back then.
     #[error("the provider has no room for a request now; retried in {0:?}")]
@@ -145,6 +157,7 @@ impl Error {
             Error::NotLeader => "not_leader",
             Error::Panicked => "panicked",
             Error::StaleGrantState { .. } => "stale_grant_state",
+            Error::GrantStateTaken { .. } => "grant_state_taken",
             Error::Deferred(_) => "deferred",
             Error::TimedOut(_) => "timed_out",
         }

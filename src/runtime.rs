@@ -466,6 +466,8 @@ fn owned_secrets(
     controller::owned::OwnedSecrets,
     impl futures::Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static,
 ) {
+    // Metadata only, also over the wire (kube 5 asks an `Api<PartialObjectMeta<_>>` for
+    // PartialObjectMetadata): a Secret's data never reaches this process here.
     let api: Api<PartialObjectMeta<Secret>> = scoped(client, scope);
     let (store, writer) = reflector::store();
     let synced = Arc::new(AtomicBool::new(false));
@@ -485,8 +487,16 @@ fn owned_secrets(
                     first_list = false;
                     None
                 }
-                Ok(watcher::Event::Init) => None,
-                Err(e) => Some(Err(e)),
+                // A relist (after a watch error or a desync): until it is in, what the store lacks
+                // may exist, so every Secret is read.
+                Ok(watcher::Event::Init) => {
+                    synced.store(false, Ordering::Release);
+                    None
+                }
+                Err(e) => {
+                    synced.store(false, Ordering::Release);
+                    Some(Err(e))
+                }
             })
         })
         .filter(move |s| std::future::ready(s.as_ref().map_or(true, |m| !own.is_own(&m.metadata))));

@@ -41,7 +41,7 @@ use crate::policy::publish::published_data;
 
 use super::grant_store::{
     apply_owned, create_owned, created_or_foreign, decode_grant, decode_pending, get_secret, persist_grant,
-    persist_pending_data,
+    persist_pending_data, rewrite_grant,
 };
 use super::obtain::{Known, Obtained, obtain};
 use super::owned::Cached;
@@ -191,6 +191,7 @@ async fn gather(ctx: &Context, binding: &MailboxBinding, flushed: bool) -> Resul
     if let (false, Cached::Present(g), Cached::Present(p), Some(u)) =
         (flushed, &grant_view, &published_view, usable.as_ref())
         && let Some(renew_at) = at_rest_until(ctx, binding, u, &g.metadata, &p.metadata)
+        && claim_conflict(binding, ctx).is_none()
     {
         debug!("at rest: nothing read, nothing to write");
         let status = binding.status.clone().unwrap_or_default();
@@ -248,6 +249,7 @@ async fn gather(ctx: &Context, binding: &MailboxBinding, flushed: bool) -> Resul
             version: grant_secret.as_ref().and_then(|s| s.resource_version()),
             basis: grant.as_ref().and_then(|g| g.refresh_token.clone()),
             absent: grant_secret.is_none(),
+            keys: grant_secret.as_ref().map(super::grant_store::data_keys).or_else(|| Some(Default::default())),
         },
         grant,
         flow,
@@ -309,7 +311,7 @@ async fn settle(ctx: &Context, binding: &MailboxBinding, seen: &mut Seen) -> Res
         } else {
             info!("recording the digests of a grant state an older version wrote");
         }
-        persist_grant(ctx, &secrets, binding, state, &mut seen.fence).await?;
+        rewrite_grant(ctx, &secrets, binding, state, &mut seen.fence).await?;
     }
     if let (Some(g), Some(u)) = (seen.grant.as_ref(), seen.usable.as_ref())
         && needs_issuer(g, &u.key, &u.spec.client_id, u.endpoints.token.as_deref())
@@ -317,7 +319,7 @@ async fn settle(ctx: &Context, binding: &MailboxBinding, seen: &mut Seen) -> Res
         let who = requester(binding, u);
         let bound = GrantState { issuer: crate::oauth::exchange::issuer_of(&who), ..g.clone() };
         info!("recording the issuer of a grant stored before issuers were recorded");
-        persist_grant(ctx, &secrets, binding, bound.clone(), &mut seen.fence).await?;
+        rewrite_grant(ctx, &secrets, binding, bound.clone(), &mut seen.fence).await?;
         seen.grant = Some(bound);
     }
     Ok(())
@@ -522,20 +524,47 @@ async fn publish(
     }
     let ns = binding.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    // Known only from the cache: written over the version the cache shows, so that a Secret
+    // deleted and made again by someone else meanwhile is not taken over (the conflict is read).
+    let mut conditional = want.clone();
+    if let Published::Cached(m) = published {
+        conditional.metadata.resource_version = m.metadata.resource_version.clone();
+    }
     let mut written = match published {
         Published::Absent => create_owned(ctx, &secrets, &want).await,
-        _ => apply_owned(ctx, &secrets, &want).await,
+        _ => apply_owned(ctx, &secrets, &conditional).await,
     };
-    if let (Published::Absent, Err(kube::Error::Api(e))) = (published, &written)
+    if let (Published::Absent | Published::Cached(_), Err(kube::Error::Api(e))) = (published, &written)
         && e.code == 409
     {
         let (found, foreign) = created_or_foreign(ctx, &secrets, binding, &ns, &spec.secret_name).await?;
-        if let (true, Some(s)) = (foreign, found) {
+        if let (true, Some(s)) = (foreign, found.as_ref()) {
             let uid = binding.uid().unwrap_or_default();
             let message = existing_conflict(&uid, &s.metadata).unwrap_or_default();
             return Ok(Some(Outcome::Blocked { reason: Reason::SecretConflict, message }));
         }
-        written = apply_owned(ctx, &secrets, &want).await;
+        written = match found {
+            Some(_) => apply_owned(ctx, &secrets, &want).await,
+            None => create_owned(ctx, &secrets, &want).await,
+        };
+    }
+    // Keys this Secret held from an earlier write that it no longer has (a protocol or template
+    // key dropped) go explicitly: a Secret made by a create keeps them through an apply.
+    let before: std::collections::BTreeSet<String> = published
+        .meta()
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(OWNED_KEYS_ANNOTATION))
+        .map(|k| k.split(',').filter(|k| !k.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default();
+    if let Ok(done) = &written {
+        let stale: Vec<String> =
+            before.into_iter().filter(|k| !want.data.as_ref().is_some_and(|d| d.contains_key(k))).collect();
+        if !stale.is_empty()
+            && let Err(e) =
+                super::grant_store::remove_keys(ctx, &secrets, &spec.secret_name, &stale, done.resource_version()).await
+        {
+            warn!(error = %e, "removing published keys no longer written failed; the next write removes them");
+        }
     }
     match written {
         Ok(_) => {
@@ -641,6 +670,10 @@ pub fn error_policy(binding: Arc<MailboxBinding>, error: &Error, _ctx: Arc<Conte
             let jitter = crate::policy::schedule::seed(&binding.name_any()) % 500;
             return Action::requeue(wait.saturating_add(StdDuration::from_millis(jitter)));
         }
+        Error::GrantStateTaken { .. } => {
+            warn!(binding = %binding.name_any(), %error, "the grant state's name is taken");
+            return Action::requeue(StdDuration::from_secs(60));
+        }
         Error::StaleGrantState { .. } => {
             info!(binding = %binding.name_any(), "the grant state changed meanwhile; starting again from it");
             return Action::requeue(StdDuration::from_secs(1));
@@ -701,13 +734,7 @@ fn secret_conflict(
     let uid = binding.uid().unwrap_or_default();
     let name = binding.name_any();
     let label = binding_label(&name);
-    let ns = binding.namespace();
-    let claim = |b: &MailboxBinding| Claim {
-        binding: b.name_any(),
-        created: b.creation_timestamp().and_then(|t| DateTime::<Utc>::from_timestamp(t.0.as_second(), 0)),
-        secret_name: b.spec.secret_name.clone(),
-    };
-    let others: Vec<Claim> = ctx.bindings.state().iter().filter(|b| b.namespace() == ns).map(|b| claim(b)).collect();
+
     // A Secret of an earlier binding of this name is adopted: the published one always, the grant
     // state when it is for the same mailbox and provider (its refresh token may be the only copy).
     let adoptable_grant = |s: &Secret| {
@@ -736,7 +763,19 @@ fn secret_conflict(
             existing_conflict(&uid, &s.metadata)
         }
     });
-    published_conflict.or(grant_conflict).or_else(|| claimed_by_other(&claim(binding), &others))
+    published_conflict.or(grant_conflict).or_else(|| claim_conflict(binding, ctx))
+}
+
+/// Whether an older binding in the namespace claims the same published Secret name.
+fn claim_conflict(binding: &MailboxBinding, ctx: &Context) -> Option<String> {
+    let ns = binding.namespace();
+    let claim = |b: &MailboxBinding| Claim {
+        binding: b.name_any(),
+        created: b.creation_timestamp().and_then(|t| DateTime::<Utc>::from_timestamp(t.0.as_second(), 0)),
+        secret_name: b.spec.secret_name.clone(),
+    };
+    let others: Vec<Claim> = ctx.bindings.state().iter().filter(|b| b.namespace() == ns).map(|b| claim(b)).collect();
+    claimed_by_other(&claim(binding), &others)
 }
 
 fn annotation<'a>(binding: &'a MailboxBinding, key: &str) -> Option<&'a str> {

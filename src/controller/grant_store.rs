@@ -17,7 +17,7 @@ use crate::api::{FIELD_MANAGER, GRANT_DIGEST_ANNOTATION, GRANT_FOR_ANNOTATION, M
 use crate::error::{Error, Result};
 use crate::policy::at_rest::{grant_digest, grant_for};
 use crate::policy::grant_state::{Fenced, GrantState, PendingAuthorization, after_conflict};
-use crate::policy::ownership::existing_conflict;
+use crate::policy::ownership::{existing_conflict, from_predecessor};
 
 /// Writes of a grant state tried in one reconcile before it is kept in memory for the next.
 const GRANT_WRITE_ATTEMPTS: u64 = 3;
@@ -71,7 +71,13 @@ pub(crate) async fn created_or_foreign(
 ) -> Result<(Option<Secret>, bool)> {
     let current = get_secret(api, ns, name).await?;
     let uid = binding.uid().unwrap_or_default();
-    let foreign = current.as_ref().is_some_and(|s| existing_conflict(&uid, &s.metadata).is_some());
+    let binding_name = binding.name_any();
+    let label = super::secrets::binding_label(&binding_name);
+    // An earlier binding's of this name (its owner reference gone with `--cascade=orphan`, or
+    // restored from a backup) is ours to adopt, not foreign.
+    let foreign = current.as_ref().is_some_and(|s| {
+        existing_conflict(&uid, &s.metadata).is_some() && !from_predecessor(&uid, &binding_name, &label, &s.metadata)
+    });
     if foreign {
         ctx.owned.found_foreign(ns, name);
     }
@@ -118,11 +124,46 @@ pub(crate) async fn persist_grant(
     state: GrantState,
     fence: &mut super::Fence,
 ) -> Result<()> {
+    write_grant(ctx, api, binding, state, fence, true).await
+}
+
+/// Writes the grant state as stored again (adopted, its issuer or digests recorded): the same
+/// credentials, so nothing is kept in memory for it; a failure is retried by the next reconcile
+/// from the Secret, and is never taken for a token obtained.
+pub(crate) async fn rewrite_grant(
+    ctx: &Context,
+    api: &Api<Secret>,
+    binding: &MailboxBinding,
+    state: GrantState,
+    fence: &mut super::Fence,
+) -> Result<()> {
+    write_grant(ctx, api, binding, state, fence, false).await
+}
+
+async fn write_grant(
+    ctx: &Context,
+    api: &Api<Secret>,
+    binding: &MailboxBinding,
+    state: GrantState,
+    fence: &mut super::Fence,
+    keep: bool,
+) -> Result<()> {
     let ns = binding.namespace().unwrap_or_default();
     let binding_name = binding.name_any();
     let name = grant_secret_name(&binding_name);
     let mut want = grant_secret(binding, &name, &state);
-    ctx.keep_pending(&ns, &binding_name, Pending { state: state.clone(), secret: want.clone(), fence: fence.clone() });
+    let forget = |ctx: &Context| {
+        if keep {
+            ctx.take_pending(&ns, &binding_name);
+        }
+    };
+    if keep {
+        ctx.keep_pending(
+            &ns,
+            &binding_name,
+            Pending { state: state.clone(), secret: want.clone(), fence: fence.clone() },
+        );
+    }
     let mut attempt = 0_u64;
     let source = loop {
         want.metadata.resource_version = fence.version.clone();
@@ -135,14 +176,19 @@ pub(crate) async fn persist_grant(
                 fence.version = written.resource_version();
                 fence.basis = state.refresh_token.clone();
                 fence.absent = false;
-                ctx.take_pending(&ns, &binding_name);
+                prune(ctx, api, &want, fence).await;
+                forget(ctx);
                 return Ok(());
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 let (current, foreign) = created_or_foreign(ctx, api, binding, &ns, &name).await?;
                 if foreign {
                     warn!("a Secret of someone else has the grant state's name; nothing is written over it");
-                    ctx.take_pending(&ns, &binding_name);
+                    // A refresh token is never dropped: it stays in memory until the name is free.
+                    if keep && state.refresh_token.is_some() {
+                        return Err(Error::GrantStateTaken { namespace: ns, name });
+                    }
+                    forget(ctx);
                     return Err(Error::StaleGrantState { namespace: ns, name });
                 }
                 match after_conflict(
@@ -153,18 +199,20 @@ pub(crate) async fn persist_grant(
                 ) {
                     Fenced::Written => {
                         fence.absent = false;
+                        fence.keys = current.as_ref().map(data_keys);
                         fence.version = current.and_then(|s| s.resource_version());
                         fence.basis = state.refresh_token.clone();
-                        ctx.take_pending(&ns, &binding_name);
+                        forget(ctx);
                         return Ok(());
                     }
                     Fenced::Stale => {
                         warn!("the grant state was replaced by a newer one since it was read; this result is dropped");
-                        ctx.take_pending(&ns, &binding_name);
+                        forget(ctx);
                         return Err(Error::StaleGrantState { namespace: ns, name });
                     }
                     Fenced::Retry => {
                         fence.absent = current.is_none();
+                        fence.keys = current.as_ref().map(data_keys);
                         fence.version = current.and_then(|s| s.resource_version());
                     }
                 }
@@ -184,8 +232,64 @@ pub(crate) async fn persist_grant(
             return Err(Error::StaleGrantState { namespace: ns, name });
         }
     };
-    ctx.keep_pending(&ns, &binding_name, Pending { state, secret: want, fence: fence.clone() });
+    if keep {
+        ctx.keep_pending(&ns, &binding_name, Pending { state, secret: want, fence: fence.clone() });
+    }
     Err(Error::WriteGrantState { namespace: ns, name, source })
+}
+
+/// The data keys of a Secret.
+pub(crate) fn data_keys(secret: &Secret) -> std::collections::BTreeSet<String> {
+    secret.data.iter().flatten().map(|(k, _)| k.clone()).collect()
+}
+
+/// After a write of `want` at `fence.version`: removes the keys the Secret held before that `want`
+/// no longer has (a merge patch conditioned on that version; best effort: a key left behind is
+/// removed by the next write). Records the keys now held.
+pub(crate) async fn prune(ctx: &Context, api: &Api<Secret>, want: &Secret, fence: &mut super::Fence) {
+    let now = data_keys(want);
+    let stale: Vec<String> = fence.keys.iter().flatten().filter(|k| !now.contains(*k)).cloned().collect();
+    fence.keys = Some(now);
+    if stale.is_empty() {
+        return;
+    }
+    let name = want.metadata.name.clone().unwrap_or_default();
+    match remove_keys(ctx, api, &name, &stale, fence.version.clone()).await {
+        Ok(written) => fence.version = written.resource_version(),
+        Err(e) => warn!(error = %e, "removing keys no longer written failed; the next write removes them"),
+    }
+}
+
+/// Removes `keys` from a Secret's data (a JSON merge patch, conditioned on `version`), so that
+/// the watch event of this write triggers no reconcile.
+pub(crate) async fn remove_keys(
+    ctx: &Context,
+    api: &Api<Secret>,
+    name: &str,
+    keys: &[String],
+    version: Option<String>,
+) -> Result<Secret, kube::Error> {
+    let ns = api.namespace().map(str::to_owned).unwrap_or_default();
+    ctx.own_writes.begin(&ns, name);
+    let result = merge_remove(api, name, keys, version).await;
+    match &result {
+        Ok(written) => ctx.own_writes.record(written),
+        Err(_) => ctx.own_writes.abandon(&ns, name),
+    }
+    result
+}
+
+/// The merge patch of [`remove_keys`].
+async fn merge_remove(
+    api: &Api<Secret>,
+    name: &str,
+    keys: &[String],
+    version: Option<String>,
+) -> Result<Secret, kube::Error> {
+    let gone: serde_json::Map<String, serde_json::Value> =
+        keys.iter().map(|k| (k.clone(), serde_json::Value::Null)).collect();
+    let patch = serde_json::json!({"metadata": {"resourceVersion": version}, "data": gone});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await
 }
 
 /// Writes every grant state still waiting, retrying until `deadline`; called at shutdown so that
@@ -301,6 +405,17 @@ pub(crate) async fn persist_pending_data(
             fence.version = written.resource_version();
             fence.basis = basis;
             fence.absent = false;
+            // The keys of what this replaces (a grant) go: a Secret created by a create keeps
+            // them through an apply. Best effort; conditioned on the version just written.
+            let now = data_keys(&want);
+            let stale: Vec<String> = fence.keys.iter().flatten().filter(|k| !now.contains(*k)).cloned().collect();
+            fence.keys = Some(now);
+            if !stale.is_empty() {
+                match merge_remove(api, &name, &stale, fence.version.clone()).await {
+                    Ok(written) => fence.version = written.resource_version(),
+                    Err(e) => warn!(error = %e, "removing the replaced grant's keys failed"),
+                }
+            }
             Ok(())
         }
         Err(kube::Error::Api(e)) if e.code == 409 => Err(Error::StaleGrantState { namespace, name }),

@@ -206,6 +206,10 @@ pub struct Fence {
     /// The Secret was absent when read (or as the owned-Secret cache says): the first write
     /// creates it, so that a Secret someone else made meanwhile is never written over.
     pub absent: bool,
+    /// The data keys the Secret held when read or last written (`None`: unknown). A write that
+    /// drops keys removes them explicitly: a Secret created by a create (not an apply) keeps the
+    /// keys the create set until they are removed so.
+    pub keys: Option<std::collections::BTreeSet<String>>,
 }
 
 /// Grant states waiting to be written, by (namespace, binding).

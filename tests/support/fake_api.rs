@@ -157,6 +157,10 @@ impl FakeApi {
     async fn handle(&self, req: Request<Body>) -> Response<Body> {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        let merge_patch = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/merge-patch+json"));
         let body: Value =
             serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap_or_default()).unwrap_or(Value::Null);
         self.requests.lock().expect("lock").push(format!("{method} {path}"));
@@ -221,6 +225,28 @@ impl FakeApi {
                 self.put(&main, object.clone());
                 let Some(object) = self.get(&main) else { return not_found() };
                 respond(StatusCode::OK, &object)
+            }
+            // A JSON merge patch (null removes a key), not an apply: what earlier applies set stays.
+            Method::PATCH if merge_patch => {
+                let mut objects = self.objects.lock().expect("lock");
+                let Some(stored) = objects.get_mut(&path) else { return not_found() };
+                let mut patch = body.clone();
+                if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
+                    m.remove("resourceVersion");
+                }
+                merge_object(stored, &patch);
+                if let Some(keys) = self.applied.lock().expect("lock").get_mut(&path) {
+                    let gone: Vec<String> = body["data"]
+                        .as_object()
+                        .map(|d| d.iter().filter(|(_, v)| v.is_null()).map(|(k, _)| k.clone()).collect())
+                        .unwrap_or_default();
+                    keys.retain(|k| !gone.contains(k));
+                }
+                if self.versioned.load(Ordering::SeqCst) {
+                    let rv = self.version.fetch_add(1, Ordering::SeqCst) + 1;
+                    stored["metadata"]["resourceVersion"] = json!(rv.to_string());
+                }
+                respond(StatusCode::OK, stored)
             }
             Method::PATCH => {
                 let keys: Vec<String> =
