@@ -666,6 +666,29 @@ async fn secrets_an_older_version_wrote_get_their_digests_once_and_nothing_is_re
 }
 
 #[tokio::test]
+async fn a_failed_digest_rewrite_keeps_nothing_in_memory_and_is_never_taken_for_a_token_obtained() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let (b, marked, published) = at_rest_binding();
+    let mut grant_secret = marked.clone();
+    grant_secret.metadata.annotations = None;
+    let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
+    server.get(GRANT_PATH, Some(secret_json(&grant_secret))).await;
+    server.get(PUBLISHED_PATH, Some(secret_json(&published))).await;
+    for _ in 0..3 {
+        let (_, _, send) = server.expect_sent(Method::PATCH, GRANT_PATH).await;
+        send.send_response(server_error());
+    }
+    let result = reconcile.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(result, Err(crate::Error::WriteGrantState { .. })), "{result:?}");
+    // The same credentials are in the Secret: nothing is kept to be written "first" next time (a
+    // kept state would make the next reconcile record a refresh that never happened).
+    assert!(ctx.take_pending(NS, "helpdesk").is_none());
+    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
 async fn a_secret_owned_by_someone_else_is_left_alone_and_reported_as_a_conflict() {
     let (client, mut server) = mocked();
     let tokens = Arc::new(Canned::default());
