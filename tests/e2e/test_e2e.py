@@ -334,6 +334,26 @@ def test_a_deleted_or_edited_published_secret_is_restored_and_foreign_keys_survi
     assert restored["added-by-someone"] == "keep me"
 
 
+def test_a_key_the_binding_no_longer_publishes_is_removed_and_foreign_keys_survive(bed):
+    """The published Secret was made by a create (the operator's cache said it was absent) and
+    written since by applies: a key the binding no longer publishes (its template dropped) must
+    go all the same (a create's fields outlive applies of the same manager), and someone else's
+    key stays."""
+    before = read_secret(bed, "helpdesk-mail-token")
+    assert "msmtprc" in before and before.get("added-by-someone") == "keep me"
+    bed.kubectl("patch", "mailboxbinding", "helpdesk", "-n", NS, "--type=json",
+                "-p", json.dumps([{"op": "remove", "path": "/spec/secretTemplate"}]))
+    after = wait_for("the template's key removed", lambda: (lambda d: d if "msmtprc" not in d else None)(
+        read_secret(bed, "helpdesk-mail-token")), timeout=30, interval=0.5)
+    assert after["added-by-someone"] == "keep me", "someone else's key stays"
+    assert after["access_token"] and after["xoauth2"], "the rest is still published"
+    # And the binding goes back to rest: nothing more is written.
+    rv = bed.kubectl_json("get", "secret", "helpdesk-mail-token", "-n", NS)["metadata"]["resourceVersion"]
+    bed.kubectl("annotate", "mailboxbinding", "helpdesk", "-n", NS, "mailoauth.io/touch=2", "--overwrite")
+    time.sleep(3)
+    assert bed.kubectl_json("get", "secret", "helpdesk-mail-token", "-n", NS)["metadata"]["resourceVersion"] == rv
+
+
 def test_bad_input_is_refused_by_the_schema_or_reported_in_status_and_an_event(bed):
     def doc(name, grant, mailbox="device@example.com"):
         return {"apiVersion": "mailoauth.io/v1alpha1", "kind": "MailboxBinding",
