@@ -103,6 +103,7 @@ fn context(
         owned: Default::default(),
         referable: Default::default(),
         client_secrets: Default::default(),
+        verify: Default::default(),
         authorization: Default::default(),
         metrics: Default::default(),
         limits: Arc::new(mail_oauth_operator::controller::limits::RateLimits::new(rate)),

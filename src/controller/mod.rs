@@ -14,6 +14,7 @@ pub mod owned;
 pub mod provider;
 pub mod resolve;
 pub mod secrets;
+pub mod verify;
 pub mod versions;
 
 #[cfg(test)]
@@ -109,6 +110,8 @@ pub struct Context {
     /// the watch shows that version (strict mode only; a Secret unlabelled or changed is read
     /// again, and refused if it may no longer be read).
     pub client_secrets: ClientSecretCache,
+    /// The verifier's nudges: the binding reconcile asks for a look, never waits for a check.
+    pub verify: verify::Nudges,
 }
 
 /// Client secrets by (namespace, Secret, key): the Secret's `resourceVersion` and the value.

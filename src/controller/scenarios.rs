@@ -171,6 +171,7 @@ fn context_with(
         owned: Default::default(),
         referable: Default::default(),
         client_secrets: Default::default(),
+        verify: Default::default(),
         authorization: Default::default(),
         metrics: Default::default(),
         limits: Arc::new(super::limits::RateLimits::new(100.0)),

@@ -858,6 +858,7 @@ mod tests {
             owned: Default::default(),
             referable: Default::default(),
             client_secrets: Default::default(),
+            verify: Default::default(),
             authorization: crate::controller::AuthorizationSettings {
                 redirect_uri: format!("{BASE}/callback"),
                 link_base: Some(BASE.into()),
