@@ -340,8 +340,8 @@ pub struct ProtocolCheck {
     pub result: String,
     /// When the check was made.
     pub checked_at: DateTime<Utc>,
-    /// What happened and what to do (server text scrubbed, never a token).
-    #[serde(default)]
+    /// What happened and what to do (server text scrubbed, never a token). (No schema default:
+    /// Kubernetes 1.20 refuses an empty-string default.)
     pub message: String,
 }
 
