@@ -303,7 +303,12 @@ async fn check(ctx: &Context, key: &Key, limits: mail::Limits) -> Result<(), Che
         }
         Next::Invalid(message) => {
             let condition = invalid(&previous, generation, message, now);
-            apply(ctx, &binding, serde_json::json!({ "conditions": [condition] })).await?;
+            // The last results stay (what the verifier no longer sends would be removed).
+            let status = match &previous.verification {
+                Some(v) => serde_json::json!({ "verification": v, "conditions": [condition] }),
+                None => serde_json::json!({ "conditions": [condition] }),
+            };
+            apply(ctx, &binding, status).await?;
             announce(ctx, &binding, &Announcement { warning: true, reason: condition.reason, note: condition.message })
                 .await;
             Ok(())

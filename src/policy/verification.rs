@@ -239,24 +239,38 @@ pub fn merged(
             }),
         );
     }
-    let failing: Vec<&(Protocol, Verdict)> =
-        verdicts.iter().filter(|(_, v)| v.reason != VerifyReason::Verified).collect();
+    let with = |reason: VerifyReason| -> Vec<&(Protocol, Verdict)> {
+        verdicts.iter().filter(|(_, v)| v.reason == reason).collect()
+    };
+    // A protocol the provider names no server for could not be checked: the mailbox is not
+    // known to fail (Unknown), unless another protocol did fail.
+    let failing: Vec<&(Protocol, Verdict)> = verdicts
+        .iter()
+        .filter(|(_, v)| v.reason != VerifyReason::Verified && v.reason != VerifyReason::NoServer)
+        .chain(with(VerifyReason::NoServer))
+        .collect();
+    let each = |list: &[&(Protocol, Verdict)]| -> String {
+        list.iter().map(|(p, v)| format!("{}: {}", upper(*p), v.message)).collect::<Vec<_>>().join("; ")
+    };
+    let names = |list: &[&(Protocol, Verdict)]| list.iter().map(|(p, _)| upper(*p)).collect::<Vec<_>>().join(", ");
+    let verified = with(VerifyReason::Verified);
     let (status, reason, message) = match failing.first() {
         None if verdicts.is_empty() => {
             (ConditionStatus::Unknown, "NotChecked".to_owned(), "no protocol to check".to_owned())
         }
-        None => {
-            let names: Vec<&str> = verdicts.iter().map(|(p, _)| upper(*p)).collect();
-            (
-                ConditionStatus::True,
-                VerifyReason::Verified.as_str().to_owned(),
-                format!("the mailbox logged in with its token over {}", names.join(", ")),
-            )
+        None => (
+            ConditionStatus::True,
+            VerifyReason::Verified.as_str().to_owned(),
+            format!("the mailbox logged in with its token over {}", names(&verified)),
+        ),
+        Some((_, first)) if first.reason == VerifyReason::NoServer => {
+            let mut message = each(&failing);
+            if !verified.is_empty() {
+                message = format!("{}: logged in; {message}", names(&verified));
+            }
+            (ConditionStatus::Unknown, first.reason.as_str().to_owned(), message)
         }
-        Some((_, first)) => {
-            let each: Vec<String> = failing.iter().map(|(p, v)| format!("{}: {}", upper(*p), v.message)).collect();
-            (ConditionStatus::False, first.reason.as_str().to_owned(), each.join("; "))
-        }
+        Some((_, first)) => (ConditionStatus::False, first.reason.as_str().to_owned(), each(&failing)),
     };
     (verification, condition(previous, status, reason, message, now, generation))
 }
@@ -310,7 +324,8 @@ pub fn announcement(
     }
     let ok = verified.status == ConditionStatus::True;
     Some(Announcement {
-        warning: !ok,
+        // Unknown (a protocol without a server) is no failure of the mailbox: no Warning.
+        warning: verified.status == ConditionStatus::False,
         reason: if ok { "MailboxVerified".to_owned() } else { verified.reason.clone() },
         note: verified.message.clone(),
     })
@@ -562,6 +577,17 @@ mod tests {
         assert!(c3.message.starts_with("SMTP: "), "{}", c3.message);
         let a = announcement(s.verification.as_ref(), &v3, &c3).unwrap_or_else(|| panic!("an Event"));
         assert!(a.warning && a.reason == "SmtpAuthDisabled");
+        // No server for SMTP: Unknown and no Warning; a real failure elsewhere wins.
+        let no_smtp =
+            [(Protocol::Imap, verdict(VerifyReason::Verified)), (Protocol::Smtp, verdict(VerifyReason::NoServer))];
+        let (v5, c5) = merged(&s, Some(1), &no_smtp, None, String::new(), t(250));
+        assert_eq!((c5.status, c5.reason.as_str()), (ConditionStatus::Unknown, "NoServer"));
+        assert!(c5.message.starts_with("IMAP: logged in; SMTP: "), "{}", c5.message);
+        assert!(announcement(s.verification.as_ref(), &v5, &c5).is_some_and(|a| !a.warning));
+        let both_bad =
+            [(Protocol::Imap, verdict(VerifyReason::TlsFailed)), (Protocol::Smtp, verdict(VerifyReason::NoServer))];
+        let (_, c6) = merged(&s, Some(1), &both_bad, None, String::new(), t(250));
+        assert_eq!((c6.status, c6.reason.as_str()), (ConditionStatus::False, "TLSFailed"));
         // A protocol no longer named is dropped.
         let (v4, _) =
             merged(&s, Some(1), &[(Protocol::Imap, verdict(VerifyReason::Verified))], None, String::new(), t(300));

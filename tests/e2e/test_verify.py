@@ -142,11 +142,47 @@ def test_the_annotation_makes_a_new_check_and_the_same_result_makes_no_event(bed
     assert verification(get(bed, "mailbox"), "imap")["checkedAt"] == checked
 
 
+def test_bad_verify_settings_are_refused_by_the_schema_or_said_in_the_condition(bed):
+    for field, patch in [("spec.verify.interval", {"spec": {"verify": {"interval": "daily"}}}),
+                         ("spec.verify.enabled", {"spec": {"verify": {"enabled": "yes"}}})]:
+        refused = bed.kubectl("patch", "mailboxbinding", "mailbox", "-n", NS, "--type=merge", "-p",
+                              json.dumps(patch), check=False)
+        assert refused.returncode != 0 and field in refused.stderr, refused.stderr
+    bad_tls = bed.kubectl("patch", "mailprovider", "idp", "-n", NS, "--type=merge", "-p", json.dumps(
+        {"spec": {"generic": {"servers": {"imap": {"host": "127.0.0.1", "port": 1, "tls": "sometimes"}}}}}),
+        check=False)
+    assert bad_tls.returncode != 0 and "tls" in bad_tls.stderr, bad_tls.stderr
+    # In range by syntax, not by value: said in the condition with the fix; Ready untouched.
+    bed.kubectl("patch", "mailboxbinding", "mailbox", "-n", NS, "--type=merge", "-p",
+                json.dumps({"spec": {"verify": {"interval": "30m"}}}))
+    obj = wait_for("MailboxVerified InvalidSpec", lambda: (lambda o: o if condition(o, "MailboxVerified").get(
+        "reason") == "InvalidSpec" else None)(get(bed, "mailbox")), timeout=20)
+    verified = condition(obj, "MailboxVerified")
+    assert verified["status"] == "Unknown" and "1h to 720h" in verified["message"], verified
+    assert condition(obj, "Ready")["status"] == "True"
+    assert verification(obj, "imap")["result"] == "Verified", "the last results stay"
+    # Fixed: checked again at once.
+    bed.kubectl("patch", "mailboxbinding", "mailbox", "-n", NS, "--type=merge", "-p",
+                json.dumps({"spec": {"verify": {"interval": "48h"}}}))
+    wait_for("MailboxVerified True again", lambda: condition(get(bed, "mailbox"), "MailboxVerified").get(
+        "reason") == "Verified", timeout=20)
+
+
 def test_metrics_count_verified_mailboxes_and_check_durations(bed):
     m = bed.metrics()
     assert m.get('mailoauth_mailbox_verified{protocol="imap"}') == 1.0, {k: v for k, v in m.items() if "mailbox" in k}
     assert m.get('mailoauth_mailbox_unverified{protocol="imap",reason="ServerUnreachable"}') == 1.0
     assert m.get('mailoauth_mailbox_check_duration_seconds_count{protocol="imap",result="Verified"}', 0) >= 2
+
+
+def test_a_restarted_operator_checks_nothing_that_is_not_due(bed):
+    before = {n: verification(get(bed, n), "imap")["checkedAt"] for n in ("mailbox", "unreachable")}
+    bed.stop_operator()
+    bed.start_operator(env_extra=DEBUG)
+    wait_for("every binding reconciled after the restart", lambda: reconciles(bed) >= 2, timeout=30)
+    time.sleep(2)
+    after = {n: verification(get(bed, n), "imap")["checkedAt"] for n in ("mailbox", "unreachable")}
+    assert after == before, "the schedule lives in status: no check before its time"
 
 
 def test_no_token_appears_in_logs_events_or_status(bed):
