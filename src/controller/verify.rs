@@ -23,7 +23,7 @@ use kube::{Api, Resource, ResourceExt};
 use secrecy::SecretString;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::{Context, Shutdown};
 use crate::api::{
@@ -211,16 +211,20 @@ impl Verifier {
                 continue;
             };
             let limits = self.settings.limits;
-            self.running.spawn(async move {
-                let ok = match check(&ctx, &key, limits).await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        warn!(namespace = %key.0, binding = %key.1, error = %e, "mailbox check not completed");
-                        false
-                    }
-                };
-                (key, ok)
-            });
+            let span = tracing::info_span!("verify", namespace = %key.0, binding = %key.1);
+            self.running.spawn(
+                async move {
+                    let ok = match check(&ctx, &key, limits).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            warn!(error = %e, "mailbox check not completed");
+                            false
+                        }
+                    };
+                    (key, ok)
+                }
+                .instrument(span),
+            );
         }
     }
 
@@ -438,4 +442,69 @@ pub fn worth_a_look(binding: &MailboxBinding, written: Option<&crate::api::Mailb
         || before.and_then(|s| s.account.as_ref()) != after.account.as_ref()
         || ready(before) != ready(Some(after))
         || before.is_none_or(|s| s.observed_generation != after.observed_generation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{MailboxBindingSpec, MailboxBindingStatus, TokenStatus, VERIFY_REQUESTED_ANNOTATION};
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
+    }
+
+    fn binding(status: MailboxBindingStatus) -> MailboxBinding {
+        let spec: MailboxBindingSpec = serde_json::from_value(serde_json::json!({
+            "providerRef": {"name": "idp"}, "mailbox": "a@example.com", "secretName": "a-mail",
+            "grant": {"clientCredentials": {}},
+        }))
+        .unwrap_or_else(|e| panic!("spec: {e}"));
+        let mut b = MailboxBinding::new("a", spec);
+        b.status = Some(status);
+        b
+    }
+
+    fn with_token(issued: i64, scopes: &[&str]) -> MailboxBindingStatus {
+        MailboxBindingStatus {
+            token: Some(TokenStatus {
+                issued_at: t(issued),
+                expires_at: t(issued + 3600),
+                renew_at: t(issued + 2400),
+                scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            }),
+            observed_generation: Some(1),
+            ..MailboxBindingStatus::default()
+        }
+    }
+
+    #[test]
+    fn the_reconcile_nudges_for_a_new_token_scopes_or_the_annotation_and_not_for_nothing() {
+        let b = binding(with_token(0, &["mail"]));
+        assert!(!worth_a_look(&b, None), "at rest, nothing asked");
+        assert!(!worth_a_look(&b, b.status.as_ref()), "the same status");
+        assert!(worth_a_look(&b, Some(&with_token(2400, &["mail"]))), "a renewal: the verifier judges it");
+        assert!(worth_a_look(&b, Some(&with_token(0, &["mail", "more"]))));
+        let mut asked = b.clone();
+        asked.metadata.annotations = Some([(VERIFY_REQUESTED_ANNOTATION.to_owned(), "x".to_owned())].into());
+        assert!(worth_a_look(&asked, None), "the annotation, even at rest");
+    }
+
+    #[test]
+    fn tls_follows_the_server_or_its_port() {
+        let at = |port, tls| ServerAddress { host: "h".into(), port, tls };
+        assert_eq!(tls_mode(&at(993, None)), TlsMode::Implicit);
+        assert_eq!(tls_mode(&at(587, None)), TlsMode::Starttls);
+        assert_eq!(tls_mode(&at(993, Some(ServerTls::None))), TlsMode::None);
+        assert_eq!(tls_mode(&at(143, Some(ServerTls::Implicit))), TlsMode::Implicit);
+    }
+
+    #[test]
+    fn a_nudge_never_waits_and_none_is_sent_without_a_verifier() {
+        Nudges::default().nudge("ns", "a");
+        let (nudges, mut rx) = channel();
+        for i in 0..2000 {
+            nudges.nudge("ns", &format!("b{i}"));
+        }
+        assert_eq!(rx.try_recv().ok(), Some(("ns".to_owned(), "b0".to_owned())));
+    }
 }
