@@ -9,8 +9,7 @@
 //! apply under its own field manager ([`crate::api::VERIFY_FIELD_MANAGER`]); the token is never
 //! logged, and a failing check touches neither the token nor `Ready`.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,11 +31,10 @@ use crate::api::{
 use crate::mail::{self, Credentials, Target, TlsMode};
 use crate::policy::binding::conditions;
 use crate::policy::events::Announcement;
-use crate::policy::verification::{Next, Pacer, announcement, basis, invalid, merged, next, requested, server_key};
+use crate::policy::verification::{
+    Key, Next, Pacer, Queue, announcement, basis, invalid, merged, next, requested, server_key,
+};
 use crate::policy::verify::{Check, GrantKind, Verdict, classify, no_server};
-
-/// A binding, by (namespace, name).
-type Key = (String, String);
 
 /// Nudges sent by the binding reconcile: "look at this binding now". Never waits: when the
 /// verifier is busy a nudge is dropped, and the sweep finds the binding all the same.
@@ -89,10 +87,8 @@ struct Verifier {
     contexts: Vec<Arc<Context>>,
     settings: VerifySettings,
     pacer: Pacer,
-    /// Checks waiting for their slot, earliest first.
-    queue: BinaryHeap<Reverse<(DateTime<Utc>, Key)>>,
-    /// Bindings queued or being checked.
-    queued: HashSet<Key>,
+    /// Checks waiting for their slot and running (per-namespace limit: half the slots).
+    queue: Queue,
     /// Bindings whose check could not be made (no Secret, a failed write): not before then.
     backoff: HashMap<Key, DateTime<Utc>>,
     running: JoinSet<(Key, bool)>,
@@ -110,9 +106,8 @@ pub async fn run(
     let mut v = Verifier {
         contexts,
         pacer: Pacer::new(settings.per_server_rate),
+        queue: Queue::new(settings.concurrency / 2),
         settings,
-        queue: BinaryHeap::new(),
-        queued: HashSet::new(),
         backoff: HashMap::new(),
         running: JoinSet::new(),
     };
@@ -143,9 +138,9 @@ impl Verifier {
         if self.running.len() >= self.settings.concurrency {
             return idle;
         }
-        self.queue.peek().map_or(idle, |Reverse((at, _))| {
-            at.signed_duration_since(self.now()).to_std().unwrap_or(std::time::Duration::ZERO)
-        })
+        self.queue
+            .next_at()
+            .map_or(idle, |at| at.signed_duration_since(self.now()).to_std().unwrap_or(std::time::Duration::ZERO))
     }
 
     fn find(&self, key: &Key) -> Option<(Arc<Context>, Arc<MailboxBinding>)> {
@@ -172,7 +167,7 @@ impl Verifier {
     /// Queues the binding's check when it is due (paced per server), or its status write when
     /// there is one to make without a check.
     fn consider(&mut self, key: Key) {
-        if self.queued.contains(&key) {
+        if self.queue.contains(&key) {
             return;
         }
         let now = self.now();
@@ -183,7 +178,7 @@ impl Verifier {
         if !ctx.leader.is_leader() {
             return;
         }
-        let servers = servers_of(&ctx, &binding).map(|(s, _)| s).unwrap_or_default();
+        let servers = servers_of(&ctx, &binding).unwrap_or_default();
         let at = match next(&binding, &servers, now) {
             Next::Idle => return,
             Next::Check { at, .. } if at > now => return,
@@ -194,20 +189,14 @@ impl Verifier {
             }
             Next::Clear | Next::Invalid(_) => now,
         };
-        self.queue.push(Reverse((at, key.clone())));
-        self.queued.insert(key);
+        self.queue.push(at, key);
     }
 
     fn start_ready(&mut self) {
-        let now = self.now();
-        while self.running.len() < self.settings.concurrency {
-            let Some(Reverse((at, _))) = self.queue.peek() else { break };
-            if *at > now {
-                break;
-            }
-            let Some(Reverse((_, key))) = self.queue.pop() else { break };
+        let free = self.settings.concurrency.saturating_sub(self.running.len());
+        for key in self.queue.start(self.now(), free) {
             let Some((ctx, _)) = self.find(&key) else {
-                self.queued.remove(&key);
+                self.queue.finish(&key);
                 continue;
             };
             let limits = self.settings.limits;
@@ -236,30 +225,41 @@ impl Verifier {
                     let retry = now.checked_add_signed(chrono::Duration::minutes(5)).unwrap_or(now);
                     self.backoff.insert(key.clone(), retry);
                 }
-                self.queued.remove(&key);
+                self.queue.finish(&key);
             }
             Err(e) => {
-                // A panicking check (a bug): its binding stays queued until the process restarts
-                // rather than being checked in a loop.
+                // A panicking check (a bug): its binding stays counted as running until the
+                // process restarts rather than being checked in a loop.
                 tracing::error!(error = %e, "a mailbox check ended abnormally");
             }
         }
     }
 }
 
-/// The provider's mail servers for the binding, and its spec (from the caches).
-fn servers_of(
-    ctx: &Context,
-    binding: &MailboxBinding,
-) -> Option<(BTreeMap<Protocol, ServerAddress>, MailProviderSpec)> {
+/// The provider's mail servers for the binding (from the caches, nothing cloned but them).
+fn servers_of(ctx: &Context, binding: &MailboxBinding) -> Option<BTreeMap<Protocol, ServerAddress>> {
     let r = &binding.spec.provider_ref;
-    let spec = match r.kind {
-        ProviderKind::MailProvider => {
-            ctx.providers.get(&ObjectRef::new(&r.name).within(&binding.namespace().unwrap_or_default()))?.spec.clone()
+    Some(match r.kind {
+        ProviderKind::MailProvider => crate::oauth::provider::servers(
+            &ctx.providers.get(&ObjectRef::new(&r.name).within(&binding.namespace().unwrap_or_default()))?.spec,
+        ),
+        ProviderKind::ClusterMailProvider => {
+            crate::oauth::provider::servers(&ctx.cluster_providers.get(&ObjectRef::new(&r.name))?.spec.provider)
         }
-        ProviderKind::ClusterMailProvider => ctx.cluster_providers.get(&ObjectRef::new(&r.name))?.spec.provider.clone(),
-    };
-    Some((crate::oauth::provider::servers(&spec), spec))
+    })
+}
+
+/// The provider's registration for the binding (its CA bundle is the mail servers' extra trust).
+fn provider_spec(ctx: &Context, binding: &MailboxBinding) -> Option<MailProviderSpec> {
+    let r = &binding.spec.provider_ref;
+    match r.kind {
+        ProviderKind::MailProvider => Some(
+            ctx.providers.get(&ObjectRef::new(&r.name).within(&binding.namespace().unwrap_or_default()))?.spec.clone(),
+        ),
+        ProviderKind::ClusterMailProvider => {
+            Some(ctx.cluster_providers.get(&ObjectRef::new(&r.name))?.spec.provider.clone())
+        }
+    }
 }
 
 fn tls_mode(address: &ServerAddress) -> TlsMode {
@@ -292,10 +292,8 @@ async fn check(ctx: &Context, key: &Key, limits: mail::Limits) -> Result<(), Che
         return Err(CheckError::NotLeader);
     }
     let now = ctx.now();
-    let (servers, spec) = match servers_of(ctx, &binding) {
-        Some((servers, spec)) => (servers, Some(spec)),
-        None => (BTreeMap::new(), None),
-    };
+    let servers = servers_of(ctx, &binding).unwrap_or_default();
+    let spec = provider_spec(ctx, &binding);
     let previous = binding.status.clone().unwrap_or_default();
     let generation = binding.metadata.generation;
     match next(&binding, &servers, now) {

@@ -5,7 +5,8 @@
 //! `status.verification` and the `MailboxVerified` condition ([`merged`]), with one Event per
 //! change of the results ([`announcement`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 
 use chrono::{DateTime, Duration, Utc};
 
@@ -195,6 +196,99 @@ impl Pacer {
     /// Servers with slots still ahead.
     pub fn servers(&self) -> usize {
         self.next.len()
+    }
+}
+
+/// A binding, by (namespace, name).
+pub type Key = (String, String);
+
+/// Checks waiting for their start, earliest first, each binding once; at most `per_namespace`
+/// of a namespace run at once, so that one tenant's slow or hostile mail servers hold at most
+/// that many of the verifier's slots and every other namespace keeps the rest. A due check of a
+/// namespace at its limit waits apart until one of that namespace's checks finishes.
+#[derive(Clone, Debug)]
+pub struct Queue {
+    heap: BinaryHeap<Reverse<(DateTime<Utc>, Key)>>,
+    queued: HashSet<Key>,
+    blocked: HashMap<String, Vec<(DateTime<Utc>, Key)>>,
+    running: HashMap<String, usize>,
+    per_namespace: usize,
+}
+
+impl Queue {
+    /// An empty queue allowing `per_namespace` (at least one) running checks per namespace.
+    pub fn new(per_namespace: usize) -> Self {
+        Self {
+            heap: BinaryHeap::new(),
+            queued: HashSet::new(),
+            blocked: HashMap::new(),
+            running: HashMap::new(),
+            per_namespace: per_namespace.max(1),
+        }
+    }
+
+    /// Whether the binding is queued or running.
+    pub fn contains(&self, key: &Key) -> bool {
+        self.queued.contains(key)
+    }
+
+    /// Queues a check at `at`, unless the binding is queued or running already.
+    pub fn push(&mut self, at: DateTime<Utc>, key: Key) -> bool {
+        if !self.queued.insert(key.clone()) {
+            return false;
+        }
+        self.heap.push(Reverse((at, key)));
+        true
+    }
+
+    /// When the earliest check that may start is due.
+    pub fn next_at(&self) -> Option<DateTime<Utc>> {
+        self.heap.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Takes up to `free` checks due at `now`, each within its namespace's limit, and counts them
+    /// as running.
+    pub fn start(&mut self, now: DateTime<Utc>, free: usize) -> Vec<Key> {
+        let mut started = Vec::new();
+        while started.len() < free {
+            match self.heap.peek() {
+                Some(Reverse((at, _))) if *at <= now => {}
+                _ => break,
+            }
+            let Some(Reverse((at, key))) = self.heap.pop() else { break };
+            let running = self.running.entry(key.0.clone()).or_default();
+            if *running >= self.per_namespace {
+                self.blocked.entry(key.0.clone()).or_default().push((at, key));
+                continue;
+            }
+            *running = running.saturating_add(1);
+            started.push(key);
+        }
+        started
+    }
+
+    /// A check taken by [`Queue::start`] finished: its namespace's waiting checks may start.
+    pub fn finish(&mut self, key: &Key) {
+        self.queued.remove(key);
+        if let Some(n) = self.running.get_mut(&key.0) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.running.remove(&key.0);
+            }
+        }
+        for (at, k) in self.blocked.remove(&key.0).unwrap_or_default() {
+            self.heap.push(Reverse((at, k)));
+        }
+    }
+
+    /// Checks queued, waiting apart or running.
+    pub fn len(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Whether nothing is queued or running.
+    pub fn is_empty(&self) -> bool {
+        self.queued.is_empty()
     }
 }
 
@@ -548,6 +642,28 @@ mod tests {
         pacer.prune(t(10_000));
         assert_eq!(pacer.servers(), 0);
         assert_eq!(pacer.reserve(&a, t(10_000)), t(10_000));
+    }
+
+    #[test]
+    fn one_namespace_holds_at_most_its_share_of_the_running_checks() {
+        let key = |ns: &str, n: usize| (ns.to_owned(), format!("b{n}"));
+        let mut q = Queue::new(2);
+        for n in 0..10 {
+            assert!(q.push(t(0), key("hostile", n)));
+        }
+        assert!(!q.push(t(0), key("hostile", 0)), "each binding once");
+        assert!(q.push(t(1), key("other", 0)));
+        assert!(q.push(t(100), key("later", 0)));
+        let first = q.start(t(5), 4);
+        assert_eq!(first, vec![key("hostile", 0), key("hostile", 1), key("other", 0)], "2 of 4 for one namespace");
+        assert_eq!(q.next_at(), Some(t(100)), "the blocked ones wait apart");
+        assert!(q.start(t(5), 1).is_empty());
+        q.finish(&key("hostile", 0));
+        assert!(!q.contains(&key("hostile", 0)) && q.contains(&key("hostile", 2)));
+        assert_eq!(q.start(t(6), 4), vec![key("hostile", 2)]);
+        q.finish(&key("other", 0));
+        assert_eq!(q.start(t(200), 4), vec![key("later", 0)]);
+        assert_eq!(q.len(), 10, "8 hostile waiting, 2 running");
     }
 
     #[test]
