@@ -12,7 +12,7 @@ import time
 import pytest
 from bed import Bed, free_port, wait_for
 from manifests import apply, binding, provider, secret
-from test_e2e import SecretWatch, condition, find_leaks, reconciles
+from test_e2e import ELECT, SecretWatch, condition, find_leaks, leading, reconciles
 
 NS = "verify"
 MAILBOX = "verified@example.com"
@@ -183,6 +183,25 @@ def test_a_restarted_operator_checks_nothing_that_is_not_due(bed):
     time.sleep(2)
     after = {n: verification(get(bed, n), "imap")["checkedAt"] for n in ("mailbox", "unreachable")}
     assert after == before, "the schedule lives in status: no check before its time"
+
+
+def test_only_the_leader_checks_mailboxes(bed):
+    assert bed.stop_operator() == 0
+    bed.start_operator(name="operator-a", env_extra=dict(ELECT, POD_NAME="operator-a", **DEBUG))
+    wait_for("operator-a to lead", lambda: leading(bed, "operator-a"), timeout=30)
+    bed.start_operator(name="operator-b", env_extra=dict(ELECT, POD_NAME="operator-b", **DEBUG))
+    assert not leading(bed, "operator-b")
+    before = verification(get(bed, "mailbox"), "imap")["checkedAt"]
+    time.sleep(1.1)
+    bed.kubectl("annotate", "mailboxbinding", "mailbox", "-n", NS, "--overwrite", "mailoauth.io/verify-requested=leader")
+    wait_for("the leader's check", lambda: verification(get(bed, "mailbox"), "imap").get("checkedAt") != before,
+             timeout=20)
+    time.sleep(1)
+    checks = lambda name: sum(v for k, v in bed.metrics(name).items()  # noqa: E731
+                              if k.startswith("mailoauth_mailbox_check_duration_seconds_count"))
+    assert checks("operator-a") >= 1 and checks("operator-b") == 0, (checks("operator-a"), checks("operator-b"))
+    assert "mailbox checked" not in (bed.dir / "operator-b.log").read_text(errors="replace")
+    assert bed.stop_operator("operator-b") == 0 and bed.stop_operator("operator-a") == 0
 
 
 def test_no_token_appears_in_logs_events_or_status(bed):
