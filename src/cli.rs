@@ -95,6 +95,13 @@ pub struct RunArgs {
     /// due, the binding whose token expires first goes first.
     #[arg(long, env = "PROVIDER_TOKEN_RATE", default_value = "10", value_parser = parse_rate)]
     pub provider_token_rate: f64,
+    /// Mailbox checks (log in to a mail server and out) running at once, outside the reconciles.
+    #[arg(long, env = "VERIFY_CONCURRENCY", default_value = "4", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub verify_concurrency: u16,
+    /// Mailbox checks started per second at each mail server (host and port): 10,000 mailboxes
+    /// on one server at 1/s are checked within 3 hours of a start, then spread over the interval.
+    #[arg(long, env = "VERIFY_SERVER_RATE", default_value = "1", value_parser = parse_rate)]
+    pub verify_server_rate: f64,
     /// Requests per second to the Kubernetes API server (client side).
     #[arg(long, env = "API_QPS", default_value = "50", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub api_qps: u32,
@@ -309,6 +316,11 @@ async fn run_operator(args: RunArgs) -> Result<()> {
                 .with_lanes(4, usize::from(args.max_concurrent_reconciles.saturating_sub(4).max(4))),
         ),
         concurrency: args.max_concurrent_reconciles,
+        verify: crate::controller::verify::VerifySettings {
+            concurrency: usize::from(args.verify_concurrency),
+            per_server_rate: args.verify_server_rate,
+            ..Default::default()
+        },
     };
     let tokens = Arc::new(HttpTokenEndpoint::new(http.clone()));
     let result = Runtime::new(client, settings, tokens, http, Arc::new(SystemClock), shutdown)

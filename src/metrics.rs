@@ -34,6 +34,7 @@ pub struct Metrics {
     token_requests: Family<Labels, Counter>,
     token_request_seconds: Durations,
     reconciles: Family<Labels, Counter>,
+    mailbox_check_seconds: Durations,
     leader: prometheus_client::metrics::gauge::Gauge,
     /// The outcomes counted per provider: the label sets to remove when the provider is gone
     /// (prometheus-client's families cannot be iterated).
@@ -44,12 +45,17 @@ fn request_buckets() -> Histogram {
     Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
 }
 
+fn check_buckets() -> Histogram {
+    Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 45.0])
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self {
             token_requests: Family::default(),
             token_request_seconds: Family::new_with_constructor(request_buckets),
             reconciles: Family::default(),
+            mailbox_check_seconds: Family::new_with_constructor(check_buckets),
             leader: prometheus_client::metrics::gauge::Gauge::default(),
             outcomes: Mutex::default(),
         }
@@ -88,6 +94,13 @@ impl Metrics {
         });
     }
 
+    /// Counts one mailbox check of `protocol` (`imap`, `smtp`, `pop3`) that ended in `result` (a
+    /// verification reason) and how long it took.
+    pub fn mailbox_check(&self, protocol: &str, result: &str, seconds: f64) {
+        let labels = vec![("protocol", protocol.to_owned()), ("result", result.to_owned())];
+        self.mailbox_check_seconds.get_or_create(&labels).observe(seconds);
+    }
+
     /// Records whether this replica leads (1) or waits (0).
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
@@ -110,6 +123,11 @@ fn provider_labels(namespace: &str, provider: &str) -> Labels {
 pub fn registry(metrics: &Metrics) -> Registry {
     let mut registry = Registry::with_prefix("mailoauth");
     registry.register("reconciles", "Reconciles, by kind and outcome", metrics.reconciles.clone());
+    registry.register(
+        "mailbox_check_duration_seconds",
+        "Duration of mailbox checks (log in and out), by protocol and result",
+        metrics.mailbox_check_seconds.clone(),
+    );
     registry.register(
         "leader",
         "1 on the replica that requests tokens and writes, 0 on replicas waiting to take over",

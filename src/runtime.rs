@@ -48,6 +48,8 @@ pub struct Settings {
     pub limits: Arc<controller::limits::RateLimits>,
     /// Reconciles running at once, per controller.
     pub concurrency: u16,
+    /// The mailbox verifier's concurrency and per-server rate.
+    pub verify: controller::verify::VerifySettings,
 }
 
 /// The operator's runtime, assembled step by step:
@@ -89,6 +91,10 @@ struct Assembly {
     cluster_store: reflector::Store<ClusterMailProvider>,
     cluster_writer: Option<reflector::store::Writer<ClusterMailProvider>>,
     first_ctx: Option<Arc<Context>>,
+    /// Every scope's context, for the verifier.
+    contexts: Vec<Arc<Context>>,
+    /// The verifier's nudges, given to every context.
+    nudges: controller::verify::Nudges,
 }
 
 impl Runtime {
@@ -147,6 +153,7 @@ impl Runtime {
         let (cluster_store, cluster_writer) = reflector::store_shared::<ClusterMailProvider>(SHARED_BUFFER);
         let reporter =
             Reporter { controller: "mail-oauth-operator".into(), instance: Some(self.settings.instance.clone()) };
+        let (nudges, nudged) = controller::verify::channel();
         let mut assembly = Assembly {
             tasks: Vec::new(),
             syncs: Vec::new(),
@@ -156,6 +163,8 @@ impl Runtime {
             cluster_store,
             cluster_writer: Some(cluster_writer),
             first_ctx: None,
+            contexts: Vec::new(),
+            nudges,
         };
         let scopes: Vec<Option<String>> = if self.settings.namespaces.is_empty() {
             vec![None]
@@ -167,6 +176,16 @@ impl Runtime {
             self.scope(&mut assembly, scope.as_deref());
         }
         self.cluster_providers(&mut assembly);
+        // The verifier: mail servers are reached outside every reconcile.
+        assembly.tasks.push(
+            controller::verify::run(
+                std::mem::take(&mut assembly.contexts),
+                nudged,
+                self.settings.verify.clone(),
+                self.shutdown.clone(),
+            )
+            .boxed(),
+        );
         assembly.tasks.push(readiness(std::mem::take(&mut assembly.syncs), ready, self.shutdown.clone()));
 
         // Each task runs on its own: a panic in one (a bug) is logged and cannot unwind the
@@ -332,6 +351,7 @@ impl Runtime {
             metrics: Arc::clone(&settings.metrics),
             limits: Arc::clone(&settings.limits),
             leader: Arc::clone(&assembly.leader),
+            verify: assembly.nudges.clone(),
         };
         let ctx = Arc::new(context(client));
         if let Some((listener_client, contexts)) = &self.listener
@@ -340,6 +360,7 @@ impl Runtime {
             all.push(Arc::new(context(listener_client)));
         }
         assembly.first_ctx.get_or_insert_with(|| Arc::clone(&ctx));
+        assembly.contexts.push(Arc::clone(&ctx));
         if let Ok(mut all) = settings.contexts.lock() {
             all.push(Arc::clone(&ctx));
         }

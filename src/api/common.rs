@@ -52,6 +52,23 @@ pub struct ServerAddress {
     /// TCP port.
     #[schemars(range(min = 1, max = 65535))]
     pub port: u16,
+    /// How the connection is protected: `implicit` (TLS from the first byte), `starttls`, or
+    /// `none` (loopback or private addresses only, with `--allow-private-endpoints`: the token
+    /// would cross the network in clear). Absent: 993, 995 and 465 are implicit, others STARTTLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTls>,
+}
+
+/// How a mail server connection is protected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerTls {
+    /// TLS from the first byte.
+    Implicit,
+    /// A plain greeting, then STARTTLS (STLS for POP3), which must succeed.
+    Starttls,
+    /// No TLS.
+    None,
 }
 
 /// Status of a condition.

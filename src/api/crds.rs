@@ -64,6 +64,10 @@ mod tests {
                 ("RENEW", 1),
                 ("SECRET", 1),
                 ("IDENTITY", 1),
+                ("VERIFIED", 1),
+                ("IMAP", 1),
+                ("SMTP", 1),
+                ("POP3", 1),
                 ("MESSAGE", 1)
             ]
         );

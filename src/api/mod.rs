@@ -9,9 +9,9 @@ pub mod provider;
 
 pub use binding::{
     AuthorizationStatus, Grant, IdentityCheck, MailboxBinding, MailboxBindingSpec, MailboxBindingStatus, Phase,
-    ProviderKind, ProviderRef, SecretTemplate, TokenStatus,
+    ProtocolCheck, ProviderKind, ProviderRef, SecretTemplate, TokenStatus, VerificationStatus, VerifySpec,
 };
-pub use common::{Condition, ConditionStatus, Protocol, SecretKeySelector, ServerAddress};
+pub use common::{Condition, ConditionStatus, Protocol, SecretKeySelector, ServerAddress, ServerTls};
 pub use provider::{
     AllowedNamespaces, ClientAuthMethod, ClientAuthentication, ClientSecretRef, ClusterMailProvider,
     ClusterMailProviderSpec, Endpoints, GenericPreset, GooglePreset, MailProvider, MailProviderSpec,
@@ -26,6 +26,11 @@ pub const FIELD_MANAGER: &str = "mail-oauth-operator";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY_VALUE: &str = "mail-oauth-operator";
+/// Field manager of the verifier's status writes (`status.verification`, `MailboxVerified`):
+/// its own, so that its applies and the binding reconcile's never remove each other's fields.
+pub const VERIFY_FIELD_MANAGER: &str = "mail-oauth-operator-verify";
+/// Annotation: any new value asks for a mailbox check now.
+pub const VERIFY_REQUESTED_ANNOTATION: &str = "mailoauth.io/verify-requested";
 /// Label naming the binding a written object belongs to.
 pub const BINDING_LABEL: &str = "mailoauth.io/binding";
 /// Label telling published Secrets from grant-state Secrets.

@@ -58,7 +58,10 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     // write completes the earlier token request, so nothing is requested in this reconcile.
     let flushed = flush_kept(&ctx, &binding).await?;
     let mut seen = match gather(&ctx, &binding, flushed).await? {
-        Gathered::AtRest(requeue) => return Ok(requeue),
+        Gathered::AtRest(requeue) => {
+            verify_hook(&ctx, &binding, None);
+            return Ok(requeue);
+        }
         Gathered::Seen(seen) => *seen,
     };
     settle(&ctx, &binding, &mut seen).await?;
@@ -66,6 +69,7 @@ pub async fn reconcile(binding: Arc<MailboxBinding>, ctx: Arc<Context>) -> Resul
     let decision = decide(seen.inputs(now, &binding));
     let acted = act(&ctx, &binding, &mut seen, &decision, flushed, now).await?;
     let (status, failure, next_poll) = write(&ctx, &binding, &seen, acted, now).await?;
+    verify_hook(&ctx, &binding, Some(&status));
     let requeue = requeue_after(now, &decision, &status, failure.as_ref(), next_poll);
     Ok(requeue.and_then(|d| d.to_std().ok()).map_or_else(Action::await_change, Action::requeue))
 }
@@ -170,6 +174,15 @@ enum Gathered {
     AtRest(Action),
     /// What the decision needs.
     Seen(Box<Seen>),
+}
+
+/// Asks the verifier to look at the binding when the reconcile saw a reason for a check (a new
+/// token, identity or scopes, a `verify-requested` value): it only enqueues, it never waits on a
+/// mail server. Periodic checks need no reconcile (the verifier sweeps the caches).
+fn verify_hook(ctx: &Context, binding: &MailboxBinding, written: Option<&MailboxBindingStatus>) {
+    if super::verify::worth_a_look(binding, written) {
+        ctx.verify.nudge(&binding.namespace().unwrap_or_default(), &binding.name_any());
+    }
 }
 
 /// Reads the provider (from the caches) and whatever of the two Secrets the owned-Secret cache
@@ -704,7 +717,8 @@ pub fn failpoint(step: &str, binding: &str) {
 async fn patch_status(ctx: &Context, binding: &MailboxBinding, status: &MailboxBindingStatus) -> Result<()> {
     let ns = binding.namespace().unwrap_or_default();
     let api: Api<MailboxBinding> = Api::namespaced(ctx.client.clone(), &ns);
-    super::apply_status(&api, binding, status).await?;
+    // The verifier's fields are left to the verifier's own field manager.
+    super::apply_status(&api, binding, &crate::policy::binding::reconcile_owned(status)).await?;
     ctx.wrote_status(&ns, &binding.name_any(), binding.resource_version().as_deref());
     Ok(())
 }

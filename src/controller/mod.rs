@@ -14,6 +14,7 @@ pub mod owned;
 pub mod provider;
 pub mod resolve;
 pub mod secrets;
+pub mod verify;
 pub mod versions;
 
 #[cfg(test)]
@@ -112,6 +113,8 @@ pub struct Context {
     /// the watch shows that version (strict mode only; a Secret unlabelled or changed is read
     /// again, and refused if it may no longer be read).
     pub client_secrets: ClientSecretCache,
+    /// The verifier's nudges: the binding reconcile asks for a look, never waits for a check.
+    pub verify: verify::Nudges,
 }
 
 /// Namespaces' labels, each kept for [`NamespaceLabels::TTL`] (at most 4,096 namespaces).
@@ -244,6 +247,7 @@ impl Context {
             namespace_labels: NamespaceLabels::default(),
             referable: versions::SecretVersions::default(),
             client_secrets: ClientSecretCache::default(),
+            verify: verify::Nudges::default(),
             authorization: AuthorizationSettings::default(),
             metrics: Arc::default(),
             limits: Arc::new(limits::RateLimits::new(100.0)),

@@ -3,7 +3,7 @@
 //! at scrape time with the controllers' clock. Registered by the runtime; the controllers do not
 //! know it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
@@ -12,6 +12,7 @@ use prometheus_client::registry::Registry;
 
 use super::Contexts;
 use super::limits::RateLimits;
+use crate::api::Protocol;
 use crate::metrics::{Metrics, gauge};
 
 /// Registers the collector of the controllers' state in `registry`.
@@ -41,6 +42,10 @@ impl Collector for State {
         let contexts = contexts.unwrap_or_default();
         let (mut expiry, mut renew, mut ready, mut secret_expiry) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut providers_seen = BTreeSet::new();
+        // Bindings by protocol whose last check logged in, and by protocol and reason whose did not.
+        let mut verified: BTreeMap<&'static str, f64> =
+            ["imap", "smtp", "pop3"].into_iter().map(|p| (p, 0.0)).collect();
+        let mut unverified: BTreeMap<(&'static str, String), f64> = BTreeMap::new();
         let mut live = BTreeSet::new();
         for ctx in &contexts {
             for b in ctx.bindings.state() {
@@ -60,6 +65,15 @@ impl Collector for State {
                     .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
                     .is_some_and(crate::api::Condition::is_true);
                 ready.push((labels, if is_ready { 1.0 } else { 0.0 }));
+                if let Some(v) = status.and_then(|s| s.verification.as_ref()) {
+                    for p in [Protocol::Imap, Protocol::Smtp, Protocol::Pop3] {
+                        match v.get(p) {
+                            Some(c) if c.result == "Verified" => *verified.entry(p.as_str()).or_default() += 1.0,
+                            Some(c) => *unverified.entry((p.as_str(), c.result.clone())).or_default() += 1.0,
+                            None => {}
+                        }
+                    }
+                }
             }
             let namespaced = ctx.providers.state().into_iter().map(|p| {
                 let labels = vec![
@@ -111,6 +125,23 @@ impl Collector for State {
             &[(Vec::new(), waiting)],
         )?;
         gauge(&mut encoder, "binding_token_renew_timestamp_seconds", "When the operator renews the token", &renew)?;
+        let verified: Vec<_> = verified.into_iter().map(|(p, n)| (vec![("protocol", p.to_owned())], n)).collect();
+        gauge(
+            &mut encoder,
+            "mailbox_verified",
+            "Bindings whose last check of the protocol logged in with the token",
+            &verified,
+        )?;
+        let unverified: Vec<_> =
+            unverified.into_iter().map(|((p, r), n)| (vec![("protocol", p.to_owned()), ("reason", r)], n)).collect();
+        if !unverified.is_empty() {
+            gauge(
+                &mut encoder,
+                "mailbox_unverified",
+                "Bindings whose last check of the protocol failed, by reason",
+                &unverified,
+            )?;
+        }
         gauge(&mut encoder, "binding_ready", "1 when the binding's Ready condition is True", &ready)?;
         gauge(
             &mut encoder,

@@ -107,7 +107,7 @@ pub fn servers(spec: &MailProviderSpec) -> BTreeMap<Protocol, ServerAddress> {
         (_, Some(p)) => p
             .servers
             .iter()
-            .map(|(proto, host, port)| (*proto, ServerAddress { host: (*host).to_owned(), port: *port }))
+            .map(|(proto, host, port)| (*proto, ServerAddress { host: (*host).to_owned(), port: *port, tls: None }))
             .collect(),
         (Preset::Generic(g), None) => {
             let s = g.servers.clone().unwrap_or_default();
@@ -256,7 +256,7 @@ mod tests {
         let b = binding(Grant::ClientCredentials {}, vec![Protocol::Imap]);
         let err = scopes_for(&p, &b, kind(&b)).err().unwrap_or_default();
         assert!(err.contains("jwtBearer"), "{err}");
-        assert_eq!(servers(&p)[&Protocol::Imap], ServerAddress { host: "imap.gmail.com".into(), port: 993 });
+        assert_eq!(servers(&p)[&Protocol::Imap], ServerAddress { host: "imap.gmail.com".into(), port: 993, tls: None });
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub mod conditions {
     pub const AUTHORIZED: &str = "Authorized";
     /// The last token request failed (the published token may still be valid).
     pub const REFRESH_FAILING: &str = "RefreshFailing";
+    /// The mailbox logged in with its token (written by the verifier, never by the reconcile).
+    pub const MAILBOX_VERIFIED: &str = "MailboxVerified";
 }
 
 /// What the controller found out about the provider a binding refers to.
@@ -357,6 +359,8 @@ pub fn next_status(
         last_refresh_request: previous.last_refresh_request.clone(),
         last_reauthorize_request: previous.last_reauthorize_request.clone(),
         observed_generation: generation,
+        // The verifier's, carried as it is (see `reconcile_owned`).
+        verification: previous.verification.clone(),
     };
     let valid = grant.filter(|g| g.expires_at > now);
     let cond = |type_: &str, s: ConditionStatus, r: Reason, m: String| condition(prev, type_, s, r, m, now, generation);
@@ -500,7 +504,19 @@ pub fn next_status(
             ));
         }
     }
+    carry(prev, &mut status.conditions, conditions::MAILBOX_VERIFIED);
     status
+}
+
+/// The part of a status the binding reconcile writes: everything but the verifier's fields
+/// (`verification`, the `MailboxVerified` condition). [`next_status`] carries those over as they
+/// are, so that "unchanged, no write" compares whole statuses; the apply leaves them out, so the
+/// reconcile's field manager never owns them and neither apply removes the other's fields.
+pub fn reconcile_owned(status: &MailboxBindingStatus) -> MailboxBindingStatus {
+    let mut mine = status.clone();
+    mine.verification = None;
+    mine.conditions.retain(|c| c.type_ != conditions::MAILBOX_VERIFIED);
+    mine
 }
 
 /// What a person has to do, in one line (shown in the wide `MESSAGE` column and the Event).

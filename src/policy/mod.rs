@@ -19,6 +19,7 @@ pub mod schedule;
 pub mod scrub;
 pub mod time;
 pub mod validate;
+pub mod verification;
 pub mod verify;
 
 pub use reason::Reason;

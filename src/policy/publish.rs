@@ -171,8 +171,8 @@ mod tests {
     #[test]
     fn the_published_keys_are_exactly_those_of_the_api() {
         let servers = BTreeMap::from([
-            (Protocol::Imap, ServerAddress { host: "imap.example.com".into(), port: 993 }),
-            (Protocol::Pop3, ServerAddress { host: "pop.example.com".into(), port: 995 }),
+            (Protocol::Imap, ServerAddress { host: "imap.example.com".into(), port: 993, tls: None }),
+            (Protocol::Pop3, ServerAddress { host: "pop.example.com".into(), port: 995, tls: None }),
         ]);
         let data = published_data("a@example.com", &grant(), &[Protocol::Imap, Protocol::Smtp], &servers, None)
             .unwrap_or_default();
@@ -189,7 +189,8 @@ mod tests {
             data: BTreeMap::from([("msmtprc".to_owned(), "user {{ mailbox }}\nhost {{imap_host}}\n".to_owned())]),
             ..Default::default()
         };
-        let servers = BTreeMap::from([(Protocol::Imap, ServerAddress { host: "imap.example.com".into(), port: 993 })]);
+        let servers =
+            BTreeMap::from([(Protocol::Imap, ServerAddress { host: "imap.example.com".into(), port: 993, tls: None })]);
         let data =
             published_data("a@example.com", &grant(), &[Protocol::Imap], &servers, Some(&template)).unwrap_or_default();
         assert_eq!(data["msmtprc"], "user a@example.com\nhost imap.example.com\n");

@@ -28,9 +28,10 @@ def provider(bed, namespace, name, client_id, secret_name):
     g = p["spec"]["generic"]
     g["issuerUrl"] = bed.issuer
     g["caBundle"] = (bed.dir / "ca.crt").read_text()
-    g["servers"] = {"imap": {"host": "127.0.0.1", "port": bed.ports["imap"]}}
+    # The bed's Dovecot and Postfix speak without TLS on loopback (allowPrivateEndpoints).
+    g["servers"] = {"imap": {"host": "127.0.0.1", "port": bed.ports["imap"], "tls": "none"}}
     if "submission" in bed.ports:
-        g["servers"]["smtp"] = {"host": "127.0.0.1", "port": bed.ports["submission"]}
+        g["servers"]["smtp"] = {"host": "127.0.0.1", "port": bed.ports["submission"], "tls": "none"}
     p["spec"]["clientId"] = client_id
     p["spec"]["clientAuthentication"] = {"clientSecretRefs": [{"name": secret_name, "key": "client-secret"}]}
     return p

@@ -269,7 +269,7 @@ def test_kubectl_get_mbx_shows_ready_mailbox_provider_status_and_expiry(bed):
     expires = binding_of(bed, "helpdesk")["status"]["token"]["expiresAt"]
     assert row[5] == expires, "EXPIRES shows the expiry time itself"
     wide = bed.kubectl("get", "mbx", "-n", NS, "-o", "wide").stdout.splitlines()
-    assert wide[0].split()[-4:] == ["RENEW", "SECRET", "IDENTITY", "MESSAGE"]
+    assert wide[0].split()[-8:] == ["RENEW", "SECRET", "IDENTITY", "VERIFIED", "IMAP", "SMTP", "POP3", "MESSAGE"]
     listed = bed.kubectl("get", "mailoauth", "-n", NS, "-o", "name").stdout.split()
     assert "mailprovider.mailoauth.io/idp" in listed and "mailboxbinding.mailoauth.io/helpdesk" in listed
 
