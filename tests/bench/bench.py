@@ -108,8 +108,10 @@ class Run:
             self.bed.stop_operator()
         chunk = []
         for i in range(count):
+            # Mailbox verification is measured apart: its mail server here is a port nobody serves.
             spec = {"providerRef": {"name": "fast"}, "mailbox": f"b-{i}@example.com", "scopes": [f"bench-{i}"],
-                    "grant": {"clientCredentials": {}}, "secretName": f"b-{i}-mail-token", "protocols": ["imap"]}
+                    "grant": {"clientCredentials": {}}, "secretName": f"b-{i}-mail-token", "protocols": ["imap"],
+                    "verify": {"enabled": False}}
             if refresh_before:
                 spec["refreshBefore"] = refresh_before
             chunk.append({"apiVersion": "mailoauth.io/v1alpha1", "kind": "MailboxBinding",
