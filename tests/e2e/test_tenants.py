@@ -401,8 +401,16 @@ def test_a_deposed_leaders_late_result_never_overwrites_the_new_leaders_grant(be
     os.kill(a.pid, signal.SIGSTOP)
     try:
         # b leads once a's lease has run out, and serves the requested refresh itself.
-        wait_for("b's refresh", lambda: (stored_refresh_token(bed, "fenced", FENCE) or before) != before,
-                 timeout=18, interval=0.2)
+        def b_refreshed():
+            return (stored_refresh_token(bed, "fenced", FENCE) or before) != before
+        try:
+            wait_for("b's refresh", b_refreshed, timeout=12, interval=0.2)
+        except TimeoutError:
+            # On a loaded machine b's first request may fail to connect (then it backs off for
+            # a while): a person asking again goes through at once. Still well within a's 30 s.
+            bed.kubectl("annotate", "mailboxbinding", "fenced", "-n", FENCE, "mailoauth.io/refresh-requested=f2",
+                        "--overwrite")
+            wait_for("b's refresh, asked again", b_refreshed, timeout=8, interval=0.2)
         newer = stored_refresh_token(bed, "fenced", FENCE)
         # a's answer comes 20 s after it asked; a wakes before its own 30 s request limit.
         time.sleep(max(0.0, 22 - (time.monotonic() - sent)))
