@@ -491,47 +491,34 @@ fn owned_secrets(
     // PartialObjectMetadata): a Secret's data never reaches this process here.
     let api: Api<PartialObjectMeta<Secret>> = scoped(client, scope);
     let (store, writer) = reflector::store();
-    let reader = store.clone();
     let synced = Arc::new(AtomicBool::new(false));
     let cache = controller::owned::OwnedSecrets::new(store, Arc::clone(&synced));
     let mut first_list = true;
-    // What the store held when a relist began: a Secret deleted while the watch was down shows
-    // only as missing from the new list, and its binding is told then.
-    let mut before: Vec<Arc<PartialObjectMeta<Secret>>> = Vec::new();
     let watch = watcher(api, watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")))
         .modify(controller::owned::slim)
         .default_backoff();
     let stream = reflector::reflector(writer, watch)
-        .flat_map(move |event| {
-            let items: Vec<Result<PartialObjectMeta<Secret>, watcher::Error>> = match event {
-                Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) => vec![Ok(s)],
-                Ok(watcher::Event::InitApply(s)) if !first_list => vec![Ok(s)],
-                Ok(watcher::Event::InitApply(_)) => Vec::new(),
+        .filter_map(move |event| {
+            std::future::ready(match event {
+                Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) => Some(Ok(s)),
+                Ok(watcher::Event::InitApply(s)) => (!first_list).then_some(Ok(s)),
                 Ok(watcher::Event::InitDone) => {
                     // The store holds the whole list now: absence in it means absence.
                     synced.store(true, Ordering::Release);
                     first_list = false;
-                    std::mem::take(&mut before)
-                        .into_iter()
-                        .filter(|s| reader.get(&ObjectRef::from_obj(&**s)).is_none())
-                        .map(|s| Ok((*s).clone()))
-                        .collect()
+                    None
                 }
                 // A relist (after a watch error or a desync): until it is in, what the store lacks
                 // may exist, so every Secret is read.
                 Ok(watcher::Event::Init) => {
                     synced.store(false, Ordering::Release);
-                    if !first_list {
-                        before = reader.state();
-                    }
-                    Vec::new()
+                    None
                 }
                 Err(e) => {
                     synced.store(false, Ordering::Release);
-                    vec![Err(e)]
+                    Some(Err(e))
                 }
-            };
-            futures::stream::iter(items)
+            })
         })
         .filter(move |s| std::future::ready(s.as_ref().map_or(true, |m| !own.is_own(&m.metadata))));
     (cache, stream)
