@@ -50,6 +50,16 @@ impl TlsMode {
             _ => TlsMode::Starttls,
         }
     }
+
+    /// The mode a published Secret's `<protocol>_tls` names (`implicit`, `starttls`, `none`).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "implicit" => Some(TlsMode::Implicit),
+            "starttls" => Some(TlsMode::Starttls),
+            "none" => Some(TlsMode::None),
+            _ => None,
+        }
+    }
 }
 
 /// A mail server to log in to.

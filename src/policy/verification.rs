@@ -728,6 +728,7 @@ mod tests {
             mailbox: Some("a@example.com".into()),
             account: Some("a@example.com".into()),
             issuer: None,
+            relay: None,
         };
         // The reconcile's own status, as it would have written it, then the verifier's on top.
         let mut settled = b.clone();

@@ -369,3 +369,45 @@ fn a_kubelet_update_is_read_from_the_new_version_of_the_directory() {
     assert!(now.accepts("SCANNER@example.com", b"new password") && !now.accepts(MAILBOX, b"old password"));
     assert!(!format!("{now:?}").contains("password\""));
 }
+
+#[test]
+fn a_rotated_password_works_beside_the_new_one_until_its_grace_ends_and_senders_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let until = chrono::Utc::now() + chrono::Duration::hours(1);
+    for (k, v) in [
+        ("username", MAILBOX.to_owned()),
+        ("relay_password", "new password".to_owned()),
+        ("relay_previous_sha256", crate::policy::relay::sha256_hex("old password")),
+        ("relay_previous_until", until.to_rfc3339()),
+        ("relay_senders", "noreply@example.com, info@example.com".to_owned()),
+    ] {
+        std::fs::write(d.join(k), v).unwrap();
+    }
+    let m = super::secret::read(d).unwrap();
+    assert!(m.accepts(MAILBOX, b"new password"));
+    assert!(m.accepts(MAILBOX, b"old password"), "during the grace period");
+    assert!(!m.accepts_at(MAILBOX, b"old password", until), "not from its end on");
+    assert!(m.accepts_at(MAILBOX, b"new password", until));
+    assert!(!m.accepts(MAILBOX, b"another password"));
+    assert_eq!(m.senders(), vec![MAILBOX.to_owned(), "noreply@example.com".into(), "info@example.com".into()]);
+    // A damaged digest is no password at all.
+    std::fs::write(d.join("relay_previous_sha256"), "zz").unwrap();
+    assert!(!super::secret::read(d).unwrap().accepts(MAILBOX, b"old password"));
+}
+
+#[tokio::test]
+async fn a_sender_of_spec_relay_senders_is_accepted_and_others_still_refused() {
+    let (ca, acceptor) = pki();
+    let (port, seen) = upstream(acceptor, "250 ok").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), port, TOKEN, &future());
+    std::fs::write(dir.path().join("relay_senders"), "noreply@example.com").unwrap();
+    let shared = shared(dir.path(), &ca);
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    assert!(c.login(PASSWORD).await.starts_with("235 "));
+    assert!(c.send("MAIL FROM:<ceo@example.com>").await.starts_with("550 5.7.1"));
+    assert!(c.send("MAIL FROM:<NoReply@example.com>").await.starts_with("250"));
+    assert!(seen.lock().unwrap().iter().any(|l| l.contains("NoReply@example.com")));
+    assert!(!seen.lock().unwrap().iter().any(|l| l.contains("ceo@example.com")));
+}
