@@ -85,7 +85,7 @@ class Session:
 
     def __init__(self, fake, listener, reader, writer):
         self.fake, self.l, self.reader, self.writer = fake, listener, reader, writer
-        self.secure = listener.tls == "implicit"
+        self.secure = listener.tls == "implicit"  # from the first byte (see run)
 
     async def send(self, *lines):
         self.writer.write("".join(f"{line}\r\n" for line in lines).encode())
@@ -227,6 +227,9 @@ class Session:
 
     async def run(self):
         mode = self.l.mode
+        if self.l.tls == "implicit":
+            # Here rather than in the listener: a connection whose handshake fails is counted.
+            await self.writer.start_tls(self.l.context)
         if mode == "silent":
             # Read (and drop) whatever comes until the client gives up.
             while await self.reader.read(4096):
@@ -287,8 +290,7 @@ class FakeMail:
                 writer.close()
 
         async def start():
-            listener.server = await asyncio.start_server(
-                serve, "127.0.0.1", 0, limit=MAX_LINE, ssl=context if tls == "implicit" else None)
+            listener.server = await asyncio.start_server(serve, "127.0.0.1", 0, limit=MAX_LINE)
             listener.port = listener.server.sockets[0].getsockname()[1]
 
         asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=10)
