@@ -135,7 +135,8 @@ pub fn app_token(token: &str) -> AppToken {
         return none;
     }
     let mut parts = token.split('.');
-    let (Some(_header), Some(payload), Some(_signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(_header), Some(payload), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return none;
     };
@@ -540,7 +541,11 @@ mod tests {
         let mut c = check(Protocol::Imap, GrantKind::AppOnly);
         c.service_principal = t.object_id.as_deref();
         let v = classify(&c, &refused_with(IMAP_FAILED));
-        assert!(v.message.contains("-User 6d1b2a55-0c1f-4a4e-9f4e-5a1f0b0c2d3e -AccessRights FullAccess"), "{}", v.message);
+        assert!(
+            v.message.contains("-User 6d1b2a55-0c1f-4a4e-9f4e-5a1f0b0c2d3e -AccessRights FullAccess"),
+            "{}",
+            v.message
+        );
     }
 
     #[test]
