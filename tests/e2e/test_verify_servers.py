@@ -2,12 +2,18 @@
 it) checks bindings whose provider's `servers` point at the fake mail server (fake_mail.py)
 answering with Exchange Online's exact texts, at hostile servers (a greeting that never ends, a
 server that never answers, STARTTLS missing or refused), at a server whose certificate names
-another host, and at the bed's Dovecot (POP3; a token of another user). Each ends in its typed
+another host, and at the bed's Dovecot (POP3; a token of another user); an app-only token shaped
+as Entra's puts its service principal into the fix commands. Each ends in its typed
 reason within bounded time, with the fix commands naming the mailbox, one Event per change,
 `Ready` untouched; the operator's memory stays flat; no token ever crossed a connection without
 TLS, and none appears in logs, Events or status.
 
 The tests run in file order and share the bed (test_verify.verify_bed, with the fake server)."""
+import base64
+import http.server
+import json
+import ssl
+import threading
 import time
 
 import pytest
@@ -130,6 +136,55 @@ def test_exchange_onlines_refusals_end_in_their_reasons_with_the_fix_for_the_mai
     wide = bed.kubectl("get", "mbx", "-n", NS, "-o", "wide").stdout
     for reason in ("SmtpAuthDisabled", "ProtocolDisabled", "MailboxAccessDenied"):
         assert reason in wide, wide
+
+
+SERVICE_PRINCIPAL = "6d1b2a55-0c1f-4a4e-9f4e-5a1f0b0c2d3e"
+CLIENT_ID = "0e3b5f2a-7c1d-4e8f-9a6b-1c2d3e4f5a6b"
+
+
+class EntraLikeTokens(http.server.BaseHTTPRequestHandler):
+    """A token endpoint answering every request with an app-only access token shaped as Entra's:
+    a JWT naming the application's service principal (`oid`) and client id (`appid`). Its
+    signature is a stand-in: the operator reads the payload for display only."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        part = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).decode().rstrip("=")  # noqa: E731
+        claims = {"aud": "https://outlook.office365.com", "appid": CLIENT_ID, "oid": SERVICE_PRINCIPAL,
+                  "roles": ["IMAP.AccessAsApp"], "iat": int(time.time()), "jti": str(time.monotonic_ns())}
+        token = f"{part({'typ': 'JWT', 'alg': 'RS256'})}.{part(claims)}.c2lnbmF0dXJl"
+        body = json.dumps({"access_token": token, "token_type": "Bearer", "expires_in": 3600}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_an_entra_app_only_token_puts_its_service_principal_into_the_commands(bed):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EntraLikeTokens)
+    server.daemon_threads = True
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*map(str, bed.mail_cert))
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        p = servers_provider(bed, "entra-like", imap=(bed.fake_mail.listeners["imap-app"].port, "implicit"))
+        g = p["spec"]["generic"]
+        del g["issuerUrl"]
+        g["tokenUrl"] = f"https://127.0.0.1:{server.server_address[1]}/tenant/oauth2/v2.0/token"
+        apply(bed, p, *app_only("app-entra", "entra-like", "imap"))
+        expect(bed, "app-entra", "imap", "MailboxAccessDenied",
+               f"Add-MailboxPermission -Identity {APP_MAILBOX} -User {SERVICE_PRINCIPAL} -AccessRights FullAccess",
+               f"Add-RecipientPermission -Identity {APP_MAILBOX} -Trustee {SERVICE_PRINCIPAL} -AccessRights SendAs",
+               "the token's oid claim")
+        assert SP_PLACEHOLDER not in condition(get(bed, "app-entra"), "MailboxVerified")["message"]
+    finally:
+        server.shutdown()
 
 
 def test_the_same_refusal_again_makes_no_new_event(bed):
