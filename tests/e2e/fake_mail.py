@@ -12,7 +12,8 @@ ssl only; it runs on its own event loop in a daemon thread of the test process.
     fake.stop()
 
 A listener's `mode`:
-  "answer"          the protocol up to the login, which gets `answer` (None: accepted); then logout
+  "answer"          the protocol up to the login, which gets `answer` (None: accepted); then, for
+                    SMTP, mail is accepted and recorded (`messages`); then logout
   "not-connected"   IMAP: the login is accepted, the next command gets
                     "BAD User is authenticated but not connected." (Exchange with IMAP off)
   "silent"          accepts the connection and never writes
@@ -49,6 +50,15 @@ class Login:
     listener: str
     tls: bool
     user: str
+
+
+@dataclass
+class Message:
+    """A message an SMTP listener accepted after a login: envelope and content (dot-unstuffed)."""
+    listener: str
+    mail_from: str
+    rcpt_to: list
+    data: str
 
 
 @dataclass
@@ -129,6 +139,7 @@ class Session:
 
     async def smtp(self):
         self.challenge = "334 "
+        logged_in, envelope = False, None
         await self.send("220 fake.outlook.test Microsoft ESMTP MAIL Service ready")
         while (line := await self.line()) is not None:
             verb, _, rest = line.partition(" ")
@@ -150,10 +161,32 @@ class Session:
                     continue
                 if await self.sasl(initial or None) is None:
                     return
+                logged_in = not self.l.answer
                 await self.send(self.l.answer or "235 2.7.0 Authentication successful")
             elif verb == "QUIT":
                 await self.send("221 2.0.0 Service closing transmission channel")
                 return
+            elif verb in ("MAIL", "RCPT", "DATA") and not logged_in:
+                await self.send("530 5.7.57 Client not authenticated to send mail.")
+            elif verb == "MAIL":
+                envelope = {"from": rest.partition(":")[2].strip().split(" ")[0], "to": []}
+                await self.send("250 2.1.0 Sender OK")
+            elif verb == "RCPT" and envelope is not None:
+                envelope["to"].append(rest.partition(":")[2].strip().split(" ")[0])
+                await self.send("250 2.1.5 Recipient OK")
+            elif verb == "DATA" and envelope and envelope["to"]:
+                await self.send("354 Start mail input; end with <CRLF>.<CRLF>")
+                body = []
+                while (data := await self.line()) is not None and data != ".":
+                    body.append(data[1:] if data.startswith(".") else data)
+                if data is None:
+                    return
+                self.fake.record_message(Message(self.l.name, envelope["from"], envelope["to"], "\r\n".join(body)))
+                envelope = None
+                await self.send("250 2.6.0 Queued mail for delivery")
+            elif verb in ("RSET", "NOOP"):
+                envelope = None if verb == "RSET" else envelope
+                await self.send("250 2.0.0 OK")
             else:
                 await self.send("502 5.3.3 Command not implemented")
 
@@ -254,12 +287,17 @@ class FakeMail:
         self.thread.start()
         self.listeners = {}
         self.logins = []
+        self.messages = []  # what SMTP listeners accepted (for a relay's upstream)
         self.open = set()  # the writers of open connections
         self.lock = threading.Lock()
 
     def record(self, login):
         with self.lock:
             self.logins.append(login)
+
+    def record_message(self, message):
+        with self.lock:
+            self.messages.append(message)
 
     def listen(self, protocol, tls="implicit", cert=None, mode="answer", answer=None, name=None,
                size=100 * 1024 * 1024):
