@@ -269,6 +269,7 @@ fn reason(protocol: Protocol, user: &str, seen: &Observed) -> VerifyReason {
         mailbox: user,
         grant: GrantKind::Delegated,
         service_principal: None,
+        client_id: None,
     };
     classify(&c, seen).reason
 }

@@ -644,6 +644,130 @@ mod tests {
         assert_eq!(pacer.reserve(&a, t(10_000)), t(10_000));
     }
 
+    /// What [`simulate`] saw: each check's start and binding, in order.
+    struct Simulated {
+        starts: Vec<(DateTime<Utc>, usize)>,
+    }
+
+    /// The verifier's scheduling over `n` bindings of one namespace at one IMAP and one SMTP
+    /// server, without I/O: a sweep every 30 s queues the due ones (paced per server at 1 check
+    /// start a second), `concurrency` checks run at once, each takes `check` and finds the
+    /// mailbox verified; the verifier starts at `t(0)` with every binding unchecked. A pure
+    /// simulation of `next`, `Pacer` and `Queue` as `controller::verify` drives them.
+    fn simulate(n: usize, days: i64, concurrency: usize, check: Duration) -> Simulated {
+        let far = t(400 * 86_400);
+        let mut bindings: Vec<MailboxBinding> = (0..n)
+            .map(|i| {
+                let mut b = ready(&format!("uid-{i}"), serde_json::json!({}));
+                b.metadata.name = Some(format!("b{i}"));
+                if let Some(token) = b.status.as_mut().and_then(|s| s.token.as_mut()) {
+                    token.expires_at = far;
+                }
+                b
+            })
+            .collect();
+        let server_keys: Vec<String> = servers().values().map(server_key).collect();
+        let due = |b: &MailboxBinding, now| match next(b, &servers(), now) {
+            Next::Check { at, .. } => at,
+            other => panic!("{other:?}"),
+        };
+        let mut next_due: Vec<DateTime<Utc>> = bindings.iter().map(|b| due(b, t(0))).collect();
+        let mut pacer = Pacer::new(1.0);
+        let mut queue = Queue::new(concurrency / 2);
+        let mut queued = vec![false; n];
+        let mut running: Vec<(DateTime<Utc>, usize)> = Vec::new();
+        let mut starts = Vec::new();
+        let end = t(days * 86_400);
+        let mut now = t(0);
+        while now < end {
+            // Finished checks write their results; the binding's next check follows from them.
+            let (done, still): (Vec<_>, Vec<_>) = running.into_iter().partition(|(until, _)| *until <= now);
+            running = still;
+            for (_, i) in done {
+                let b = checked(bindings[i].clone(), &both_verified(), now);
+                next_due[i] = due(&b, now);
+                bindings[i] = b;
+                queued[i] = false;
+                queue.finish(&("ns".to_owned(), format!("b{i}")));
+            }
+            if (now - t(0)).num_seconds() % 30 == 0 {
+                pacer.prune(now);
+                for i in 0..n {
+                    if !queued[i] && next_due[i] <= now {
+                        queued[i] = true;
+                        let at = pacer.reserve(&server_keys, now);
+                        queue.push(at, ("ns".to_owned(), format!("b{i}")));
+                    }
+                }
+            }
+            for (_, name) in queue.start(now, concurrency.saturating_sub(running.len())) {
+                let i: usize = name.trim_start_matches('b').parse().unwrap_or_else(|e| panic!("{name}: {e}"));
+                starts.push((now, i));
+                running.push((now + check, i));
+            }
+            now += Duration::seconds(1);
+        }
+        Simulated { starts }
+    }
+
+    #[test]
+    fn ten_thousand_bindings_spread_over_the_interval_and_never_exceed_the_per_server_rate() {
+        let n = 10_000;
+        let sim = simulate(n, 4, 4, Duration::milliseconds(1500));
+        // Never more than one start a second at a server (every check talks to both).
+        for pair in sim.starts.windows(2) {
+            assert!(pair[1].0 - pair[0].0 >= Duration::seconds(1), "{:?}", pair);
+        }
+        // The first round: everyone once, at the rate: about 10,000 s.
+        let mut seen = vec![0_u32; n];
+        let mut last: Vec<Option<DateTime<Utc>>> = vec![None; n];
+        let mut gaps = Vec::new();
+        for (at, i) in &sim.starts {
+            seen[*i] += 1;
+            if let Some(before) = last[*i] {
+                gaps.push(*at - before);
+            }
+            last[*i] = Some(*at);
+        }
+        assert!(seen.iter().all(|c| *c >= 4), "every binding checked each day: {:?}", seen.iter().min());
+        let first_round = sim.starts.get(n - 1).map(|(at, _)| *at - t(0)).unwrap_or_default();
+        assert!(first_round <= Duration::seconds(10_100), "{first_round}");
+        // Later checks come after the jittered interval (24 h less up to a tenth), never later than
+        // the interval plus the pacing of the first round.
+        let (shortest, longest) = (gaps.iter().min().copied(), gaps.iter().max().copied());
+        assert!(shortest >= Some(Duration::hours(24) - Duration::minutes(144)), "{shortest:?}");
+        assert!(longest <= Some(Duration::hours(24) + Duration::minutes(5)), "{longest:?}");
+        // The jitter widens the spread round by round (each binding's k-th checks: the first
+        // round's 10,000 s become hours); the pacer caps every hour at 3,600 starts a server.
+        let mut rounds: Vec<Vec<DateTime<Utc>>> = vec![Vec::new(); 5];
+        let mut count = vec![0_usize; n];
+        for (at, i) in &sim.starts {
+            if let Some(round) = rounds.get_mut(count[*i]) {
+                round.push(*at);
+            }
+            count[*i] += 1;
+        }
+        let window = |k: usize| {
+            let r = &rounds[k];
+            r.iter().max().copied().unwrap_or_default() - r.iter().min().copied().unwrap_or_default()
+        };
+        let mut hours = [0_u32; 24];
+        for (at, _) in sim.starts.iter().filter(|(at, _)| *at >= t(3 * 86_400)) {
+            hours[usize::try_from((*at - t(3 * 86_400)).num_hours()).unwrap_or(0).min(23)] += 1;
+        }
+        let busiest = hours.iter().max().copied().unwrap_or(0);
+        println!(
+            "10,000 bindings, 1 check start/s per server: round 1 over {} s, round 2 over {} min, round 4 over {} \
+             min; day 4 per hour {hours:?} (busiest {busiest}); gaps {shortest:?} to {longest:?}",
+            first_round.num_seconds(),
+            window(1).num_minutes(),
+            window(3).num_minutes()
+        );
+        assert_eq!(rounds[3].len(), n);
+        assert!(window(1) > first_round && window(3) > window(1), "{} {} {}", first_round, window(1), window(3));
+        assert!(busiest < 3_600, "the rate caps an hour at 3,600 starts: {hours:?}");
+    }
+
     #[test]
     fn one_namespace_holds_at_most_its_share_of_the_running_checks() {
         let key = |ns: &str, n: usize| (ns.to_owned(), format!("b{n}"));
