@@ -155,3 +155,19 @@ pub async fn read_async(dir: PathBuf) -> Result<Mounted, SecretError> {
         Err(e) => Err(SecretError::Read { dir: String::new(), key: "username", why: e.to_string() }),
     }
 }
+
+/// `<protocol>_host` and `<protocol>_port` of the Secret mounted at `dir`, when both are published
+/// and the port is a port (IMAP and POP3; SMTP's are in [`Mounted`]); read like [`read`], from
+/// the directory's current version.
+pub fn server(dir: &Path, protocol: crate::api::Protocol) -> Result<Option<(String, u16)>, SecretError> {
+    let shown = dir.display().to_string();
+    let base = version(dir);
+    let (host, port) = match protocol {
+        crate::api::Protocol::Imap => ("imap_host", "imap_port"),
+        crate::api::Protocol::Pop3 => ("pop3_host", "pop3_port"),
+        crate::api::Protocol::Smtp => ("smtp_host", "smtp_port"),
+    };
+    let host = read_key(&base, &shown, host)?;
+    let port = read_key(&base, &shown, port)?.and_then(|p| p.parse::<u16>().ok()).filter(|p| *p != 0);
+    Ok(host.zip(port))
+}
