@@ -37,6 +37,8 @@ pub mod tls;
 mod wire;
 
 #[cfg(test)]
+mod mailbox_tests;
+#[cfg(test)]
 mod tests;
 
 use std::net::{IpAddr, SocketAddr};
