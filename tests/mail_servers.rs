@@ -635,6 +635,9 @@ except imaplib.IMAP4.error as e:
     assert "AUTHENTICATIONFAILED" in str(e), e
 typ, data = m.login(user, password)
 assert typ == "OK", (typ, data)
+# After the login CAPABILITY is Dovecot's own answer, passed through.
+typ, caps = m.capability()
+assert typ == "OK" and b"IDLE" in caps[0] and b"AUTH=" not in caps[0], caps
 typ, data = m.select("INBOX")
 assert typ == "OK", (typ, data)
 first = deliver("1.relay-test", "first through the relay", 300 * 1024)

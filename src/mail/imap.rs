@@ -122,7 +122,7 @@ pub(crate) async fn verify(
 
 /// Everything [`verify`] does up to and including the login, for the relay that goes on with the
 /// session: the capabilities the server announced with its answer to the login (a `CAPABILITY`
-/// response or response code; empty when it sent none), else what was seen.
+/// response or response code, as written; empty when it sent none), else what was seen.
 pub(crate) async fn open(
     conn: &mut Conn,
     target: &Target,
@@ -142,7 +142,7 @@ pub(crate) async fn open(
             .find_map(|text| {
                 // `a4 OK [CAPABILITY ...]`: the text after the tag.
                 let text = text.strip_prefix("a4 ").unwrap_or(text);
-                reply::imap_capabilities(text)
+                reply::imap_capabilities_as_sent(text)
             })
             .unwrap_or_default()),
         Err(seen) => Err(seen),
