@@ -635,3 +635,75 @@ async fn pop3_without_tls_from_the_network_offers_and_accepts_no_login() {
     assert_eq!(c.pop3_command("QUIT").await, "+OK Bye");
     assert!(seen.lock().unwrap().is_empty());
 }
+
+fn config(dir: &Path, ca: &CertificateDer<'static>) -> super::RelayConfig {
+    super::RelayConfig {
+        secret_dir: dir.to_owned(),
+        smtp: None,
+        smtps: None,
+        imap: None,
+        imaps: None,
+        pop3: None,
+        pop3s: None,
+        cert_dir: None,
+        allow_plaintext_auth: false,
+        mail: Settings::new(OutboundPolicy { allow_private: true }, std::slice::from_ref(ca)).unwrap(),
+        limits: SessionLimits::default(),
+        failures: FailureLimits::default(),
+        max_connections: 1,
+        name: "relay.test".to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn listeners_need_a_certificate_for_implicit_tls_and_refuse_beyond_the_connection_bound() {
+    let (ca, _) = pki();
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), 1, 1, &future());
+    let err = super::Relay::bind(super::RelayConfig {
+        imaps: Some("127.0.0.1:0".parse().unwrap()),
+        ..config(dir.path(), &ca)
+    })
+    .await
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("--imaps-address") && err.contains("--tls-cert-dir"), "{err}");
+    let err = super::Relay::bind(config(dir.path(), &ca)).await.err().unwrap().to_string();
+    assert!(err.contains("--pop3-address"), "{err}");
+
+    // One connection slot: the second client of each protocol is told so in its own protocol.
+    let relay = super::Relay::bind(super::RelayConfig {
+        imap: Some("127.0.0.1:0".parse().unwrap()),
+        pop3: Some("127.0.0.1:0".parse().unwrap()),
+        ..config(dir.path(), &ca)
+    })
+    .await
+    .unwrap();
+    let imap = relay.address(super::Service::Imap, false).unwrap();
+    let pop3 = relay.address(super::Service::Pop3, false).unwrap();
+    assert!(relay.address(super::Service::Imap, true).is_none());
+    tokio::spawn(relay.serve(std::future::pending()));
+    let open = |address| async move {
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        let mut wire = Wire::new(Box::new(tcp), Vec::new(), 4096);
+        String::from_utf8(wire.read_line(WAIT).await.unwrap()).unwrap()
+    };
+    let first = tokio::net::TcpStream::connect(imap).await.unwrap();
+    let mut first = Wire::new(Box::new(first), Vec::new(), 4096);
+    assert!(String::from_utf8(first.read_line(WAIT).await.unwrap()).unwrap().starts_with("* OK [CAPABILITY"));
+    assert_eq!(open(imap).await, "* BYE [UNAVAILABLE] Too many connections, try again later");
+    assert_eq!(open(pop3).await, "-ERR [SYS/TEMP] Too many connections, try again later");
+    first.write_line("a LOGOUT", WAIT).await.unwrap();
+    assert!(String::from_utf8(first.read_line(WAIT).await.unwrap()).unwrap().starts_with("* BYE"));
+    // The slot is free again once the session has ended.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let greeting = open(pop3).await;
+        if greeting.starts_with("+OK") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{greeting}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
