@@ -237,6 +237,11 @@ fn relay_certificate(dir: &Path) -> CertificateDer<'static> {
 }
 
 fn shared(dir: &Path, ca: &CertificateDer<'static>, certs: Option<CertDir>) -> Arc<Shared> {
+    let limits = SessionLimits { max_line: 1024, commands_before_auth: 12, ..SessionLimits::default() };
+    shared_with(dir, ca, certs, limits)
+}
+
+fn shared_with(dir: &Path, ca: &CertificateDer<'static>, certs: Option<CertDir>, limits: SessionLimits) -> Arc<Shared> {
     let mut mail = Settings::new(OutboundPolicy { allow_private: true }, std::slice::from_ref(ca)).unwrap();
     mail.limits = Limits { overall: Duration::from_secs(4), reply: Duration::from_secs(2), ..Limits::default() };
     Arc::new(Shared {
@@ -244,7 +249,7 @@ fn shared(dir: &Path, ca: &CertificateDer<'static>, certs: Option<CertDir>) -> A
         certs,
         allow_plaintext_auth: false,
         mail,
-        limits: SessionLimits { max_line: 1024, commands_before_auth: 12, ..SessionLimits::default() },
+        limits,
         failures: Failures::new(FailureLimits {
             delay_per_failure: Duration::from_millis(200),
             max_delay: Duration::from_secs(1),
@@ -706,4 +711,26 @@ async fn listeners_need_a_certificate_for_implicit_tls_and_refuse_beyond_the_con
         assert!(Instant::now() < deadline, "{greeting}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn a_logged_in_session_ends_after_the_idle_bound_without_a_byte_either_way() {
+    let (ca, acceptor) = pki();
+    let (port, _) = imap_upstream(acceptor, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), port, 1, &future());
+    let limits = SessionLimits { idle_mailbox: Duration::from_millis(600), ..SessionLimits::default() };
+    let shared = shared_with(dir.path(), &ca, None, limits);
+    let mut c = Client::imap(&shared, "127.0.0.1");
+    c.line().await;
+    assert!(c.imap_command("a", &format!("a LOGIN {MAILBOX} {}", quoted(PASSWORD))).await.starts_with("a OK"));
+    // Traffic keeps it open past the bound...
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(c.imap_command("s", "s SELECT INBOX").await.contains("s OK"));
+    }
+    // ...silence closes it.
+    let started = Instant::now();
+    assert!(c.closed().await);
+    assert!(started.elapsed() >= Duration::from_millis(500), "{:?}", started.elapsed());
 }
