@@ -4,7 +4,9 @@
 //! introspection, with TLS certificates from a throwaway CA the client is given as extra root.
 //! Outside CI a missing Postfix (not root) is reported as skipped; in CI (`CI` set) it fails.
 //! The relay (`mail-oauth-operator relay`, the binary) is driven by Python's `smtplib` with a
-//! password only: the mail goes to Postfix with XOAUTH2 and is read back from Dovecot's IMAP.
+//! password only: the mail goes to Postfix with XOAUTH2 and is read back from Dovecot's IMAP. Its
+//! IMAP and POP3 listeners are driven by `imaplib`, `poplib` and `curl`, with a password only,
+//! before Dovecot (no root needed).
 
 #![allow(
     clippy::unwrap_used,
