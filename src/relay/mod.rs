@@ -14,8 +14,8 @@
 //! login, a connection lost mid-message) gives the client a `454`/`421`: a retry, never a bounce,
 //! and never a `250` the upstream did not give.
 //!
-//! IMAP and POP3 ([`imap`], [`pop3`]) work alike up to the login ([`login`]); after it the
-//! relay copies bytes both ways unchanged ([`pipe`]): a mailbox session is the upstream's, so
+//! IMAP and POP3 (`imap`, `pop3`) work alike up to the login (`login`); after it the
+//! relay copies bytes both ways unchanged (`pipe`): a mailbox session is the upstream's, so
 //! `IDLE`, literals and large `FETCH`es work as without the relay. Failures upstream are
 //! `NO [UNAVAILABLE]` and `-ERR [SYS/TEMP]`; a wrong password `NO [AUTHENTICATIONFAILED]` and
 //! `-ERR [AUTH]`.
