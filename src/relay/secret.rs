@@ -198,3 +198,25 @@ pub async fn read_async(dir: PathBuf) -> Result<Mounted, SecretError> {
         Err(e) => Err(SecretError::Read { dir: String::new(), key: "username", why: e.to_string() }),
     }
 }
+
+/// `<protocol>_host`, `<protocol>_port` and the TLS mode (`<protocol>_tls`, else the port's) of the
+/// Secret mounted at `dir`, when host and port are published
+/// and the port is a port (IMAP and POP3; SMTP's are in [`Mounted`]); read like [`read`], from
+/// the directory's current version.
+pub fn server(
+    dir: &Path,
+    protocol: crate::api::Protocol,
+) -> Result<Option<(String, u16, crate::mail::TlsMode)>, SecretError> {
+    let shown = dir.display().to_string();
+    let base = version(dir);
+    let (host, port, tls) = match protocol {
+        crate::api::Protocol::Imap => ("imap_host", "imap_port", "imap_tls"),
+        crate::api::Protocol::Pop3 => ("pop3_host", "pop3_port", "pop3_tls"),
+        crate::api::Protocol::Smtp => ("smtp_host", "smtp_port", "smtp_tls"),
+    };
+    let host = read_key(&base, &shown, host)?;
+    let port = read_key(&base, &shown, port)?.and_then(|p| p.parse::<u16>().ok()).filter(|p| *p != 0);
+    // The provider's TLS mode when published, else the port's.
+    let tls = read_key(&base, &shown, tls)?.and_then(|t| crate::mail::TlsMode::parse(&t));
+    Ok(host.zip(port).map(|(h, p)| (h, p, tls.unwrap_or_else(|| crate::mail::TlsMode::for_port(p)))))
+}

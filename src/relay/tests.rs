@@ -19,11 +19,11 @@ use super::{SessionLimits, Shared};
 use crate::mail::{Limits, Settings};
 use crate::oauth::http::OutboundPolicy;
 
-const MAILBOX: &str = "scanner@example.com";
-const PASSWORD: &str = "correct horse battery staple 0123456789";
-const TOKEN: &str = "ya29.relay-TOKEN-Zx9Qk3mP0sL7vR2tY5uW8eA1dG4hJ6";
+pub(super) const MAILBOX: &str = "scanner@example.com";
+pub(super) const PASSWORD: &str = "correct horse battery staple 0123456789";
+pub(super) const TOKEN: &str = "ya29.relay-TOKEN-Zx9Qk3mP0sL7vR2tY5uW8eA1dG4hJ6";
 
-fn pki() -> (CertificateDer<'static>, TlsAcceptor) {
+pub(super) fn pki() -> (CertificateDer<'static>, TlsAcceptor) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -115,7 +115,7 @@ fn write_secret(dir: &Path, port: u16, token: &str, expires_at: &str) {
     }
 }
 
-fn future() -> String {
+pub(super) fn future() -> String {
     (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339()
 }
 
@@ -185,7 +185,7 @@ impl Client {
     }
 }
 
-fn b64(s: &str) -> String {
+pub(super) fn b64(s: &str) -> String {
     base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s)
 }
 
@@ -336,6 +336,10 @@ async fn the_relay_does_not_start_without_a_relay_password() {
         secret_dir: dir.path().to_owned(),
         smtp: Some("127.0.0.1:0".parse().unwrap()),
         smtps: None,
+        imap: None,
+        imaps: None,
+        pop3: None,
+        pop3s: None,
         cert_dir: None,
         allow_plaintext_auth: false,
         mail,
