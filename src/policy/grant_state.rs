@@ -455,9 +455,7 @@ pub fn after_conflict(
 }
 
 /// RFC 3339 in UTC with seconds, as written everywhere (`2026-01-02T03:04:05Z`).
-pub fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
+pub use super::time::rfc3339;
 
 #[cfg(test)]
 mod tests {

@@ -11,7 +11,7 @@ use chrono::{DateTime, Duration, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
-use super::grant_state::rfc3339;
+use super::time::rfc3339;
 use crate::api::{MailboxBinding, ROTATE_RELAY_PASSWORD_ANNOTATION, RelaySpec, RelayStatus};
 
 /// Keys in the grant-state Secret.

@@ -58,3 +58,8 @@ mod tests {
         assert!(between(DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC) > Duration::zero());
     }
 }
+
+/// RFC 3339 in UTC with whole seconds and `Z`, as every time the operator writes.
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
