@@ -17,9 +17,6 @@ pub mod secrets;
 pub mod verify;
 pub mod versions;
 
-#[cfg(test)]
-mod scenarios;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
