@@ -1,6 +1,7 @@
 //! The layers a newcomer sees from the folder names, checked: a module imports only modules of
 //! its own layer or below (`api` and `error`/`metrics` at the bottom, `runtime` and `cli` at the
-//! top, the test fixtures `testing` above them all), and no two modules import each other. Test code (`#[cfg(test)]` modules) is left out.
+//! top, the test fixtures `testing` above them all), and no two modules import each other. Test
+//! code (`#[cfg(test)]` modules) is left out.
 
 #![allow(
     clippy::unwrap_used,
@@ -140,7 +141,7 @@ fn the_check_sees_an_upward_import_and_a_pair() {
     assert!(found.contains("server::authorize"), "{found:?}");
     assert!(found.contains("controller::cleanup"), "{found:?}");
     assert_eq!(rank("server").zip(rank("controller")).map(|(s, c)| s > c), Some(true));
-    let fixtures = imports("controller::binding", "let b = crate::testing::t(0);");
+    let fixtures = imports("controller::binding", "use crate::testing::Fixed;");
     assert!(fixtures.contains("testing"), "{fixtures:?}");
     assert!(RANKS.iter().all(|(name, r)| *name == "testing" || rank("testing").is_some_and(|t| t > *r)));
 }
