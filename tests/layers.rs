@@ -56,9 +56,14 @@ fn module_of(root: &Path, file: &Path) -> String {
     parts.join("::")
 }
 
-/// The code of a file without its test module and its comments (doc links name modules too).
+/// The code of a file without its test module (`#[cfg(test)]`, other attributes, `mod`) and its
+/// comments (doc links name modules too).
 fn production_code(text: &str) -> String {
-    let code = text.find("#[cfg(test)]\nmod ").map_or(text, |i| &text[..i]);
+    let test_module = text.match_indices("#[cfg(test)]\n").map(|(i, _)| i).find(|&i| {
+        let mut rest = text[i..].lines().skip(1).map(str::trim_start);
+        rest.find(|l| !l.starts_with("#[")).is_some_and(|l| l.starts_with("mod "))
+    });
+    let code = test_module.map_or(text, |i| &text[..i]);
     code.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n")
 }
 
@@ -141,6 +146,8 @@ fn the_check_sees_an_upward_import_and_a_pair() {
     assert!(found.contains("server::authorize"), "{found:?}");
     assert!(found.contains("controller::cleanup"), "{found:?}");
     assert_eq!(rank("server").zip(rank("controller")).map(|(s, c)| s > c), Some(true));
+    let code = "use crate::api::X;\n#[cfg(test)]\n#[allow(clippy::panic)]\nmod tests {\n    use crate::testing::t;\n}";
+    assert_eq!(production_code(code), "use crate::api::X;");
     let fixtures = imports("controller::binding", "use crate::testing::Fixed;");
     assert!(fixtures.contains("testing"), "{fixtures:?}");
     assert!(RANKS.iter().all(|(name, r)| *name == "testing" || rank("testing").is_some_and(|t| t > *r)));

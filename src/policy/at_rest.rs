@@ -182,35 +182,20 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
     use super::*;
-    use crate::api::MailboxBindingSpec;
-    use crate::policy::binding::Outcome;
+    use crate::policy::grant_state::GrantState;
+    use crate::testing::t;
 
-    fn t(secs: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
-    }
-
+    /// `uid-a`, Ready since a client credentials token was obtained at `t(0)`.
     fn binding() -> MailboxBinding {
-        let spec: MailboxBindingSpec = serde_json::from_value(serde_json::json!({
-            "providerRef": {"name": "idp"}, "mailbox": "a@example.com", "secretName": "a-mail",
-            "grant": {"clientCredentials": {}},
-        }))
-        .unwrap_or_else(|e| panic!("{e}"));
-        let mut b = MailboxBinding::new("a", spec);
-        b.metadata.uid = Some("uid-a".into());
-        b.metadata.generation = Some(1);
-        let grant = crate::policy::grant_state::GrantState {
+        let grant = GrantState {
             refresh_token: None,
-            issued_at: t(0),
-            expires_at: t(3600),
             scopes: vec![],
             requested_scopes: vec![],
             client_id: "c".into(),
             issuer: None,
-            relay: None,
-            ..crate::policy::grant_state::GrantState::test()
+            ..GrantState::test()
         };
-        b.status = Some(crate::policy::binding::next_status(t(0), &b, Some(&grant), &Outcome::Refreshed));
-        b
+        MailboxBinding::test().named("a").refreshed(t(0), &grant)
     }
 
     fn meta(annotations: &[(&str, &str)]) -> ObjectMeta {
@@ -267,11 +252,9 @@ mod tests {
     #[test]
     fn anything_asked_for_changed_or_touched_is_not_at_rest() {
         let (grant, published) = secrets();
-        let mut asked = binding();
-        asked.metadata.annotations = Some([("mailoauth.io/refresh-requested".to_owned(), "1".to_owned())].into());
+        let asked = binding().annotated("mailoauth.io/refresh-requested", "1");
         assert!(!judge(&asked, t(60), &grant, &published), "a refresh asked for");
-        let mut edited = binding();
-        edited.metadata.generation = Some(2);
+        let edited = binding().generation(2);
         assert!(!judge(&edited, t(60), &grant, &published), "a spec not observed yet");
         let mut other_for = grant.clone();
         other_for.annotations.get_or_insert_with(BTreeMap::new).insert(GRANT_FOR_ANNOTATION.into(), "other".into());

@@ -26,7 +26,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use crate::api::{
     ClientAuthentication, ClientSecretRef, Condition, ConditionStatus, GenericPreset, Grant, IdentityCheck,
     MailProvider, MailProviderSpec, MailProviderStatus, MailboxBinding, MailboxBindingSpec, MailboxBindingStatus,
-    MicrosoftPreset, Phase, Preset, Protocol, ProviderKind, ProviderRef, RelaySpec, TokenStatus,
+    MicrosoftPreset, Phase, Preset, Protocol, ProviderKind, ProviderRef, RelaySpec, SecretKeySelector, TokenStatus,
 };
 use crate::controller::{
     AuthorizationSettings, ClientSecretCache, Clock, Context, NamespaceLabels, OwnWrites, PendingGrants, Polls,
@@ -128,6 +128,13 @@ impl MailboxBinding {
     pub fn grant(mut self, grant: Grant) -> Self {
         self.spec.grant = grant;
         self
+    }
+
+    /// Importing the refresh token in the key `key` of the Secret `secret` (the `refreshToken`
+    /// grant).
+    #[must_use]
+    pub fn importing(self, secret: &str, key: &str) -> Self {
+        self.grant(Grant::RefreshToken { secret_ref: SecretKeySelector { name: secret.into(), key: key.into() } })
     }
 
     /// For the mailbox `mailbox`.
