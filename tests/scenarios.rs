@@ -274,7 +274,7 @@ async fn a_cached_secret_someone_else_edited_or_a_provider_edit_is_not_at_rest()
     // a grant that holds no refresh token is obtained again there.
     let (client, mut server) = mocked();
     let (b, grant_secret, published) = at_rest_binding();
-    let moved = provider().endpoints_with(|e| e.token = Some("https://idp.example.com/token".into()));
+    let moved = revoking_provider().endpoints_with(|e| e.token = Some("https://idp.example.com/token".into()));
     let ctx = cached(
         context_with(client, Arc::clone(&tokens), std::slice::from_ref(&b), moved),
         &[grant_secret.clone(), published],
@@ -631,4 +631,76 @@ async fn each_new_device_code_reaches_an_event_of_its_own() {
     server.nothing_more().await;
     second.await.expect("joined").expect("second reconcile");
     assert_eq!(tokens.calls(), 2, "two device authorizations, no token request");
+}
+
+/// A provider with a revocation endpoint (as `revokeOnDelete` needs): since the grant below was
+/// obtained, another one than the grant recorded.
+fn revoking_provider() -> MailProvider {
+    provider().endpoints_with(|e| e.revocation = Some("https://login.example/contoso/revoke-v2".into()))
+}
+
+/// The grant of a binding deleted with `revokeOnDelete`: a refresh token, bound to the provider's
+/// token endpoint and to the revocation endpoint known when it was obtained.
+fn revocable_grant() -> GrantState {
+    GrantState {
+        refresh_token: Some("rt-1".to_owned().into()),
+        ..helpdesk_grant(Some(Issuer {
+            token_url: "https://login.microsoftonline.com/contoso.com/oauth2/v2.0/token".into(),
+            revocation_url: Some("https://login.example/contoso/revoke".into()),
+            client_auth: "client_secret_post".into(),
+        }))
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_binding_revokes_its_refresh_token_where_it_was_issued_then_removes_its_finalizer() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let b = binding_object().spec_with(|s| s.revoke_on_delete = true).deleting().at_version("7");
+    let (grant_secret, _) = written_secrets(&b, &revocable_grant(), &provider().spec);
+    let ctx = context_with(client, Arc::clone(&tokens), std::slice::from_ref(&b), revoking_provider());
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+
+    server.get(GRANT_PATH, Some(secret_json(&grant_secret))).await;
+    server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
+    let note = server.event("Normal", "Revoked").await;
+    assert!(note.contains("refresh_token"), "{note}");
+    // The finalizer goes by a merge patch conditioned on the version the reconcile started from.
+    let (patch, sent, send) = server.expect_sent(Method::PATCH, BINDING_PATH).await;
+    assert_eq!(sent.content_type, "application/merge-patch+json");
+    assert_eq!(patch, json!({"metadata": {"finalizers": [], "resourceVersion": "7"}}));
+    send.send_response(ok(&serde_json::to_value(&b).expect("json")));
+    server.nothing_more().await;
+
+    reconcile.await.expect("joined").expect("reconcile");
+    assert_eq!(
+        tokens.revoked(),
+        [("https://login.example/contoso/revoke".to_owned(), "refresh_token", "rt-1".to_owned())],
+        "the refresh token, at the endpoint recorded with the grant (not the provider's new one)"
+    );
+    assert_eq!(tokens.calls(), 1, "nothing but the revocation");
+}
+
+#[tokio::test]
+async fn a_deleted_binding_whose_provider_no_longer_issued_its_grant_sends_the_token_nowhere() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let b = binding_object().spec_with(|s| s.revoke_on_delete = true).deleting().at_version("7");
+    let (grant_secret, _) = written_secrets(&b, &revocable_grant(), &provider().spec);
+    // The provider now names another token endpoint: it is not the grant's issuer any more.
+    let moved = revoking_provider().endpoints_with(|e| e.token = Some("https://idp.example.com/token".into()));
+    let ctx = context_with(client, Arc::clone(&tokens), std::slice::from_ref(&b), moved);
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+
+    server.get(GRANT_PATH, Some(secret_json(&grant_secret))).await;
+    let note = server.event("Warning", "RevocationFailed").await;
+    assert!(note.contains("was not revoked") && note.contains("nothing was sent anywhere"), "{note}");
+    let (patch, send) = server.expect(Method::PATCH, BINDING_PATH).await;
+    assert_eq!(patch, json!({"metadata": {"finalizers": [], "resourceVersion": "7"}}));
+    send.send_response(ok(&serde_json::to_value(&b).expect("json")));
+    server.nothing_more().await;
+
+    reconcile.await.expect("joined").expect("reconcile");
+    assert!(tokens.revoked().is_empty(), "{:?}", tokens.revoked());
+    assert_eq!(tokens.calls(), 0);
 }

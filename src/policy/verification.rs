@@ -428,9 +428,9 @@ pub fn announcement(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::t;
     use crate::policy::binding::{Outcome, next_status, reconcile_owned};
     use crate::policy::grant_state::GrantState;
+    use crate::testing::t;
 
     /// `ns/a` (uid `uid`) Ready with a token of `t(0)` for an hour, renewed at `t(2400)`, its
     /// checks set by `verify`.

@@ -3,8 +3,8 @@
 //! the given objects, at a fixed time.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration};
@@ -17,6 +17,7 @@ use kube::client::Body;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::store;
 use kube::runtime::watcher;
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle, SendResponse};
 
@@ -207,12 +208,19 @@ pub fn secret_json(s: &Secret) -> Value {
 pub struct Canned {
     /// Calls so far (token requests, revocations and device authorizations).
     pub calls: AtomicUsize,
+    /// The revocations asked for: the endpoint, the token type hint and the token.
+    pub revoked: Mutex<Vec<(String, &'static str, String)>>,
 }
 
 impl Canned {
     /// Calls so far.
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    /// The revocations asked for so far.
+    pub fn revoked(&self) -> Vec<(String, &'static str, String)> {
+        self.revoked.lock().map(|r| r.clone()).unwrap_or_default()
     }
 }
 
@@ -234,8 +242,11 @@ impl TokenEndpoint for Canned {
         Box::pin(async { Ok(Vec::new()) })
     }
 
-    fn revoke<'a>(&'a self, _request: &'a RevokeRequest) -> BoxFuture<'a, Result<(), Rejected>> {
+    fn revoke<'a>(&'a self, request: &'a RevokeRequest) -> BoxFuture<'a, Result<(), Rejected>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut r) = self.revoked.lock() {
+            r.push((request.url.clone(), request.hint, request.token.expose_secret().to_owned()));
+        }
         Box::pin(async { Ok(()) })
     }
 
