@@ -772,7 +772,7 @@ mod tests {
     type ApiServer = Handle<http::Request<KubeBody>, http::Response<KubeBody>>;
 
     fn now() -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default()
+        crate::testing::t(0)
     }
 
     fn link(name: &str) -> String {
