@@ -168,10 +168,11 @@ class Run:
         op_ns = f"bench-op-{n}"
         self.create(op_ns, n, provider_ready=True)
         api_before, tokens_before = self.api_requests(by_kind=True), self.token_stats()["issued"]
-        started = time.monotonic()
         pid = self.start_operator(op_ns, "--provider-token-rate", "10000")
-        wait_for("all bindings Ready", lambda: self.ready_count() >= n, timeout=max(120, n / 5), interval=0.25)
-        report["operator_s"] = round(time.monotonic() - started, 2)
+        # From the operator's spawn (not from the chart's rendering before it), as the bare loop
+        # times itself from its first request; polled as often as the bare loop's end is exact.
+        wait_for("all bindings Ready", lambda: self.ready_count() >= n, timeout=max(120, n / 5), interval=0.05)
+        report["operator_s"] = round(time.monotonic() - self.bed.spawned["operator"], 2)
         report["ratio"] = round(report["operator_s"] / report["bare_loop_s"], 2)
         time.sleep(10)
         report["token_requests_per_binding"] = round((self.token_stats()["issued"] - tokens_before) / n, 3)

@@ -103,6 +103,7 @@ class Bed:
         self.env = dict(os.environ)
         self.chart_values = []  # what helm_install was given, beside BED_VALUES
         self.grace = {}  # each operator's terminationGracePeriodSeconds
+        self.spawned = {}  # when each process started by start_operator was spawned (time.monotonic())
 
     # ---------- certificates ----------
     def openssl(self, *args):
@@ -463,6 +464,8 @@ mailbox_size_limit = 0
         # Started alone with leader election, it acts once it leads (it takes the free Lease, or
         # its own from before a crash, at once): "started" means that.
         alone = not any(n.startswith("operator") and n != name and p.poll() is None for n, p in self.procs.items())
+        # When the process was spawned (after the chart was rendered): the bench times from here.
+        self.spawned[name] = time.monotonic()
         self.start(name, [*cmd, *args], env=env)
         if wait:
             wait_for(f"{name} {probe}", lambda: self.alive(name) and urllib.request.urlopen(

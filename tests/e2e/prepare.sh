@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sourced by tests/e2e/run.sh and scripts/demo.sh from the repository root: installs what the bed
-# needs (Debian: etcd, Dovecot, Postfix when root; helm, kubectl and pytest through
+# needs (Debian: etcd, Dovecot, Postfix and msmtp when root, curl; helm, kubectl and pytest through
 # scripts/tools.sh; the OAuth server's npm packages), builds kube-apiserver and
 # kube-controller-manager 1.20.2 once per machine (cached), builds the operator, and exports
 # KUBE_BIN_DIR and OPERATOR_BIN.
@@ -8,8 +8,9 @@ eval "$(scripts/tools.sh)"
 KUBE_BIN_DIR=$(tests/e2e/build-kube.sh)
 export KUBE_BIN_DIR
 
-packages=(openssl etcd-server dovecot-core dovecot-imapd dovecot-pop3d)
-[ "$(id -u)" = 0 ] && packages+=(postfix)
+packages=(openssl curl etcd-server dovecot-core dovecot-imapd dovecot-pop3d)
+# msmtp: the SMTP example's msmtprc is tried against Postfix.
+[ "$(id -u)" = 0 ] && packages+=(postfix msmtp)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -6,6 +6,7 @@ The tests run in file order and build on each other; the bed is shared by the mo
 import base64
 import imaplib
 import json
+import os
 import smtplib
 import socket
 import subprocess
@@ -259,6 +260,64 @@ def test_mail_goes_out_through_postfix_with_the_published_token(bed):
         assert code == 235, reply
         refused = smtp.sendmail(MAILBOX, ["someone@e2e.localhost"], f"From: {MAILBOX}\r\nSubject: e2e\r\n\r\nhello\r\n")
         assert refused == {}
+
+
+def test_the_smtp_examples_program_msmtp_and_curl_send_through_postfix_with_the_mounted_secret(bed):
+    """examples/smtp-consumer.yaml as a workload runs it: its container's program (the mount path
+    pointed at the published Secret written out as the kubelet mounts it, one pass of its loop)
+    and msmtp with its ConfigMap's msmtprc (the bed's Postfix for smtp.office365.com, no TLS on
+    loopback), then curl --oauth2-bearer as docs/consumers.md shows it; each mail is accepted by
+    Postfix after a SASL login with the published token."""
+    if "submission" not in bed.ports:
+        pytest.skip("Postfix needs root; the IMAP tests cover the token")
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+    docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "smtp-consumer.yaml").read_text()) if d]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "mail-token")
+    program = container["command"][2]
+    msmtprc = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["msmtprc"]
+    assert program.count(f'"{mount}"') == 1 and program.count("time.sleep(3600)") == 1, "the test follows the example"
+    assert f"passwordeval cat {mount}/access_token" in msmtprc and "auth xoauth2" in msmtprc
+    log = bed.dir / "postfix.log"
+    before = log.stat().st_size
+    with tempfile.TemporaryDirectory(prefix="mail-token-") as tmp:
+        files = Path(tmp) / "mail-token"
+        files.mkdir()
+        for key, value in read_secret(bed, "helpdesk-mail-token").items():
+            (files / key).write_text(value)
+        one_pass = program.replace(f'"{mount}"', repr(str(files))).replace("time.sleep(3600)", "break")
+        sent = subprocess.run(["python3", "-c", one_pass], env={"PATH": os.environ["PATH"], "MAIL_TO": "someone@e2e.localhost"},
+                              capture_output=True, text=True, timeout=60)
+        assert sent.stdout.strip() == "sent", (sent.stdout, sent.stderr)
+
+        rc = (msmtprc.replace("host smtp.office365.com", "host 127.0.0.1")
+              .replace("port 587", f"port {bed.ports['submission']}")
+              .replace("tls_starttls on", "tls_starttls off").replace("tls on", "tls off")
+              .replace("sender@contoso.com", MAILBOX).replace(mount, str(files)))
+        (Path(tmp) / "msmtprc").write_text(rc)
+        (Path(tmp) / "msmtprc").chmod(0o600)
+        msmtp = subprocess.run(["msmtp", "--debug", "-C", str(Path(tmp) / "msmtprc"), "someone@e2e.localhost"],
+                               input="Subject: msmtp\n\nhello\n", capture_output=True, text=True, timeout=60)
+        assert msmtp.returncode == 0, msmtp.stderr[-2000:]
+        # msmtp sends the mechanism first and the token on a line of its own.
+        assert "--> AUTH XOAUTH2\n<-- 334" in msmtp.stdout + msmtp.stderr
+
+        (Path(tmp) / "mail.txt").write_text("Subject: curl\r\n\r\nhello\r\n")
+        curl = subprocess.run(["curl", "-sS", f"smtp://127.0.0.1:{bed.ports['submission']}", "--user", MAILBOX,
+                               "--oauth2-bearer", (files / "access_token").read_text(),
+                               "--mail-from", MAILBOX, "--mail-rcpt", "someone@e2e.localhost",
+                               "--upload-file", str(Path(tmp) / "mail.txt")],
+                              capture_output=True, text=True, timeout=60)
+        assert curl.returncode == 0, curl.stderr
+    accepted = lambda: [line for line in log.read_bytes()[before:].decode(errors="replace").splitlines()  # noqa: E731
+                        if f"sasl_username={MAILBOX}" in line]
+    logins = wait_for("three SASL logins in Postfix's log", lambda: (lambda a: a if len(a) == 3 else None)(accepted()),
+                      timeout=10)
+    assert ["XOAUTH2", "XOAUTH2", "OAUTHBEARER"] == [line.split("sasl_method=")[1].split(",")[0] for line in logins]
 
 
 def test_kubectl_get_mbx_shows_ready_mailbox_provider_status_and_expiry(bed):

@@ -3,7 +3,8 @@ in a fresh namespace of its own (the file's namespace replaced), with the CRDs i
 nothing else. Once applied, everything it references must exist: the provider a binding names
 (a MailProvider of the binding's namespace, or a ClusterMailProvider), every Secret a provider
 or binding names (a ClusterMailProvider's in the operator's namespace), and every Secret a pod
-mounts (it must be the one a binding in the same file publishes). `kubectl apply --dry-run=server`
+mounts (it must be the one a binding in the same file publishes, or one the file defines, such as
+a relay's TLS certificate). `kubectl apply --dry-run=server`
 could not show a missing object: the objects are created. No two examples define the same object
 or publish the same Secret, so applying them all together does not make one overwrite another.
 
@@ -70,6 +71,7 @@ def in_fresh_namespace(docs, namespace):
 def references(docs):
     """(kind, namespace or None, name, why) of everything the objects name and need."""
     published = {(d["metadata"]["namespace"], d["spec"]["secretName"]) for d in docs if d["kind"] == "MailboxBinding"}
+    defined = {(d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs if d["kind"] == "Secret"}
     refs = []
     for d in docs:
         kind, meta, spec = d["kind"], d["metadata"], d.get("spec") or {}
@@ -96,7 +98,8 @@ def references(docs):
             for v in pod.get("volumes", []):
                 if "secret" in v:
                     name = v["secret"]["secretName"]
-                    assert (ns, name) in published, f"{kind} {meta['name']} mounts Secret {name}, which no binding of this file publishes"
+                    assert (ns, name) in published | defined, \
+                        f"{kind} {meta['name']} mounts Secret {name}, which no binding of this file publishes and the file does not define"
     return refs
 
 
