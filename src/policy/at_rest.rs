@@ -276,8 +276,7 @@ mod tests {
     #[test]
     fn relay_credentials_at_rest_until_a_rotation_is_asked_for_or_their_grace_ends() {
         let (grant, published) = secrets();
-        let mut b = binding();
-        b.spec.relay = Some(crate::api::RelaySpec { enabled: true, ..Default::default() });
+        let b = binding().with_relay();
         assert!(!judge(&b, t(60), &grant, &published), "turned on: not yet issued");
         let creds = crate::policy::relay::RelayCredentials {
             password: "pw".to_owned().into(),
@@ -285,13 +284,7 @@ mod tests {
             rotation: Some("1".into()),
             previous: Some(("digest".into(), t(1000))),
         };
-        let with = crate::policy::grant_state::GrantState {
-            issued_at: t(0),
-            expires_at: t(3600),
-            relay: Some(creds),
-            ..crate::policy::grant_state::GrantState::test()
-        };
-        b.status = Some(crate::policy::binding::next_status(t(0), &b, Some(&with), &Outcome::Refreshed));
+        let b = b.refreshed(t(0), &GrantState { relay: Some(creds), ..GrantState::test() });
         let none = BTreeMap::new();
         let seen = |b: &MailboxBinding, now| {
             at_rest(&Seen {
@@ -307,15 +300,11 @@ mod tests {
         };
         assert_eq!(seen(&b, t(60)), Some(t(1000)), "back when the previous password's grace ends");
         assert_eq!(seen(&b, t(1000)), None, "the grace is over: unpublish it");
-        b.metadata.annotations =
-            Some([(crate::api::ROTATE_RELAY_PASSWORD_ANNOTATION.to_owned(), "1".to_owned())].into());
-        assert_eq!(seen(&b, t(60)), Some(t(1000)), "the rotation asked for is done");
-        b.metadata.annotations =
-            Some([(crate::api::ROTATE_RELAY_PASSWORD_ANNOTATION.to_owned(), "2".to_owned())].into());
-        assert_eq!(seen(&b, t(60)), None, "a new rotation asked for");
-        b.spec.relay = None;
-        b.metadata.annotations = None;
-        assert_eq!(seen(&b, t(60)), None, "turned off: unpublish");
+        let rotated = |v| b.clone().annotated(crate::api::ROTATE_RELAY_PASSWORD_ANNOTATION, v);
+        assert_eq!(seen(&rotated("1"), t(60)), Some(t(1000)), "the rotation asked for is done");
+        assert_eq!(seen(&rotated("2"), t(60)), None, "a new rotation asked for");
+        let off = b.clone().spec_with(|s| s.relay = None);
+        assert_eq!(seen(&off, t(60)), None, "turned off: unpublish");
     }
 
     #[test]
