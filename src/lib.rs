@@ -16,5 +16,8 @@ pub mod policy;
 pub mod relay;
 pub mod runtime;
 pub mod server;
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod testing;
 
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! The layers a newcomer sees from the folder names, checked: a module imports only modules of
 //! its own layer or below (`api` and `error`/`metrics` at the bottom, `runtime` and `cli` at the
-//! top), and no two modules import each other. Test code (`#[cfg(test)]` modules) is left out.
+//! top, the test fixtures `testing` above them all), and no two modules import each other. Test
+//! code (`#[cfg(test)]` modules) is left out.
 
 #![allow(
     clippy::unwrap_used,
@@ -27,6 +28,9 @@ const RANKS: &[(&str, u8)] = &[
     ("relay", 5),
     ("runtime", 6),
     ("cli", 7),
+    // The test fixtures (the `testing` feature) sit above everything: no production module may
+    // import them.
+    ("testing", 8),
 ];
 
 fn rank(top: &str) -> Option<u8> {
@@ -52,9 +56,14 @@ fn module_of(root: &Path, file: &Path) -> String {
     parts.join("::")
 }
 
-/// The code of a file without its test module and its comments (doc links name modules too).
+/// The code of a file without its test module (`#[cfg(test)]`, other attributes, `mod`) and its
+/// comments (doc links name modules too).
 fn production_code(text: &str) -> String {
-    let code = text.find("#[cfg(test)]\nmod ").map_or(text, |i| &text[..i]);
+    let test_module = text.match_indices("#[cfg(test)]\n").map(|(i, _)| i).find(|&i| {
+        let mut rest = text[i..].lines().skip(1).map(str::trim_start);
+        rest.find(|l| !l.starts_with("#[")).is_some_and(|l| l.starts_with("mod "))
+    });
+    let code = test_module.map_or(text, |i| &text[..i]);
     code.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n")
 }
 
@@ -137,4 +146,9 @@ fn the_check_sees_an_upward_import_and_a_pair() {
     assert!(found.contains("server::authorize"), "{found:?}");
     assert!(found.contains("controller::cleanup"), "{found:?}");
     assert_eq!(rank("server").zip(rank("controller")).map(|(s, c)| s > c), Some(true));
+    let code = "use crate::api::X;\n#[cfg(test)]\n#[allow(clippy::panic)]\nmod tests {\n    use crate::testing::t;\n}";
+    assert_eq!(production_code(code), "use crate::api::X;");
+    let fixtures = imports("controller::binding", "use crate::testing::Fixed;");
+    assert!(fixtures.contains("testing"), "{fixtures:?}");
+    assert!(RANKS.iter().all(|(name, r)| *name == "testing" || rank("testing").is_some_and(|t| t > *r)));
 }

@@ -288,9 +288,7 @@ async fn dispatch(queue: Arc<Mutex<Queue>>, interval: Duration) {
 mod tests {
     use super::*;
 
-    fn at(s: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap_or_default()
-    }
+    use crate::testing::t as at;
 
     #[tokio::test(start_paused = true)]
     async fn requests_are_spaced_by_the_rate_and_the_earliest_expiry_goes_first() {

@@ -17,9 +17,6 @@ pub mod secrets;
 pub mod verify;
 pub mod versions;
 
-#[cfg(test)]
-mod scenarios;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -219,42 +216,6 @@ pub struct Fence {
 pub type PendingGrants = Arc<Mutex<HashMap<(String, String), Pending>>>;
 
 impl Context {
-    /// A context for tests, over `client`: empty caches, the system clock, the HTTP token
-    /// endpoint, every Secret readable, a rate of 100 requests per second, this replica leading,
-    /// no owned-Secret cache (every Secret is read). Change what a test is about with struct
-    /// update syntax: `Context { tokens, clock, ..Context::test(client) }`.
-    #[doc(hidden)]
-    pub fn test(client: Client) -> Self {
-        let reporter = Reporter { controller: crate::api::FIELD_MANAGER.into(), instance: None };
-        Self {
-            client: client.clone(),
-            tokens: Arc::new(crate::oauth::HttpTokenEndpoint::default()),
-            http: HttpClients::default(),
-            providers: kube::runtime::reflector::store().0,
-            cluster_providers: kube::runtime::reflector::store().0,
-            bindings: kube::runtime::reflector::store().0,
-            cluster_namespace: "mail-oauth-operator".into(),
-            recorder: Recorder::new(client, reporter.clone()),
-            reporter,
-            clock: Arc::new(SystemClock),
-            pending: PendingGrants::default(),
-            default_lifetime: Duration::hours(1),
-            references: ReferencePolicy::default(),
-            polls: Polls::default(),
-            written: Written::default(),
-            own_writes: OwnWrites::default(),
-            owned: owned::OwnedSecrets::default(),
-            namespace_labels: NamespaceLabels::default(),
-            referable: versions::SecretVersions::default(),
-            client_secrets: ClientSecretCache::default(),
-            verify: verify::Nudges::default(),
-            authorization: AuthorizationSettings::default(),
-            metrics: Arc::default(),
-            limits: Arc::new(limits::RateLimits::new(100.0)),
-            leader: leader::Leadership::always(),
-        }
-    }
-
     /// Fails with [`crate::Error::NotLeader`] unless this replica leads: asked right before each
     /// request to a provider, as leadership may end while a reconcile waits.
     pub fn leading(&self) -> crate::Result<()> {

@@ -452,21 +452,11 @@ pub fn worth_a_look(binding: &MailboxBinding, written: Option<&crate::api::Mailb
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{MailboxBindingSpec, MailboxBindingStatus, TokenStatus, VERIFY_REQUESTED_ANNOTATION};
-
-    fn t(secs: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
-    }
+    use crate::api::{MailboxBindingStatus, TokenStatus, VERIFY_REQUESTED_ANNOTATION};
+    use crate::testing::t;
 
     fn binding(status: MailboxBindingStatus) -> MailboxBinding {
-        let spec: MailboxBindingSpec = serde_json::from_value(serde_json::json!({
-            "providerRef": {"name": "idp"}, "mailbox": "a@example.com", "secretName": "a-mail",
-            "grant": {"clientCredentials": {}},
-        }))
-        .unwrap_or_else(|e| panic!("spec: {e}"));
-        let mut b = MailboxBinding::new("a", spec);
-        b.status = Some(status);
-        b
+        MailboxBinding::test().with_status(status)
     }
 
     fn with_token(issued: i64, scopes: &[&str]) -> MailboxBindingStatus {
@@ -489,8 +479,7 @@ mod tests {
         assert!(!worth_a_look(&b, b.status.as_ref()), "the same status");
         assert!(worth_a_look(&b, Some(&with_token(2400, &["mail"]))), "a renewal: the verifier judges it");
         assert!(worth_a_look(&b, Some(&with_token(0, &["mail", "more"]))));
-        let mut asked = b.clone();
-        asked.metadata.annotations = Some([(VERIFY_REQUESTED_ANNOTATION.to_owned(), "x".to_owned())].into());
+        let asked = b.clone().annotated(VERIFY_REQUESTED_ANNOTATION, "x");
         assert!(worth_a_look(&asked, None), "the annotation, even at rest");
     }
 

@@ -194,11 +194,7 @@ mod tests {
     }
 
     fn binding(grant: Grant, protocols: Vec<Protocol>) -> MailboxBindingSpec {
-        serde_json::from_value(serde_json::json!({
-            "providerRef": {"name": "p"}, "mailbox": "a@example.com", "secretName": "s",
-            "grant": serde_json::to_value(grant).unwrap_or_default(), "protocols": protocols,
-        }))
-        .unwrap_or_else(|e| panic!("binding: {e}"))
+        crate::api::MailboxBinding::test().grant(grant).protocols(&protocols).spec
     }
 
     fn kind(b: &MailboxBindingSpec) -> ScopeKind {

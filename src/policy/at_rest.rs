@@ -182,35 +182,20 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
     use super::*;
-    use crate::api::MailboxBindingSpec;
-    use crate::policy::binding::Outcome;
+    use crate::policy::grant_state::GrantState;
+    use crate::testing::t;
 
-    fn t(secs: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
-    }
-
+    /// `uid-a`, Ready since a client credentials token was obtained at `t(0)`.
     fn binding() -> MailboxBinding {
-        let spec: MailboxBindingSpec = serde_json::from_value(serde_json::json!({
-            "providerRef": {"name": "idp"}, "mailbox": "a@example.com", "secretName": "a-mail",
-            "grant": {"clientCredentials": {}},
-        }))
-        .unwrap_or_else(|e| panic!("{e}"));
-        let mut b = MailboxBinding::new("a", spec);
-        b.metadata.uid = Some("uid-a".into());
-        b.metadata.generation = Some(1);
-        let grant = crate::policy::grant_state::GrantState {
+        let grant = GrantState {
             refresh_token: None,
-            issued_at: t(0),
-            expires_at: t(3600),
             scopes: vec![],
             requested_scopes: vec![],
             client_id: "c".into(),
             issuer: None,
-            relay: None,
-            ..crate::policy::grant_state::GrantState::test()
+            ..GrantState::test()
         };
-        b.status = Some(crate::policy::binding::next_status(t(0), &b, Some(&grant), &Outcome::Refreshed));
-        b
+        MailboxBinding::test().named("a").refreshed(t(0), &grant)
     }
 
     fn meta(annotations: &[(&str, &str)]) -> ObjectMeta {
@@ -267,11 +252,9 @@ mod tests {
     #[test]
     fn anything_asked_for_changed_or_touched_is_not_at_rest() {
         let (grant, published) = secrets();
-        let mut asked = binding();
-        asked.metadata.annotations = Some([("mailoauth.io/refresh-requested".to_owned(), "1".to_owned())].into());
+        let asked = binding().annotated("mailoauth.io/refresh-requested", "1");
         assert!(!judge(&asked, t(60), &grant, &published), "a refresh asked for");
-        let mut edited = binding();
-        edited.metadata.generation = Some(2);
+        let edited = binding().generation(2);
         assert!(!judge(&edited, t(60), &grant, &published), "a spec not observed yet");
         let mut other_for = grant.clone();
         other_for.annotations.get_or_insert_with(BTreeMap::new).insert(GRANT_FOR_ANNOTATION.into(), "other".into());
@@ -293,8 +276,7 @@ mod tests {
     #[test]
     fn relay_credentials_at_rest_until_a_rotation_is_asked_for_or_their_grace_ends() {
         let (grant, published) = secrets();
-        let mut b = binding();
-        b.spec.relay = Some(crate::api::RelaySpec { enabled: true, ..Default::default() });
+        let b = binding().with_relay();
         assert!(!judge(&b, t(60), &grant, &published), "turned on: not yet issued");
         let creds = crate::policy::relay::RelayCredentials {
             password: "pw".to_owned().into(),
@@ -302,13 +284,7 @@ mod tests {
             rotation: Some("1".into()),
             previous: Some(("digest".into(), t(1000))),
         };
-        let with = crate::policy::grant_state::GrantState {
-            issued_at: t(0),
-            expires_at: t(3600),
-            relay: Some(creds),
-            ..crate::policy::grant_state::GrantState::test()
-        };
-        b.status = Some(crate::policy::binding::next_status(t(0), &b, Some(&with), &Outcome::Refreshed));
+        let b = b.refreshed(t(0), &GrantState { relay: Some(creds), ..GrantState::test() });
         let none = BTreeMap::new();
         let seen = |b: &MailboxBinding, now| {
             at_rest(&Seen {
@@ -324,15 +300,11 @@ mod tests {
         };
         assert_eq!(seen(&b, t(60)), Some(t(1000)), "back when the previous password's grace ends");
         assert_eq!(seen(&b, t(1000)), None, "the grace is over: unpublish it");
-        b.metadata.annotations =
-            Some([(crate::api::ROTATE_RELAY_PASSWORD_ANNOTATION.to_owned(), "1".to_owned())].into());
-        assert_eq!(seen(&b, t(60)), Some(t(1000)), "the rotation asked for is done");
-        b.metadata.annotations =
-            Some([(crate::api::ROTATE_RELAY_PASSWORD_ANNOTATION.to_owned(), "2".to_owned())].into());
-        assert_eq!(seen(&b, t(60)), None, "a new rotation asked for");
-        b.spec.relay = None;
-        b.metadata.annotations = None;
-        assert_eq!(seen(&b, t(60)), None, "turned off: unpublish");
+        let rotated = |v| b.clone().annotated(crate::api::ROTATE_RELAY_PASSWORD_ANNOTATION, v);
+        assert_eq!(seen(&rotated("1"), t(60)), Some(t(1000)), "the rotation asked for is done");
+        assert_eq!(seen(&rotated("2"), t(60)), None, "a new rotation asked for");
+        let off = b.clone().spec_with(|s| s.relay = None);
+        assert_eq!(seen(&off, t(60)), None, "turned off: unpublish");
     }
 
     #[test]

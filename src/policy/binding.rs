@@ -645,27 +645,16 @@ pub fn status_over(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::MailboxBindingSpec;
+    use crate::api::Grant;
     use crate::policy::classify::{UpstreamError, classify};
+    use crate::testing::t;
 
-    fn t(secs: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
-    }
-
-    fn binding(grant: serde_json::Value) -> MailboxBinding {
-        let spec: MailboxBindingSpec = serde_json::from_value(serde_json::json!({
-            "providerRef": {"name": "idp"}, "mailbox": "a@example.com", "secretName": "a-mail", "grant": grant,
-        }))
-        .unwrap_or_else(|e| panic!("spec: {e}"));
-        let mut b = MailboxBinding::new("a", spec);
-        b.metadata.namespace = Some("ns".into());
-        b.metadata.uid = Some("uid-a".into());
-        b.metadata.generation = Some(1);
-        b
+    fn binding(grant: Grant) -> MailboxBinding {
+        MailboxBinding::test().named("a").grant(grant)
     }
 
     fn import() -> MailboxBinding {
-        binding(serde_json::json!({"refreshToken": {"secretRef": {"name": "seed", "key": "refresh_token"}}}))
+        MailboxBinding::test().named("a").importing("seed", "refresh_token")
     }
 
     fn provider() -> ProviderState {
@@ -736,9 +725,7 @@ mod tests {
         // The grant's own issuer: used as before.
         assert!(matches!(decide(inputs(t(60), &b, &provider(), Some(&g))), Decision::Keep { .. }));
         // A deliberate reauthorization may move on.
-        let mut asked = b.clone();
-        asked.metadata.annotations =
-            Some([(crate::api::REAUTHORIZE_REQUESTED_ANNOTATION.to_owned(), "1".to_owned())].into());
+        let asked = b.clone().annotated(crate::api::REAUTHORIZE_REQUESTED_ANNOTATION, "1");
         let p = moved("MailProvider/idp", "client", "https://new.example/token");
         assert_eq!(decide(inputs(t(60), &asked, &p, Some(&g))), Decision::Obtain { why: Why::Initial });
     }
@@ -795,9 +782,8 @@ mod tests {
 
     #[test]
     fn a_person_can_ask_for_a_refresh_once_per_annotation_value() {
-        let mut b = import();
+        let mut b = import().annotated(REFRESH_REQUESTED_ANNOTATION, "1");
         let g = grant(0, 3600);
-        b.metadata.annotations = Some([(REFRESH_REQUESTED_ANNOTATION.to_owned(), "1".to_owned())].into());
         assert_eq!(decide_at(t(10), &b, Some(&g)), Decision::Obtain { why: Why::Requested });
         b.status = Some(next_status(t(10), &b, Some(&g), &Outcome::Refreshed));
         assert!(matches!(decide_at(t(11), &b, Some(&g)), Decision::Keep { .. }));
@@ -805,15 +791,14 @@ mod tests {
 
     #[test]
     fn reauthorizing_drops_the_stored_grant_and_imports_again() {
-        let mut b = import();
+        let b = import().annotated(REAUTHORIZE_REQUESTED_ANNOTATION, "x");
         let g = grant(0, 3600);
-        b.metadata.annotations = Some([(REAUTHORIZE_REQUESTED_ANNOTATION.to_owned(), "x".to_owned())].into());
         assert!(matches!(decide_at(t(10), &b, Some(&g)), Decision::Obtain { why: Why::Initial }));
     }
 
     #[test]
     fn a_changed_import_reference_starts_over_and_a_changed_client_keeps_the_grant_unused() {
-        let b = binding(serde_json::json!({"refreshToken": {"secretRef": {"name": "other", "key": "rt"}}}));
+        let b = import().importing("other", "rt");
         let g = grant(0, 3600);
         assert!(matches!(decide_at(t(10), &b, Some(&g)), Decision::Obtain { why: Why::Initial, .. }));
         let mut moved = grant(0, 3600);
@@ -920,7 +905,7 @@ mod tests {
 
     #[test]
     fn an_unsupported_grant_says_so_instead_of_staying_silent() {
-        let b = binding(serde_json::json!({ "jwtBearer": {} }));
+        let b = binding(Grant::JwtBearer {});
         let p = provider();
         let d = decide(Inputs { supported: false, ..inputs(t(0), &b, &p, None) });
         let Decision::Blocked { reason, message } = d else { panic!("expected Blocked") };
@@ -934,7 +919,7 @@ mod tests {
     #[test]
     fn every_grant_of_the_api_has_a_flow() {
         for grant in ["deviceCode", "authorizationCode", "clientCredentials", "jwtBearer"] {
-            let b = binding(serde_json::json!({ grant: {} }));
+            let b = binding(serde_json::from_value(serde_json::json!({ grant: {} })).unwrap_or_else(|e| panic!("{e}")));
             let flow = crate::oauth::grants::flow_for(&b.spec.grant);
             assert_eq!(flow.map(|f| f.name()), Some(grant));
         }
@@ -942,7 +927,7 @@ mod tests {
 
     #[test]
     fn provider_problems_and_conflicts_block_without_a_token_request() {
-        let b = binding(serde_json::json!({"clientCredentials": {}}));
+        let b = binding(Grant::ClientCredentials {});
         let missing = ProviderState::Unusable { reason: Reason::ProviderNotFound, message: "no".into() };
         let d = decide(inputs(t(0), &b, &missing, None));
         assert_eq!(d, Decision::Blocked { reason: Reason::ProviderNotFound, message: "no".into() });
@@ -1030,9 +1015,7 @@ mod tests {
         let g = grant(0, 3600);
         let mut acted = next_status(t(10), &b, Some(&g), &Outcome::Refreshed);
         acted.last_refresh_request = Some("acted-on".into());
-        let mut fresh = b.clone();
-        fresh.metadata.annotations =
-            Some([("mailoauth.io/refresh-requested".to_owned(), "newer".to_owned())].into_iter().collect());
+        let fresh = b.clone().annotated("mailoauth.io/refresh-requested", "newer");
         let again = status_over(t(10), &fresh, Some(&g), &Outcome::Refreshed, &acted);
         assert_eq!(again.last_refresh_request.as_deref(), Some("acted-on"), "the newer value is not acted on yet");
         assert_eq!(again.token, acted.token);

@@ -121,36 +121,6 @@ impl PartialEq for GrantState {
 }
 
 impl GrantState {
-    /// A fixture for tests: a delegated grant of `MailProvider/idp` (client `client`) for
-    /// `a@example.com`, refresh token `rt`, access token `at` issued at 2027-01-15T08:00:00Z for an
-    /// hour, scope `mail`, bound to `https://idp.example.com/token`. Change what a test is about
-    /// with struct update syntax: `GrantState { expires_at, ..GrantState::test() }`.
-    #[doc(hidden)]
-    pub fn test() -> Self {
-        let issued_at = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
-        Self {
-            refresh_token: Some("rt".to_owned().into()),
-            previous_refresh_token: None,
-            access_token: "at".to_owned().into(),
-            token_type: "Bearer".into(),
-            issued_at,
-            expires_at: DateTime::from_timestamp(1_800_003_600, 0).unwrap_or_default(),
-            scopes: vec!["mail".into()],
-            requested_scopes: vec!["mail".into()],
-            provider: "MailProvider/idp".into(),
-            client_id: "client".into(),
-            imported_from: None,
-            mailbox: Some("a@example.com".into()),
-            account: None,
-            issuer: Some(Issuer {
-                token_url: "https://idp.example.com/token".into(),
-                revocation_url: None,
-                client_auth: "none".into(),
-            }),
-            relay: None,
-        }
-    }
-
     /// The Secret data for this state.
     pub fn encode(&self) -> BTreeMap<String, String> {
         let mut data = BTreeMap::new();

@@ -34,9 +34,7 @@ pub fn holds(view: &LeaseView, identity: &str, now: DateTime<Utc>, margin: Durat
 mod tests {
     use super::*;
 
-    fn at(s: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
-    }
+    use crate::testing::t as at;
 
     fn view(holder: &str, renewed: i64, seconds: i32) -> LeaseView {
         LeaseView { holder: Some(holder.into()), renewed: Some(at(renewed)), duration_seconds: Some(seconds) }

@@ -268,24 +268,14 @@ pub fn settled(binding: &MailboxBinding, now: DateTime<Utc>) -> Result<Option<Da
 mod tests {
     use super::*;
     use crate::api::{MailboxBindingStatus, RelaySpec};
-
-    fn t(secs: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
-    }
+    use crate::testing::t;
 
     fn binding(relay: Option<RelaySpec>, rotate: Option<&str>) -> MailboxBinding {
-        let mut b: MailboxBinding = serde_json::from_value(serde_json::json!({
-            "apiVersion": "mailoauth.io/v1alpha1", "kind": "MailboxBinding",
-            "metadata": {"name": "b", "namespace": "ns"},
-            "spec": {"providerRef": {"name": "p"}, "mailbox": "a@example.com", "grant": {"clientCredentials": {}},
-                     "secretName": "s"}
-        }))
-        .unwrap();
-        b.spec.relay = relay;
-        if let Some(v) = rotate {
-            b.metadata.annotations = Some([(ROTATE_RELAY_PASSWORD_ANNOTATION.to_owned(), v.to_owned())].into());
+        let b = MailboxBinding::test().spec_with(|s| s.relay = relay);
+        match rotate {
+            Some(v) => b.annotated(ROTATE_RELAY_PASSWORD_ANNOTATION, v),
+            None => b,
         }
-        b
     }
 
     fn on() -> Option<RelaySpec> {

@@ -255,13 +255,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn spec_with(template: SecretTemplate) -> MailboxBindingSpec {
-        let mut s: MailboxBindingSpec = serde_json::from_value(serde_json::json!({
-            "providerRef": {"name": "p"}, "mailbox": "a@example.com", "secretName": "a-mail",
-            "grant": {"clientCredentials": {}},
-        }))
-        .unwrap();
-        s.secret_template = Some(template);
-        s
+        crate::api::MailboxBinding::test().spec_with(|s| s.secret_template = Some(template)).spec
     }
 
     fn labels(k: &str, v: &str) -> SecretTemplate {

@@ -447,44 +447,15 @@ pub fn announcement(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{MailboxBindingSpec, TokenStatus};
     use crate::policy::binding::{Outcome, next_status, reconcile_owned};
     use crate::policy::grant_state::GrantState;
+    use crate::testing::t;
 
-    fn t(secs: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
-    }
-
+    /// `ns/a` (uid `uid`) Ready with a token of `t(0)` for an hour, renewed at `t(2400)`, its
+    /// checks set by `verify`.
     fn ready(uid: &str, verify: serde_json::Value) -> MailboxBinding {
-        let spec: MailboxBindingSpec = serde_json::from_value(serde_json::json!({
-            "providerRef": {"name": "idp"}, "mailbox": "a@example.com", "secretName": "a-mail",
-            "grant": {"clientCredentials": {}}, "protocols": ["imap", "smtp"], "verify": verify,
-        }))
-        .unwrap_or_else(|e| panic!("spec: {e}"));
-        let mut b = MailboxBinding::new("a", spec);
-        b.metadata.namespace = Some("ns".into());
-        b.metadata.uid = Some(uid.into());
-        b.metadata.generation = Some(1);
-        let ready = Condition {
-            type_: conditions::READY.into(),
-            status: ConditionStatus::True,
-            reason: "TokenValid".into(),
-            message: String::new(),
-            last_transition_time: t(0),
-            observed_generation: Some(1),
-        };
-        b.status = Some(MailboxBindingStatus {
-            conditions: vec![ready],
-            token: Some(TokenStatus {
-                issued_at: t(0),
-                expires_at: t(3600),
-                renew_at: t(2400),
-                scopes: vec!["mail".into()],
-            }),
-            account: Some("a@example.com".into()),
-            ..MailboxBindingStatus::default()
-        });
-        b
+        let verify = serde_json::from_value(verify).unwrap_or_else(|e| panic!("verify: {e}"));
+        MailboxBinding::test().named("a").with_uid(uid).spec_with(|s| s.verify = Some(verify)).ready(t(3600), t(2400))
     }
 
     fn servers() -> BTreeMap<Protocol, ServerAddress> {

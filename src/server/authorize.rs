@@ -760,7 +760,7 @@ mod tests {
     use tower_test::mock::{self, Handle, SendResponse};
 
     use super::*;
-    use crate::api::{Condition, ConditionStatus, Endpoints, MailProvider, MailProviderStatus};
+    use crate::api::{Endpoints, MailProvider};
 
     const NS: &str = "mail";
     const BASE: &str = "https://mail-auth.example";
@@ -772,15 +772,7 @@ mod tests {
     type ApiServer = Handle<http::Request<KubeBody>, http::Response<KubeBody>>;
 
     fn now() -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default()
-    }
-
-    struct Fixed;
-
-    impl crate::controller::Clock for Fixed {
-        fn now(&self) -> DateTime<Utc> {
-            now()
-        }
+        crate::testing::t(0)
     }
 
     fn link(name: &str) -> String {
@@ -788,50 +780,37 @@ mod tests {
     }
 
     fn provider() -> MailProvider {
-        let spec = serde_json::from_value(json!({"microsoft": {"tenant": "contoso.com"}, "clientId": "app-id"}))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut p = MailProvider::new("contoso", spec);
-        p.metadata.namespace = Some(NS.into());
-        p.metadata.generation = Some(1);
-        p.status = Some(MailProviderStatus {
-            conditions: vec![Condition {
-                type_: "Ready".into(),
-                status: ConditionStatus::True,
-                reason: "ProviderReady".into(),
-                message: String::new(),
-                last_transition_time: now(),
-                observed_generation: Some(1),
-            }],
-            endpoints: Some(Endpoints {
-                token: Some("https://login.example/contoso/oauth2/v2.0/token".into()),
-                authorization: Some(ENDPOINT.into()),
-                ..Default::default()
-            }),
-            client_secret_expires_at: None,
-            observed_generation: Some(1),
-        });
-        p
+        MailProvider::test()
+            .named("contoso")
+            .in_namespace(NS)
+            .microsoft("contoso.com")
+            .client_id("app-id")
+            .client_secret(None)
+            .ready()
+            .endpoints_with(|e| {
+                *e = Endpoints {
+                    token: Some("https://login.example/contoso/oauth2/v2.0/token".into()),
+                    authorization: Some(ENDPOINT.into()),
+                    ..Default::default()
+                }
+            })
     }
 
     /// A binding of the authorization code grant; waiting for a person with `shown` as its link
     /// when given, else Ready.
     fn binding(name: &str, shown: Option<String>) -> MailboxBinding {
-        let spec = serde_json::from_value(json!({
-            "providerRef": {"name": "contoso"}, "mailbox": format!("{name}@contoso.com"),
-            "grant": {"authorizationCode": {}}, "secretName": format!("{name}-mail-token"),
-        }))
-        .unwrap_or_else(|e| panic!("{e}"));
-        let mut b = MailboxBinding::new(name, spec);
-        b.metadata.namespace = Some(NS.into());
-        b.metadata.uid = Some(format!("uid-{name}"));
-        b.metadata.generation = Some(1);
         let status = match shown {
             Some(url) => json!({"phase": "AwaitingAuthorization",
                                 "authorization": {"method": "authorizationCode", "url": url}}),
             None => json!({"phase": "Ready"}),
         };
-        b.status = Some(serde_json::from_value(status).unwrap_or_else(|e| panic!("{e}")));
-        b
+        MailboxBinding::test()
+            .named(name)
+            .in_namespace(NS)
+            .provider("contoso")
+            .mailbox(&format!("{name}@contoso.com"))
+            .grant(crate::api::Grant::AuthorizationCode {})
+            .with_status(serde_json::from_value(status).unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// The listener's contexts over `bindings`, with a mocked apiserver.
@@ -849,7 +828,7 @@ mod tests {
             providers,
             cluster_providers,
             bindings: binding_store,
-            clock: Arc::new(Fixed),
+            clock: Arc::new(crate::testing::Fixed(now())),
             authorization: crate::controller::AuthorizationSettings {
                 redirect_uri: format!("{BASE}/callback"),
                 link_base: Some(BASE.into()),

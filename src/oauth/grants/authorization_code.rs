@@ -133,9 +133,7 @@ mod tests {
 
     use super::*;
 
-    fn at(s: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap_or_default()
-    }
+    use crate::testing::t as at;
 
     fn pending() -> PendingAuthorization {
         PendingAuthorization {

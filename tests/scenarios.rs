@@ -1,135 +1,55 @@
-//! tower-test scenarios: the exact Kubernetes API calls of a reconcile, against a mocked API
-//! server, with the token endpoint replaced by a canned one.
+//! Scenarios: the exact Kubernetes API calls of a binding reconcile, against a mocked API server
+//! (`mail_oauth_operator::testing::apiserver`, which answers request by request), with the token
+//! endpoint replaced by a canned one and the clock fixed.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
-use futures::future::BoxFuture;
-use http::{Method, Request, Response, StatusCode};
+use http::Method;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Client;
-use kube::client::Body;
-use kube::runtime::reflector::store;
-use kube::runtime::watcher;
+use mail_oauth_operator::api::{Endpoints, Grant, MailProvider, MailboxBinding};
+use mail_oauth_operator::controller::{Context, binding};
+use mail_oauth_operator::policy::grant_state::{GrantState, Issuer};
+use mail_oauth_operator::testing::apiserver::{
+    self, ApiServer, Canned, already_exists, conflict, ok, owned_cache, secret_json, server_error,
+};
+use mail_oauth_operator::testing::{t, written_secrets};
 use serde_json::{Value, json};
-use tower_test::mock::{self, Handle};
-
-use super::secrets::{Role, desired, grant_secret_name};
-use super::{Clock, Context, binding, grant_store};
-use crate::api::{
-    Condition, ConditionStatus, Endpoints, MailProvider, MailProviderSpec, MailProviderStatus, MailboxBinding,
-    MailboxBindingSpec,
-};
-use crate::oauth::{
-    DeviceCode, DeviceRequest, Rejected, RevokeRequest, TokenEndpoint, TokenRequest, TokenSet, UserinfoRequest,
-};
-use crate::policy::at_rest;
-use crate::policy::binding::{Outcome, next_status};
-use crate::policy::grant_state::GrantState;
-use crate::policy::publish::published_data;
 
 const NS: &str = "mail";
 
 fn now() -> DateTime<Utc> {
-    DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default()
+    t(0)
 }
 
-struct Fixed(DateTime<Utc>);
-
-impl Clock for Fixed {
-    fn now(&self) -> DateTime<Utc> {
-        self.0
-    }
-}
-
-/// A token endpoint that counts calls and hands out `at-<n>` tokens valid for an hour.
-#[derive(Default)]
-struct Canned {
-    calls: AtomicUsize,
-}
-
-impl TokenEndpoint for Canned {
-    fn request<'a>(&'a self, _request: &'a TokenRequest) -> BoxFuture<'a, Result<TokenSet, Rejected>> {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        Box::pin(async move {
-            Ok(TokenSet {
-                access_token: format!("at-{n}").into(),
-                refresh_token: None,
-                expires_in: Some(Duration::hours(1)),
-                scopes: None,
-                identities: Vec::new(),
-            })
-        })
-    }
-
-    fn userinfo<'a>(&'a self, _request: &'a UserinfoRequest) -> BoxFuture<'a, Result<Vec<String>, Rejected>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-
-    fn revoke<'a>(&'a self, _request: &'a RevokeRequest) -> BoxFuture<'a, Result<(), Rejected>> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async { Ok(()) })
-    }
-
-    /// A new code each time: `dc-<n>`, shown to a person as `CODE-<n>`.
-    fn device_authorization<'a>(&'a self, _request: &'a DeviceRequest) -> BoxFuture<'a, Result<DeviceCode, Rejected>> {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        Box::pin(async move {
-            Ok(DeviceCode {
-                device_code: format!("dc-{n}").into(),
-                user_code: format!("CODE-{n}"),
-                verification_uri: "https://microsoft.com/devicelogin".into(),
-                verification_uri_complete: None,
-                expires_in: Duration::minutes(15),
-                interval: Duration::seconds(5),
-            })
-        })
-    }
-}
-
+/// The Microsoft preset for `contoso.com`, Ready; of its endpoints only the token endpoint (each
+/// scenario adds the one its grant needs).
 fn provider() -> MailProvider {
-    let spec: MailProviderSpec = serde_json::from_value(json!({
-        "microsoft": {"tenant": "contoso.com"}, "clientId": "app-id",
-        "clientAuthentication": {"clientSecretRefs": [{"name": "contoso-oauth"}]},
-    }))
-    .unwrap_or_else(|e| panic!("{e}"));
-    let mut p = MailProvider::new("contoso", spec);
-    p.metadata.namespace = Some(NS.into());
-    p.metadata.generation = Some(1);
-    p.status = Some(MailProviderStatus {
-        conditions: vec![Condition {
-            type_: "Ready".into(),
-            status: ConditionStatus::True,
-            reason: "ProviderReady".into(),
-            message: String::new(),
-            last_transition_time: now(),
-            observed_generation: Some(1),
-        }],
-        endpoints: Some(Endpoints {
-            token: Some("https://login.microsoftonline.com/contoso.com/oauth2/v2.0/token".into()),
-            ..Default::default()
-        }),
-        client_secret_expires_at: None,
-        observed_generation: Some(1),
-    });
-    p
+    MailProvider::test()
+        .named("contoso")
+        .in_namespace(NS)
+        .microsoft("contoso.com")
+        .client_id("app-id")
+        .client_secret(Some("contoso-oauth"))
+        .ready()
+        .endpoints_with(|e| *e = Endpoints { token: e.token.take(), ..Endpoints::default() })
 }
 
+/// `mail/helpdesk`: client credentials for `helpdesk@contoso.com`, published as
+/// `helpdesk-mail-token`.
 fn binding_object() -> MailboxBinding {
-    let spec: MailboxBindingSpec = serde_json::from_value(json!({
-        "providerRef": {"name": "contoso"}, "mailbox": "helpdesk@contoso.com",
-        "grant": {"clientCredentials": {}}, "secretName": "helpdesk-mail-token",
-    }))
-    .unwrap_or_else(|e| panic!("{e}"));
-    let mut b = MailboxBinding::new("helpdesk", spec);
-    b.metadata.namespace = Some(NS.into());
-    b.metadata.uid = Some("uid-helpdesk".into());
-    b.metadata.generation = Some(1);
-    b
+    MailboxBinding::test().named("helpdesk").in_namespace(NS).provider("contoso").mailbox("helpdesk@contoso.com")
 }
 
 fn context(client: Client, tokens: Arc<Canned>, bindings: &[MailboxBinding]) -> Arc<Context> {
@@ -142,151 +62,13 @@ fn context_with(
     bindings: &[MailboxBinding],
     provider: MailProvider,
 ) -> Arc<Context> {
-    let (providers, mut pw) = store();
-    pw.apply_watcher_event(&watcher::Event::Apply(provider));
-    let (cluster_providers, _cw) = store();
-    let (binding_store, mut bw) = store();
-    for b in bindings {
-        bw.apply_watcher_event(&watcher::Event::Apply(b.clone()));
-    }
-    Arc::new(Context {
-        tokens,
-        providers,
-        cluster_providers,
-        bindings: binding_store,
-        clock: Arc::new(Fixed(now())),
-        ..Context::test(client)
-    })
+    Arc::new(apiserver::context(client, now(), tokens, provider, bindings))
 }
 
-/// The API server side of a scenario: answers each expected request in order.
-struct ApiServer(Handle<Request<Body>, Response<Body>>);
-
-/// What a request carried besides its body: its query parameters and its content type.
-struct Sent {
-    query: BTreeMap<String, String>,
-    content_type: String,
-}
-
-impl Sent {
-    /// Asserts a server-side apply by the operator's field manager that takes over conflicting
-    /// fields (`force`): without `force` a field another manager set would make the write fail,
-    /// and under another manager name the operator's own fields would conflict with themselves.
-    #[track_caller]
-    fn assert_apply(&self, what: &str) {
-        assert_eq!(self.content_type, "application/apply-patch+yaml", "{what}: not a server-side apply");
-        assert_eq!(self.query.get("fieldManager").map(String::as_str), Some(crate::api::FIELD_MANAGER), "{what}");
-        assert_eq!(self.query.get("force").map(String::as_str), Some("true"), "{what}: {:?}", self.query);
-    }
-}
-
-impl ApiServer {
-    async fn expect(&mut self, method: Method, path: &str) -> (Value, tower_test::mock::SendResponse<Response<Body>>) {
-        let (body, _, send) = self.expect_sent(method, path).await;
-        (body, send)
-    }
-
-    /// Expects one request; returns its body, what else it carried, and the answer to send.
-    async fn expect_sent(
-        &mut self,
-        method: Method,
-        path: &str,
-    ) -> (Value, Sent, tower_test::mock::SendResponse<Response<Body>>) {
-        let (request, send) = tokio::time::timeout(StdDuration::from_secs(5), self.0.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {method} {path}"))
-            .unwrap_or_else(|| panic!("no request: expected {method} {path}"));
-        assert_eq!(request.method(), method, "{}", request.uri());
-        assert_eq!(request.uri().path(), path);
-        let query = request
-            .uri()
-            .query()
-            .unwrap_or_default()
-            .split('&')
-            .filter_map(|pair| pair.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        let content_type = request
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let bytes = request.into_body().collect_bytes().await.unwrap_or_default();
-        (serde_json::from_slice(&bytes).unwrap_or(Value::Null), Sent { query, content_type }, send)
-    }
-
-    /// Expects a create (POST) of the Secret `name` by our field manager (an absent Secret is
-    /// created, never applied over one someone else made); answers with its body, returns it.
-    async fn create(&mut self, name: &str) -> Value {
-        let (body, sent, send) = self.expect_sent(Method::POST, SECRETS_PATH).await;
-        assert_eq!(body["metadata"]["name"], name, "{body}");
-        assert_eq!(sent.query.get("fieldManager").map(String::as_str), Some(crate::api::FIELD_MANAGER), "{name}");
-        send.send_response(ok(&body));
-        body
-    }
-
-    async fn get(&mut self, path: &str, answer: Option<Value>) {
-        let (_, send) = self.expect(Method::GET, path).await;
-        match answer {
-            Some(v) => send.send_response(ok(&v)),
-            None => send.send_response(not_found()),
-        }
-    }
-
-    /// Expects a server-side apply by our field manager, with `force`; answers with its body,
-    /// returns the body.
-    async fn apply(&mut self, path: &str) -> Value {
-        let (body, sent, send) = self.expect_sent(Method::PATCH, path).await;
-        sent.assert_apply(path);
-        send.send_response(ok(&body));
-        body
-    }
-
-    /// Expects a status apply by our field manager, with `force`; answers with `object` carrying
-    /// that status, returns the body.
-    async fn apply_status(&mut self, path: &str, object: &MailboxBinding) -> Value {
-        let (body, sent, send) = self.expect_sent(Method::PATCH, path).await;
-        sent.assert_apply(path);
-        let mut answer = serde_json::to_value(object).expect("json");
-        answer["status"] = body["status"].clone();
-        send.send_response(ok(&answer));
-        body
-    }
-
-    /// Expects one Event of `type_` and `reason`; returns its note.
-    async fn event(&mut self, type_: &str, reason: &str) -> String {
-        let (event, send) = self.expect(Method::POST, "/apis/events.k8s.io/v1/namespaces/mail/events").await;
-        assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some(type_), Some(reason)), "{event}");
-        send.send_response(ok(&event));
-        event["note"].as_str().unwrap_or_default().to_owned()
-    }
-
-    async fn nothing_more(&mut self) {
-        let next = tokio::time::timeout(StdDuration::from_millis(300), self.0.next_request()).await;
-        if let Ok(Some((request, _))) = next {
-            panic!("unexpected request {} {}", request.method(), request.uri());
-        }
-    }
-}
-
-fn ok(v: &Value) -> Response<Body> {
-    Response::builder().body(Body::from(serde_json::to_vec(v).expect("json"))).expect("response")
-}
-
-fn not_found() -> Response<Body> {
-    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
-    Response::builder()
-        .status(StatusCode::NOT_FOUND)
-        .body(Body::from(serde_json::to_vec(&status).expect("json")))
-        .expect("response")
-}
-
-fn secret_json(s: &Secret) -> Value {
-    let mut v = serde_json::to_value(s).unwrap_or_default();
-    v["apiVersion"] = "v1".into();
-    v["kind"] = "Secret".into();
-    v
+/// `ctx` with an owned-Secret cache that has listed `secrets` (their metadata) and nothing else.
+fn cached(ctx: Arc<Context>, secrets: &[Secret]) -> Arc<Context> {
+    let ctx = Arc::try_unwrap(ctx).unwrap_or_else(|_| panic!("one reference"));
+    Arc::new(Context { owned: owned_cache(secrets), ..ctx })
 }
 
 fn client_secret() -> Value {
@@ -305,18 +87,66 @@ const PUBLISHED_NAME: &str = "helpdesk-mail-token";
 const PUBLISHED_PATH: &str = "/api/v1/namespaces/mail/secrets/helpdesk-mail-token";
 const CLIENT_SECRET_PATH: &str = "/api/v1/namespaces/mail/secrets/contoso-oauth";
 const STATUS_PATH: &str = "/apis/mailoauth.io/v1alpha1/namespaces/mail/mailboxbindings/helpdesk/status";
+const BINDING_PATH: &str = "/apis/mailoauth.io/v1alpha1/namespaces/mail/mailboxbindings/helpdesk";
 
 fn mocked() -> (Client, ApiServer) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    (Client::new(service, "default"), ApiServer(handle))
+    apiserver::mocked(NS)
+}
+
+/// The grant of `binding_object()` obtained five minutes ago, valid 55 minutes more, bound to
+/// `issuer`.
+fn helpdesk_grant(issuer: Option<Issuer>) -> GrantState {
+    GrantState {
+        refresh_token: None,
+        access_token: "at-0".to_owned().into(),
+        issued_at: now() - Duration::minutes(5),
+        expires_at: now() + Duration::minutes(55),
+        scopes: vec!["https://outlook.office365.com/.default".into()],
+        requested_scopes: vec!["https://outlook.office365.com/.default".into()],
+        provider: "MailProvider/contoso".into(),
+        client_id: "app-id".into(),
+        mailbox: Some("helpdesk@contoso.com".into()),
+        issuer,
+        ..GrantState::test()
+    }
+}
+
+/// A binding made Ready five minutes ago, and its two Secrets as the operator wrote them.
+fn at_rest_binding() -> (MailboxBinding, Secret, Secret) {
+    let grant = helpdesk_grant(Some(Issuer {
+        token_url: "https://login.microsoftonline.com/contoso.com/oauth2/v2.0/token".into(),
+        revocation_url: None,
+        client_auth: "client_secret_post".into(),
+    }));
+    let b = binding_object().refreshed(now() - Duration::minutes(5), &grant);
+    let (grant_secret, published) = written_secrets(&b, &grant, &provider().spec);
+    (b, grant_secret, published)
+}
+
+/// The binding of the paste scenario: an authorization code grant, a response pasted for a
+/// request that no longer waits (no grant state holds one), and someone else's annotation.
+fn pasted_binding() -> MailboxBinding {
+    binding_object()
+        .grant(Grant::AuthorizationCode {})
+        .annotated(
+            mail_oauth_operator::api::AUTHORIZATION_RESPONSE_ANNOTATION,
+            "http://localhost:8400/callback?code=stale-code&state=gone",
+        )
+        .annotated("team.example.com/owner", "mail-ops")
+}
+
+/// The provider of the paste scenario: the Microsoft preset with its authorization endpoint.
+fn provider_with_authorization() -> MailProvider {
+    provider().endpoints_with(|e| {
+        e.authorization = Some("https://login.microsoftonline.com/contoso.com/oauth2/v2.0/authorize".into());
+    })
 }
 
 #[tokio::test]
 async fn a_first_reconcile_reads_two_secrets_and_the_client_secret_then_writes_grant_published_and_status() {
     let (client, mut server) = mocked();
     let tokens = Arc::new(Canned::default());
-    let mut b = binding_object();
-    b.metadata.resource_version = Some("42".into());
+    let b = binding_object().at_version("42");
     let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
     let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
 
@@ -356,7 +186,7 @@ async fn a_first_reconcile_reads_two_secrets_and_the_client_secret_then_writes_g
     server.nothing_more().await;
 
     let action = reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(tokens.calls(), 1);
     let requeue = format!("{action:?}");
     assert!(requeue.contains("requeue_after: Some("), "{requeue}");
 }
@@ -365,9 +195,7 @@ async fn a_first_reconcile_reads_two_secrets_and_the_client_secret_then_writes_g
 async fn a_reconcile_from_the_copy_its_own_status_write_replaced_waits_for_the_cache_and_requests_nothing() {
     let (client, mut server) = mocked();
     let tokens = Arc::new(Canned::default());
-    let mut b = binding_object();
-    b.metadata.resource_version = Some("42".into());
-    b.metadata.annotations = Some([("mailoauth.io/refresh-requested".to_owned(), "1".to_owned())].into());
+    let b = binding_object().at_version("42").annotated("mailoauth.io/refresh-requested", "1");
     let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
     // The status of resourceVersion 42 was just written (recording refresh request "1"); the
     // cache still holds 42, as when a Secret event queues a reconcile before the status event.
@@ -375,7 +203,7 @@ async fn a_reconcile_from_the_copy_its_own_status_write_replaced_waits_for_the_c
     let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
     server.nothing_more().await;
     let action = reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no second refresh for the same request");
+    assert_eq!(tokens.calls(), 0, "no second refresh for the same request");
     assert!(format!("{action:?}").contains("200ms"), "{action:?}");
     // Once the cache shows a later version, the binding is reconciled as usual.
     assert!(!ctx.behind_own_write("mail", "helpdesk", Some("43")));
@@ -386,32 +214,9 @@ async fn a_reconcile_from_the_copy_its_own_status_write_replaced_waits_for_the_c
 async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
     let (client, mut server) = mocked();
     let tokens = Arc::new(Canned::default());
-    let mut b = binding_object();
-    let grant = GrantState {
-        refresh_token: None,
-        access_token: "at-0".to_owned().into(),
-        issued_at: now() - Duration::minutes(5),
-        expires_at: now() + Duration::minutes(55),
-        scopes: vec!["https://outlook.office365.com/.default".into()],
-        requested_scopes: vec!["https://outlook.office365.com/.default".into()],
-        provider: "MailProvider/contoso".into(),
-        client_id: "app-id".into(),
-        mailbox: Some("helpdesk@contoso.com".into()),
-        issuer: None,
-        ..GrantState::test()
-    };
-    b.status = Some(next_status(now() - Duration::minutes(5), &b, Some(&grant), &Outcome::Refreshed));
-    let servers = crate::oauth::provider::servers(&provider().spec);
-    let data =
-        published_data(&b.spec.mailbox, &grant, &b.spec.protocols, &servers, BTreeMap::new(), None).unwrap_or_default();
-    let grant_secret = grant_store::grant_secret(&b, &grant_secret_name("helpdesk"), &grant);
-    let mut published = desired(&b, &b.spec.secret_name, Role::Published, data);
-    let source = at_rest::source(&at_rest::grant_digest(&grant.encode()), &binding::publish_inputs(&b, &servers));
-    published
-        .metadata
-        .annotations
-        .get_or_insert_with(BTreeMap::new)
-        .insert(crate::api::SOURCE_ANNOTATION.into(), source);
+    let grant = helpdesk_grant(None);
+    let b = binding_object().refreshed(now() - Duration::minutes(5), &grant);
+    let (grant_secret, mut published) = written_secrets(&b, &grant, &provider().spec);
     // A key someone else added does not make the Secret out of date.
     if let Some(d) = published.data.as_mut() {
         d.insert("added-by-someone".into(), k8s_openapi::ByteString(b"x".to_vec()));
@@ -424,75 +229,7 @@ async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
     server.nothing_more().await;
 
     reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no token request");
-}
-
-/// `ctx` with an owned-Secret cache that has listed `secrets` (their metadata) and nothing else.
-fn cached(ctx: Arc<Context>, secrets: &[Secret]) -> Arc<Context> {
-    let (store, mut writer) = store::<kube::core::PartialObjectMeta<Secret>>();
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
-    for s in secrets {
-        let mut meta = kube::core::PartialObjectMeta::<Secret> { metadata: s.metadata.clone(), ..Default::default() };
-        // As the apiserver shows it: the operator's field manager owns every data key no other
-        // manager took.
-        let others = crate::policy::at_rest::data_keys(&meta.metadata, crate::api::FIELD_MANAGER, false);
-        let ours: serde_json::Map<String, Value> = s
-            .data
-            .iter()
-            .flatten()
-            .map(|(k, _)| k)
-            .filter(|k| !others.contains(k))
-            .map(|k| (format!("f:{k}"), json!({})))
-            .collect();
-        meta.metadata.managed_fields.get_or_insert_with(Vec::new).push(ManagedFieldsEntry {
-            manager: Some(crate::api::FIELD_MANAGER.into()),
-            operation: Some("Apply".into()),
-            fields_v1: Some(FieldsV1(json!({"f:data": ours}))),
-            ..Default::default()
-        });
-        super::owned::slim(&mut meta);
-        writer.apply_watcher_event(&watcher::Event::Apply(meta));
-    }
-    let synced = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let mut ctx = Arc::try_unwrap(ctx).unwrap_or_else(|_| panic!("one reference"));
-    ctx.owned = super::owned::OwnedSecrets::new(store, synced);
-    Arc::new(ctx)
-}
-
-/// A binding made Ready five minutes ago, and its two Secrets as the operator wrote them.
-fn at_rest_binding() -> (MailboxBinding, Secret, Secret) {
-    let mut b = binding_object();
-    let token_url = "https://login.microsoftonline.com/contoso.com/oauth2/v2.0/token";
-    let grant = GrantState {
-        refresh_token: None,
-        access_token: "at-0".to_owned().into(),
-        issued_at: now() - Duration::minutes(5),
-        expires_at: now() + Duration::minutes(55),
-        scopes: vec!["https://outlook.office365.com/.default".into()],
-        requested_scopes: vec!["https://outlook.office365.com/.default".into()],
-        provider: "MailProvider/contoso".into(),
-        client_id: "app-id".into(),
-        mailbox: Some("helpdesk@contoso.com".into()),
-        issuer: Some(crate::policy::grant_state::Issuer {
-            token_url: token_url.into(),
-            revocation_url: None,
-            client_auth: "client_secret_post".into(),
-        }),
-        ..GrantState::test()
-    };
-    b.status = Some(next_status(now() - Duration::minutes(5), &b, Some(&grant), &Outcome::Refreshed));
-    let servers = crate::oauth::provider::servers(&provider().spec);
-    let data =
-        published_data(&b.spec.mailbox, &grant, &b.spec.protocols, &servers, BTreeMap::new(), None).unwrap_or_default();
-    let grant_secret = grant_store::grant_secret(&b, &grant_secret_name("helpdesk"), &grant);
-    let mut published = desired(&b, &b.spec.secret_name, Role::Published, data);
-    let source = at_rest::source(&at_rest::grant_digest(&grant.encode()), &binding::publish_inputs(&b, &servers));
-    published
-        .metadata
-        .annotations
-        .get_or_insert_with(BTreeMap::new)
-        .insert(crate::api::SOURCE_ANNOTATION.into(), source);
-    (b, grant_secret, published)
+    assert_eq!(tokens.calls(), 0, "no token request");
 }
 
 #[tokio::test]
@@ -504,7 +241,7 @@ async fn a_binding_at_rest_with_its_secrets_cached_as_written_reads_and_writes_n
     let reconcile = tokio::spawn(binding::reconcile(Arc::new(b), ctx));
     server.nothing_more().await;
     let action = reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no token request");
+    assert_eq!(tokens.calls(), 0, "no token request");
     assert!(format!("{action:?}").contains("requeue_after: Some("), "{action:?}");
 }
 
@@ -531,16 +268,13 @@ async fn a_cached_secret_someone_else_edited_or_a_provider_edit_is_not_at_rest()
     assert_eq!(repaired["metadata"]["name"], PUBLISHED_NAME);
     server.nothing_more().await;
     reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no token request");
+    assert_eq!(tokens.calls(), 0, "no token request");
 
     // The provider's token endpoint changed: the grant state is read (the decision needs it), and
     // a grant that holds no refresh token is obtained again there.
     let (client, mut server) = mocked();
     let (b, grant_secret, published) = at_rest_binding();
-    let mut moved = provider();
-    if let Some(e) = moved.status.as_mut().and_then(|s| s.endpoints.as_mut()) {
-        e.token = Some("https://idp.example.com/token".into());
-    }
+    let moved = revoking_provider().endpoints_with(|e| e.token = Some("https://idp.example.com/token".into()));
     let ctx = cached(
         context_with(client, Arc::clone(&tokens), std::slice::from_ref(&b), moved),
         &[grant_secret.clone(), published],
@@ -553,15 +287,14 @@ async fn a_cached_secret_someone_else_edited_or_a_provider_edit_is_not_at_rest()
     server.apply_status(STATUS_PATH, &b).await;
     server.nothing_more().await;
     reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(tokens.calls(), 1);
 }
 
 #[tokio::test]
 async fn a_first_grant_creates_its_secrets_reading_only_whether_its_published_name_is_taken() {
     let (client, mut server) = mocked();
     let tokens = Arc::new(Canned::default());
-    let mut b = binding_object();
-    b.metadata.resource_version = Some("42".into());
+    let b = binding_object().at_version("42");
     let ctx = cached(context(client, Arc::clone(&tokens), std::slice::from_ref(&b)), &[]);
     let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
     // The cache sees only the operator's Secrets: whether someone else's has the published name
@@ -574,7 +307,7 @@ async fn a_first_grant_creates_its_secrets_reading_only_whether_its_published_na
     server.event("Normal", "Ready").await;
     server.nothing_more().await;
     reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(tokens.calls(), 1);
 
     // Someone else's Secret has the published name: nothing is asked of the provider.
     let (client, mut server) = mocked();
@@ -588,7 +321,7 @@ async fn a_first_grant_creates_its_secrets_reading_only_whether_its_published_na
     server.event("Warning", "SecretConflict").await;
     server.nothing_more().await;
     reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1, "no token request");
+    assert_eq!(tokens.calls(), 1, "no token request");
 }
 
 #[tokio::test]
@@ -603,16 +336,7 @@ async fn a_published_secret_recreated_by_someone_else_is_found_at_create_and_nev
     let first = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
     server.get(GRANT_PATH, Some(secret_json(&grant_secret))).await;
     let (_, _, send) = server.expect_sent(Method::POST, SECRETS_PATH).await;
-    send.send_response(
-        Response::builder()
-            .status(StatusCode::CONFLICT)
-            .body(Body::from(
-                serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                    "reason": "AlreadyExists", "code": 409, "message": "already exists"}))
-                .expect("json"),
-            ))
-            .expect("response"),
-    );
+    send.send_response(already_exists());
     let foreign = json!({"apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": PUBLISHED_NAME, "namespace": NS, "resourceVersion": "7"}, "data": {"password": "eA=="}});
     server.get(PUBLISHED_PATH, Some(foreign.clone())).await;
@@ -621,7 +345,7 @@ async fn a_published_secret_recreated_by_someone_else_is_found_at_create_and_nev
     server.event("Warning", "SecretConflict").await;
     server.nothing_more().await;
     first.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(tokens.calls(), 0);
 
     // From now on that name is read, and the conflict seen before anything is written.
     let second = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
@@ -632,7 +356,7 @@ async fn a_published_secret_recreated_by_someone_else_is_found_at_create_and_nev
     server.event("Warning", "SecretConflict").await;
     server.nothing_more().await;
     second.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(tokens.calls(), 0);
 }
 
 #[tokio::test]
@@ -645,7 +369,7 @@ async fn secrets_an_older_version_wrote_get_their_digests_once_and_nothing_is_re
     grant_secret.metadata.annotations = None;
     let mut old_published = published.clone();
     if let Some(a) = old_published.metadata.annotations.as_mut() {
-        a.remove(crate::api::SOURCE_ANNOTATION);
+        a.remove(mail_oauth_operator::api::SOURCE_ANNOTATION);
     }
     let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
     let reconcile = tokio::spawn(binding::reconcile(Arc::new(b), ctx));
@@ -664,7 +388,7 @@ async fn secrets_an_older_version_wrote_get_their_digests_once_and_nothing_is_re
     );
     server.nothing_more().await;
     reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no token request");
+    assert_eq!(tokens.calls(), 0, "no token request");
 }
 
 #[tokio::test]
@@ -683,11 +407,11 @@ async fn a_failed_digest_rewrite_keeps_nothing_in_memory_and_is_never_taken_for_
         send.send_response(server_error());
     }
     let result = reconcile.await.unwrap_or_else(|e| panic!("{e}"));
-    assert!(matches!(result, Err(crate::Error::WriteGrantState { .. })), "{result:?}");
+    assert!(matches!(result, Err(mail_oauth_operator::Error::WriteGrantState { .. })), "{result:?}");
     // The same credentials are in the Secret: nothing is kept to be written "first" next time (a
     // kept state would make the next reconcile record a refresh that never happened).
     assert!(ctx.take_pending(NS, "helpdesk").is_none());
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(tokens.calls(), 0);
 }
 
 #[tokio::test]
@@ -729,15 +453,7 @@ async fn a_secret_owned_by_someone_else_is_left_alone_and_reported_as_a_conflict
     server.nothing_more().await;
 
     reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "no token request");
-}
-
-fn server_error() -> Response<Body> {
-    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd unavailable"});
-    Response::builder()
-        .status(StatusCode::INTERNAL_SERVER_ERROR)
-        .body(Body::from(serde_json::to_vec(&status).expect("json")))
-        .expect("response")
+    assert_eq!(tokens.calls(), 0, "no token request");
 }
 
 #[tokio::test]
@@ -760,8 +476,8 @@ async fn a_grant_state_that_cannot_be_written_is_kept_and_written_first_on_the_n
         send.send_response(server_error());
     }
     let result = first.await.expect("joined");
-    assert!(matches!(result, Err(crate::Error::WriteGrantState { .. })), "{result:?}");
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+    assert!(matches!(result, Err(mail_oauth_operator::Error::WriteGrantState { .. })), "{result:?}");
+    assert_eq!(tokens.calls(), 1);
 
     // Next reconcile: the kept state is written before anything else, and no new token is asked for.
     let second = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
@@ -780,28 +496,14 @@ async fn a_grant_state_that_cannot_be_written_is_kept_and_written_first_on_the_n
     server.event("Normal", "Ready").await;
     server.nothing_more().await;
     second.await.expect("joined").expect("second reconcile");
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1, "the rotated token was not dropped and re-requested");
-}
-
-fn conflict() -> Response<Body> {
-    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"});
-    Response::builder()
-        .status(StatusCode::CONFLICT)
-        .body(Body::from(serde_json::to_vec(&status).expect("json")))
-        .expect("response")
+    assert_eq!(tokens.calls(), 1, "the rotated token was not dropped and re-requested");
 }
 
 #[tokio::test]
 async fn a_refresh_whose_status_write_meets_a_stale_copy_is_written_again_from_the_current_object() {
     let (client, mut server) = mocked();
     let tokens = Arc::new(Canned::default());
-    let mut b = binding_object();
-    b.metadata.resource_version = Some("41".into());
-    let annotate = |b: &mut MailboxBinding, v: &str| {
-        b.metadata.annotations =
-            Some([("mailoauth.io/refresh-requested".to_owned(), v.to_owned())].into_iter().collect());
-    };
-    annotate(&mut b, "1");
+    let b = binding_object().at_version("41").annotated("mailoauth.io/refresh-requested", "1");
     let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
     let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
 
@@ -814,16 +516,9 @@ async fn a_refresh_whose_status_write_meets_a_stale_copy_is_written_again_from_t
     sent.assert_apply(STATUS_PATH);
     send.send_response(conflict());
     // The current object, with the status an earlier reconcile wrote.
-    let mut current = b.clone();
-    current.metadata.resource_version = Some("42".into());
     // Meanwhile a person asked for another refresh: that one has not been acted on.
-    annotate(&mut current, "2");
-    server
-        .get(
-            "/apis/mailoauth.io/v1alpha1/namespaces/mail/mailboxbindings/helpdesk",
-            Some(serde_json::to_value(&current).expect("json")),
-        )
-        .await;
+    let current = b.clone().at_version("42").annotated("mailoauth.io/refresh-requested", "2");
+    server.get(BINDING_PATH, Some(serde_json::to_value(&current).expect("json"))).await;
     let status = server.apply_status(STATUS_PATH, &current).await;
     assert_eq!(status["metadata"]["resourceVersion"], "42");
     assert!(status["status"]["lastRefreshTime"].is_string(), "the refresh is recorded: {status}");
@@ -831,10 +526,8 @@ async fn a_refresh_whose_status_write_meets_a_stale_copy_is_written_again_from_t
     server.event("Normal", "Ready").await;
     server.nothing_more().await;
     reconcile.await.expect("joined").expect("reconcile");
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(tokens.calls(), 1);
 }
-
-const BINDING_PATH: &str = "/apis/mailoauth.io/v1alpha1/namespaces/mail/mailboxbindings/helpdesk";
 
 #[tokio::test]
 async fn a_pasted_response_is_removed_by_a_merge_patch_of_that_annotation_alone() {
@@ -859,41 +552,7 @@ async fn a_pasted_response_is_removed_by_a_merge_patch_of_that_annotation_alone(
     // event is lost, as any failed event publish is.)
     drop(server);
     reconcile.await.expect("joined").expect("reconcile");
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 0, "a response that answers no request is not exchanged");
-}
-
-/// The binding of the paste scenario: an authorization code grant, a response pasted for a
-/// request that no longer waits (no grant state holds one), and someone else's annotation.
-fn pasted_binding() -> MailboxBinding {
-    let spec: MailboxBindingSpec = serde_json::from_value(json!({
-        "providerRef": {"name": "contoso"}, "mailbox": "helpdesk@contoso.com",
-        "grant": {"authorizationCode": {}}, "secretName": "helpdesk-mail-token",
-    }))
-    .unwrap_or_else(|e| panic!("{e}"));
-    let mut b = MailboxBinding::new("helpdesk", spec);
-    b.metadata.namespace = Some(NS.into());
-    b.metadata.uid = Some("uid-helpdesk".into());
-    b.metadata.generation = Some(1);
-    b.metadata.annotations = Some(
-        [
-            (
-                crate::api::AUTHORIZATION_RESPONSE_ANNOTATION.to_owned(),
-                "http://localhost:8400/callback?code=stale-code&state=gone".to_owned(),
-            ),
-            ("team.example.com/owner".to_owned(), "mail-ops".to_owned()),
-        ]
-        .into(),
-    );
-    b
-}
-
-/// The provider of the paste scenario: the Microsoft preset with its authorization endpoint.
-fn provider_with_authorization() -> MailProvider {
-    let mut p = provider();
-    if let Some(e) = p.status.as_mut().and_then(|s| s.endpoints.as_mut()) {
-        e.authorization = Some("https://login.microsoftonline.com/contoso.com/oauth2/v2.0/authorize".into());
-    }
-    p
+    assert_eq!(tokens.calls(), 0, "a response that answers no request is not exchanged");
 }
 
 #[tokio::test]
@@ -934,20 +593,10 @@ async fn each_new_device_code_reaches_an_event_of_its_own() {
     // note, and the new code reaches no Event.
     let (client, mut server) = mocked();
     let tokens = Arc::new(Canned::default());
-    let mut p = provider();
-    if let Some(e) = p.status.as_mut().and_then(|s| s.endpoints.as_mut()) {
+    let p = provider().endpoints_with(|e| {
         e.device_authorization = Some("https://login.microsoftonline.com/contoso.com/oauth2/v2.0/devicecode".into());
-    }
-    let spec: MailboxBindingSpec = serde_json::from_value(json!({
-        "providerRef": {"name": "contoso"}, "mailbox": "helpdesk@contoso.com",
-        "grant": {"deviceCode": {}}, "secretName": "helpdesk-mail-token",
-    }))
-    .unwrap_or_else(|e| panic!("{e}"));
-    let mut b = MailboxBinding::new("helpdesk", spec);
-    b.metadata.namespace = Some(NS.into());
-    b.metadata.uid = Some("uid-helpdesk".into());
-    b.metadata.generation = Some(1);
-    b.metadata.resource_version = Some("1".into());
+    });
+    let mut b = binding_object().grant(Grant::DeviceCode {}).at_version("1");
     let ctx = context_with(client, Arc::clone(&tokens), std::slice::from_ref(&b), p);
 
     let first = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
@@ -964,8 +613,7 @@ async fn each_new_device_code_reaches_an_event_of_its_own() {
 
     // A person asks for a new code (the first one was declined, say), a minute later.
     b.status = serde_json::from_value(status["status"].clone()).expect("status");
-    b.metadata.resource_version = Some("2".into());
-    b.metadata.annotations = Some([("mailoauth.io/reauthorize-requested".to_owned(), "1".to_owned())].into());
+    b = b.at_version("2").annotated("mailoauth.io/reauthorize-requested", "1");
     stored["apiVersion"] = "v1".into();
     stored["kind"] = "Secret".into();
     let second = tokio::spawn(binding::reconcile(Arc::new(b.clone()), Arc::clone(&ctx)));
@@ -982,5 +630,77 @@ async fn each_new_device_code_reaches_an_event_of_its_own() {
     send.send_response(ok(&event));
     server.nothing_more().await;
     second.await.expect("joined").expect("second reconcile");
-    assert_eq!(tokens.calls.load(Ordering::SeqCst), 2, "two device authorizations, no token request");
+    assert_eq!(tokens.calls(), 2, "two device authorizations, no token request");
+}
+
+/// A provider with a revocation endpoint (as `revokeOnDelete` needs): since the grant below was
+/// obtained, another one than the grant recorded.
+fn revoking_provider() -> MailProvider {
+    provider().endpoints_with(|e| e.revocation = Some("https://login.example/contoso/revoke-v2".into()))
+}
+
+/// The grant of a binding deleted with `revokeOnDelete`: a refresh token, bound to the provider's
+/// token endpoint and to the revocation endpoint known when it was obtained.
+fn revocable_grant() -> GrantState {
+    GrantState {
+        refresh_token: Some("rt-1".to_owned().into()),
+        ..helpdesk_grant(Some(Issuer {
+            token_url: "https://login.microsoftonline.com/contoso.com/oauth2/v2.0/token".into(),
+            revocation_url: Some("https://login.example/contoso/revoke".into()),
+            client_auth: "client_secret_post".into(),
+        }))
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_binding_revokes_its_refresh_token_where_it_was_issued_then_removes_its_finalizer() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let b = binding_object().spec_with(|s| s.revoke_on_delete = true).deleting().at_version("7");
+    let (grant_secret, _) = written_secrets(&b, &revocable_grant(), &provider().spec);
+    let ctx = context_with(client, Arc::clone(&tokens), std::slice::from_ref(&b), revoking_provider());
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+
+    server.get(GRANT_PATH, Some(secret_json(&grant_secret))).await;
+    server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
+    let note = server.event("Normal", "Revoked").await;
+    assert!(note.contains("refresh_token"), "{note}");
+    // The finalizer goes by a merge patch conditioned on the version the reconcile started from.
+    let (patch, sent, send) = server.expect_sent(Method::PATCH, BINDING_PATH).await;
+    assert_eq!(sent.content_type, "application/merge-patch+json");
+    assert_eq!(patch, json!({"metadata": {"finalizers": [], "resourceVersion": "7"}}));
+    send.send_response(ok(&serde_json::to_value(&b).expect("json")));
+    server.nothing_more().await;
+
+    reconcile.await.expect("joined").expect("reconcile");
+    assert_eq!(
+        tokens.revoked(),
+        [("https://login.example/contoso/revoke".to_owned(), "refresh_token", "rt-1".to_owned())],
+        "the refresh token, at the endpoint recorded with the grant (not the provider's new one)"
+    );
+    assert_eq!(tokens.calls(), 1, "nothing but the revocation");
+}
+
+#[tokio::test]
+async fn a_deleted_binding_whose_provider_no_longer_issued_its_grant_sends_the_token_nowhere() {
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let b = binding_object().spec_with(|s| s.revoke_on_delete = true).deleting().at_version("7");
+    let (grant_secret, _) = written_secrets(&b, &revocable_grant(), &provider().spec);
+    // The provider now names another token endpoint: it is not the grant's issuer any more.
+    let moved = revoking_provider().endpoints_with(|e| e.token = Some("https://idp.example.com/token".into()));
+    let ctx = context_with(client, Arc::clone(&tokens), std::slice::from_ref(&b), moved);
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+
+    server.get(GRANT_PATH, Some(secret_json(&grant_secret))).await;
+    let note = server.event("Warning", "RevocationFailed").await;
+    assert!(note.contains("was not revoked") && note.contains("nothing was sent anywhere"), "{note}");
+    let (patch, send) = server.expect(Method::PATCH, BINDING_PATH).await;
+    assert_eq!(patch, json!({"metadata": {"finalizers": [], "resourceVersion": "7"}}));
+    send.send_response(ok(&serde_json::to_value(&b).expect("json")));
+    server.nothing_more().await;
+
+    reconcile.await.expect("joined").expect("reconcile");
+    assert!(tokens.revoked().is_empty(), "{:?}", tokens.revoked());
+    assert_eq!(tokens.calls(), 0);
 }
