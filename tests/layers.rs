@@ -1,6 +1,6 @@
 //! The layers a newcomer sees from the folder names, checked: a module imports only modules of
-//! its own layer or below (`api` and `error`/`metrics` at the bottom, `runtime` and `cli` at the
-//! top), and no two modules import each other. Test code (`#[cfg(test)]` modules) is left out.
+//! its own layer or below (`api` and `error`/`metrics` at the bottom, `runtime`, `cli` and `plugin`
+//! at the top), and no two modules import each other. Test code (`#[cfg(test)]` modules) is left out.
 
 #![allow(
     clippy::unwrap_used,
@@ -27,6 +27,7 @@ const RANKS: &[(&str, u8)] = &[
     ("relay", 5),
     ("runtime", 6),
     ("cli", 7),
+    ("plugin", 7),
 ];
 
 fn rank(top: &str) -> Option<u8> {
