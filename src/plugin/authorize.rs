@@ -322,19 +322,19 @@ async fn relay(mut socket: TcpStream, pods: &Api<Pod>, pod: &str, port: u16) {
 }
 
 /// The paste path: one line from stdin (the address the browser ended on) is set as
-/// `mailoauth.io/authorization-response`. Nothing happens when stdin is closed.
+/// `mailoauth.io/authorization-response`. Nothing happens when stdin is closed. The line is read
+/// on a thread of its own, which does not keep the command from ending when the binding turns
+/// Ready otherwise.
 fn read_pasted(api: Api<MailboxBinding>, name: String) -> tokio::task::JoinHandle<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Read};
+        let mut line = String::new();
+        let read = std::io::stdin().lock().take(MAX_PASTED).read_line(&mut line);
+        let _ = tx.send(read.ok().filter(|n| *n > 0).map(|_| line.trim().to_owned()));
+    });
     tokio::spawn(async move {
-        let line = tokio::task::spawn_blocking(|| {
-            use std::io::{BufRead, Read};
-            let mut line = String::new();
-            let read = std::io::stdin().lock().take(MAX_PASTED).read_line(&mut line);
-            read.ok().filter(|n| *n > 0).map(|_| line.trim().to_owned())
-        })
-        .await
-        .ok()
-        .flatten();
-        let Some(line) = line.filter(|l| !l.is_empty()) else { return };
+        let Some(line) = rx.await.ok().flatten().filter(|l| !l.is_empty()) else { return };
         match annotate(&api, &name, AUTHORIZATION_RESPONSE_ANNOTATION, &line).await {
             Ok(()) => eprintln!("handed the address to the operator ({AUTHORIZATION_RESPONSE_ANNOTATION})"),
             Err(e) => eprintln!("could not hand the address to the operator: {e}"),

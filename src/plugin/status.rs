@@ -20,37 +20,46 @@ pub struct StatusArgs {
     pub output: Output,
 }
 
-/// The bindings asked for, sorted by namespace and name.
-async fn bindings(conn: &Connection, args: &StatusArgs) -> Result<Vec<MailboxBinding>> {
+/// Bindings listed per request: a cluster of 10,000 bindings is read in pages, each made into
+/// rows before the next is read.
+const PAGE: u32 = 500;
+
+/// The rows of the bindings asked for, sorted by namespace and name.
+async fn rows(conn: &Connection, args: &StatusArgs, now: chrono::DateTime<chrono::Utc>) -> Result<Vec<Row>> {
     let client = conn.client.clone();
-    let mut found = if args.all_namespaces {
-        Api::<MailboxBinding>::all(client)
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| PluginError::api("listing mailbox bindings in all namespaces", &e))?
-            .items
-    } else if args.names.is_empty() {
-        Api::<MailboxBinding>::namespaced(client, &conn.namespace)
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| PluginError::api(format!("listing mailbox bindings in namespace {}", conn.namespace), &e))?
-            .items
+    let mut rows = Vec::new();
+    if args.names.is_empty() {
+        let (api, scope) = if args.all_namespaces {
+            (Api::<MailboxBinding>::all(client), "all namespaces".to_owned())
+        } else {
+            (Api::<MailboxBinding>::namespaced(client, &conn.namespace), format!("namespace {}", conn.namespace))
+        };
+        let mut params = ListParams::default().limit(PAGE);
+        loop {
+            let page = api
+                .list(&params)
+                .await
+                .map_err(|e| PluginError::api(format!("listing mailbox bindings in {scope}"), &e))?;
+            rows.extend(page.items.iter().map(|b| row(b, now)));
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
     } else {
         let api = Api::<MailboxBinding>::namespaced(client, &conn.namespace);
-        let mut found = Vec::new();
         for name in &args.names {
-            found.push(super::wait::read(&api, &conn.namespace, name).await?.binding);
+            rows.push(row(&super::wait::read(&api, &conn.namespace, name).await?.binding, now));
         }
-        found
-    };
-    found.sort_by(|a, b| (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name)));
-    Ok(found)
+    }
+    rows.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    Ok(rows)
 }
 
 /// Runs `status`.
 pub async fn run(conn: &Connection, args: &StatusArgs) -> Result<()> {
     let now = chrono::Utc::now();
-    let rows: Vec<Row> = bindings(conn, args).await?.iter().map(|b| row(b, now)).collect();
+    let rows = rows(conn, args, now).await?;
     match args.output {
         Output::Json | Output::Yaml => print_structured(&rows, args.output),
         Output::Table | Output::Wide => {

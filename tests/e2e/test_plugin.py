@@ -61,8 +61,8 @@ def plugin(bed, *args, code=0, timeout=180, input=None):
 class Running:
     """The plugin running in the background: its stdout read line by line as it comes."""
 
-    def __init__(self, bed, *args):
-        self.proc = subprocess.Popen([PLUGIN, *args], env=bed.env, stdin=subprocess.DEVNULL,
+    def __init__(self, bed, *args, stdin=subprocess.DEVNULL):
+        self.proc = subprocess.Popen([PLUGIN, *args], env=bed.env, stdin=stdin,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines, self.errors = [], []
         self.readers = [threading.Thread(target=self._read, args=(self.proc.stdout, self.lines), daemon=True),
@@ -297,6 +297,24 @@ def test_rotate_relay_password_sets_its_annotation(bed):
     _, err = plugin(bed, "rotate-relay-password", "scanner", "-n", NS, "--wait=false")
     value = mbx(bed, "scanner")["metadata"]["annotations"]["mailoauth.io/rotate-relay-password"]
     assert f"mailoauth.io/rotate-relay-password={value}" in err, err
+
+
+def test_authorize_without_the_operators_listener_takes_the_pasted_address(bed):
+    """The paste path: the operator has no listener, status shows the provider's URL; the person
+    signs in, the browser lands on a page that does not load, and its address goes to the plugin."""
+    assert bed.stop_operator() == 0
+    bed.start_operator("--public-url", "http://localhost:8400")
+    apply(bed, code_binding("pasted", "pasted@example.com"))
+    run = Running(bed, "authorize", "pasted", "-n", NS, "--no-browser", stdin=subprocess.PIPE)
+    url = run.line("the provider's URL", lambda l: l.strip().startswith(f"{bed.issuer}/")).strip()
+    run.line("the paste prompt", lambda l: "Paste that page's address here" in l)
+    callback = sign_in(bed, browser(bed), url, until="http://localhost:8400/callback")
+    run.proc.stdin.write(callback + "\n")
+    run.proc.stdin.flush()
+    code, out, err = run.finish()
+    assert code == 0 and f"{NS}/pasted is Ready: authorized as pasted@example.com" in out, out + err
+    assert "handed the address to the operator (mailoauth.io/authorization-response)" in err, err
+    assert "mailoauth.io/authorization-response" not in (mbx(bed, "pasted")["metadata"].get("annotations") or {})
 
 
 def test_authorize_refuses_a_grant_no_person_authorizes_and_names_a_missing_operator_pod(bed):
