@@ -192,8 +192,13 @@ fn say(text: &str) {
     let _ = out.flush();
 }
 
-/// Opens `url` in the desktop's browser; failures are ignored (the link is printed anyway).
+/// Opens `url` in the desktop's browser; failures are ignored (the link is printed anyway). On
+/// Linux only with a display: without one, `xdg-open` would start a text browser in this terminal.
 fn open_browser(url: &str) {
+    let desktop = ["DISPLAY", "WAYLAND_DISPLAY"].iter().any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+    if !cfg!(target_os = "macos") && !cfg!(windows) && !desktop {
+        return;
+    }
     let opener = if cfg!(target_os = "macos") {
         "open"
     } else if cfg!(windows) {

@@ -299,6 +299,24 @@ mod tests {
     }
 
     #[test]
+    fn the_krew_manifest_names_this_version_and_the_binary() {
+        let text = include_str!("../../scripts/krew/mailoauth.yaml");
+        let doc: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+        assert_eq!(doc["kind"], "Plugin");
+        assert_eq!(doc["metadata"]["name"], "mailoauth", "kubectl mailoauth");
+        let version = format!("v{}", env!("CARGO_PKG_VERSION"));
+        assert_eq!(doc["spec"]["version"].as_str(), Some(version.as_str()));
+        let platforms = doc["spec"]["platforms"].as_sequence().unwrap();
+        assert!(!platforms.is_empty());
+        for p in platforms {
+            assert_eq!(p["bin"], "kubectl-mailoauth");
+            let uri = p["uri"].as_str().unwrap();
+            assert!(uri.contains(&format!("/download/{version}/kubectl-mailoauth-")), "{uri}");
+            assert_eq!(p["sha256"].as_str().map(str::len), Some(64));
+        }
+    }
+
+    #[test]
     fn apiserver_errors_read_as_kubectl_says_them() {
         let status = |code: u16, reason: &str| {
             kube::Error::Api(
