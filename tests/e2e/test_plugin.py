@@ -5,8 +5,10 @@ server as the identity provider and Dovecot checking the tokens.
 The person is played as in test_consent.py: the OAuth server's test route approves a device code,
 and a small browser follows the authorization code redirects. The bed runs the operator as a local
 process, not a pod, so the plugin's own port-forward (to a pod, through the API server) has
-nothing to reach here: the authorization code tests reach the operator's listener at its own
-address, with `--callback-url`, or at the link's address when something already listens there.
+nothing of its own to reach: the authorization code tests reach the operator's listener at its
+own address, with `--callback-url`, at the link's address when something already listens there,
+and through the apiserver's pods/portforward to kubelet.py's stand-in for a kubelet, which hands
+the bytes to the operator process's listener.
 
 The tests run in file order and share one bed."""
 import base64
@@ -19,6 +21,7 @@ import time
 import pytest
 import yaml
 from bed import ROOT, Bed, free_port, wait_for
+from kubelet import PortForwardNode
 from manifests import apply, device_binding, public_provider
 from test_consent import browser, sign_in
 
@@ -317,22 +320,50 @@ def test_authorize_without_the_operators_listener_takes_the_pasted_address(bed):
     assert "mailoauth.io/authorization-response" not in (mbx(bed, "pasted")["metadata"].get("annotations") or {})
 
 
-def test_authorize_refuses_a_grant_no_person_authorizes_and_names_a_missing_operator_pod(bed):
+def test_authorize_refuses_a_grant_no_person_authorizes(bed):
     doc = code_binding("app", "app@example.com")
     doc["spec"]["grant"] = {"clientCredentials": {}}
     apply(bed, doc)
     _, err = plugin(bed, "authorize", "app", "-n", NS, code=1)
     assert "uses the clientCredentials grant, which no person authorizes" in err, err
-    # A public URL on this machine that nothing serves: the plugin would listen there itself and
-    # forward to the operator's pod, and the bed has none (the operator is a process here).
+
+
+def test_authorize_forwards_the_browser_to_the_operators_pod_through_the_apiserver(bed):
+    """The chart's way: the public URL is on the person's machine (http://127.0.0.1:<port>, as
+    the chart's http://localhost:8400), the plugin listens there and forwards each connection
+    through the real apiserver's pods/portforward to the operator's pod. The pod and its node's
+    kubelet are kubelet.py's stand-in, which hands the forwarded bytes to the operator process's
+    listener; the apiserver, the plugin, the browser's redirects and the operator are real."""
+    local = free_port()
+    listener = bed.callback.replace("http://", "")
     assert bed.stop_operator() == 0
-    bed.start_operator("--callback-address", bed.callback.replace("http://", ""),
-                       "--public-url", f"http://127.0.0.1:{free_port()}")
+    bed.start_operator("--callback-address", listener, "--public-url", f"http://127.0.0.1:{local}")
     apply(bed, code_binding("faraway", "faraway@example.com"))
+    # No operator pod yet: the plugin says what is missing.
     _, err = plugin(bed, "authorize", "faraway", "-n", NS, "--no-browser", code=1)
     assert "no running operator pod in namespace mail-oauth-operator (pods labelled " \
            "app.kubernetes.io/name=mail-oauth-operator): the port-forward needs one" in err, err
     assert "pass --callback-url" in err
+    node = PortForwardNode(bed, target=int(listener.rsplit(":", 1)[1]))
+    try:
+        node.register("mail-oauth-operator", "mail-oauth-operator-e2e",
+                      {"app.kubernetes.io/name": "mail-oauth-operator"}, "callback", 8400)
+        started = time.monotonic()
+        run = Running(bed, "authorize", "faraway", "-n", NS, "--no-browser")
+        link = run.line("the start link", lambda l: l.strip().startswith(f"http://127.0.0.1:{local}/authorize/")).strip()
+        try:
+            status, body = sign_in(bed, browser(bed), link)
+        except OSError as e:
+            raise AssertionError(f"{e}; the stand-in kubelet saw: {node.forwarded} {node.errors}")
+        assert status == 200 and "Done" in body, body
+        code, out, err = run.finish()
+        assert code == 0 and f"{NS}/faraway is Ready: authorized as faraway@example.com" in out, out + err
+        assert f"forwarding 127.0.0.1:{local} to the operator's listener in pod " \
+               "mail-oauth-operator/mail-oauth-operator-e2e (port 8400)" in err, err
+        assert ("mail-oauth-operator", "mail-oauth-operator-e2e", 8400) in node.forwarded, node.forwarded
+        REPORT["authorization code through the plugin's port-forward (s)"] = round(time.monotonic() - started, 1)
+    finally:
+        node.close()
 
 
 def test_check_reports_a_missing_crd(bed):
