@@ -12,9 +12,10 @@ if ! need node || ! need npm; then
   echo "installing Node.js and npm" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm
 fi
-# tests/mail_servers.rs drives the relay with Python's smtplib and imaplib (standard library only).
-if ! need python3; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3
+# tests/mail_servers.rs drives the relay with Python's smtplib, imaplib and poplib (standard
+# library only) and with curl (imap, imaps, pop3, pop3s).
+if ! need python3 || ! need curl; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 curl
 fi
 (cd tests/oauth-server && npm ci --no-audit --no-fund --loglevel=error)
 

@@ -30,7 +30,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the operator.
     Run(Box<RunArgs>),
-    /// Run the mail relay: password-only clients submit mail, the relay sends it with XOAUTH2.
+    /// Run the mail relay: password-only clients submit mail and read the mailbox (SMTP, IMAP,
+    /// POP3); the relay logs in upstream with XOAUTH2.
     Relay(Box<RelayArgs>),
     /// Print the CustomResourceDefinitions as YAML.
     Crds {
@@ -142,6 +143,19 @@ pub struct RelayArgs {
     /// SMTP submission with implicit TLS.
     #[arg(long, env = "SMTPS_ADDRESS")]
     pub smtps_address: Option<SocketAddr>,
+    /// IMAP with STARTTLS (clients log in with the relay credentials; the relay reads the
+    /// mailbox upstream with XOAUTH2).
+    #[arg(long, env = "IMAP_ADDRESS")]
+    pub imap_address: Option<SocketAddr>,
+    /// IMAP with implicit TLS.
+    #[arg(long, env = "IMAPS_ADDRESS")]
+    pub imaps_address: Option<SocketAddr>,
+    /// POP3 with STLS.
+    #[arg(long, env = "POP3_ADDRESS")]
+    pub pop3_address: Option<SocketAddr>,
+    /// POP3 with implicit TLS.
+    #[arg(long, env = "POP3S_ADDRESS")]
+    pub pop3s_address: Option<SocketAddr>,
     /// `tls.crt` and `tls.key` for the listeners (reloaded when they change).
     #[arg(long, env = "TLS_CERT_DIR")]
     pub tls_cert_dir: Option<std::path::PathBuf>,
@@ -248,6 +262,10 @@ async fn run_relay(args: RelayArgs) -> Result<()> {
         secret_dir: args.secret_dir,
         smtp: args.smtp_address,
         smtps: args.smtps_address,
+        imap: args.imap_address,
+        imaps: args.imaps_address,
+        pop3: args.pop3_address,
+        pop3s: args.pop3s_address,
         cert_dir: args.tls_cert_dir,
         allow_plaintext_auth: args.allow_plaintext_auth,
         mail,

@@ -4,7 +4,9 @@
 //! introspection, with TLS certificates from a throwaway CA the client is given as extra root.
 //! Outside CI a missing Postfix (not root) is reported as skipped; in CI (`CI` set) it fails.
 //! The relay (`mail-oauth-operator relay`, the binary) is driven by Python's `smtplib` with a
-//! password only: the mail goes to Postfix with XOAUTH2 and is read back from Dovecot's IMAP.
+//! password only: the mail goes to Postfix with XOAUTH2 and is read back from Dovecot's IMAP. Its
+//! IMAP and POP3 listeners are driven by `imaplib`, `poplib` and `curl`, with a password only,
+//! before Dovecot (no root needed).
 
 #![allow(
     clippy::unwrap_used,
@@ -38,10 +40,11 @@ fn root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
 
-/// Dovecot with IMAP (STARTTLS required) and POP3 (implicit TLS), the oauth2 passdb, and an auth
-/// listener for Postfix. Stopped on drop.
+/// Dovecot with IMAP (STARTTLS required) and POP3 (STLS required, and implicit TLS), the oauth2
+/// passdb, and an auth listener for Postfix. Stopped on drop.
 struct Dovecot {
     imap: u16,
+    pop3: u16,
     pop3s: u16,
     auth: u16,
     child: std::process::Child,
@@ -53,7 +56,7 @@ impl Dovecot {
         let d = dir.join("dovecot");
         std::fs::create_dir_all(d.join("run")).unwrap();
         std::fs::create_dir_all(d.join("mail")).unwrap();
-        let (imap, pop3s, auth) = (free_port(), free_port(), free_port());
+        let (imap, pop3, pop3s, auth) = (free_port(), free_port(), free_port(), free_port());
         let (users, mail_user) = if root() {
             let chown = Command::new("chown").args(["dovecot:dovecot"]).arg(d.join("mail")).status().unwrap();
             assert!(chown.success());
@@ -120,7 +123,8 @@ service imap-login {{
 }}
 service pop3-login {{
   inet_listener pop3 {{
-    port = 0
+    address = 127.0.0.1
+    port = {pop3}
   }}
   inet_listener pop3s {{
     address = 127.0.0.1
@@ -147,8 +151,9 @@ service anvil {{
         let child = Command::new("dovecot").arg("-F").arg("-c").arg(d.join("dovecot.conf")).spawn().expect(
             "dovecot runs (scripts/test.sh installs dovecot-core, dovecot-imapd and dovecot-pop3d when missing)",
         );
-        let dovecot = Dovecot { imap, pop3s, auth, child, dir: d };
+        let dovecot = Dovecot { imap, pop3, pop3s, auth, child, dir: d };
         dovecot.wait_for(imap, "Dovecot IMAP");
+        dovecot.wait_for(pop3, "Dovecot POP3");
         dovecot.wait_for(pop3s, "Dovecot POP3S");
         dovecot
     }
@@ -269,6 +274,7 @@ fn reason(protocol: Protocol, user: &str, seen: &Observed) -> VerifyReason {
         mailbox: user,
         grant: GrantKind::Delegated,
         service_principal: None,
+        client_id: None,
     };
     classify(&c, seen).reason
 }
@@ -498,4 +504,265 @@ while True:
     // Postfix logged in with XOAUTH2 as the mailbox; the relay's log holds neither secret.
     assert!(postfix_log.contains("sasl_method=XOAUTH2") && postfix_log.contains(MAILBOX), "{postfix_log}");
     assert!(!relay_log.contains(&token) && !relay_log.contains(password), "{relay_log}");
+}
+
+impl RelayProcess {
+    /// Starts the relay binary on the mounted-Secret directory `secret` with the certificate in
+    /// `certs`, trusting `ca_path` upstream, with `listeners` (flag, address) pairs; waits until
+    /// each listens.
+    fn start(secret: &Path, certs: &Path, ca_path: &Path, listeners: &[(&str, u16)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mail-oauth-operator"));
+        command.arg("relay").arg("--secret-dir").arg(secret);
+        for (flag, port) in listeners {
+            command.arg(flag).arg(format!("127.0.0.1:{port}"));
+        }
+        let child = command
+            .args(["--listen-address", &format!("127.0.0.1:{}", free_port())])
+            .arg("--tls-cert-dir")
+            .arg(certs)
+            .arg("--upstream-ca-file")
+            .arg(ca_path)
+            .arg("--allow-private-endpoints")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut relay = RelayProcess(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for (_, port) in listeners {
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                if let Ok(Some(status)) = relay.0.try_wait() {
+                    let mut err = String::new();
+                    std::io::Read::read_to_string(relay.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+                    panic!("the relay exited ({status}): {err}");
+                }
+                assert!(Instant::now() < deadline, "the relay did not listen within 20 s");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        relay
+    }
+
+    /// Stops the relay; what it logged.
+    fn stop(mut self) -> String {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let mut log = String::new();
+        std::io::Read::read_to_string(self.0.stdout.as_mut().unwrap(), &mut log).unwrap();
+        std::io::Read::read_to_string(self.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+        log
+    }
+}
+
+/// The relay's IMAP and POP3 listeners, each with STARTTLS (STLS) and implicit TLS, before the
+/// real Dovecot: Python's `imaplib` and `poplib` and `curl` log in with the relay password only,
+/// the relay logs in at Dovecot with XOAUTH2 and the mailbox's real token. A message dropped into
+/// the Maildir is fetched and retrieved byte for byte, an `IDLE` sees a new one arrive; a wrong
+/// password is `[AUTHENTICATIONFAILED]` / `-ERR [AUTH]`, an expired token `[UNAVAILABLE]` /
+/// `-ERR [SYS/TEMP]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_serves_imap_and_pop3_clients_that_know_only_a_password() {
+    let introspection = free_port();
+    let oauth = OAuthServer::start_with(3600, &[("INTROSPECTION_PORT", &introspection.to_string())]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates();
+    let (cert_path, key_path, ca_path) =
+        (dir.path().join("mail.crt"), dir.path().join("mail.key"), dir.path().join("ca.crt"));
+    std::fs::write(&cert_path, &cert).unwrap();
+    std::fs::write(&key_path, &key).unwrap();
+    std::fs::write(&ca_path, &ca).unwrap();
+    let dovecot = Dovecot::start(dir.path(), introspection, &cert_path, &key_path);
+    let token = access_token(&oauth, MAILBOX).await;
+
+    let secret = dir.path().join("relay-secret");
+    std::fs::create_dir_all(&secret).unwrap();
+    let password = "a long random relay password, 0123456789";
+    let expires = (chrono::Utc::now() + chrono::Duration::minutes(50)).to_rfc3339();
+    for (key, value) in [
+        ("username", MAILBOX),
+        ("relay_password", password),
+        ("access_token", token.as_str()),
+        ("expires_at", expires.as_str()),
+        ("imap_host", "localhost"),
+        ("imap_port", &dovecot.imap.to_string()),
+        ("pop3_host", "localhost"),
+        ("pop3_port", &dovecot.pop3.to_string()),
+    ] {
+        std::fs::write(secret.join(key), value).unwrap();
+    }
+    // The relay's own certificate: the mail servers' (localhost).
+    let certs = dir.path().join("relay-tls");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::write(certs.join("tls.crt"), &cert).unwrap();
+    std::fs::write(certs.join("tls.key"), &key).unwrap();
+    let (imap, imaps, pop3, pop3s) = (free_port(), free_port(), free_port(), free_port());
+    let relay = RelayProcess::start(
+        &secret,
+        &certs,
+        &ca_path,
+        &[("--imap-address", imap), ("--imaps-address", imaps), ("--pop3-address", pop3), ("--pop3s-address", pop3s)],
+    );
+    let maildir = dir.path().join("dovecot").join("mail").join("home").join("Maildir");
+    let script = r#"
+import imaplib, os, poplib, ssl, sys, time
+imap_port, imaps_port, pop3_port, pop3s_port, ca, user, password, maildir, secret = sys.argv[1:10]
+imap_port, imaps_port, pop3_port, pop3s_port = map(int, (imap_port, imaps_port, pop3_port, pop3s_port))
+ctx = ssl.create_default_context(cafile=ca)
+
+def deliver(name, subject, size):
+    line = "".join(chr(33 + (i % 90)) for i in range(76))
+    body = "\r\n".join(line for _ in range(size // 78))
+    msg = ("From: a@example.org\r\nTo: %s\r\nSubject: %s\r\n\r\n%s\r\n.leading dot\r\n" % (user, subject, body)).encode()
+    tmp = os.path.join(maildir, "tmp", name)
+    with open(tmp, "wb") as f:
+        f.write(msg)
+    os.rename(tmp, os.path.join(maildir, "new", name))
+    return msg
+
+def fetch(m, subject):
+    typ, found = m.search(None, "SUBJECT", '"%s"' % subject)
+    assert typ == "OK" and found[0], (typ, found)
+    typ, data = m.fetch(found[0].split()[-1], "(BODY.PEEK[])")
+    assert typ == "OK", (typ, data)
+    return data[0][1]
+
+# IMAP with STARTTLS: a wrong password, then LOGIN; SELECT creates the Maildir.
+m = imaplib.IMAP4("localhost", imap_port)
+assert "STARTTLS" in m.capabilities and "LOGINDISABLED" not in m.capabilities, m.capabilities
+m.starttls(ctx)
+assert "AUTH=PLAIN" in m.capabilities, m.capabilities
+try:
+    m.login(user, "wrong password")
+    sys.exit("a wrong password was accepted over IMAP")
+except imaplib.IMAP4.error as e:
+    assert "AUTHENTICATIONFAILED" in str(e), e
+typ, data = m.login(user, password)
+assert typ == "OK", (typ, data)
+# After the login CAPABILITY is Dovecot's own answer, passed through.
+typ, caps = m.capability()
+assert typ == "OK" and b"IDLE" in caps[0] and b"AUTH=" not in caps[0], caps
+typ, data = m.select("INBOX")
+assert typ == "OK", (typ, data)
+first = deliver("1.relay-test", "first through the relay", 300 * 1024)
+m.noop()
+got = fetch(m, "first through the relay")
+assert got == first, (len(got), len(first), got[:200], first[:200])
+
+# IDLE (by hand: imaplib has no idle() before Python 3.14): a new message arrives while idling.
+m.sock.settimeout(30)
+tag = m._new_tag().decode()
+m.send(("%s IDLE\r\n" % tag).encode())
+assert m.readline().startswith(b"+"), "no IDLE continuation"
+second = deliver("2.relay-test", "second while idling", 2 * 1024)
+while True:
+    line = m.readline()
+    assert line, "the connection closed during IDLE"
+    if line.rstrip().endswith(b"EXISTS"):
+        break
+m.send(b"DONE\r\n")
+while True:
+    line = m.readline()
+    if line.startswith(tag.encode()):
+        assert b" OK" in line, line
+        break
+assert fetch(m, "second while idling") == second
+m.logout()
+
+# IMAP with implicit TLS.
+m = imaplib.IMAP4_SSL("localhost", imaps_port, ssl_context=ctx)
+m.login(user, password)
+m.select("INBOX", readonly=True)
+assert fetch(m, "first through the relay") == first
+m.logout()
+
+# POP3 with STLS: a wrong password, then USER/PASS; STAT and RETR byte for byte.
+def retrieve(p):
+    count, size = p.stat()
+    assert count == 2 and size == len(first) + len(second), (count, size, len(first) + len(second))
+    got = []
+    for i in (1, 2):
+        resp, lines, octets = p.retr(i)
+        got.append(b"\r\n".join(lines) + b"\r\n")
+    assert sorted(got) == sorted([first, second]), [g[:100] for g in got]
+
+p = poplib.POP3("localhost", pop3_port)
+assert "STLS" in p.capa(), p.capa()
+p.stls(ctx)
+p.user(user)
+try:
+    p.pass_("wrong password")
+    sys.exit("a wrong password was accepted over POP3")
+except poplib.error_proto as e:
+    assert b"[AUTH]" in e.args[0], e
+p.user(user)
+p.pass_(password)
+retrieve(p)
+p.quit()
+
+# POP3 with implicit TLS.
+p = poplib.POP3_SSL("localhost", pop3s_port, context=ctx)
+p.user(user)
+p.pass_(password)
+retrieve(p)
+p.quit()
+
+# An expired token in the mounted Secret: temporary failures, no login.
+with open(os.path.join(secret, "expires_at"), "w") as f:
+    f.write("2020-01-01T00:00:00Z")
+m = imaplib.IMAP4_SSL("localhost", imaps_port, ssl_context=ctx)
+try:
+    m.login(user, password)
+    sys.exit("a login with an expired token succeeded over IMAP")
+except imaplib.IMAP4.error as e:
+    assert "[UNAVAILABLE]" in str(e), e
+p = poplib.POP3_SSL("localhost", pop3s_port, context=ctx)
+p.user(user)
+try:
+    p.pass_(password)
+    sys.exit("a login with an expired token succeeded over POP3")
+except poplib.error_proto as e:
+    assert b"[SYS/TEMP]" in e.args[0], e
+print("all checked")
+"#;
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args([imap, imaps, pop3, pop3s].map(|p| p.to_string()))
+        .args([ca_path.to_str().unwrap(), MAILBOX, password, maildir.to_str().unwrap(), secret.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    let client = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !(out.status.success() && client.contains("all checked")) {
+        panic!("client: {client}\nrelay: {}\ndovecot: {}", relay.stop(), dovecot.log());
+    }
+    // curl logs in with AUTHENTICATE PLAIN (SASL-IR) and AUTH PLAIN: the token valid again.
+    std::fs::write(secret.join("expires_at"), &expires).unwrap();
+    let auth = format!("{MAILBOX}:{password}");
+    for url in [
+        format!("imap://localhost:{imap}/INBOX;MAILINDEX=1"),
+        format!("imaps://localhost:{imaps}/INBOX;MAILINDEX=1"),
+        format!("pop3://localhost:{pop3}/1"),
+        format!("pop3s://localhost:{pop3s}/1"),
+    ] {
+        let out = tokio::process::Command::new("curl")
+            .args(["--silent", "--show-error", "--ssl-reqd", "--max-time", "30", "--cacert"])
+            .arg(&ca_path)
+            .args(["--user", &auth, &url])
+            .output()
+            .await
+            .expect("curl runs (it is installed with the test tools)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("Subject: first through the relay") && text.contains(".leading dot"),
+            "curl {url}: {}{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let relay_log = relay.stop();
+    // Dovecot saw XOAUTH2 logins as the mailbox; the relay's log holds neither secret.
+    let log = dovecot.log();
+    assert!(log.contains("method=XOAUTH2") && log.contains(&format!("user=<{MAILBOX}>")), "{log}");
+    assert!(!relay_log.contains(&token) && !relay_log.contains(password), "{relay_log}");
+    assert!(relay_log.contains("relay authentication failed"), "{relay_log}");
 }

@@ -101,6 +101,32 @@ pub struct MailboxBindingSpec {
     /// token (`MailboxVerified`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifySpec>,
+    /// Password-only apps and devices send and read mail through the operator's relay with
+    /// credentials the operator generates and publishes (`relay_username`, `relay_password`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelaySpec>,
+}
+
+/// Relay credentials for the binding's mailbox.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RelaySpec {
+    /// Generate a relay password and publish `relay_username` (the mailbox) and `relay_password`
+    /// (default `false`); `false` again removes them from the published Secret and forgets the
+    /// password.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Envelope senders the relay accepts besides the mailbox (at most 32 addresses), e.g. a
+    /// `noreply@` address the mailbox may send as.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 3, max = 254), regex(pattern = MAILBOX)), transform = list_set)]
+    pub senders: Vec<String>,
+    /// How long the previous password keeps working after a rotation
+    /// (`mailoauth.io/rotate-relay-password`), so that devices can be changed over (Go duration,
+    /// at most `168h`, default `24h`; `0s` ends it at once, for a leaked password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 32), regex(pattern = GO_DURATION))]
+    pub rotation_grace_period: Option<String>,
 }
 
 /// Mailbox verification: log in with the token to each protocol's server and out again
@@ -287,6 +313,26 @@ pub struct MailboxBindingStatus {
     /// (`mail-oauth-operator-verify`), with the `MailboxVerified` condition.
     #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
     pub verification: Option<VerificationStatus>,
+    /// The relay credentials published (never the password), when `spec.relay.enabled`.
+    #[serde(default, deserialize_with = "crate::api::lenient::or_default", skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayStatus>,
+}
+
+/// The relay credentials as published (the password only in the Secret).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayStatus {
+    /// The user name clients log in with (`relay_username`).
+    pub username: String,
+    /// When the current password was generated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_issued_at: Option<DateTime<Utc>>,
+    /// The last `mailoauth.io/rotate-relay-password` value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotate_request: Option<String>,
+    /// Until when the password before the last rotation still works.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_password_valid_until: Option<DateTime<Utc>>,
 }
 
 /// The last mailbox check per protocol, and what it was made for.

@@ -71,6 +71,17 @@ pub enum ServerTls {
     None,
 }
 
+impl ServerTls {
+    /// The mode as written in a spec (`implicit`, `starttls`, `none`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerTls::Implicit => "implicit",
+            ServerTls::Starttls => "starttls",
+            ServerTls::None => "none",
+        }
+    }
+}
+
 /// Status of a condition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ConditionStatus {

@@ -9,7 +9,8 @@ pub mod provider;
 
 pub use binding::{
     AuthorizationStatus, Grant, IdentityCheck, MailboxBinding, MailboxBindingSpec, MailboxBindingStatus, Phase,
-    ProtocolCheck, ProviderKind, ProviderRef, SecretTemplate, TokenStatus, VerificationStatus, VerifySpec,
+    ProtocolCheck, ProviderKind, ProviderRef, RelaySpec, RelayStatus, SecretTemplate, TokenStatus, VerificationStatus,
+    VerifySpec,
 };
 pub use common::{Condition, ConditionStatus, Protocol, SecretKeySelector, ServerAddress, ServerTls};
 pub use provider::{
@@ -37,6 +38,9 @@ pub const BINDING_LABEL: &str = "mailoauth.io/binding";
 pub const SECRET_ROLE_LABEL: &str = "mailoauth.io/secret-role";
 /// Annotation: any new value asks for a refresh now.
 pub const REFRESH_REQUESTED_ANNOTATION: &str = "mailoauth.io/refresh-requested";
+/// Annotation: any new value issues a new relay password (the previous one keeps working for
+/// `spec.relay.rotationGracePeriod`).
+pub const ROTATE_RELAY_PASSWORD_ANNOTATION: &str = "mailoauth.io/rotate-relay-password";
 /// Annotation: any new value drops the grant and starts it again.
 pub const REAUTHORIZE_REQUESTED_ANNOTATION: &str = "mailoauth.io/reauthorize-requested";
 /// Label a Secret carries to be readable by reference from a `MailProvider` or `MailboxBinding`

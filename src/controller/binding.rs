@@ -38,10 +38,11 @@ use crate::policy::events::transitions;
 use crate::policy::grant_state::{GrantState, PendingAuthorization, spent_request_data};
 use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict, from_predecessor};
 use crate::policy::publish::published_data;
+use crate::policy::relay::{self, RelayCredentials};
 
 use super::grant_store::{
-    apply_owned, create_owned, created_or_foreign, decode_grant, decode_pending, get_secret, persist_grant,
-    persist_pending_data, rewrite_grant,
+    apply_owned, create_owned, created_or_foreign, decode_grant, decode_pending, decode_relay, get_secret,
+    persist_grant, persist_pending_data, rewrite_grant,
 };
 use super::obtain::{Known, Obtained, obtain};
 use super::owned::Cached;
@@ -125,6 +126,9 @@ struct Seen {
     adopted: bool,
     /// The grant state lacks the digests a restart judges it by (written by an older version).
     unmarked: bool,
+    /// The relay credentials stored (also beside an authorization in progress, with no grant);
+    /// after [`act`], what they are to be.
+    relay: Option<RelayCredentials>,
 }
 
 impl Seen {
@@ -257,6 +261,7 @@ async fn gather(ctx: &Context, binding: &MailboxBinding, flushed: bool) -> Resul
             want.metadata.annotations.iter().flatten().any(|(k, v)| have.and_then(|a| a.get(k)) != Some(v))
         }),
         stored_pending: ours.and_then(decode_pending),
+        relay: ours.and_then(decode_relay),
         // Every grant-state write is conditioned on the version read here (see `Fence`).
         fence: Fence {
             version: grant_secret.as_ref().and_then(|s| s.resource_version()),
@@ -299,15 +304,21 @@ fn at_rest_until(
         published_labels: &labels,
         published_annotations: &annotations,
     };
-    at_rest::at_rest(&seen)?;
-    binding.status.as_ref()?.token.as_ref().map(|t| t.renew_at)
+    at_rest::at_rest(&seen)
 }
 
 /// What a published Secret is made from besides the grant (see [`at_rest::source`]): the
 /// binding's mailbox, protocols and template, and the provider's mail servers.
 pub(crate) fn publish_inputs(binding: &MailboxBinding, servers: &BTreeMap<Protocol, ServerAddress>) -> String {
     let spec = &binding.spec;
-    serde_json::to_string(&(&spec.mailbox, &spec.protocols, servers, &spec.secret_template)).unwrap_or_default()
+    let inputs = (&spec.mailbox, &spec.protocols, servers, &spec.secret_template);
+    // The relay's inputs only when set, so that the digests of bindings without it stay as
+    // earlier versions wrote them.
+    match &spec.relay {
+        None => serde_json::to_string(&inputs),
+        Some(relay) => serde_json::to_string(&(inputs, relay)),
+    }
+    .unwrap_or_default()
 }
 
 /// Grant-state writes that come before any decision, and send nothing: a grant state adopted from
@@ -370,6 +381,10 @@ async fn act(
     now: DateTime<Utc>,
 ) -> Result<Acted> {
     let mut acted = Acted { outcome: Outcome::Unchanged, failure: None, next_poll: None, forget_pasted: false };
+    let name = binding.name_any();
+    if !matches!(decision, Decision::Suspended | Decision::Blocked { .. }) {
+        seen.relay = relay::plan(binding, seen.relay.as_ref(), now, fresh_password);
+    }
     let usable = seen.usable.clone();
     let flow = seen.flow.take();
     acted.outcome = match (decision, usable, flow.as_deref()) {
@@ -383,7 +398,26 @@ async fn act(
         _ => Outcome::Unchanged,
     };
     seen.flow = flow;
+    // Relay credentials issued, rotated, ended or turned off: stored with the grant before they
+    // are published (a token obtained above already carries them).
+    if matches!(acted.outcome, Outcome::Unchanged | Outcome::Refreshed)
+        && let Some(grant) = seen.grant.as_ref().filter(|g| g.relay != seen.relay)
+    {
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &binding.namespace().unwrap_or_default());
+        let state = GrantState { relay: seen.relay.clone(), ..grant.clone() };
+        info!(binding = %name, "storing the relay credentials");
+        rewrite_grant(ctx, &secrets, binding, state.clone(), &mut seen.fence).await?;
+        seen.grant = Some(state);
+    }
     Ok(acted)
+}
+
+/// A new relay password from the system's random source (`None` if it fails: the stored one,
+/// if any, stays).
+fn fresh_password() -> Option<secrecy::SecretString> {
+    use ring::rand::SecureRandom;
+    let random = ring::rand::SystemRandom::new();
+    relay::password_from(|buf| random.fill(buf).is_ok())
 }
 
 /// The grant's next step at the provider, and what its answer makes stored.
@@ -419,8 +453,9 @@ async fn obtain_and_store(
     acted.forget_pasted = pasted.is_some();
     if response.is_some()
         && matches!(obtained, Obtained::Failed { .. })
-        && let Some(data) = spent_request_data(seen.grant.as_ref(), seen.stored_pending.as_ref())
+        && let Some(mut data) = spent_request_data(seen.grant.as_ref(), seen.stored_pending.as_ref())
     {
+        data.extend(RelayCredentials::encoded(seen.relay.as_ref()));
         // A response is answered once: the request it answered is spent. A stored grant is kept
         // whatever the response was (a stray or replayed one answers nothing).
         let kept = seen.grant.as_ref().and_then(|g| g.refresh_token.clone());
@@ -435,7 +470,10 @@ async fn obtain_and_store(
             let stored = seen.stored_pending.as_ref();
             if !stored.is_some_and(|s| s.same_stored(&p)) {
                 let started = stored.is_none_or(|s| s.device_code_differs(&p));
-                persist_pending_data(&secrets, binding, p.encode(), &mut seen.fence, None).await?;
+                // The relay credentials stay across a new authorization: devices keep working.
+                let mut data = p.encode();
+                data.extend(RelayCredentials::encoded(seen.relay.as_ref()));
+                persist_pending_data(&secrets, binding, data, &mut seen.fence, None).await?;
                 if started {
                     info!(method = %p.method, "waiting for a person to authorize");
                     // A new authorization replaces whatever grant was stored.
@@ -447,6 +485,7 @@ async fn obtain_and_store(
             Outcome::Awaiting(p)
         }
         Obtained::Token(state) => {
+            let state = GrantState { relay: seen.relay.clone(), ..state };
             info!(why = ?why, expires_at = %state.expires_at, "token obtained");
             ctx.forget_poll(&ns, &name);
             persist_grant(ctx, &secrets, binding, state.clone(), &mut seen.fence).await?;
@@ -457,6 +496,7 @@ async fn obtain_and_store(
         Obtained::Failed { failure, rescued } => {
             warn!(reason = %failure.reason, message = %failure.message, "token request failed");
             if let Some(state) = rescued {
+                let state = GrantState { relay: seen.relay.clone(), ..state };
                 warn!("the failed response carried a refresh token; storing it");
                 persist_grant(ctx, &secrets, binding, state.clone(), &mut seen.fence).await?;
                 seen.grant = Some(state);
@@ -519,11 +559,19 @@ async fn publish(
     published: &Published,
 ) -> Result<Option<Outcome>> {
     let spec = &binding.spec;
-    let data =
-        match published_data(&spec.mailbox, grant, &spec.protocols, &usable.servers, spec.secret_template.as_ref()) {
-            Ok(data) => data,
-            Err(e) => return Ok(Some(Outcome::Blocked { reason: Reason::InvalidSpec, message: e.to_string() })),
-        };
+    let relay_keys = relay::published(binding, grant.relay.as_ref(), ctx.now());
+    let rendered = published_data(
+        &spec.mailbox,
+        grant,
+        &spec.protocols,
+        &usable.servers,
+        relay_keys,
+        spec.secret_template.as_ref(),
+    );
+    let data = match rendered {
+        Ok(data) => data,
+        Err(e) => return Ok(Some(Outcome::Blocked { reason: Reason::InvalidSpec, message: e.to_string() })),
+    };
     let mut want = desired(binding, &spec.secret_name, Role::Published, data);
     let made_from = at_rest::source(&grant_digest(&grant.encode()), &publish_inputs(binding, &usable.servers));
     want.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(SOURCE_ANNOTATION.to_owned(), made_from);

@@ -370,6 +370,11 @@ pub(crate) fn decode_grant(secret: &Secret) -> Option<GrantState> {
     secret_bytes(secret).and_then(|d| GrantState::decode(&d))
 }
 
+/// The relay credentials a grant-state Secret holds, if any (also with no grant beside them).
+pub(crate) fn decode_relay(secret: &Secret) -> Option<crate::policy::relay::RelayCredentials> {
+    secret_bytes(secret).as_ref().and_then(crate::policy::relay::RelayCredentials::decode)
+}
+
 /// The authorization in progress a grant-state Secret holds, if any.
 pub(crate) fn decode_pending(secret: &Secret) -> Option<PendingAuthorization> {
     secret_bytes(secret).and_then(|d| PendingAuthorization::decode(&d))

@@ -19,7 +19,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, warn};
@@ -34,7 +34,7 @@ use crate::policy::events::Announcement;
 use crate::policy::verification::{
     Key, Next, Pacer, Queue, announcement, basis, invalid, merged, next, requested, server_key,
 };
-use crate::policy::verify::{Check, GrantKind, Verdict, classify, no_server};
+use crate::policy::verify::{AppToken, Check, GrantKind, Verdict, app_token, classify, no_server};
 
 /// Nudges sent by the binding reconcile: "look at this binding now". Never waits: when the
 /// verifier is busy a nudge is dropped, and the sweep finds the binding all the same.
@@ -359,13 +359,20 @@ async fn one(
         Grant::ClientCredentials {} => GrantKind::AppOnly,
         _ => GrantKind::Delegated,
     };
+    // An app-only token may name the application's service principal (Entra: `oid`), shown in
+    // the permission commands; the client id stands in where it does not.
+    let app = match grant {
+        GrantKind::AppOnly => app_token(creds.token.expose_secret()),
+        GrantKind::Delegated => AppToken::default(),
+    };
     let check = Check {
         protocol,
         host: &address.host,
         port: address.port,
         mailbox: &binding.spec.mailbox,
         grant,
-        service_principal: None,
+        service_principal: app.object_id.as_deref(),
+        client_id: app.client_id.as_deref().or(spec.map(|s| s.client_id.as_str())),
     };
     let roots = spec.and_then(crate::oauth::provider::ca_bundle).map(mail::certificates_from_pem);
     let settings =

@@ -58,12 +58,9 @@ async fn capabilities(conn: &mut Conn, tag: &str, settings: &Settings) -> Result
     Ok(a.untagged.iter().find_map(|u| reply::imap_capabilities(u)).unwrap_or_default())
 }
 
-pub(crate) async fn verify(
-    conn: &mut Conn,
-    target: &Target,
-    creds: &Credentials,
-    settings: &Settings,
-) -> Result<Observed, MailError> {
+/// Greeting, capabilities, STARTTLS when the target says so, capabilities again: what the
+/// server offers once the connection is protected as the target says.
+async fn prepare(conn: &mut Conn, target: &Target, settings: &Settings) -> Result<Vec<String>, MailError> {
     let greeting = conn.read_line(Step::Greeting).await?;
     let mut caps = match reply::imap(&greeting) {
         Imap::Untagged(text) if text.get(..2).is_some_and(|w| w.eq_ignore_ascii_case("OK")) => {
@@ -88,13 +85,30 @@ pub(crate) async fn verify(
         // Capabilities from before TLS are not believed.
         caps = None;
     }
-    let caps = match caps {
-        Some(c) => c,
-        None => capabilities(conn, "a3", settings).await?,
-    };
-    let Some(mechanism) = reply::pick_mechanism(reply::imap_mechanisms(&caps)) else {
-        let offered: Vec<String> = reply::imap_mechanisms(&caps).map(str::to_owned).collect();
-        return Ok(Observed::NoMechanism { offered: server_text(&offered, &[]) });
+    match caps {
+        Some(c) => Ok(c),
+        None => capabilities(conn, "a3", settings).await,
+    }
+}
+
+/// The SASL mechanism to use among `caps`, or what was seen when there is none.
+fn mechanism(caps: &[String]) -> Result<reply::Mechanism, Observed> {
+    reply::pick_mechanism(reply::imap_mechanisms(caps)).ok_or_else(|| {
+        let offered: Vec<String> = reply::imap_mechanisms(caps).map(str::to_owned).collect();
+        Observed::NoMechanism { offered: server_text(&offered, &[]) }
+    })
+}
+
+pub(crate) async fn verify(
+    conn: &mut Conn,
+    target: &Target,
+    creds: &Credentials,
+    settings: &Settings,
+) -> Result<Observed, MailError> {
+    let caps = prepare(conn, target, settings).await?;
+    let mechanism = match mechanism(&caps) {
+        Ok(m) => m,
+        Err(seen) => return Ok(seen),
     };
     let sasl = Sasl::new(mechanism, creds, target);
     ensure_protected(conn, target)?;
@@ -106,12 +120,46 @@ pub(crate) async fn verify(
     Ok(seen)
 }
 
-/// The two-step SASL exchange and, when it succeeds, the check that the mailbox is connected.
-async fn login(conn: &mut Conn, sasl: &Sasl, settings: &Settings) -> Result<Observed, MailError> {
+/// Everything [`verify`] does up to and including the login, for the relay that goes on with the
+/// session: the capabilities the server announced with its answer to the login (a `CAPABILITY`
+/// response or response code, as written; empty when it sent none), else what was seen.
+pub(crate) async fn open(
+    conn: &mut Conn,
+    target: &Target,
+    creds: &Credentials,
+    settings: &Settings,
+) -> Result<Result<Vec<String>, Observed>, MailError> {
+    let caps = prepare(conn, target, settings).await?;
+    let mechanism = match mechanism(&caps) {
+        Ok(m) => m,
+        Err(seen) => return Ok(Err(seen)),
+    };
+    let sasl = Sasl::new(mechanism, creds, target);
+    ensure_protected(conn, target)?;
+    Ok(match authenticate(conn, &sasl, settings).await? {
+        Ok(done) => Ok(std::iter::once(done.line.as_str())
+            .chain(done.untagged.iter().map(String::as_str))
+            .find_map(|text| {
+                // `a4 OK [CAPABILITY ...]`: the text after the tag.
+                let text = text.strip_prefix("a4 ").unwrap_or(text);
+                reply::imap_capabilities_as_sent(text)
+            })
+            .unwrap_or_default()),
+        Err(seen) => Err(seen),
+    })
+}
+
+/// The two-step SASL exchange: the server's tagged `OK` (with the untagged lines before it), or
+/// what was seen when it refused.
+async fn authenticate(
+    conn: &mut Conn,
+    sasl: &Sasl,
+    settings: &Settings,
+) -> Result<Result<Answer, Observed>, MailError> {
     conn.write_line(&format!("a4 AUTHENTICATE {}", sasl.mechanism.name()), Step::Authenticate).await?;
     match answer(conn, "a4", Step::Authenticate, settings, true).await? {
         Err(_ready) => {}
-        Ok(a) => return Ok(refused(sasl, a)),
+        Ok(a) => return Ok(Err(refused(sasl, a))),
     }
     conn.write_secret_line(sasl.response(), Step::Authenticate).await?;
     let done = match answer(conn, "a4", Step::Authenticate, settings, true).await? {
@@ -126,7 +174,15 @@ async fn login(conn: &mut Conn, sasl: &Sasl, settings: &Settings) -> Result<Obse
         }
     };
     if done.status != ImapStatus::Ok {
-        return Ok(refused(sasl, done));
+        return Ok(Err(refused(sasl, done)));
+    }
+    Ok(Ok(done))
+}
+
+/// The two-step SASL exchange and, when it succeeds, the check that the mailbox is connected.
+async fn login(conn: &mut Conn, sasl: &Sasl, settings: &Settings) -> Result<Observed, MailError> {
+    if let Err(seen) = authenticate(conn, sasl, settings).await? {
+        return Ok(seen);
     }
     conn.write_line("a5 LIST \"\" \"\"", Step::Check).await?;
     Ok(match answer(conn, "a5", Step::Check, settings, false).await? {

@@ -3,7 +3,7 @@
 //! sent), log in with the two-step SASL exchange (never an initial response: long Entra tokens
 //! pass servers that cut first lines), log out. Every line, reply and wait is bounded; the
 //! outcome is an [`Observed`] that `crate::policy::verify` classifies. Verification uses it, and
-//! the relay opens its upstream submission with [`submission`] (the same steps, stopping after the
+//! the relay opens its upstream sessions with [`open_session`] (the same steps, stopping after the
 //! login).
 
 mod conn;
@@ -48,6 +48,16 @@ impl TlsMode {
         match port {
             993 | 995 | 465 => TlsMode::Implicit,
             _ => TlsMode::Starttls,
+        }
+    }
+
+    /// The mode a published Secret's `<protocol>_tls` names (`implicit`, `starttls`, `none`).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "implicit" => Some(TlsMode::Implicit),
+            "starttls" => Some(TlsMode::Starttls),
+            "none" => Some(TlsMode::None),
+            _ => None,
         }
     }
 }
@@ -381,15 +391,33 @@ pub struct Submission {
     pub pending: Vec<u8>,
 }
 
-/// Opens an SMTP submission session at `target` as `creds` and logs in, within the overall
-/// bound; what was seen when it did not log in (never an error carrying a token).
-pub async fn submission(target: &Target, creds: &Credentials, settings: &Settings) -> Result<Submission, Observed> {
+/// A session logged in with XOAUTH2 (or OAUTHBEARER) over any of the three protocols: the
+/// relay's upstream for IMAP and POP3.
+pub struct Session {
+    /// SMTP: the EHLO extensions after TLS; IMAP: the capabilities announced with the answer to
+    /// the login (empty when none were); POP3: empty.
+    pub capabilities: Vec<String>,
+    /// The stream, under TLS unless `tls: none` was allowed.
+    pub stream: Box<dyn Io>,
+    /// Bytes read after the login's reply.
+    pub pending: Vec<u8>,
+}
+
+/// Opens a session at `target` (its protocol) as `creds` and logs in, within the overall bound;
+/// what was seen when it did not log in (never an error carrying a token). IMAP and POP3 stop
+/// right after the login: the mailbox is neither listed nor read.
+pub async fn open_session(target: &Target, creds: &Credentials, settings: &Settings) -> Result<Session, Observed> {
     let open = async {
         let mut conn =
             Conn::open(&target.host, target.port, target.tls, settings.policy, settings.tls.clone(), settings.limits)
                 .await?;
-        match smtp::open(&mut conn, target, creds, settings).await? {
-            Ok(extensions) => Ok(Ok((conn, extensions))),
+        let opened = match target.protocol {
+            Protocol::Smtp => smtp::open(&mut conn, target, creds, settings).await?,
+            Protocol::Imap => imap::open(&mut conn, target, creds, settings).await?,
+            Protocol::Pop3 => pop3::open(&mut conn, target, creds, settings).await?.map(|()| Vec::new()),
+        };
+        match opened {
+            Ok(capabilities) => Ok(Ok((conn, capabilities))),
             Err(seen) => {
                 conn.close().await;
                 Ok(Err(seen))
@@ -397,9 +425,9 @@ pub async fn submission(target: &Target, creds: &Credentials, settings: &Setting
         }
     };
     match tokio::time::timeout(settings.limits.overall, open).await {
-        Ok(Ok(Ok((conn, extensions)))) => {
+        Ok(Ok(Ok((conn, capabilities)))) => {
             let (stream, pending) = conn.into_parts();
-            Ok(Submission { extensions, stream, pending })
+            Ok(Session { capabilities, stream, pending })
         }
         Ok(Ok(Err(seen))) => Err(seen),
         Ok(Err(e)) => Err(MailError::observed(&e)),
@@ -407,6 +435,12 @@ pub async fn submission(target: &Target, creds: &Credentials, settings: &Setting
             why: format!("the login did not finish within {} s", settings.limits.overall.as_secs()),
         }),
     }
+}
+
+/// Opens an SMTP submission session at `target` as `creds` and logs in ([`open_session`]).
+pub async fn submission(target: &Target, creds: &Credentials, settings: &Settings) -> Result<Submission, Observed> {
+    let session = open_session(&Target { protocol: Protocol::Smtp, ..target.clone() }, creds, settings).await?;
+    Ok(Submission { extensions: session.capabilities, stream: session.stream, pending: session.pending })
 }
 
 /// Fails unless the connection is protected as `target` says: the last guard before a token is

@@ -26,12 +26,13 @@ async fn capa(conn: &mut Conn, settings: &Settings) -> Result<Option<Vec<String>
     Err(MailError::TooManyLines { step: Step::Capabilities, max: settings.limits.max_lines })
 }
 
-pub(crate) async fn verify(
+/// Greeting, `STLS` when the target says so, `CAPA`: the mechanism to log in with, or what was
+/// seen when the server offers none the client has.
+async fn prepare(
     conn: &mut Conn,
     target: &Target,
-    creds: &Credentials,
     settings: &Settings,
-) -> Result<Observed, MailError> {
+) -> Result<Result<reply::Mechanism, Observed>, MailError> {
     let greeting = conn.read_line(Step::Greeting).await?;
     if !matches!(reply::pop3(&greeting), Pop3::Ok(_)) {
         return Err(MailError::Unexpected { step: Step::Greeting, text: server_text(&[greeting], &[]) });
@@ -49,15 +50,25 @@ pub(crate) async fn verify(
         conn.starttls().await?;
     }
     // Without CAPA (RFC 2449 is optional), XOAUTH2 is tried.
-    let mechanism = match capa(conn, settings).await? {
-        None => reply::Mechanism::XOauth2,
+    Ok(match capa(conn, settings).await? {
+        None => Ok(reply::Mechanism::XOauth2),
         Some(caps) => {
             let offered: Vec<String> = caps.iter().filter_map(|c| reply::pop3_sasl(c)).flatten().collect();
-            match reply::pick_mechanism(offered.iter().map(String::as_str)) {
-                Some(m) => m,
-                None => return Ok(Observed::NoMechanism { offered: server_text(&offered, &[]) }),
-            }
+            reply::pick_mechanism(offered.iter().map(String::as_str))
+                .ok_or_else(|| Observed::NoMechanism { offered: server_text(&offered, &[]) })
         }
+    })
+}
+
+pub(crate) async fn verify(
+    conn: &mut Conn,
+    target: &Target,
+    creds: &Credentials,
+    settings: &Settings,
+) -> Result<Observed, MailError> {
+    let mechanism = match prepare(conn, target, settings).await? {
+        Ok(m) => m,
+        Err(seen) => return Ok(seen),
     };
     let sasl = Sasl::new(mechanism, creds, target);
     ensure_protected(conn, target)?;
@@ -67,6 +78,26 @@ pub(crate) async fn verify(
         let _ = conn.read_line(Step::Logout).await;
     }
     Ok(seen)
+}
+
+/// Everything [`verify`] does up to and including the login, for the relay that goes on with the
+/// session in the TRANSACTION state; what was seen when the login did not succeed.
+pub(crate) async fn open(
+    conn: &mut Conn,
+    target: &Target,
+    creds: &Credentials,
+    settings: &Settings,
+) -> Result<Result<(), Observed>, MailError> {
+    let mechanism = match prepare(conn, target, settings).await? {
+        Ok(m) => m,
+        Err(seen) => return Ok(Err(seen)),
+    };
+    let sasl = Sasl::new(mechanism, creds, target);
+    ensure_protected(conn, target)?;
+    Ok(match login(conn, &sasl).await? {
+        Observed::LoggedIn => Ok(()),
+        seen => Err(seen),
+    })
 }
 
 /// The two-step SASL exchange.

@@ -96,6 +96,11 @@ pub fn imap(line: &str) -> Imap<'_> {
 /// The capabilities in an untagged `CAPABILITY a b c` or in a `[CAPABILITY a b c] ...` response
 /// code (greeting or tagged OK), upper-cased; `None` when `text` carries none.
 pub fn imap_capabilities(text: &str) -> Option<Vec<String>> {
+    imap_capabilities_as_sent(text).map(|caps| caps.iter().map(|c| c.to_ascii_uppercase()).collect())
+}
+
+/// [`imap_capabilities`] as the server wrote them (what the relay passes on to its client).
+pub fn imap_capabilities_as_sent(text: &str) -> Option<Vec<String>> {
     let rest = text.trim_start();
     let rest = rest.strip_prefix("OK ").map(str::trim_start).unwrap_or(rest);
     let list = if let Some(code) = rest.strip_prefix('[') {
@@ -104,7 +109,7 @@ pub fn imap_capabilities(text: &str) -> Option<Vec<String>> {
     } else {
         strip_word(rest, "CAPABILITY")?
     };
-    Some(list.split_ascii_whitespace().take(256).map(str::to_ascii_uppercase).collect())
+    Some(list.split_ascii_whitespace().take(256).map(str::to_owned).collect())
 }
 
 /// `text` after a leading `word` and a space (or nothing), compared without case.

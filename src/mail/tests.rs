@@ -302,7 +302,15 @@ async fn run(
 }
 
 fn verdict(protocol: Protocol, grant: GrantKind, seen: &Observed) -> crate::policy::verify::Verdict {
-    let check = Check { protocol, host: "localhost", port: 1, mailbox: USER, grant, service_principal: Some("sp-1") };
+    let check = Check {
+        protocol,
+        host: "localhost",
+        port: 1,
+        mailbox: USER,
+        grant,
+        service_principal: Some("sp-1"),
+        client_id: None,
+    };
     classify(&check, seen)
 }
 

@@ -97,6 +97,7 @@ pub fn grant_state_from(
         mailbox: Some(who.mailbox.to_owned()),
         account: None,
         issuer: issuer_of(who),
+        relay: None,
     }
 }
 
@@ -132,6 +133,7 @@ pub fn rescued_state(
             mailbox: Some(who.mailbox.to_owned()),
             account: None,
             issuer: issuer_of(who),
+            relay: None,
         },
     }
 }

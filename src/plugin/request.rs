@@ -11,12 +11,9 @@ use super::{Connection, PluginError, Result, WaitFlags};
 use crate::api::common::find_condition;
 use crate::api::{
     Grant, MailboxBinding, Phase, REAUTHORIZE_REQUESTED_ANNOTATION, REFRESH_REQUESTED_ANNOTATION,
-    VERIFY_REQUESTED_ANNOTATION,
+    ROTATE_RELAY_PASSWORD_ANNOTATION, VERIFY_REQUESTED_ANNOTATION,
 };
 use crate::policy::binding::conditions;
-
-/// Annotation: any new value asks the operator for a new relay password.
-pub const ROTATE_RELAY_PASSWORD_ANNOTATION: &str = "mailoauth.io/rotate-relay-password";
 
 /// Flags of the request commands.
 #[derive(Clone, Debug, clap::Args)]
@@ -63,7 +60,7 @@ impl Request {
 
     /// Whether the operator has acted on `value`: the status field where it records the last
     /// value handled (`lastRefreshRequest`, `lastReauthorizeRequest`,
-    /// `verification.lastRequest`); for the relay password, any status field holding the value.
+    /// `verification.lastRequest`, `relay.lastRotateRequest`).
     pub fn acknowledged(self, raw: &Value, value: &str) -> bool {
         let status = raw.get("status").unwrap_or(&Value::Null);
         let at = |path: &[&str]| path.iter().try_fold(status, |v, k| v.get(k)).and_then(Value::as_str) == Some(value);
@@ -71,18 +68,8 @@ impl Request {
             Request::Refresh => at(&["lastRefreshRequest"]),
             Request::Reauthorize => at(&["lastReauthorizeRequest"]),
             Request::Verify => at(&["verification", "lastRequest"]),
-            Request::RotateRelayPassword => holds(status, value),
+            Request::RotateRelayPassword => at(&["relay", "lastRotateRequest"]),
         }
-    }
-}
-
-/// Whether any string in `v` is `value`.
-fn holds(v: &Value, value: &str) -> bool {
-    match v {
-        Value::String(s) => s == value,
-        Value::Array(items) => items.iter().any(|i| holds(i, value)),
-        Value::Object(map) => map.values().any(|i| holds(i, value)),
-        _ => false,
     }
 }
 
@@ -90,8 +77,11 @@ fn holds(v: &Value, value: &str) -> bool {
 pub fn refusal(request: Request, binding: &MailboxBinding) -> Option<String> {
     let name = binding.metadata.name.as_deref().unwrap_or_default();
     let status = binding.status.clone().unwrap_or_default();
-    if binding.spec.suspend && request != Request::RotateRelayPassword {
+    if binding.spec.suspend {
         return Some(format!("{name} is suspended (spec.suspend): the operator acts on nothing until it is resumed"));
+    }
+    if request == Request::RotateRelayPassword && !binding.spec.relay.as_ref().is_some_and(|r| r.enabled) {
+        return Some(format!("{name} has no relay password: spec.relay.enabled is not true"));
     }
     if request != Request::Verify {
         return None;
@@ -168,7 +158,20 @@ pub fn outcome(request: Request, binding: &MailboxBinding) -> Result<String> {
                 Ok(text)
             }
         }
-        Request::RotateRelayPassword => Ok(format!("{namespace}/{name}: a new relay password was published")),
+        Request::RotateRelayPassword => {
+            let relay = status.relay.clone().unwrap_or_default();
+            let issued = relay.password_issued_at.map(|t| format!(" (issued {})", absolute(t))).unwrap_or_default();
+            let previous = relay
+                .previous_password_valid_until
+                .map(|t| {
+                    format!("; the previous one works until {} ({})", absolute(t), relative(t, chrono::Utc::now()))
+                })
+                .unwrap_or_else(|| "; the previous one no longer works".to_owned());
+            Ok(format!(
+                "{namespace}/{name}: a new relay password is published in {}{issued}{previous}",
+                status.secret_name.clone().unwrap_or_else(|| binding.spec.secret_name.clone())
+            ))
+        }
     }
 }
 
@@ -246,7 +249,7 @@ mod tests {
     fn each_request_is_acknowledged_where_the_operator_records_it() {
         let raw = serde_json::json!({"status": {
             "lastRefreshRequest": "r1", "lastReauthorizeRequest": "a1",
-            "verification": {"lastRequest": "v1"}, "relay": {"lastRotation": "p1"}
+            "verification": {"lastRequest": "v1"}, "relay": {"lastRotateRequest": "p1"}
         }});
         assert!(Request::Refresh.acknowledged(&raw, "r1") && !Request::Refresh.acknowledged(&raw, "a1"));
         assert!(Request::Reauthorize.acknowledged(&raw, "a1") && !Request::Reauthorize.acknowledged(&raw, "r1"));
@@ -268,6 +271,11 @@ mod tests {
         let mut suspended = ready.clone();
         suspended.spec.suspend = true;
         assert!(refusal(Request::Refresh, &suspended).unwrap().contains("suspended"));
+        let why = refusal(Request::RotateRelayPassword, &ready).unwrap();
+        assert!(why.contains("spec.relay.enabled is not true"), "{why}");
+        let mut relayed = ready.clone();
+        relayed.spec.relay = Some(crate::api::RelaySpec { enabled: true, ..Default::default() });
+        assert_eq!(refusal(Request::RotateRelayPassword, &relayed), None);
     }
 
     #[test]

@@ -157,7 +157,9 @@ pub fn at_rest(seen: &Seen<'_>) -> Option<DateTime<Utc>> {
         && b.metadata.annotations.as_ref().is_none_or(|a| !a.contains_key(AUTHORIZATION_RESPONSE_ANNOTATION))
         && status.secret_name.as_deref() == Some(b.spec.secret_name.as_str());
     let due = seen.now >= token.renew_at || seen.now >= token.expires_at;
-    if !settled || due {
+    // The relay credentials: nothing asked for (a rotation), no grace period over.
+    let relay = crate::policy::relay::settled(b, seen.now);
+    if !settled || due || relay.is_err() {
         return None;
     }
     let grant_digest = annotation(seen.grant, GRANT_DIGEST_ANNOTATION)?;
@@ -171,7 +173,8 @@ pub fn at_rest(seen: &Seen<'_>) -> Option<DateTime<Utc>> {
         && annotation(seen.published, SOURCE_ANNOTATION) == Some(source(grant_digest, seen.inputs).as_str())
         && carries(seen.published_labels, &seen.published.labels)
         && carries(seen.published_annotations, &seen.published.annotations);
-    (grant_ok && published_ok).then_some(std::cmp::min(token.renew_at, token.expires_at))
+    let until = [Some(token.renew_at), Some(token.expires_at), relay.ok().flatten()].into_iter().flatten().min()?;
+    (grant_ok && published_ok).then_some(until)
 }
 
 #[cfg(test)]
@@ -203,6 +206,7 @@ mod tests {
             requested_scopes: vec![],
             client_id: "c".into(),
             issuer: None,
+            relay: None,
             ..crate::policy::grant_state::GrantState::test()
         };
         b.status = Some(crate::policy::binding::next_status(t(0), &b, Some(&grant), &Outcome::Refreshed));

@@ -361,6 +361,10 @@ pub fn next_status(
         observed_generation: generation,
         // The verifier's, carried as it is (see `reconcile_owned`).
         verification: previous.verification.clone(),
+        relay: match grant {
+            Some(g) => super::relay::status(binding, g.relay.as_ref(), now),
+            None => previous.relay.clone().filter(|_| super::relay::enabled(binding).is_some()),
+        },
     };
     let valid = grant.filter(|g| g.expires_at > now);
     let cond = |type_: &str, s: ConditionStatus, r: Reason, m: String| condition(prev, type_, s, r, m, now, generation);
@@ -590,11 +594,10 @@ pub fn requeue_after(
             Some(_) => None,
         },
     };
-    // Always come back at expiry, so `Ready` turns `False` on time.
-    let next = match (next, expiry) {
-        (Some(n), Some(e)) => Some(std::cmp::min(n, e)),
-        (n, e) => n.or(e),
-    }?;
+    // Always come back at expiry, so `Ready` turns `False` on time; and when a previous relay
+    // password's grace ends, so that it is unpublished on time.
+    let grace_end = status.relay.as_ref().and_then(|r| r.previous_password_valid_until).filter(|e| *e > now);
+    let next = [next, expiry, grace_end].into_iter().flatten().min()?;
     Some(std::cmp::max(between(now, next), Duration::seconds(1)))
 }
 

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, Utc};
 use secrecy::{ExposeSecret, SecretString};
 
+use super::relay::RelayCredentials;
+
 /// Keys of the grant-state Secret.
 pub mod keys {
     /// The refresh token (rotated copies replace it).
@@ -77,6 +79,9 @@ pub struct GrantState {
     pub account: Option<String>,
     /// The issuer the grant is bound to (absent in states written before 2026-12).
     pub issuer: Option<Issuer>,
+    /// The relay credentials (`spec.relay`), stored beside the grant and carried across renewals
+    /// and new grants (see [`super::relay`]).
+    pub relay: Option<RelayCredentials>,
 }
 
 /// What issued a grant, recorded when the grant is first obtained and carried unchanged across
@@ -111,6 +116,7 @@ impl PartialEq for GrantState {
             && self.mailbox == other.mailbox
             && self.account == other.account
             && self.issuer == other.issuer
+            && self.relay == other.relay
     }
 }
 
@@ -141,6 +147,7 @@ impl GrantState {
                 revocation_url: None,
                 client_auth: "none".into(),
             }),
+            relay: None,
         }
     }
 
@@ -180,6 +187,9 @@ impl GrantState {
             }
             put(keys::CLIENT_AUTH, issuer.client_auth.clone());
         }
+        if let Some(relay) = &self.relay {
+            relay.encode_into(&mut data);
+        }
         data
     }
 
@@ -211,6 +221,7 @@ impl GrantState {
                 revocation_url: text(keys::REVOCATION_URL).filter(|u| !u.is_empty()),
                 client_auth: text(keys::CLIENT_AUTH).unwrap_or_default(),
             }),
+            relay: RelayCredentials::decode(data),
         })
         .filter(|s| s.refresh_token.is_some() || !s.access_token.expose_secret().is_empty())
     }
@@ -464,6 +475,7 @@ mod tests {
             provider: "MailProvider/p".into(),
             imported_from: Some("import/refresh_token".into()),
             issuer: None,
+            relay: None,
             ..GrantState::test()
         };
         let data = state.encode().into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
@@ -617,6 +629,7 @@ mod tests {
             client_id: "c".into(),
             mailbox: None,
             issuer: None,
+            relay: None,
             ..GrantState::test()
         };
         let shown = format!("{state:?}");

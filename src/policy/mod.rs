@@ -15,6 +15,7 @@ pub mod provider;
 pub mod publish;
 pub mod reason;
 pub mod reference;
+pub mod relay;
 pub mod schedule;
 pub mod scrub;
 pub mod time;

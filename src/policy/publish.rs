@@ -60,6 +60,7 @@ pub fn published_data(
     grant: &GrantState,
     protocols: &[Protocol],
     servers: &BTreeMap<Protocol, ServerAddress>,
+    relay: BTreeMap<String, String>,
     template: Option<&SecretTemplate>,
 ) -> Result<BTreeMap<String, String>, TemplateError> {
     let token = grant.access_token.expose_secret();
@@ -73,14 +74,19 @@ pub fn published_data(
         if let Some(addr) = servers.get(p) {
             data.insert(format!("{}_host", p.as_str()), addr.host.clone());
             data.insert(format!("{}_port", p.as_str()), addr.port.to_string());
+            // The provider's TLS mode when it states one (the relay's upstream follows it).
+            if let Some(tls) = addr.tls {
+                data.insert(format!("{}_tls", p.as_str()), tls.as_str().to_owned());
+            }
         }
     }
+    data.extend(relay);
     if let Some(template) = template {
         let mut values = data.clone();
         values.insert("mailbox".to_owned(), mailbox.to_owned());
         let mut budget = PUBLISHED_MAX_BYTES.saturating_sub(data.values().map(String::len).sum());
         for (key, text) in &template.data {
-            if values.contains_key(key) {
+            if values.contains_key(key) || super::relay::published_keys::ALL.contains(&key.as_str()) {
                 return Err(TemplateError::ReservedKey { key: key.clone() });
             }
             let rendered = render(key, text, &values, budget)?;
@@ -152,6 +158,7 @@ mod tests {
             client_id: "c".into(),
             mailbox: None,
             issuer: None,
+            relay: None,
             ..GrantState::test()
         }
     }
@@ -171,13 +178,31 @@ mod tests {
     #[test]
     fn the_published_keys_are_exactly_those_of_the_api() {
         let servers = BTreeMap::from([
-            (Protocol::Imap, ServerAddress { host: "imap.example.com".into(), port: 993, tls: None }),
+            (
+                Protocol::Imap,
+                ServerAddress {
+                    host: "imap.example.com".into(),
+                    port: 993,
+                    tls: Some(crate::api::ServerTls::Implicit),
+                },
+            ),
             (Protocol::Pop3, ServerAddress { host: "pop.example.com".into(), port: 995, tls: None }),
         ]);
-        let data = published_data("a@example.com", &grant(), &[Protocol::Imap, Protocol::Smtp], &servers, None)
-            .unwrap_or_default();
+        let data = published_data(
+            "a@example.com",
+            &grant(),
+            &[Protocol::Imap, Protocol::Smtp],
+            &servers,
+            BTreeMap::new(),
+            None,
+        )
+        .unwrap_or_default();
         let keys: Vec<&str> = data.keys().map(String::as_str).collect();
-        assert_eq!(keys, ["access_token", "expires_at", "imap_host", "imap_port", "token_type", "username", "xoauth2"]);
+        assert_eq!(
+            keys,
+            ["access_token", "expires_at", "imap_host", "imap_port", "imap_tls", "token_type", "username", "xoauth2"]
+        );
+        assert_eq!(data["imap_tls"], "implicit");
         assert_eq!(data["expires_at"], "2023-11-14T23:13:20Z");
         assert_eq!(data["imap_port"], "993");
         assert!(!data.values().any(|v| v.contains("refresh-secret")));
@@ -192,18 +217,28 @@ mod tests {
         let servers =
             BTreeMap::from([(Protocol::Imap, ServerAddress { host: "imap.example.com".into(), port: 993, tls: None })]);
         let data =
-            published_data("a@example.com", &grant(), &[Protocol::Imap], &servers, Some(&template)).unwrap_or_default();
+            published_data("a@example.com", &grant(), &[Protocol::Imap], &servers, BTreeMap::new(), Some(&template))
+                .unwrap_or_default();
         assert_eq!(data["msmtprc"], "user a@example.com\nhost imap.example.com\n");
     }
 
     #[test]
     fn templates_cannot_name_unknown_keys_or_overwrite_ours() {
         let servers = BTreeMap::new();
-        let unknown = published_data("a@example.com", &grant(), &[], &servers, Some(&bad("x", "{{ refresh_token }}")));
+        let unknown = published_data(
+            "a@example.com",
+            &grant(),
+            &[],
+            &servers,
+            BTreeMap::new(),
+            Some(&bad("x", "{{ refresh_token }}")),
+        );
         assert!(matches!(unknown, Err(TemplateError::UnknownPlaceholder { .. })));
-        let reserved = published_data("a@example.com", &grant(), &[], &servers, Some(&bad("access_token", "x")));
+        let reserved =
+            published_data("a@example.com", &grant(), &[], &servers, BTreeMap::new(), Some(&bad("access_token", "x")));
         assert_eq!(reserved, Err(TemplateError::ReservedKey { key: "access_token".into() }));
-        let unclosed = published_data("a@example.com", &grant(), &[], &servers, Some(&bad("x", "{{ mailbox")));
+        let unclosed =
+            published_data("a@example.com", &grant(), &[], &servers, BTreeMap::new(), Some(&bad("x", "{{ mailbox")));
         assert_eq!(unclosed, Err(TemplateError::Unclosed { key: "x".into() }));
     }
 
@@ -211,7 +246,7 @@ mod tests {
     fn a_template_that_would_blow_up_the_secret_is_refused_without_allocating_it() {
         let servers = BTreeMap::new();
         let bomb = bad("x", &"{{xoauth2}}".repeat(100_000));
-        let result = published_data("a@example.com", &grant(), &[], &servers, Some(&bomb));
+        let result = published_data("a@example.com", &grant(), &[], &servers, BTreeMap::new(), Some(&bomb));
         assert_eq!(result, Err(TemplateError::TooLarge));
     }
 
@@ -220,7 +255,7 @@ mod tests {
         #[test]
         fn any_template_renders_or_errs_within_the_budget(text in "(\\{\\{|\\}\\}| ?[a-z_]{0,12} ?|\\PC{0,3}){0,40}") {
             let servers = BTreeMap::new();
-            if let Ok(data) = published_data("a@example.com", &grant(), &[], &servers, Some(&bad("x", &text))) {
+            if let Ok(data) = published_data("a@example.com", &grant(), &[], &servers, BTreeMap::new(), Some(&bad("x", &text))) {
                 proptest::prop_assert!(data.values().map(String::len).sum::<usize>() <= PUBLISHED_MAX_BYTES);
                 proptest::prop_assert!(!data["x"].contains("refresh-secret"));
             }

@@ -87,12 +87,30 @@ pub fn refresh_before(spec: &MailboxBindingSpec) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The relay's grace period, bounded, and its senders' count (the schema's bound, checked again).
+fn relay(spec: &MailboxBindingSpec) -> Result<(), String> {
+    let Some(r) = &spec.relay else { return Ok(()) };
+    if r.senders.len() > 32 {
+        return Err("spec.relay.senders: more than 32 entries".to_owned());
+    }
+    let Some(text) = r.rotation_grace_period.as_deref() else { return Ok(()) };
+    let d = duration::parse(text).map_err(|e| format!("spec.relay.rotationGracePeriod: {e}"))?;
+    if d > super::relay::MAX_GRACE {
+        return Err(format!(
+            "spec.relay.rotationGracePeriod: {} is longer than the longest accepted grace period, 168h",
+            show(text)
+        ));
+    }
+    Ok(())
+}
+
 /// The names a template may use in `{{ }}`: the published keys for these protocols and `mailbox`.
 pub fn template_names(protocols: &[Protocol]) -> BTreeSet<String> {
     let mut names: BTreeSet<String> = super::publish::TOKEN_KEYS.iter().map(|k| (*k).to_owned()).collect();
     for p in protocols {
         names.insert(format!("{}_host", p.as_str()));
         names.insert(format!("{}_port", p.as_str()));
+        names.insert(format!("{}_tls", p.as_str()));
     }
     names.insert("mailbox".to_owned());
     names
@@ -159,6 +177,7 @@ pub fn provider(spec: &MailProviderSpec) -> Result<(), String> {
 pub fn spec(spec: &MailboxBindingSpec) -> Result<(), String> {
     refresh_before(spec)?;
     sizes(spec)?;
+    relay(spec)?;
     if !is_dns_subdomain(&spec.secret_name) {
         return Err(format!("spec.secretName: {:?} is not a valid Secret name", show(&spec.secret_name)));
     }
@@ -195,7 +214,10 @@ pub fn spec(spec: &MailboxBindingSpec) -> Result<(), String> {
     if annotation_bytes > MAX_ANNOTATIONS_BYTES {
         return Err("spec.secretTemplate.annotations: more than 256 KiB in all".to_owned());
     }
-    let names = template_names(&spec.protocols);
+    let mut names = template_names(&spec.protocols);
+    if spec.relay.as_ref().is_some_and(|r| r.enabled) {
+        names.extend(super::relay::published_keys::ALL.iter().map(|k| (*k).to_owned()));
+    }
     let mut template_bytes = 0_usize;
     for (k, text) in &t.data {
         if !is_secret_key(k) {
@@ -204,7 +226,7 @@ pub fn spec(spec: &MailboxBindingSpec) -> Result<(), String> {
                 show(k)
             ));
         }
-        if names.contains(k) {
+        if names.contains(k) || super::relay::published_keys::ALL.contains(&k.as_str()) {
             return Err(format!(
                 "spec.secretTemplate.data[{k}] would overwrite a key the operator writes; choose another key"
             ));

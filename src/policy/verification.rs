@@ -119,6 +119,23 @@ pub fn jitter(binding: &MailboxBinding, last: DateTime<Utc>, wait: Duration) -> 
     Duration::seconds(i64::try_from(spread).unwrap_or(0))
 }
 
+/// The binding's periodic check time after a check at `last`: the binding's own moment in every
+/// `wait` (a phase from its uid, stable across restarts), the first such moment at least half an
+/// interval after `last`. So the checks of many bindings spread evenly over the interval however
+/// they were first made (a first start over 10,000 bindings, paced per server, is over in hours),
+/// and a binding is checked once an interval; only the second check of a binding may come between
+/// half and one and a half intervals after its first.
+pub fn slot(binding: &MailboxBinding, last: DateTime<Utc>, wait: Duration) -> DateTime<Utc> {
+    let w = wait.num_seconds().max(1);
+    let uid = binding.metadata.uid.as_deref().unwrap_or_default();
+    let phase = seed(uid).checked_rem(u64::try_from(w).unwrap_or(1)).and_then(|p| i64::try_from(p).ok()).unwrap_or(0);
+    let earliest = last.timestamp().saturating_add(w / 2);
+    let from_phase = earliest.saturating_sub(phase);
+    let whole = from_phase.checked_div_euclid(w).unwrap_or(0);
+    let k = if from_phase.checked_rem_euclid(w) == Some(0) { whole } else { whole.saturating_add(1) };
+    DateTime::from_timestamp(k.saturating_mul(w).saturating_add(phase), 0).unwrap_or(last)
+}
+
 /// What the verifier does next for `binding`, whose provider names `servers`.
 pub fn next(binding: &MailboxBinding, servers: &BTreeMap<Protocol, ServerAddress>, now: DateTime<Utc>) -> Next {
     let default = MailboxBindingStatus::default();
@@ -154,10 +171,12 @@ pub fn next(binding: &MailboxBinding, servers: &BTreeMap<Protocol, ServerAddress
     }
     let Some(last) = last.into_iter().min() else { return check(now, Why::First) };
     let unreachable = checks.iter().flatten().any(|c| c.result == VerifyReason::ServerUnreachable.as_str());
-    let (wait, why) =
-        if unreachable { (std::cmp::min(RETRY_TRANSIENT, wait), Why::Retry) } else { (wait, Why::Interval) };
+    if !unreachable {
+        return check(slot(binding, last, wait), Why::Interval);
+    }
+    let wait = std::cmp::min(RETRY_TRANSIENT, wait);
     let at = wait.checked_sub(&jitter(binding, last, wait)).and_then(|w| last.checked_add_signed(w)).unwrap_or(last);
-    check(at, why)
+    check(at, Why::Retry)
 }
 
 /// Paces checks per mail server: at most one start per `spacing` at each server, so that a
@@ -503,7 +522,12 @@ mod tests {
         let Next::Check { at, why } = next(&b, &servers(), t(20)) else { panic!("a check is planned") };
         assert_eq!(why, Why::Interval);
         let day = DEFAULT_INTERVAL;
-        assert!(at <= t(10) + day && at > t(10) + day - day / 10, "{at}");
+        assert!(at >= t(10) + day / 2 && at < t(10) + day + day / 2, "{at}");
+        // Then once a day at the binding's own moment.
+        let again = checked(b.clone(), &both_verified(), at);
+        assert_eq!(next(&again, &servers(), t(20)), Next::Check { at: at + day, why: Why::Interval });
+        let late = checked(b.clone(), &both_verified(), at + Duration::minutes(20));
+        assert_eq!(next(&late, &servers(), t(20)), Next::Check { at: at + day, why: Why::Interval }, "paced late");
         // An expired token is not checked.
         let mut expired = b.clone();
         if let Some(tk) = expired.status.as_mut().and_then(|s| s.token.as_mut()) {
@@ -514,7 +538,7 @@ mod tests {
         let mut hourly = b.clone();
         hourly.spec.verify = Some(crate::api::VerifySpec { enabled: true, interval: Some("1h".into()) });
         let Next::Check { at, .. } = next(&hourly, &servers(), t(20)) else { panic!("planned") };
-        assert!(at <= t(3610) && at > t(3250), "{at}");
+        assert!(at >= t(1810) && at < t(5410), "{at}");
     }
 
     #[test]
@@ -644,6 +668,140 @@ mod tests {
         assert_eq!(pacer.reserve(&a, t(10_000)), t(10_000));
     }
 
+    /// What [`simulate`] saw: each check's start and binding, in order.
+    struct Simulated {
+        starts: Vec<(DateTime<Utc>, usize)>,
+    }
+
+    /// The verifier's scheduling over `n` bindings of one namespace at one IMAP and one SMTP
+    /// server, without I/O: a sweep every 30 s queues the due ones (paced per server at 1 check
+    /// start a second), `concurrency` checks run at once, each takes `check` and finds the
+    /// mailbox verified; the verifier starts at `t(0)` with every binding unchecked. A pure
+    /// simulation of `next`, `Pacer` and `Queue` as `controller::verify` drives them.
+    fn simulate(n: usize, days: i64, concurrency: usize, check: Duration) -> Simulated {
+        let far = t(400 * 86_400);
+        let mut bindings: Vec<MailboxBinding> = (0..n)
+            .map(|i| {
+                let mut b = ready(&format!("uid-{i}"), serde_json::json!({}));
+                b.metadata.name = Some(format!("b{i}"));
+                if let Some(token) = b.status.as_mut().and_then(|s| s.token.as_mut()) {
+                    token.expires_at = far;
+                }
+                b
+            })
+            .collect();
+        let server_keys: Vec<String> = servers().values().map(server_key).collect();
+        let due = |b: &MailboxBinding, now| match next(b, &servers(), now) {
+            Next::Check { at, .. } => at,
+            other => panic!("{other:?}"),
+        };
+        let mut next_due: Vec<DateTime<Utc>> = bindings.iter().map(|b| due(b, t(0))).collect();
+        let mut pacer = Pacer::new(1.0);
+        let mut queue = Queue::new(concurrency / 2);
+        let mut queued = vec![false; n];
+        let mut running: Vec<(DateTime<Utc>, usize)> = Vec::new();
+        let mut starts = Vec::new();
+        let end = t(days * 86_400);
+        let mut now = t(0);
+        while now < end {
+            // Finished checks write their results; the binding's next check follows from them.
+            let (done, still): (Vec<_>, Vec<_>) = running.into_iter().partition(|(until, _)| *until <= now);
+            running = still;
+            for (_, i) in done {
+                let b = checked(bindings[i].clone(), &both_verified(), now);
+                next_due[i] = due(&b, now);
+                bindings[i] = b;
+                queued[i] = false;
+                queue.finish(&("ns".to_owned(), format!("b{i}")));
+            }
+            if (now - t(0)).num_seconds() % 30 == 0 {
+                pacer.prune(now);
+                for i in 0..n {
+                    if !queued[i] && next_due[i] <= now {
+                        queued[i] = true;
+                        let at = pacer.reserve(&server_keys, now);
+                        queue.push(at, ("ns".to_owned(), format!("b{i}")));
+                    }
+                }
+            }
+            for (_, name) in queue.start(now, concurrency.saturating_sub(running.len())) {
+                let i: usize = name.trim_start_matches('b').parse().unwrap_or_else(|e| panic!("{name}: {e}"));
+                starts.push((now, i));
+                running.push((now + check, i));
+            }
+            now += Duration::seconds(1);
+        }
+        Simulated { starts }
+    }
+
+    #[test]
+    fn ten_thousand_bindings_spread_over_the_interval_and_never_exceed_the_per_server_rate() {
+        let n = 10_000;
+        let sim = simulate(n, 4, 4, Duration::milliseconds(1500));
+        // Never more than one start a second at a server (every check talks to both).
+        for pair in sim.starts.windows(2) {
+            assert!(pair[1].0 - pair[0].0 >= Duration::seconds(1), "{:?}", pair);
+        }
+        // The first round: everyone once, at the rate: about 10,000 s.
+        let mut seen = vec![0_u32; n];
+        let mut last: Vec<Option<DateTime<Utc>>> = vec![None; n];
+        let mut gaps = Vec::new();
+        for (at, i) in &sim.starts {
+            seen[*i] += 1;
+            if let Some(before) = last[*i] {
+                gaps.push((seen[*i], *at - before));
+            }
+            last[*i] = Some(*at);
+        }
+        assert!(seen.iter().all(|c| *c >= 4), "every binding checked each day: {:?}", seen.iter().min());
+        let first_round = sim.starts.get(n - 1).map(|(at, _)| *at - t(0)).unwrap_or_default();
+        assert!(first_round <= Duration::seconds(10_100), "{first_round}");
+        // The second check comes at the binding's own moment, half to one and a half intervals
+        // after the first; every later one an interval after the one before (plus pacing).
+        let span = |k: u32| {
+            let g: Vec<Duration> = gaps.iter().filter(|(c, _)| *c == k).map(|(_, g)| *g).collect();
+            (g.iter().min().copied().unwrap_or_default(), g.iter().max().copied().unwrap_or_default())
+        };
+        let (second_min, second_max) = span(2);
+        assert!(
+            second_min >= Duration::hours(12) && second_max <= Duration::hours(36) + Duration::minutes(5),
+            "{second_min} {second_max}"
+        );
+        for k in 3..=4 {
+            let (shortest, longest) = span(k);
+            assert!(shortest >= Duration::hours(24) - Duration::minutes(5), "round {k}: {shortest}");
+            assert!(longest <= Duration::hours(24) + Duration::minutes(5), "round {k}: {longest}");
+        }
+        // From the second round on the checks are spread over the whole day, evenly.
+        let mut rounds: Vec<Vec<DateTime<Utc>>> = vec![Vec::new(); 5];
+        let mut count = vec![0_usize; n];
+        for (at, i) in &sim.starts {
+            if let Some(round) = rounds.get_mut(count[*i]) {
+                round.push(*at);
+            }
+            count[*i] += 1;
+        }
+        let window = |k: usize| {
+            let r = &rounds[k];
+            r.iter().max().copied().unwrap_or_default() - r.iter().min().copied().unwrap_or_default()
+        };
+        let mut hours = [0_u32; 24];
+        for (at, _) in sim.starts.iter().filter(|(at, _)| *at >= t(3 * 86_400)) {
+            hours[usize::try_from((*at - t(3 * 86_400)).num_hours()).unwrap_or(0).min(23)] += 1;
+        }
+        let (quietest, busiest) = (hours.iter().min().copied().unwrap_or(0), hours.iter().max().copied().unwrap_or(0));
+        println!(
+            "10,000 bindings, 1 check start/s per server: round 1 over {} s, round 2 over {} min, round 4 over {} \
+             min; day 4 per hour {hours:?} ({quietest} to {busiest}); second gaps {second_min} to {second_max}",
+            first_round.num_seconds(),
+            window(1).num_minutes(),
+            window(3).num_minutes()
+        );
+        assert_eq!(rounds[3].len(), n);
+        assert!(window(1) >= Duration::hours(23) && window(3) >= Duration::hours(23), "{} {}", window(1), window(3));
+        assert!(quietest >= 330 && busiest <= 500, "about 10,000 / 24 an hour: {hours:?}");
+    }
+
     #[test]
     fn one_namespace_holds_at_most_its_share_of_the_running_checks() {
         let key = |ns: &str, n: usize| (ns.to_owned(), format!("b{n}"));
@@ -728,6 +886,7 @@ mod tests {
             mailbox: Some("a@example.com".into()),
             account: Some("a@example.com".into()),
             issuer: None,
+            relay: None,
         };
         // The reconcile's own status, as it would have written it, then the verifier's on top.
         let mut settled = b.clone();

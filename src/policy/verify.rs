@@ -102,8 +102,68 @@ pub struct Check<'a> {
     pub mailbox: &'a str,
     /// Whose token it is.
     pub grant: GrantKind,
-    /// The application's service principal object id, when known (app-only fixes name it).
+    /// The application's service principal object id, when known (app-only fixes name it; see
+    /// [`app_token`]).
     pub service_principal: Option<&'a str>,
+    /// The application's client id, when known (names the application where the object id is
+    /// not known).
+    pub client_id: Option<&'a str>,
+}
+
+/// Who an app-only access token says it is for: read from a JWT's payload for display in a fix
+/// command only (the signature is not checked; nothing is decided on it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppToken {
+    /// `oid`: Entra puts the object id of the application's service principal (its Enterprise
+    /// application, not the app registration) there. Only a GUID is taken.
+    pub object_id: Option<String>,
+    /// `appid` (Entra v1 tokens) or `azp` (v2): the client id. Only a GUID or up to 128 letters,
+    /// digits and `._-@:` are taken.
+    pub client_id: Option<String>,
+}
+
+/// Longest token whose payload is looked at (Entra's are 1.5 to 3 KB).
+const MAX_TOKEN: usize = 16 * 1024;
+
+/// Reads `oid` and `appid`/`azp` from an access token that is a JWT (three base64url parts, the
+/// middle one a JSON object); nothing from an opaque token, an oversized one or one that does
+/// not parse. Never fails and never shows the token.
+pub fn app_token(token: &str) -> AppToken {
+    use base64::Engine;
+    let none = AppToken::default();
+    if token.len() > MAX_TOKEN {
+        return none;
+    }
+    let mut parts = token.split('.');
+    let (Some(_header), Some(payload), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return none;
+    };
+    let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')) else {
+        return none;
+    };
+    let Ok(serde_json::Value::Object(claims)) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return none;
+    };
+    let text = |k: &str| claims.get(k).and_then(serde_json::Value::as_str);
+    let object_id = text("oid").filter(|v| is_guid(v)).map(str::to_owned);
+    let client_id = text("appid")
+        .or_else(|| text("azp"))
+        .filter(|v| {
+            is_guid(v)
+                || (!v.is_empty()
+                    && v.len() <= 128
+                    && v.chars().all(|c| c.is_ascii_alphanumeric() || "._-@:".contains(c)))
+        })
+        .map(str::to_owned);
+    AppToken { object_id, client_id }
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` in hex digits.
+fn is_guid(v: &str) -> bool {
+    v.len() == 36
+        && v.char_indices().all(|(i, c)| if matches!(i, 8 | 13 | 18 | 23) { c == '-' } else { c.is_ascii_hexdigit() })
 }
 
 /// A classified check.
@@ -156,20 +216,47 @@ fn shown(mailbox: &str) -> String {
     }
 }
 
+/// Like [`shown`], always in single quotes (an id PowerShell could otherwise read as a number).
+fn quoted(text: &str) -> String {
+    let printable: String = text.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(254).collect();
+    format!("'{}'", printable.replace('\'', "''"))
+}
+
 fn contains(text: &str, needle: &str) -> bool {
     text.to_ascii_lowercase().contains(&needle.to_ascii_lowercase())
 }
 
-/// The PowerShell commands that give an application access to a mailbox.
+/// What stands for the service principal in the commands when the token does not name it.
+const SP_PLACEHOLDER: &str = "<service principal object id>";
+
+/// The PowerShell commands that give an application access to a mailbox: with the service
+/// principal's object id when the token named it, else with a placeholder and where to find it.
 fn permission_commands(check: &Check<'_>) -> String {
     let mailbox = shown(check.mailbox);
-    let sp = check.service_principal.map(shown).unwrap_or_else(|| "<service principal object id>".to_owned());
-    format!(
+    let sp = check.service_principal.map(shown).unwrap_or_else(|| SP_PLACEHOLDER.to_owned());
+    let mut text = format!(
         "give the application access to the mailbox in Exchange Online PowerShell: \
          Add-MailboxPermission -Identity {mailbox} -User {sp} -AccessRights FullAccess; and, to send as it, \
-         Add-RecipientPermission -Identity {mailbox} -Trustee {sp} -AccessRights SendAs \
-         (the service principal is registered with New-ServicePrincipal)"
-    )
+         Add-RecipientPermission -Identity {mailbox} -Trustee {sp} -AccessRights SendAs"
+    );
+    match check.service_principal {
+        Some(_) => text.push_str(
+            " (the object id is the token's oid claim: the application's Enterprise application; it must be \
+             registered in Exchange with New-ServicePrincipal -AppId <client id> -ObjectId <that id>)",
+        ),
+        None => {
+            let app = check
+                .client_id
+                .map(|id| format!("Get-ServicePrincipal | Where-Object AppId -eq {}", quoted(id)))
+                .unwrap_or_else(|| "Get-ServicePrincipal".to_owned());
+            text.push_str(&format!(
+                " ({SP_PLACEHOLDER}: the token does not name it; it is the Object ID of the application's \
+                 Enterprise application in Entra (Enterprise applications, not App registrations), also shown by \
+                 {app} once registered with New-ServicePrincipal)"
+            ));
+        }
+    }
+    text
 }
 
 /// The Set-CASMailbox switch that turns the protocol on for a mailbox.
@@ -313,6 +400,7 @@ mod tests {
             mailbox: MAILBOX,
             grant,
             service_principal: Some("6d1b2a55-0c1f-4a4e-9f4e-5a1f0b0c2d3e"),
+            client_id: Some("0e3b5f2a-7c1d-4e8f-9a6b-1c2d3e4f5a6b"),
         }
     }
 
@@ -398,11 +486,24 @@ mod tests {
         ] {
             assert!(v.message.contains(command), "{}", v.message);
         }
-        // Without a known service principal, a placeholder says what to put there.
+        assert!(v.message.contains("the token's oid claim"), "{}", v.message);
+        assert!(!v.message.contains("<service principal object id>"), "{}", v.message);
+        // Without a known service principal, a placeholder says what to put there and where to
+        // find it, naming the client id when known.
         let mut c = check(Protocol::Imap, GrantKind::AppOnly);
         c.service_principal = None;
         let v = classify(&c, &refused_with(IMAP_FAILED));
-        assert!(v.message.contains("-User <service principal object id>"), "{}", v.message);
+        assert!(v.message.contains("-User <service principal object id> -AccessRights FullAccess"), "{}", v.message);
+        assert!(v.message.contains("-Trustee <service principal object id> -AccessRights SendAs"), "{}", v.message);
+        assert!(v.message.contains("Enterprise applications"), "{}", v.message);
+        assert!(
+            v.message.contains("Get-ServicePrincipal | Where-Object AppId -eq '0e3b5f2a-7c1d-4e8f-9a6b-1c2d3e4f5a6b'"),
+            "{}",
+            v.message
+        );
+        c.client_id = None;
+        let v = classify(&c, &refused_with(IMAP_FAILED));
+        assert!(v.message.contains("also shown by Get-ServicePrincipal once"), "{}", v.message);
         // SMTP and POP3 give the same for Exchange's texts.
         let v = classify(
             &check(Protocol::Smtp, GrantKind::AppOnly),
@@ -414,6 +515,67 @@ mod tests {
             &refused_with("-ERR Authentication failure: unknown user name or bad password."),
         );
         assert_eq!(v.reason, VerifyReason::MailboxAccessDenied);
+    }
+
+    /// An Entra app-only access token (v1, client credentials) as Exchange Online gets it; the
+    /// signature part is a stand-in (it is never checked).
+    const ENTRA_APP_TOKEN: &str = concat!(
+        "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiIsIng1dCI6IktRMnRBY3JFN2xCYVZpR21OX1VlIiwia2lkIjoiS1EydEFjckU3bEJhVmlHbU5fVWUifQ.",
+        "eyJhdWQiOiJodHRwczovL291dGxvb2sub2ZmaWNlMzY1LmNvbSIsImlzcyI6Imh0dHBzOi8vc3RzLndpbmRvd3MubmV0Lzcy",
+        "Zjk4OGJmLTg2ZjEtNDFhZi05MWFiLTJkN2NkMDExZGI0Ny8iLCJpYXQiOjE3NjQ1OTAwMDAsIm5iZiI6MTc2NDU5MDAwMCwi",
+        "ZXhwIjoxNzY0NTkzOTAwLCJhcHBfZGlzcGxheW5hbWUiOiJzY2FubmVyIiwiYXBwaWQiOiIwZTNiNWYyYS03YzFkLTRlOGYt",
+        "OWE2Yi0xYzJkM2U0ZjVhNmIiLCJhcHBpZGFjciI6IjEiLCJpZHAiOiJodHRwczovL3N0cy53aW5kb3dzLm5ldC83MmY5ODhi",
+        "Zi04NmYxLTQxYWYtOTFhYi0yZDdjZDAxMWRiNDcvIiwib2lkIjoiNmQxYjJhNTUtMGMxZi00YTRlLTlmNGUtNWExZjBiMGMy",
+        "ZDNlIiwicm9sZXMiOlsiSU1BUC5BY2Nlc3NBc0FwcCIsIlNNVFAuU2VuZEFzQXBwIl0sInN1YiI6IjZkMWIyYTU1LTBjMWYt",
+        "NGE0ZS05ZjRlLTVhMWYwYjBjMmQzZSIsInRpZCI6IjcyZjk4OGJmLTg2ZjEtNDFhZi05MWFiLTJkN2NkMDExZGI0NyIsInZl",
+        "ciI6IjEuMCJ9",
+        ".c2lnbmF0dXJlLW5vdC1jaGVja2Vk"
+    );
+
+    #[test]
+    fn an_entra_app_only_token_names_its_service_principal_and_client_id() {
+        let t = app_token(ENTRA_APP_TOKEN);
+        assert_eq!(t.object_id.as_deref(), Some("6d1b2a55-0c1f-4a4e-9f4e-5a1f0b0c2d3e"));
+        assert_eq!(t.client_id.as_deref(), Some("0e3b5f2a-7c1d-4e8f-9a6b-1c2d3e4f5a6b"));
+        // The id goes into the commands.
+        let mut c = check(Protocol::Imap, GrantKind::AppOnly);
+        c.service_principal = t.object_id.as_deref();
+        let v = classify(&c, &refused_with(IMAP_FAILED));
+        assert!(
+            v.message.contains("-User 6d1b2a55-0c1f-4a4e-9f4e-5a1f0b0c2d3e -AccessRights FullAccess"),
+            "{}",
+            v.message
+        );
+    }
+
+    #[test]
+    fn an_opaque_odd_or_oversized_token_names_nobody() {
+        use base64::Engine;
+        let jwt = |claims: &str| {
+            let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+            format!("{}.{}.sig", b(r#"{"alg":"none"}"#), b(claims))
+        };
+        let none = AppToken::default();
+        for token in [
+            "EwBwA8l6BAAURSN/FHlDW5xN74t6GzbtsBBeBUYAAZ8U8lQ3vD+opaque".to_owned(),
+            "ya29.a0AfB_byC-opaque-google-token".to_owned(),
+            String::new(),
+            "a.b".to_owned(),
+            "a.!!!.c".to_owned(),
+            jwt("[1,2]"),
+            jwt("not json"),
+            jwt(r#"{"oid":"x'; Remove-Mailbox","appid":"a b"}"#),
+            jwt(r#"{"oid":42,"azp":{"x":1}}"#),
+            format!("{}.x", jwt(r#"{"oid":"6d1b2a55-0c1f-4a4e-9f4e-5a1f0b0c2d3e"}"#)),
+        ] {
+            assert_eq!(app_token(&token), none, "{token}");
+        }
+        // A payload over the bound is not decoded.
+        let big = jwt(&format!(r#"{{"oid":"6d1b2a55-0c1f-4a4e-9f4e-5a1f0b0c2d3e","pad":"{}"}}"#, "x".repeat(20_000)));
+        assert_eq!(app_token(&big), none);
+        // v2 tokens carry the client id in azp; an oid that is no GUID is not taken.
+        let t = app_token(&jwt(r#"{"azp":"mail-app","oid":"6d1b2a55-0c1f-4a4e-9f4e-5a1f0b0c2d3"}"#));
+        assert_eq!(t, AppToken { object_id: None, client_id: Some("mail-app".to_owned()) });
     }
 
     #[test]

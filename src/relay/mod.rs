@@ -1,7 +1,8 @@
 //! The mail relay (`mail-oauth-operator relay`): apps and devices that only know a user name and
-//! a password submit mail over SMTP to it, and it submits the mail upstream with XOAUTH2 and the
-//! mailbox's current access token. This slice serves one published Secret mounted at
-//! `--secret-dir` (a sidecar), on an SMTP listener with STARTTLS and one with implicit TLS.
+//! a password submit mail over SMTP to it, or read the mailbox over IMAP or POP3, and it logs in
+//! upstream with XOAUTH2 and the mailbox's current access token. This slice serves one published
+//! Secret mounted at `--secret-dir` (a sidecar), on listeners for SMTP, IMAP and POP3, each with
+//! STARTTLS (STLS) and with implicit TLS ([`Service`]).
 //!
 //! Design (see [`smtp`]): the relay answers the client itself until `AUTH` succeeds, and only
 //! then opens the upstream submission (greeting, `EHLO`, `STARTTLS`, `EHLO`, two-step XOAUTH2 as
@@ -13,16 +14,30 @@
 //! login, a connection lost mid-message) gives the client a `454`/`421`: a retry, never a bounce,
 //! and never a `250` the upstream did not give.
 //!
-//! Bounds: connections (a semaphore; beyond it a `421` and close), line length, commands before
-//! `AUTH`, idle times before and after `AUTH`, each upstream reply, the whole session; failed
-//! logins per source ([`guard`]). Logs carry neither the password nor the token nor mail content.
+//! IMAP and POP3 (`imap`, `pop3`) work alike up to the login (`login`); after it the
+//! relay copies bytes both ways unchanged (`pipe`): a mailbox session is the upstream's, so
+//! `IDLE`, literals and large `FETCH`es work as without the relay. Failures upstream are
+//! `NO [UNAVAILABLE]` and `-ERR [SYS/TEMP]`; a wrong password `NO [AUTHENTICATIONFAILED]` and
+//! `-ERR [AUTH]`.
+//!
+//! Bounds: connections (one semaphore for all listeners; beyond it a one-line refusal and close),
+//! line length, commands before authentication, idle times before and after it (30 minutes
+//! after an IMAP or POP3 login: an `IDLE` sits silent between the server's keep-alives), each
+//! upstream reply, the whole session; failed logins per source ([`guard`]). Logs carry neither
+//! the password nor the token nor mail content.
 
 pub mod guard;
+mod imap;
+mod login;
+mod pipe;
+mod pop3;
 pub mod secret;
 mod smtp;
 pub mod tls;
 mod wire;
 
+#[cfg(test)]
+mod mailbox_tests;
 #[cfg(test)]
 mod tests;
 
@@ -35,7 +50,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::mail::Settings as MailSettings;
+use crate::api::Protocol;
+use crate::mail::{Io, Settings as MailSettings};
 use guard::{FailureLimits, Failures};
 use tls::CertDir;
 
@@ -51,14 +67,19 @@ pub struct SessionLimits {
     pub commands_before_auth: usize,
     /// Wait for each client line before authentication.
     pub idle_before_auth: Duration,
-    /// Wait for each client line, and each read of a message, after authentication.
+    /// Wait for each client line, and each read of a message, after SMTP authentication.
     pub idle_after_auth: Duration,
+    /// After an IMAP or POP3 login: the longest time without a byte either way (RFC 9051's
+    /// autologout timer is at least 30 minutes).
+    pub idle_mailbox: Duration,
     /// Wait for each upstream reply.
     pub upstream_reply: Duration,
     /// Each write.
     pub write: Duration,
-    /// The whole session.
+    /// The whole SMTP session.
     pub total: Duration,
+    /// The whole IMAP or POP3 session (mail clients keep theirs open for hours).
+    pub total_mailbox: Duration,
 }
 
 impl Default for SessionLimits {
@@ -68,9 +89,11 @@ impl Default for SessionLimits {
             commands_before_auth: 32,
             idle_before_auth: Duration::from_secs(60),
             idle_after_auth: Duration::from_secs(300),
+            idle_mailbox: Duration::from_secs(30 * 60),
             upstream_reply: Duration::from_secs(600),
             write: Duration::from_secs(60),
             total: Duration::from_secs(3600),
+            total_mailbox: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -84,6 +107,14 @@ pub struct RelayConfig {
     pub smtp: Option<SocketAddr>,
     /// SMTP submission with implicit TLS.
     pub smtps: Option<SocketAddr>,
+    /// IMAP with STARTTLS.
+    pub imap: Option<SocketAddr>,
+    /// IMAP with implicit TLS.
+    pub imaps: Option<SocketAddr>,
+    /// POP3 with STLS.
+    pub pop3: Option<SocketAddr>,
+    /// POP3 with implicit TLS.
+    pub pop3s: Option<SocketAddr>,
     /// `tls.crt` and `tls.key`.
     pub cert_dir: Option<PathBuf>,
     /// Accept `AUTH` without TLS from addresses other than loopback.
@@ -110,10 +141,12 @@ pub enum RelayError {
     #[error("loading the listeners' certificate: {0}")]
     Certificate(#[from] tls::CertError),
     /// Implicit TLS without a certificate.
-    #[error("--smtps-address needs --tls-cert-dir")]
+    #[error("--smtps-address, --imaps-address and --pop3s-address need --tls-cert-dir")]
     NoCertificate,
     /// No listener.
-    #[error("no listener: give --smtp-address or --smtps-address")]
+    #[error(
+        "no listener: give at least one of --smtp-address, --smtps-address, --imap-address, --imaps-address, --pop3-address, --pop3s-address"
+    )]
     NoListener,
     /// A listener could not bind.
     #[error("binding {address}: {why}")]
@@ -138,42 +171,90 @@ pub(crate) struct Shared {
     pub(crate) extensions: Mutex<Option<Vec<String>>>,
 }
 
+/// What a listener speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    /// SMTP submission.
+    Smtp,
+    /// IMAP.
+    Imap,
+    /// POP3.
+    Pop3,
+}
+
+impl Service {
+    /// The one line a client gets when every connection slot is taken.
+    fn busy(self) -> &'static [u8] {
+        match self {
+            Service::Smtp => b"421 4.3.2 Too many connections, try again later\r\n",
+            Service::Imap => b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n",
+            Service::Pop3 => b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
+        }
+    }
+}
+
+/// One bound listener.
+struct Listener {
+    service: Service,
+    implicit_tls: bool,
+    socket: TcpListener,
+}
+
 /// The bound listeners, ready to serve.
 pub struct Relay {
     shared: Arc<Shared>,
-    smtp: Option<TcpListener>,
-    smtps: Option<TcpListener>,
+    listeners: Vec<Listener>,
     slots: Arc<Semaphore>,
-}
-
-async fn bind(address: Option<SocketAddr>) -> Result<Option<TcpListener>, RelayError> {
-    match address {
-        None => Ok(None),
-        Some(address) => {
-            TcpListener::bind(address).await.map(Some).map_err(|e| RelayError::Bind { address, why: e.to_string() })
-        }
-    }
 }
 
 impl Relay {
     /// Checks the mounted Secret (`relay_password` must be there) and the certificate, and binds
     /// the listeners.
     pub async fn bind(config: RelayConfig) -> Result<Self, RelayError> {
-        if config.smtp.is_none() && config.smtps.is_none() {
+        let wanted = [
+            (Service::Smtp, false, config.smtp),
+            (Service::Smtp, true, config.smtps),
+            (Service::Imap, false, config.imap),
+            (Service::Imap, true, config.imaps),
+            (Service::Pop3, false, config.pop3),
+            (Service::Pop3, true, config.pop3s),
+        ];
+        if wanted.iter().all(|(_, _, a)| a.is_none()) {
             return Err(RelayError::NoListener);
         }
         let mounted = secret::read_async(config.secret_dir.clone()).await?;
         let certs = config.cert_dir.map(CertDir::load).transpose()?;
-        if config.smtps.is_some() && certs.is_none() {
+        if certs.is_none() && wanted.iter().any(|(_, implicit, a)| *implicit && a.is_some()) {
             return Err(RelayError::NoCertificate);
         }
-        let smtp = bind(config.smtp).await?;
-        let smtps = bind(config.smtps).await?;
+        let mut listeners = Vec::new();
+        for (service, implicit_tls, address) in wanted {
+            let Some(address) = address else { continue };
+            let socket =
+                TcpListener::bind(address).await.map_err(|e| RelayError::Bind { address, why: e.to_string() })?;
+            listeners.push(Listener { service, implicit_tls, socket });
+        }
+        for (service, protocol) in [(Service::Imap, Protocol::Imap), (Service::Pop3, Protocol::Pop3)] {
+            if listeners.iter().any(|l| l.service == service)
+                && !matches!(secret::server(&config.secret_dir, protocol), Ok(Some(_)))
+            {
+                tracing::warn!(
+                    "the mounted Secret names no {0}_host and {0}_port (the binding's provider has no {0} server): {0} logins will fail until it does",
+                    protocol.as_str()
+                );
+            }
+        }
+        let shown: Vec<String> = listeners
+            .iter()
+            .map(|l| {
+                let tls = if l.implicit_tls { " (implicit TLS)" } else { "" };
+                format!("{:?} {}{tls}", l.service, l.socket.local_addr().map(|a| a.to_string()).unwrap_or_default())
+            })
+            .collect();
         tracing::info!(
             mailbox = %mounted.mailbox,
             upstream = ?mounted.smtp_host.as_deref().zip(mounted.smtp_port),
-            smtp = ?smtp.as_ref().and_then(|l| l.local_addr().ok()),
-            smtps = ?smtps.as_ref().and_then(|l| l.local_addr().ok()),
+            listeners = %shown.join(", "),
             plaintext_auth = config.allow_plaintext_auth,
             "relay listening"
         );
@@ -187,37 +268,43 @@ impl Relay {
             name: config.name,
             extensions: Mutex::new(None),
         });
-        Ok(Self { shared, smtp, smtps, slots: Arc::new(Semaphore::new(config.max_connections.max(1))) })
+        Ok(Self { shared, listeners, slots: Arc::new(Semaphore::new(config.max_connections.max(1))) })
     }
 
-    /// The STARTTLS listener's address.
+    /// The address of the listener for `service` with (`implicit_tls`) or without implicit TLS.
+    pub fn address(&self, service: Service, implicit_tls: bool) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| l.service == service && l.implicit_tls == implicit_tls)
+            .and_then(|l| l.socket.local_addr().ok())
+    }
+
+    /// The SMTP STARTTLS listener's address.
     pub fn smtp_address(&self) -> Option<SocketAddr> {
-        self.smtp.as_ref().and_then(|l| l.local_addr().ok())
+        self.address(Service::Smtp, false)
     }
 
-    /// The implicit TLS listener's address.
+    /// The SMTP implicit TLS listener's address.
     pub fn smtps_address(&self) -> Option<SocketAddr> {
-        self.smtps.as_ref().and_then(|l| l.local_addr().ok())
+        self.address(Service::Smtp, true)
     }
 
     /// Serves until `shutdown` (open sessions end with the runtime).
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send) {
-        let accept = async {
-            let a = accept_loop(self.smtp, false, self.shared.clone(), self.slots.clone());
-            let b = accept_loop(self.smtps, true, self.shared.clone(), self.slots.clone());
-            futures::future::join(a, b).await;
-        };
+        let accept = futures::future::join_all(
+            self.listeners.into_iter().map(|l| accept_loop(l, self.shared.clone(), self.slots.clone())),
+        );
         tokio::select! {
-            () = accept => {}
+            _ = accept => {}
             () = shutdown => {}
         }
     }
 }
 
-async fn accept_loop(listener: Option<TcpListener>, implicit_tls: bool, shared: Arc<Shared>, slots: Arc<Semaphore>) {
-    let Some(listener) = listener else { return };
+async fn accept_loop(listener: Listener, shared: Arc<Shared>, slots: Arc<Semaphore>) {
+    let Listener { service, implicit_tls, socket } = listener;
     loop {
-        let (tcp, peer) = match listener.accept().await {
+        let (tcp, peer) = match socket.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a relay connection failed");
@@ -227,33 +314,45 @@ async fn accept_loop(listener: Option<TcpListener>, implicit_tls: bool, shared: 
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             // Full: a one-line answer if the socket takes it now, then close.
-            let _ = tcp.try_write(b"421 4.3.2 Too many connections, try again later\r\n");
+            let _ = tcp.try_write(service.busy());
             continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            connection(tcp, peer.ip(), implicit_tls, shared).await;
+            connection(tcp, peer.ip(), service, implicit_tls, shared).await;
         });
     }
 }
 
-async fn connection(tcp: tokio::net::TcpStream, peer: IpAddr, implicit_tls: bool, shared: Arc<Shared>) {
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: IpAddr,
+    service: Service,
+    implicit_tls: bool,
+    shared: Arc<Shared>,
+) {
     let _ = tcp.set_nodelay(true);
-    if !implicit_tls {
-        smtp::session(Box::new(tcp), peer, false, shared).await;
-        return;
-    }
-    let acceptor = match shared.certs.as_ref().map(CertDir::acceptor) {
-        Some(Ok(a)) => a,
-        Some(Err(e)) => {
-            tracing::warn!(error = %e, "no TLS certificate for an implicit TLS connection");
-            return;
+    let io: Box<dyn Io> = if implicit_tls {
+        let acceptor = match shared.certs.as_ref().map(CertDir::acceptor) {
+            Some(Ok(a)) => a,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "no TLS certificate for an implicit TLS connection");
+                return;
+            }
+            None => return,
+        };
+        match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => Box::new(stream),
+            _ => return,
         }
-        None => return,
+    } else {
+        Box::new(tcp)
     };
-    if let Ok(Ok(stream)) = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(tcp)).await {
-        smtp::session(Box::new(stream), peer, true, shared).await;
+    match service {
+        Service::Smtp => smtp::session(io, peer, implicit_tls, shared).await,
+        Service::Imap => imap::session(io, peer, implicit_tls, shared).await,
+        Service::Pop3 => pop3::session(io, peer, implicit_tls, shared).await,
     }
 }
 

@@ -54,6 +54,11 @@ pub struct Mounted {
     pub relay_username: String,
     /// SHA-256 of `relay_password`: only digests are compared, in constant time.
     password_digest: [u8; 32],
+    /// SHA-256 of the password before the last rotation (`relay_previous_sha256`) and the end of
+    /// its grace period (`relay_previous_until`), while one runs.
+    previous: Option<([u8; 32], DateTime<Utc>)>,
+    /// Envelope senders accepted besides the mailbox (`relay_senders`, comma separated).
+    pub extra_senders: Vec<String>,
     /// The access token, when published.
     pub token: Option<SecretString>,
     /// When the token expires, when published and readable.
@@ -62,6 +67,8 @@ pub struct Mounted {
     pub smtp_host: Option<String>,
     /// `smtp_port`, when published and a port.
     pub smtp_port: Option<u16>,
+    /// `smtp_tls`, when published (else the port decides).
+    pub smtp_tls: Option<crate::mail::TlsMode>,
 }
 
 impl std::fmt::Debug for Mounted {
@@ -81,9 +88,22 @@ impl Mounted {
     /// case (it is no secret), the password's SHA-256 digest compared in constant time
     /// (`subtle`), so neither the time taken nor the digest's length tells how much matched.
     pub fn accepts(&self, user: &str, password: &[u8]) -> bool {
+        self.accepts_at(user, password, Utc::now())
+    }
+
+    /// [`Self::accepts`] at `now`: the current password, or the previous one before the end of
+    /// its grace period (both digests are compared, always, so the time taken tells nothing).
+    pub fn accepts_at(&self, user: &str, password: &[u8], now: DateTime<Utc>) -> bool {
         let given: [u8; 32] = Sha256::digest(password).into();
-        let password_ok: bool = given.ct_eq(&self.password_digest).into();
-        password_ok & user.eq_ignore_ascii_case(&self.relay_username)
+        let current: bool = given.ct_eq(&self.password_digest).into();
+        let (previous_digest, until) = self.previous.unwrap_or(([0; 32], DateTime::<Utc>::MIN_UTC));
+        let previous: bool = given.ct_eq(&previous_digest).into();
+        (current | (previous & (now < until))) & user.eq_ignore_ascii_case(&self.relay_username)
+    }
+
+    /// The envelope senders accepted: the mailbox, then `relay_senders`.
+    pub fn senders(&self) -> Vec<String> {
+        std::iter::once(self.mailbox.clone()).chain(self.extra_senders.iter().cloned()).collect()
     }
 
     /// The token, when there is one that is still valid `margin` after `now` (an unknown expiry
@@ -95,6 +115,18 @@ impl Mounted {
             _ => Some(token),
         }
     }
+}
+
+/// 32 bytes from 64 hex digits.
+fn hex32(text: &str) -> Option<[u8; 32]> {
+    let mut out = [0_u8; 32];
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    for (slot, pair) in out.iter_mut().zip(text.as_bytes().chunks(2)) {
+        *slot = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// The directory's current version: `..data` resolved when kubelet made it, so every key comes
@@ -137,14 +169,25 @@ pub fn read(dir: &Path) -> Result<Mounted, SecretError> {
         .map(|t| t.with_timezone(&Utc));
     let smtp_host = read_key(&base, &shown, "smtp_host")?;
     let smtp_port = read_key(&base, &shown, "smtp_port")?.and_then(|p| p.parse().ok());
+    let smtp_tls = read_key(&base, &shown, "smtp_tls")?.and_then(|t| crate::mail::TlsMode::parse(&t));
+    let previous_digest = read_key(&base, &shown, "relay_previous_sha256")?.and_then(|h| hex32(&h));
+    let previous_until = read_key(&base, &shown, "relay_previous_until")?
+        .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+        .map(|t| t.with_timezone(&Utc));
+    let extra_senders = read_key(&base, &shown, "relay_senders")?
+        .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default();
     Ok(Mounted {
         mailbox,
         relay_username,
         password_digest: Sha256::digest(password.as_bytes()).into(),
+        previous: previous_digest.zip(previous_until),
+        extra_senders,
         token,
         expires_at,
         smtp_host,
         smtp_port,
+        smtp_tls,
     })
 }
 
@@ -154,4 +197,26 @@ pub async fn read_async(dir: PathBuf) -> Result<Mounted, SecretError> {
         Ok(r) => r,
         Err(e) => Err(SecretError::Read { dir: String::new(), key: "username", why: e.to_string() }),
     }
+}
+
+/// `<protocol>_host`, `<protocol>_port` and the TLS mode (`<protocol>_tls`, else the port's) of the
+/// Secret mounted at `dir`, when host and port are published
+/// and the port is a port (IMAP and POP3; SMTP's are in [`Mounted`]); read like [`read`], from
+/// the directory's current version.
+pub fn server(
+    dir: &Path,
+    protocol: crate::api::Protocol,
+) -> Result<Option<(String, u16, crate::mail::TlsMode)>, SecretError> {
+    let shown = dir.display().to_string();
+    let base = version(dir);
+    let (host, port, tls) = match protocol {
+        crate::api::Protocol::Imap => ("imap_host", "imap_port", "imap_tls"),
+        crate::api::Protocol::Pop3 => ("pop3_host", "pop3_port", "pop3_tls"),
+        crate::api::Protocol::Smtp => ("smtp_host", "smtp_port", "smtp_tls"),
+    };
+    let host = read_key(&base, &shown, host)?;
+    let port = read_key(&base, &shown, port)?.and_then(|p| p.parse::<u16>().ok()).filter(|p| *p != 0);
+    // The provider's TLS mode when published, else the port's.
+    let tls = read_key(&base, &shown, tls)?.and_then(|t| crate::mail::TlsMode::parse(&t));
+    Ok(host.zip(port).map(|(h, p)| (h, p, tls.unwrap_or_else(|| crate::mail::TlsMode::for_port(p)))))
 }

@@ -25,7 +25,7 @@ const FALLBACK_EXTENSIONS: [&str; 3] = ["PIPELINING", "8BITMIME", "ENHANCEDSTATU
 /// How a session ended before authentication.
 enum Before {
     /// Go on relaying (upstream logged in).
-    Relay(Box<Wire>, crate::mail::Submission, String),
+    Relay(Box<Wire>, crate::mail::Submission, Vec<String>),
     /// The session is over.
     Done,
 }
@@ -54,7 +54,7 @@ async fn run(io: Box<dyn Io>, peer: IpAddr, implicit_tls: bool, shared: &Shared)
         return;
     }
     match before_auth(client, peer, implicit_tls, shared).await {
-        Before::Relay(client, upstream, mailbox) => relay(*client, upstream, &mailbox, shared).await,
+        Before::Relay(client, upstream, senders) => relay(*client, upstream, &senders, shared).await,
         Before::Done => {}
     }
 }
@@ -155,7 +155,7 @@ async fn before_auth(mut client: Wire, peer: IpAddr, implicit_tls: bool, shared:
                 "538 5.7.11 Encryption required for requested authentication mechanism".to_owned()
             }
             "AUTH" => match authenticate(&mut client, &rest, peer, shared).await {
-                Ok(Some((upstream, mailbox))) => return Before::Relay(Box::new(client), upstream, mailbox),
+                Ok(Some((upstream, senders))) => return Before::Relay(Box::new(client), upstream, senders),
                 Ok(None) => continue,
                 Err(()) => {
                     client.close().await;
@@ -207,7 +207,7 @@ async fn authenticate(
     args: &str,
     peer: IpAddr,
     shared: &Shared,
-) -> Result<Option<(crate::mail::Submission, String)>, ()> {
+) -> Result<Option<(crate::mail::Submission, Vec<String>)>, ()> {
     let write = shared.limits.write;
     let (mechanism, initial) = args.split_once(' ').unwrap_or((args, ""));
     let (user, password) = match mechanism.to_ascii_uppercase().as_str() {
@@ -278,7 +278,8 @@ async fn authenticate(
         client.write_line(&temporary("no upstream server known"), write).await.map_err(|_| ())?;
         return Ok(None);
     };
-    let target = Target { protocol: Protocol::Smtp, host, port, tls: TlsMode::for_port(port) };
+    let tls = mounted.smtp_tls.unwrap_or_else(|| TlsMode::for_port(port));
+    let target = Target { protocol: Protocol::Smtp, host, port, tls };
     let creds = Credentials { user: mounted.mailbox.clone(), token: token.clone() };
     match crate::mail::submission(&target, &creds, &shared.mail).await {
         Ok(upstream) => {
@@ -286,7 +287,7 @@ async fn authenticate(
                 Some(upstream.extensions.clone());
             client.write_line("235 2.7.0 Authentication successful", write).await.map_err(|_| ())?;
             tracing::debug!(source = %peer, upstream = %target.host, "relay session authenticated");
-            Ok(Some((upstream, mounted.mailbox)))
+            Ok(Some((upstream, mounted.senders())))
         }
         Err(seen) => {
             tracing::warn!(upstream = %target.host, port = target.port, seen = ?seen, "the upstream login failed: the client is told to retry");
@@ -321,7 +322,7 @@ async fn upstream_reply(up: &mut Wire, shared: &Shared) -> Result<(u16, Vec<u8>)
 
 const LOST: &str = "421 4.4.2 The upstream connection was lost, nothing was sent; try again later";
 
-async fn relay(mut client: Wire, upstream: crate::mail::Submission, mailbox: &str, shared: &Shared) {
+async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[String], shared: &Shared) {
     let limits = shared.limits;
     let extensions = upstream.extensions.clone();
     let mut up = Wire::new(upstream.stream, upstream.pending, shared.mail.limits.max_line);
@@ -345,8 +346,11 @@ async fn relay(mut client: Wire, upstream: crate::mail::Submission, mailbox: &st
             "AUTH" => Some("503 5.5.1 Already authenticated".to_owned()),
             "STARTTLS" => Some("503 5.5.1 STARTTLS is not allowed after authentication".to_owned()),
             "MAIL" => match sender(&rest) {
-                Some(from) if from.eq_ignore_ascii_case(mailbox) => None,
-                _ => Some("550 5.7.1 Sender address rejected: this relay sends only as its mailbox".to_owned()),
+                Some(from) if senders.iter().any(|s| from.eq_ignore_ascii_case(s)) => None,
+                _ => Some(
+                    "550 5.7.1 Sender address rejected: this relay sends only as its mailbox and spec.relay.senders"
+                        .to_owned(),
+                ),
             },
             "EHLO" | "HELO" => {
                 // A new EHLO resets the transaction: the upstream is reset, the answer is the

@@ -19,11 +19,11 @@ use super::{SessionLimits, Shared};
 use crate::mail::{Limits, Settings};
 use crate::oauth::http::OutboundPolicy;
 
-const MAILBOX: &str = "scanner@example.com";
-const PASSWORD: &str = "correct horse battery staple 0123456789";
-const TOKEN: &str = "ya29.relay-TOKEN-Zx9Qk3mP0sL7vR2tY5uW8eA1dG4hJ6";
+pub(super) const MAILBOX: &str = "scanner@example.com";
+pub(super) const PASSWORD: &str = "correct horse battery staple 0123456789";
+pub(super) const TOKEN: &str = "ya29.relay-TOKEN-Zx9Qk3mP0sL7vR2tY5uW8eA1dG4hJ6";
 
-fn pki() -> (CertificateDer<'static>, TlsAcceptor) {
+pub(super) fn pki() -> (CertificateDer<'static>, TlsAcceptor) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -115,7 +115,7 @@ fn write_secret(dir: &Path, port: u16, token: &str, expires_at: &str) {
     }
 }
 
-fn future() -> String {
+pub(super) fn future() -> String {
     (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339()
 }
 
@@ -185,7 +185,7 @@ impl Client {
     }
 }
 
-fn b64(s: &str) -> String {
+pub(super) fn b64(s: &str) -> String {
     base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s)
 }
 
@@ -336,6 +336,10 @@ async fn the_relay_does_not_start_without_a_relay_password() {
         secret_dir: dir.path().to_owned(),
         smtp: Some("127.0.0.1:0".parse().unwrap()),
         smtps: None,
+        imap: None,
+        imaps: None,
+        pop3: None,
+        pop3s: None,
         cert_dir: None,
         allow_plaintext_auth: false,
         mail,
@@ -368,4 +372,46 @@ fn a_kubelet_update_is_read_from_the_new_version_of_the_directory() {
     let now = super::secret::read(d).unwrap();
     assert!(now.accepts("SCANNER@example.com", b"new password") && !now.accepts(MAILBOX, b"old password"));
     assert!(!format!("{now:?}").contains("password\""));
+}
+
+#[test]
+fn a_rotated_password_works_beside_the_new_one_until_its_grace_ends_and_senders_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let until = chrono::Utc::now() + chrono::Duration::hours(1);
+    for (k, v) in [
+        ("username", MAILBOX.to_owned()),
+        ("relay_password", "new password".to_owned()),
+        ("relay_previous_sha256", crate::policy::relay::sha256_hex("old password")),
+        ("relay_previous_until", until.to_rfc3339()),
+        ("relay_senders", "noreply@example.com, info@example.com".to_owned()),
+    ] {
+        std::fs::write(d.join(k), v).unwrap();
+    }
+    let m = super::secret::read(d).unwrap();
+    assert!(m.accepts(MAILBOX, b"new password"));
+    assert!(m.accepts(MAILBOX, b"old password"), "during the grace period");
+    assert!(!m.accepts_at(MAILBOX, b"old password", until), "not from its end on");
+    assert!(m.accepts_at(MAILBOX, b"new password", until));
+    assert!(!m.accepts(MAILBOX, b"another password"));
+    assert_eq!(m.senders(), vec![MAILBOX.to_owned(), "noreply@example.com".into(), "info@example.com".into()]);
+    // A damaged digest is no password at all.
+    std::fs::write(d.join("relay_previous_sha256"), "zz").unwrap();
+    assert!(!super::secret::read(d).unwrap().accepts(MAILBOX, b"old password"));
+}
+
+#[tokio::test]
+async fn a_sender_of_spec_relay_senders_is_accepted_and_others_still_refused() {
+    let (ca, acceptor) = pki();
+    let (port, seen) = upstream(acceptor, "250 ok").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), port, TOKEN, &future());
+    std::fs::write(dir.path().join("relay_senders"), "noreply@example.com").unwrap();
+    let shared = shared(dir.path(), &ca);
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    assert!(c.login(PASSWORD).await.starts_with("235 "));
+    assert!(c.send("MAIL FROM:<ceo@example.com>").await.starts_with("550 5.7.1"));
+    assert!(c.send("MAIL FROM:<NoReply@example.com>").await.starts_with("250"));
+    assert!(seen.lock().unwrap().iter().any(|l| l.contains("NoReply@example.com")));
+    assert!(!seen.lock().unwrap().iter().any(|l| l.contains("ceo@example.com")));
 }

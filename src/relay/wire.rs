@@ -44,6 +44,22 @@ impl Wire {
         self.buf.is_empty().then_some(self.io)
     }
 
+    /// The stream and the bytes read from it but not consumed (a client's pipelined command),
+    /// for a caller that copies the rest as it is.
+    pub fn into_parts(self) -> (Box<dyn Io>, Vec<u8>) {
+        (self.io, self.buf)
+    }
+
+    /// Exactly `count` bytes (an IMAP literal; the caller bounds `count`), each read within
+    /// `wait`.
+    pub async fn read_exact(&mut self, count: usize, wait: Duration) -> Result<Vec<u8>, WireError> {
+        while self.buf.len() < count {
+            self.fill(wait).await?;
+        }
+        let rest = self.buf.split_off(count);
+        Ok(std::mem::replace(&mut self.buf, rest))
+    }
+
     async fn fill(&mut self, wait: Duration) -> Result<(), WireError> {
         let mut chunk = vec![0_u8; CHUNK];
         let n = tokio::time::timeout(wait, self.io.read(&mut chunk))

@@ -472,9 +472,13 @@ async fn write_pending(
     binding: &MailboxBinding,
     pending: &PendingAuthorization,
     read: Option<String>,
+    relay: Option<&crate::policy::relay::RelayCredentials>,
 ) -> Result<(), WriteError> {
     let name = grant_secret_name(&binding.name_any());
-    let mut want = desired(binding, &name, Role::Grant, pending.encode());
+    // Relay credentials stored beside an authorization stay (devices keep their password).
+    let mut data = pending.encode();
+    data.extend(crate::policy::relay::RelayCredentials::encoded(relay));
+    let mut want = desired(binding, &name, Role::Grant, data);
     let version = match read {
         Some(version) => version,
         None => {
@@ -576,13 +580,15 @@ async fn authorize(
                 &[format!("kubectl get mbx -n {namespace} {name} -o wide shows the binding's state.")],
             );
         }
-        Ok(s) => s.and_then(|s| s.metadata.resource_version),
+        Ok(s) => s,
         Err(e) => {
             tracing::warn!(binding = %name, namespace = %namespace, error = %e, "reading the grant state failed");
             return try_again("The request could not be stored.");
         }
     };
-    match write_pending(&secrets, &binding, &pending, read).await {
+    let relay = read.as_ref().and_then(crate::controller::grant_store::decode_relay);
+    let read = read.and_then(|s| s.metadata.resource_version);
+    match write_pending(&secrets, &binding, &pending, read, relay.as_ref()).await {
         Ok(()) => {}
         Err(WriteError::Changed) => {
             return try_again("The authorization changed while this request was made (another visit of the link?).");
@@ -663,7 +669,8 @@ async fn callback(State(contexts): State<Contexts>, headers: HeaderMap, RawQuery
         );
     };
     let with_code = PendingAuthorization { code: Some(code), ..pending };
-    match write_pending(&secrets, &binding, &with_code, Some(read)).await {
+    let relay = stored.as_ref().and_then(crate::policy::relay::RelayCredentials::decode);
+    match write_pending(&secrets, &binding, &with_code, Some(read), relay.as_ref()).await {
         Ok(()) => {}
         Err(WriteError::Changed) => {
             return page(

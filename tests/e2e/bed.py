@@ -6,8 +6,10 @@
   the TokenRequest API;
 - the test OAuth server (tests/oauth-server, oidc-provider over TLS) with a plain-http
   introspection listener for Dovecot;
-- Dovecot (IMAP with XOAUTH2 and OAUTHBEARER through RFC 7662 introspection) and, when running
-  as root, Postfix (submission with SASL through Dovecot);
+- Dovecot (IMAP and POP3 with XOAUTH2 and OAUTHBEARER through RFC 7662 introspection) and, when
+  running as root, Postfix (submission with SASL through Dovecot);
+- on request (`start_fake_mail`), a fake mail server (fake_mail.py) answering as Exchange Online or
+  a hostile server would, with certificates of the bed's CA;
 - the operator binary, run as a local process as the chart's Deployment runs it: the container's
   args and environment from `helm template` with the bed's values, the ServiceAccount it names
   (a TokenRequest token), its readiness probe's path and its termination grace period. Only the
@@ -253,8 +255,9 @@ class Bed:
             shutil.rmtree(d)
         (d / "run").mkdir(parents=True)
         (d / "mail").mkdir()
-        port = free_port()
+        port, pop3_port = free_port(), free_port()
         self.ports["imap"] = port
+        self.ports["pop3"] = pop3_port
         auth_port = free_port()
         self.ports["dovecot-auth"] = auth_port
         if self.root:
@@ -277,7 +280,7 @@ class Bed:
 base_dir = {d}/run
 state_dir = {d}/run
 log_path = {self.dir}/dovecot.log
-protocols = imap
+protocols = imap pop3
 listen = 127.0.0.1
 ssl = no
 disable_plaintext_auth = no
@@ -301,6 +304,15 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
+    port = 0
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {pop3_port}
+  }}
+  inet_listener pop3s {{
     port = 0
   }}
 }}
@@ -372,6 +384,18 @@ mailbox_size_limit = 0
             raise RuntimeError(f"postfix start failed: {result.stdout}{result.stderr}{check.stdout}{check.stderr}")
         self.postfix_conf = conf
         wait_for("Postfix submission greeting", lambda: self.smtp_greeting(), timeout=30)
+
+    def start_fake_mail(self):
+        """The fake mail server (fake_mail.FakeMail), stopped by `down`. `self.mail_cert` is a
+        certificate of the bed's CA for 127.0.0.1 and localhost, `self.elsewhere_cert` one for
+        another host only (mail.elsewhere.test): (certificate, key) file pairs."""
+        from fake_mail import FakeMail
+        self.sign("elsewhere", "/CN=mail.elsewhere.test",
+                  "subjectAltName=DNS:mail.elsewhere.test\nextendedKeyUsage=serverAuth\n")
+        self.mail_cert = (self.dir / "oauth.crt", self.dir / "oauth.key")
+        self.elsewhere_cert = (self.dir / "elsewhere.crt", self.dir / "elsewhere.key")
+        self.fake_mail = FakeMail()
+        return self.fake_mail
 
     def smtp_greeting(self):
         with socket.create_connection(("127.0.0.1", self.ports["submission"]), timeout=2) as s:
@@ -501,6 +525,9 @@ mailbox_size_limit = 0
         return self
 
     def down(self):
+        if getattr(self, "fake_mail", None):
+            self.fake_mail.stop()
+            self.fake_mail = None
         self.stop_postfix()
         for name in list(self.procs)[::-1]:
             self.stop(name)

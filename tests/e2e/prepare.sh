@@ -8,7 +8,7 @@ eval "$(scripts/tools.sh)"
 KUBE_BIN_DIR=$(tests/e2e/build-kube.sh)
 export KUBE_BIN_DIR
 
-packages=(openssl etcd-server dovecot-core dovecot-imapd)
+packages=(openssl etcd-server dovecot-core dovecot-imapd dovecot-pop3d)
 [ "$(id -u)" = 0 ] && packages+=(postfix)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -296,10 +296,20 @@ def test_authorize_an_authorization_code_through_the_operators_listener_with_one
     assert code == 0 and "is Ready" in out and "is already in use on this machine" in err, out + err
 
 
-def test_rotate_relay_password_sets_its_annotation(bed):
-    _, err = plugin(bed, "rotate-relay-password", "scanner", "-n", NS, "--wait=false")
+def test_rotate_relay_password_publishes_a_new_password_and_says_until_when_the_old_one_works(bed):
+    _, err = plugin(bed, "rotate-relay-password", "scanner", "-n", NS, code=1)
+    assert "scanner has no relay password: spec.relay.enabled is not true" in err, err
+    bed.kubectl("patch", "mbx", "scanner", "-n", NS, "--type=merge", "-p", json.dumps({"spec": {"relay": {"enabled": True}}}))
+    first = wait_for("a relay password", lambda: published(bed, "scanner").get("relay_password"), timeout=30)
+    out, err = plugin(bed, "rotate-relay-password", "scanner", "-n", NS)
     value = mbx(bed, "scanner")["metadata"]["annotations"]["mailoauth.io/rotate-relay-password"]
     assert f"mailoauth.io/rotate-relay-password={value}" in err, err
+    relay = mbx(bed, "scanner")["status"]["relay"]
+    assert relay["lastRotateRequest"] == value
+    assert out.startswith(f"{NS}/scanner: a new relay password is published in scanner-mail-token (issued ") \
+        and "; the previous one works until " in out, out
+    second = published(bed, "scanner")["relay_password"]
+    assert second != first and first not in out + err and second not in out + err
 
 
 def test_authorize_without_the_operators_listener_takes_the_pasted_address(bed):

@@ -21,11 +21,15 @@ DEBUG = {"RUST_LOG": "debug"}
 SEEN = set()  # tokens the tests saw
 
 
-@pytest.fixture(scope="module")
-def bed(request):
+def verify_bed(request, fake_mail=False):
+    """The verification tests' bed (a generator for a module fixture): the bed with its Secret
+    watch, the chart, the namespace NS and the operator at debug level; with `fake_mail`, the fake
+    mail server too (bed.fake_mail)."""
     b = Bed(fast_ttl=30)
     try:
         b.up()
+        if fake_mail:
+            b.start_fake_mail()
         b.secret_watch = SecretWatch(b)
         b.helm_install()
         b.kubectl("create", "namespace", NS)
@@ -39,6 +43,11 @@ def bed(request):
         b.dump_logs()
     b.secret_watch.stop()
     b.down()
+
+
+@pytest.fixture(scope="module")
+def bed(request):
+    yield from verify_bed(request)
 
 
 def get(bed, name):
@@ -205,6 +214,12 @@ def test_only_the_leader_checks_mailboxes(bed):
 
 
 def test_no_token_appears_in_logs_events_or_status(bed):
+    assert_no_token_leaked(bed)
+
+
+def assert_no_token_leaked(bed):
+    """No value of a Secret the operator reads or writes (nor a token the tests saw) in the
+    operator's logs (read at debug level), Dovecot's log, Events or the operator's objects."""
     secret_values, shown, keys = bed.secret_watch.values()
     secret_values.update({v: "seen by the tests" for v in SEEN if v not in secret_values})
     assert {"access_token", "xoauth2", "refresh_token"} <= keys, keys

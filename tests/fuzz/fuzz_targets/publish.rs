@@ -24,5 +24,5 @@ fuzz_target!(|input: (&str, &str, &str, &str)| {
     };
     let template =
         SecretTemplate { data: BTreeMap::from([(key.to_owned(), template.to_owned())]), ..Default::default() };
-    let _ = published_data(mailbox, &grant, &[], &BTreeMap::new(), Some(&template));
+    let _ = published_data(mailbox, &grant, &[], &BTreeMap::new(), BTreeMap::new(), Some(&template));
 });
