@@ -270,6 +270,17 @@ async fn operator_pod(client: &kube::Client, namespace: &str) -> Result<(String,
 /// A port-forward of this command's own: 127.0.0.1:`local` to the operator pod's listener.
 struct Forward {
     task: tokio::task::JoinHandle<()>,
+    slots: Arc<Semaphore>,
+}
+
+impl Forward {
+    /// Stops accepting, then gives the connections in flight (the callback page on its way to the
+    /// browser) up to `within` to end.
+    async fn drain(self, within: Duration) {
+        self.task.abort();
+        let all = u32::try_from(FORWARDED_AT_ONCE).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(within, self.slots.acquire_many(all)).await;
+    }
 }
 
 impl Drop for Forward {
@@ -298,6 +309,7 @@ async fn forward(client: &kube::Client, namespace: &str, port: u16) -> Result<Op
     eprintln!("forwarding {address} to the operator's listener in pod {namespace}/{pod} (port {pod_port})");
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let slots = Arc::new(Semaphore::new(FORWARDED_AT_ONCE));
+    let taken = Arc::clone(&slots);
     let task = tokio::spawn(async move {
         loop {
             let Ok((socket, _)) = listener.accept().await else { continue };
@@ -309,7 +321,7 @@ async fn forward(client: &kube::Client, namespace: &str, port: u16) -> Result<Op
             });
         }
     });
-    Ok(Some(Forward { task }))
+    Ok(Some(Forward { task, slots: taken }))
 }
 
 /// One forwarded connection.
@@ -490,7 +502,10 @@ pub async fn run(conn: &Connection, args: &AuthorizeArgs) -> Result<()> {
             Err(e) => break Err(e),
         }
     };
-    drop(forwarded);
+    if let Some(f) = forwarded {
+        // A browser keeps idle connections open: a few seconds, not until they close.
+        f.drain(Duration::from_secs(3)).await;
+    }
     if let Some(p) = paste {
         p.abort();
     }

@@ -192,16 +192,17 @@ fn status_word(s: ConditionStatus) -> &'static str {
 pub struct Columns {
     /// A `NAMESPACE` column first (`-A`).
     pub namespace: bool,
-    /// The wide columns (`-o wide`): the absolute expiry, the account, the Secret, the message.
+    /// The wide columns (`-o wide`): the account, the Secret, the message.
     pub wide: bool,
 }
 
 /// The table of `rows`, as kubectl prints one: a header, columns three spaces apart, `-` for
 /// nothing, the fix last (it is the longest).
 pub fn table(rows: &[Row], columns: Columns) -> String {
-    let mut header = vec!["NAMESPACE", "NAME", "MAILBOX", "PROVIDER", "GRANT", "READY", "REASON", "EXPIRES"];
+    let mut header =
+        vec!["NAMESPACE", "NAME", "MAILBOX", "PROVIDER", "GRANT", "READY", "REASON", "EXPIRES", "EXPIRES AT"];
     if columns.wide {
-        header.extend(["EXPIRES AT", "ACCOUNT", "SECRET"]);
+        header.extend(["ACCOUNT", "SECRET"]);
     }
     header.push("VERIFIED");
     if columns.wide {
@@ -221,9 +222,9 @@ pub fn table(rows: &[Row], columns: Columns) -> String {
             r.ready.clone(),
             dash(&r.reason),
             dash(r.expires_in.as_deref().unwrap_or_default()),
+            dash(&r.expires_at.map(absolute).unwrap_or_default()),
         ];
         if columns.wide {
-            line.push(dash(&r.expires_at.map(absolute).unwrap_or_default()));
             line.push(dash(r.account.as_deref().unwrap_or_default()));
             line.push(r.secret.clone());
         }
@@ -381,9 +382,9 @@ mod tests {
         assert_eq!(rows[1].fix.as_deref(), Some(Reason::ProviderNotFound.fix()));
         let text = table(&rows, Columns { namespace: false, wide: false });
         let expected = "\
-NAME      MAILBOX               PROVIDER                  GRANT        READY   REASON             EXPIRES   VERIFIED        FIX
-scanner   scanner@example.com   idp                       deviceCode   True    TokenValid         in 59m    imap=Verified   -
-other     scanner@example.com   ClusterMailProvider/idp   deviceCode   False   ProviderNotFound   -         -               create the provider or fix spec.providerRef
+NAME      MAILBOX               PROVIDER                  GRANT        READY   REASON             EXPIRES   EXPIRES AT             VERIFIED        FIX
+scanner   scanner@example.com   idp                       deviceCode   True    TokenValid         in 59m    2027-01-15T09:00:00Z   imap=Verified   -
+other     scanner@example.com   ClusterMailProvider/idp   deviceCode   False   ProviderNotFound   -         -                      -               create the provider or fix spec.providerRef
 ";
         assert_eq!(text, expected);
         let wide = table(&rows, Columns { namespace: true, wide: true });

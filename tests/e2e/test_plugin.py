@@ -170,14 +170,17 @@ def test_status_shows_every_binding_with_expiry_verification_and_the_fix(bed):
     out, _ = plugin(bed, "status", "-n", NS)
     print("\n" + out)
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "MAILBOX", "PROVIDER", "GRANT", "READY", "REASON", "EXPIRES", "VERIFIED", "FIX"]
+    assert lines[0].split() == ["NAME", "MAILBOX", "PROVIDER", "GRANT", "READY", "REASON", "EXPIRES", "EXPIRES", "AT",
+                                "VERIFIED", "FIX"]
     scanner = next(l for l in lines if l.startswith("scanner "))
     assert scanner.split()[:7] == ["scanner", "scanner@example.com", "idp-public", "deviceCode", "True", "TokenValid", "in"]
     assert "imap=Verified" in scanner and scanner.rstrip().endswith("-"), scanner
     orphan = next(l for l in lines if l.startswith("orphan "))
     assert "ProviderNotFound" in orphan and orphan.endswith("create the provider or fix spec.providerRef"), orphan
+    assert mbx(bed, "scanner")["status"]["token"]["expiresAt"][:19] in scanner, scanner
     wide, _ = plugin(bed, "status", "-n", NS, "-o", "wide")
-    assert "EXPIRES AT" in wide.splitlines()[0] and mbx(bed, "scanner")["status"]["token"]["expiresAt"][:19] in wide, wide
+    assert wide.splitlines()[0].split()[-5:] == ["ACCOUNT", "SECRET", "VERIFIED", "MESSAGE", "FIX"], wide
+    assert "scanner@example.com   scanner-mail-token" in wide, wide
     everywhere, _ = plugin(bed, "status", "-A")
     assert everywhere.splitlines()[0].startswith("NAMESPACE ") and f"\n{NS} " in everywhere, everywhere
     rows = json.loads(plugin(bed, "status", "-n", NS, "-o", "json")[0])
