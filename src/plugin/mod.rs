@@ -168,7 +168,21 @@ pub fn describe(e: &kube::Error) -> String {
                 _ => format!("{reason}: {}", s.message),
             }
         }
-        other => other.to_string(),
+        other => {
+            // The causes too: "client error (Connect)" alone does not say that the connection
+            // was refused, or that the certificate was not trusted.
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(cause) = source {
+                let said = cause.to_string();
+                if !text.contains(&said) {
+                    text.push_str(": ");
+                    text.push_str(&said);
+                }
+                source = cause.source();
+            }
+            text
+        }
     }
 }
 
@@ -328,5 +342,11 @@ mod tests {
         assert_eq!(describe(&status(404, "NotFound")), "not found (mailboxbindings.mailoauth.io \"x\" NotFound)");
         assert!(describe(&status(403, "Forbidden")).starts_with("forbidden ("));
         assert!(is_not_found(&status(404, "NotFound")) && !is_not_found(&status(403, "Forbidden")));
+        #[derive(Debug, thiserror::Error)]
+        #[error("client error (Connect)")]
+        struct Outer(#[source] std::io::Error);
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused (os error 111)");
+        let e = kube::Error::Service(Box::new(Outer(refused)));
+        assert_eq!(describe(&e), "ServiceError: client error (Connect): Connection refused (os error 111)");
     }
 }

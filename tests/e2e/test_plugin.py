@@ -199,6 +199,33 @@ def test_status_shows_every_binding_with_expiry_verification_and_the_fix(bed):
     assert token not in out + wide + everywhere
 
 
+def test_kubeconfig_and_context_flags_are_kubectls(bed, tmp_path):
+    config = json.loads((bed.dir / "admin.kubeconfig").read_text())
+    config["clusters"].append({"name": "down", "cluster": {"server": f"https://127.0.0.1:{free_port()}",
+                                                           "certificate-authority": str(bed.dir / "ca.crt")}})
+    config["contexts"] += [{"name": "plug-ns", "context": {"cluster": "e2e", "user": "u", "namespace": NS}},
+                           {"name": "nowhere", "context": {"cluster": "down", "user": "u"}}]
+    path = tmp_path / "kubeconfig.json"
+    path.write_text(json.dumps(config))
+    env = dict(bed.env, KUBECONFIG=str(tmp_path / "absent"))
+
+    def run(*args):
+        return subprocess.run([PLUGIN, *args], env=env, capture_output=True, text=True, timeout=60)
+    # The context's namespace is the default one, as in kubectl.
+    ok = run("--kubeconfig", str(path), "--context", "plug-ns", "status", "-o", "json")
+    assert ok.returncode == 0 and "scanner" in {r["name"] for r in json.loads(ok.stdout)}, ok
+    down = run("status", "--kubeconfig", str(path), "--context", "nowhere")
+    assert down.returncode == 1 and down.stderr.startswith("error: listing mailbox bindings in namespace default: ") \
+        and "Connection refused" in down.stderr, down
+    unknown = run("status", "--kubeconfig", str(path), "--context", "nosuch")
+    assert unknown.returncode == 1 and unknown.stderr.startswith("error: cannot connect to the cluster: ") \
+        and "nosuch" in unknown.stderr, unknown
+    # KUBECONFIG, as kubectl reads it, when no flag names one.
+    via_env = subprocess.run([PLUGIN, "status", "-n", NS], env=dict(env, KUBECONFIG=str(path)), capture_output=True,
+                             text=True, timeout=60)
+    assert via_env.returncode == 0 and "scanner" in via_env.stdout, via_env
+
+
 def test_inspect_shows_keys_sizes_and_expiry_and_values_only_when_asked(bed):
     values = published(bed, "scanner")
     out, err = plugin(bed, "inspect", "scanner", "-n", NS)
