@@ -312,7 +312,11 @@ async fn forward(client: &kube::Client, namespace: &str, port: u16) -> Result<Op
     let taken = Arc::clone(&slots);
     let task = tokio::spawn(async move {
         loop {
-            let Ok((socket, _)) = listener.accept().await else { continue };
+            let Ok((socket, _)) = listener.accept().await else {
+                // Out of file descriptors, say: try again in a moment rather than spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
             let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { return };
             let (pods, pod) = (pods.clone(), pod.clone());
             tokio::spawn(async move {

@@ -197,7 +197,13 @@ pub async fn run(conn: &Connection, request: Request, args: &RequestArgs) -> Res
             s.binding.status.as_ref().and_then(|s| s.phase).map(|p| format!(" (now {p:?})")).unwrap_or_default();
         Ok(Step::Waiting(format!("waiting for the operator to act on {}{phase}", request.what())))
     })
-    .await?;
+    .await
+    .map_err(|e| match e {
+        PluginError::Timeout { after, what } => {
+            PluginError::Timeout { after, what: format!("{what}; is the operator running? (kubectl mailoauth check)") }
+        }
+        other => other,
+    })?;
     println!("{}", outcome(request, &handled)?);
     if request == Request::Reauthorize && matches!(handled.spec.grant, Grant::RefreshToken { .. }) {
         eprintln!("(for the refreshToken grant, put the new refresh token into the import Secret first)");
