@@ -113,6 +113,36 @@ def published(bed, name):
     return {k: base64.b64decode(v).decode() for k, v in s["data"].items()}
 
 
+def test_the_krew_manifest_is_rendered_for_a_release_with_each_archives_sha256(tmp_path):
+    """scripts/krew/render.py, as the release workflow's `plugin` job runs it (no bed needed)."""
+    import hashlib
+    import tarfile
+    digests = {}
+    for arch in ("amd64", "arm64"):
+        binary = tmp_path / "kubectl-mailoauth"
+        binary.write_bytes(f"plugin for {arch}".encode())
+        archive = tmp_path / f"kubectl-mailoauth-linux-{arch}.tar.gz"
+        with tarfile.open(archive, "w:gz") as t:
+            t.add(binary, arcname="kubectl-mailoauth")
+        digests[arch] = hashlib.sha256(archive.read_bytes()).hexdigest()
+    version = yaml.safe_load((ROOT / "scripts" / "krew" / "mailoauth.yaml").read_text())["spec"]["version"][1:]
+    render = [str(ROOT / "scripts" / "krew" / "render.py"), "acme/mail-oauth-operator", version, str(tmp_path)]
+    out = subprocess.run(render, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out
+    doc = yaml.safe_load(out.stdout)
+    assert doc["spec"]["homepage"] == "https://github.com/acme/mail-oauth-operator"
+    for p in doc["spec"]["platforms"]:
+        arch = p["selector"]["matchLabels"]["arch"]
+        assert p["sha256"] == digests[arch]
+        assert p["uri"] == f"https://github.com/acme/mail-oauth-operator/releases/download/v{version}/" \
+                           f"kubectl-mailoauth-linux-{arch}.tar.gz"
+    wrong = subprocess.run([*render[:2], "9.9.9", render[3]], capture_output=True, text=True, timeout=30)
+    assert wrong.returncode == 1 and "the manifest's version is not v9.9.9" in wrong.stderr, wrong
+    (tmp_path / "kubectl-mailoauth-linux-arm64.tar.gz").unlink()
+    missing = subprocess.run(render, capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 1 and "kubectl-mailoauth-linux-arm64.tar.gz" in missing.stderr, missing
+
+
 def test_kubectl_finds_the_plugin_on_its_path_and_it_says_its_version(bed, tmp_path):
     (tmp_path / "kubectl-mailoauth").symlink_to(PLUGIN)
     env = dict(bed.env, PATH=f"{tmp_path}:{bed.env['PATH']}")
