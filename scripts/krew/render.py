@@ -35,7 +35,7 @@ def render(text, repository, version, archives):
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             line = line[: line.index("sha256: ")] + f'sha256: "{digest}"\n'
             seen.add(name)
-        out.append(line.replace("/OWNER/mail-oauth-operator/", f"/{repository}/"))
+        out.append(line.replace("github.com/OWNER/mail-oauth-operator", f"github.com/{repository}"))
     if not seen:
         raise SystemExit("the manifest names no platform")
     return "".join(out)
