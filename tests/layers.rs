@@ -1,7 +1,7 @@
 //! The layers a newcomer sees from the folder names, checked: a module imports only modules of
-//! its own layer or below (`api` and `error`/`metrics` at the bottom, `runtime` and `cli` at the
-//! top, the test fixtures `testing` above them all), and no two modules import each other. Test
-//! code (`#[cfg(test)]` modules) is left out.
+//! its own layer or below (`api` and `error`/`metrics` at the bottom, `runtime`, `cli` and `plugin`
+//! at the top, the test fixtures `testing` above them all), and no two modules import each other.
+//! Test code (`#[cfg(test)]` modules) is left out.
 
 #![allow(
     clippy::unwrap_used,
@@ -28,6 +28,7 @@ const RANKS: &[(&str, u8)] = &[
     ("relay", 5),
     ("runtime", 6),
     ("cli", 7),
+    ("plugin", 7),
     // The test fixtures (the `testing` feature) sit above everything: no production module may
     // import them.
     ("testing", 8),

@@ -85,6 +85,50 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in declaration order.
+    pub const ALL: [Reason; 34] = [
+        Reason::TokenValid,
+        Reason::AwaitingAuthorization,
+        Reason::AuthorizationExpired,
+        Reason::AuthorizationDenied,
+        Reason::ReauthorizationRequired,
+        Reason::ConsentRequired,
+        Reason::ClientCredentialsInvalid,
+        Reason::ClientSecretExpired,
+        Reason::IdentityMismatch,
+        Reason::IdentityUnverified,
+        Reason::IssuerChanged,
+        Reason::ProviderNotFound,
+        Reason::ProviderNotReady,
+        Reason::ProviderNotAllowed,
+        Reason::SecretConflict,
+        Reason::TokenEndpointUnavailable,
+        Reason::Throttled,
+        Reason::Expired,
+        Reason::GrantNotSupported,
+        Reason::InvalidSpec,
+        Reason::ImportSecretNotFound,
+        Reason::ClientSecretNotFound,
+        Reason::EndpointsUnresolved,
+        Reason::ProviderReady,
+        Reason::Suspended,
+        Reason::Pending,
+        Reason::Authorized,
+        Reason::RefreshSucceeded,
+        Reason::ClientSecretExpiring,
+        Reason::ClientSecretValid,
+        Reason::TokenRequestFailed,
+        Reason::RequestRejected,
+        Reason::ProviderPending,
+        Reason::SecretReferenceNotAllowed,
+    ];
+
+    /// The reason named `text` as written into a condition; `None` for a name this version does
+    /// not know (a newer operator's, or a verification result).
+    pub fn parse(text: &str) -> Option<Reason> {
+        Self::ALL.into_iter().find(|r| r.as_str() == text)
+    }
+
     /// The CamelCase name written into conditions.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -213,5 +257,20 @@ impl Reason {
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_is_found_by_its_name_and_unknown_names_are_none() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::parse(r.as_str()), Some(r));
+        }
+        assert_eq!(Reason::parse("Verified"), None);
+        assert_eq!(Reason::parse(""), None);
+        assert!(Reason::parse("ConsentRequired").is_some_and(|r| !r.fix().is_empty()));
     }
 }

@@ -189,6 +189,9 @@ class Bed:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--authorization-mode=RBAC", "--service-cluster-ip-range=10.0.0.0/24",
             "--disable-admission-plugins=ServiceAccount",
+            # There is no kubelet; test_plugin.py's stand-in for one (kubelet.py) serves with the
+            # bed's CA, as the apiserver must verify a kubelet it proxies a port-forward to.
+            f"--kubelet-certificate-authority={d}/ca.crt",
         ])
         self.write_kubeconfig(self.dir / "admin.kubeconfig", user={
             "client-certificate": str(d / "admin.crt"), "client-key": str(d / "admin.key")})

@@ -2,8 +2,8 @@
 # Sourced by tests/e2e/run.sh and scripts/demo.sh from the repository root: installs what the bed
 # needs (Debian: etcd, Dovecot, Postfix and msmtp when root, curl; helm, kubectl and pytest through
 # scripts/tools.sh; the OAuth server's npm packages), builds kube-apiserver and
-# kube-controller-manager 1.20.2 once per machine (cached), builds the operator, and exports
-# KUBE_BIN_DIR and OPERATOR_BIN.
+# kube-controller-manager 1.20.2 once per machine (cached), builds the operator and the kubectl
+# plugin, and exports KUBE_BIN_DIR, OPERATOR_BIN and PLUGIN_BIN.
 eval "$(scripts/tools.sh)"
 KUBE_BIN_DIR=$(tests/e2e/build-kube.sh)
 export KUBE_BIN_DIR
@@ -21,5 +21,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 (cd tests/oauth-server && npm ci --no-audit --no-fund --loglevel=error)
-cargo build --quiet --bin mail-oauth-operator
+cargo build --quiet --bin mail-oauth-operator --bin kubectl-mailoauth
 export OPERATOR_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/mail-oauth-operator
+export PLUGIN_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/kubectl-mailoauth
