@@ -42,6 +42,11 @@ pub fn add(a: Duration, b: Duration) -> Duration {
     a.checked_add(&b).unwrap_or(if b < Duration::zero() { Duration::MIN } else { Duration::MAX })
 }
 
+/// RFC 3339 in UTC with whole seconds and `Z`, as every time the operator writes.
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,9 +62,4 @@ mod tests {
         assert_eq!(div(Duration::seconds(9), 0), Duration::zero());
         assert!(between(DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC) > Duration::zero());
     }
-}
-
-/// RFC 3339 in UTC with whole seconds and `Z`, as every time the operator writes.
-pub fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
