@@ -9,7 +9,8 @@ pub mod provider;
 
 pub use binding::{
     AuthorizationStatus, Grant, IdentityCheck, MailboxBinding, MailboxBindingSpec, MailboxBindingStatus, Phase,
-    ProtocolCheck, ProviderKind, ProviderRef, RelaySpec, RelayStatus, SecretTemplate, TokenStatus, VerificationStatus, VerifySpec,
+    ProtocolCheck, ProviderKind, ProviderRef, RelaySpec, RelayStatus, SecretTemplate, TokenStatus, VerificationStatus,
+    VerifySpec,
 };
 pub use common::{Condition, ConditionStatus, Protocol, SecretKeySelector, ServerAddress, ServerTls};
 pub use provider::{

@@ -402,7 +402,8 @@ async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
     };
     b.status = Some(next_status(now() - Duration::minutes(5), &b, Some(&grant), &Outcome::Refreshed));
     let servers = crate::oauth::provider::servers(&provider().spec);
-    let data = published_data(&b.spec.mailbox, &grant, &b.spec.protocols, &servers, BTreeMap::new(), None).unwrap_or_default();
+    let data =
+        published_data(&b.spec.mailbox, &grant, &b.spec.protocols, &servers, BTreeMap::new(), None).unwrap_or_default();
     let grant_secret = grant_store::grant_secret(&b, &grant_secret_name("helpdesk"), &grant);
     let mut published = desired(&b, &b.spec.secret_name, Role::Published, data);
     let source = at_rest::source(&at_rest::grant_digest(&grant.encode()), &binding::publish_inputs(&b, &servers));
@@ -481,7 +482,8 @@ fn at_rest_binding() -> (MailboxBinding, Secret, Secret) {
     };
     b.status = Some(next_status(now() - Duration::minutes(5), &b, Some(&grant), &Outcome::Refreshed));
     let servers = crate::oauth::provider::servers(&provider().spec);
-    let data = published_data(&b.spec.mailbox, &grant, &b.spec.protocols, &servers, BTreeMap::new(), None).unwrap_or_default();
+    let data =
+        published_data(&b.spec.mailbox, &grant, &b.spec.protocols, &servers, BTreeMap::new(), None).unwrap_or_default();
     let grant_secret = grant_store::grant_secret(&b, &grant_secret_name("helpdesk"), &grant);
     let mut published = desired(&b, &b.spec.secret_name, Role::Published, data);
     let source = at_rest::source(&at_rest::grant_digest(&grant.encode()), &binding::publish_inputs(&b, &servers));

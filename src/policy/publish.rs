@@ -180,12 +180,23 @@ mod tests {
         let servers = BTreeMap::from([
             (
                 Protocol::Imap,
-                ServerAddress { host: "imap.example.com".into(), port: 993, tls: Some(crate::api::ServerTls::Implicit) },
+                ServerAddress {
+                    host: "imap.example.com".into(),
+                    port: 993,
+                    tls: Some(crate::api::ServerTls::Implicit),
+                },
             ),
             (Protocol::Pop3, ServerAddress { host: "pop.example.com".into(), port: 995, tls: None }),
         ]);
-        let data = published_data("a@example.com", &grant(), &[Protocol::Imap, Protocol::Smtp], &servers, BTreeMap::new(), None)
-            .unwrap_or_default();
+        let data = published_data(
+            "a@example.com",
+            &grant(),
+            &[Protocol::Imap, Protocol::Smtp],
+            &servers,
+            BTreeMap::new(),
+            None,
+        )
+        .unwrap_or_default();
         let keys: Vec<&str> = data.keys().map(String::as_str).collect();
         assert_eq!(
             keys,
@@ -206,18 +217,28 @@ mod tests {
         let servers =
             BTreeMap::from([(Protocol::Imap, ServerAddress { host: "imap.example.com".into(), port: 993, tls: None })]);
         let data =
-            published_data("a@example.com", &grant(), &[Protocol::Imap], &servers, BTreeMap::new(), Some(&template)).unwrap_or_default();
+            published_data("a@example.com", &grant(), &[Protocol::Imap], &servers, BTreeMap::new(), Some(&template))
+                .unwrap_or_default();
         assert_eq!(data["msmtprc"], "user a@example.com\nhost imap.example.com\n");
     }
 
     #[test]
     fn templates_cannot_name_unknown_keys_or_overwrite_ours() {
         let servers = BTreeMap::new();
-        let unknown = published_data("a@example.com", &grant(), &[], &servers, BTreeMap::new(), Some(&bad("x", "{{ refresh_token }}")));
+        let unknown = published_data(
+            "a@example.com",
+            &grant(),
+            &[],
+            &servers,
+            BTreeMap::new(),
+            Some(&bad("x", "{{ refresh_token }}")),
+        );
         assert!(matches!(unknown, Err(TemplateError::UnknownPlaceholder { .. })));
-        let reserved = published_data("a@example.com", &grant(), &[], &servers, BTreeMap::new(), Some(&bad("access_token", "x")));
+        let reserved =
+            published_data("a@example.com", &grant(), &[], &servers, BTreeMap::new(), Some(&bad("access_token", "x")));
         assert_eq!(reserved, Err(TemplateError::ReservedKey { key: "access_token".into() }));
-        let unclosed = published_data("a@example.com", &grant(), &[], &servers, BTreeMap::new(), Some(&bad("x", "{{ mailbox")));
+        let unclosed =
+            published_data("a@example.com", &grant(), &[], &servers, BTreeMap::new(), Some(&bad("x", "{{ mailbox")));
         assert_eq!(unclosed, Err(TemplateError::Unclosed { key: "x".into() }));
     }
 

@@ -210,7 +210,11 @@ pub fn plan(
 
 /// The published keys of the relay credentials (none when the relay is off or nothing is
 /// stored yet). The previous password is published as its digest, and only before its end.
-pub fn published(binding: &MailboxBinding, creds: Option<&RelayCredentials>, now: DateTime<Utc>) -> BTreeMap<String, String> {
+pub fn published(
+    binding: &MailboxBinding,
+    creds: Option<&RelayCredentials>,
+    now: DateTime<Utc>,
+) -> BTreeMap<String, String> {
     let mut data = BTreeMap::new();
     let (Some(spec), Some(creds)) = (enabled(binding), creds) else { return data };
     data.insert(published_keys::USERNAME.into(), binding.spec.mailbox.clone());

@@ -123,7 +123,8 @@ fn shared(dir: &Path, ca: &CertificateDer<'static>) -> Arc<Shared> {
     let mut mail = Settings::new(OutboundPolicy { allow_private: true }, std::slice::from_ref(ca)).unwrap();
     mail.limits = Limits { overall: Duration::from_secs(4), reply: Duration::from_secs(2), ..Limits::default() };
     Arc::new(Shared {
-        secret_dir: dir.to_owned(),
+        source: super::source::Source::Mounted(dir.to_owned()),
+        metrics: super::metrics::RelayMetrics::default(),
         certs: None,
         allow_plaintext_auth: false,
         mail,
@@ -333,7 +334,8 @@ async fn the_relay_does_not_start_without_a_relay_password() {
     std::fs::remove_file(dir.path().join("relay_password")).unwrap();
     let mail = Settings::new(OutboundPolicy { allow_private: true }, std::slice::from_ref(&ca)).unwrap();
     let config = super::RelayConfig {
-        secret_dir: dir.path().to_owned(),
+        source: super::source::Source::Mounted(dir.path().to_owned()),
+        metrics: super::metrics::RelayMetrics::default(),
         smtp: Some("127.0.0.1:0".parse().unwrap()),
         smtps: None,
         imap: None,
