@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
@@ -80,7 +81,8 @@ pub(crate) enum Check {
     Accepted(Arc<Entry>),
     /// Wrong, unknown or ambiguous.
     Wrong,
-    /// The credentials cannot be read now (the mounted Secret).
+    /// The credentials cannot be read now (the mounted Secret; the shared relay before its first
+    /// list).
     Unreadable,
 }
 
@@ -184,6 +186,9 @@ pub enum Applied {
 #[derive(Debug, Default)]
 pub struct Index {
     inner: RwLock<Inner>,
+    /// Every served namespace has been listed once: before that an unknown name may be one not
+    /// read yet, and a login is a temporary failure.
+    listed: AtomicBool,
 }
 
 impl Index {
@@ -193,6 +198,11 @@ impl Index {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes that every served namespace has been listed.
+    pub fn set_listed(&self) {
+        self.listed.store(true, Ordering::SeqCst);
     }
 
     /// The Secrets kept.
@@ -258,6 +268,9 @@ impl Index {
     /// Checks `user` (`mailbox` naming one binding, or `namespace/mailbox`) and `password` at
     /// `now`. The digest is computed whether or not the name is known.
     pub(crate) fn check(&self, user: &str, password: &[u8], now: DateTime<Utc>) -> Check {
+        if !self.listed.load(Ordering::SeqCst) {
+            return Check::Unreadable;
+        }
         let found = {
             let inner = self.read();
             match inner.unique(user, None) {

@@ -45,9 +45,25 @@ fn mailbox_of(check: Check) -> Option<String> {
     }
 }
 
+fn listed() -> Index {
+    let index = Index::default();
+    index.set_listed();
+    index
+}
+
+#[test]
+fn before_the_first_list_a_login_is_a_temporary_failure() {
+    let index = Index::default();
+    index.apply(&relay("team", "a-token", "a@example.com", "pw-a"));
+    assert!(matches!(index.check("a@example.com", b"pw-a", Utc::now()), Check::Unreadable));
+    assert!(matches!(index.check("b@example.com", b"pw-a", Utc::now()), Check::Unreadable));
+    index.set_listed();
+    assert!(matches!(index.check("a@example.com", b"pw-a", Utc::now()), Check::Accepted(_)));
+}
+
 #[test]
 fn a_unique_mailbox_logs_in_by_itself_and_with_its_namespace() {
-    let index = Index::default();
+    let index = listed();
     assert_eq!(index.apply(&relay("team", "a-token", "a@example.com", "pw-a")), Applied::Kept);
     let now = Utc::now();
     assert_eq!(mailbox_of(index.check("a@example.com", b"pw-a", now)).as_deref(), Some("a@example.com"));
@@ -71,7 +87,7 @@ fn a_unique_mailbox_logs_in_by_itself_and_with_its_namespace() {
 
 #[test]
 fn a_mailbox_bound_in_two_namespaces_needs_the_namespace() {
-    let index = Index::default();
+    let index = listed();
     index.apply(&relay("team", "a-token", "a@example.com", "pw-team"));
     index.apply(&relay("ops", "a-token", "a@example.com", "pw-ops"));
     let now = Utc::now();
@@ -95,7 +111,7 @@ fn a_mailbox_bound_in_two_namespaces_needs_the_namespace() {
 
 #[test]
 fn the_previous_password_works_until_its_grace_ends() {
-    let index = Index::default();
+    let index = listed();
     let now = Utc::now();
     let until = (now + Duration::minutes(10)).to_rfc3339();
     let digest: String = Sha256::digest(b"old").iter().map(|b| format!("{b:02x}")).collect();
@@ -112,7 +128,7 @@ fn the_previous_password_works_until_its_grace_ends() {
 
 #[test]
 fn a_secret_whose_relay_keys_disappear_is_forgotten() {
-    let index = Index::default();
+    let index = listed();
     index.apply(&relay("team", "a-token", "a@example.com", "pw"));
     assert_eq!(index.len(), 1);
     let off = secret("team", "a-token", &[("username", "a@example.com"), ("access_token", "t")]);
@@ -135,7 +151,7 @@ fn a_secret_whose_relay_keys_disappear_is_forgotten() {
 
 #[test]
 fn an_oversize_secret_is_not_kept() {
-    let index = Index::default();
+    let index = listed();
     index.apply(&relay("team", "a-token", "a@example.com", "pw"));
     let mut big = relay("team", "a-token", "a@example.com", "pw");
     big.data.get_or_insert_with(BTreeMap::new).insert("filler".into(), ByteString(vec![b'x'; MAX_SECRET]));
@@ -147,7 +163,7 @@ fn an_oversize_secret_is_not_kept() {
 
 #[test]
 fn a_relist_forgets_the_secrets_it_no_longer_has_in_its_namespace_only() {
-    let index = Index::default();
+    let index = listed();
     index.apply(&relay("team", "a", "a@example.com", "pw"));
     index.apply(&relay("team", "b", "b@example.com", "pw"));
     index.apply(&relay("ops", "c", "c@example.com", "pw"));

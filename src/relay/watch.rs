@@ -36,6 +36,7 @@ pub async fn run(client: kube::Client, namespaces: Vec<String>, index: Arc<Index
             scope_watch(client, scope, &index, || {
                 if std::mem::take(&mut first) && listed.fetch_add(1, Ordering::SeqCst).saturating_add(1) >= total {
                     tracing::info!(secrets = index.len(), "the shared relay has listed its namespaces");
+                    index.set_listed();
                     ready.store(true, Ordering::SeqCst);
                 }
             })
