@@ -131,12 +131,21 @@ pub struct RunArgs {
     pub leader_lease_duration: std::time::Duration,
 }
 
-/// Flags of `relay`.
+/// Flags of `relay`: exactly one of `--secret-dir` (a sidecar) and `--shared` (the shared relay).
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("credentials").required(true).args(["secret_dir", "shared"])))]
 pub struct RelayArgs {
     /// The published Secret mounted as a volume (a sidecar next to one app).
     #[arg(long, env = "SECRET_DIR")]
-    pub secret_dir: std::path::PathBuf,
+    pub secret_dir: Option<std::path::PathBuf>,
+    /// The shared relay: serve every binding with relay credentials in the --namespace list (all
+    /// namespaces the RBAC allows when empty), reading the published Secrets through the API
+    /// (kubeconfig or the in-cluster ServiceAccount).
+    #[arg(long)]
+    pub shared: bool,
+    /// Namespaces the shared relay serves (comma separated; empty: all).
+    #[arg(long = "namespace", env = "WATCH_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
     /// SMTP submission with STARTTLS.
     #[arg(long, env = "SMTP_ADDRESS")]
     pub smtp_address: Option<SocketAddr>,
@@ -244,7 +253,11 @@ pub async fn execute(cli: Cli) -> Result<()> {
 }
 
 async fn run_relay(args: RelayArgs) -> Result<()> {
+    use crate::relay::metrics::RelayMetrics;
+    use crate::relay::source::{Index, Source};
     use crate::relay::{Relay, RelayConfig};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
     init_logging(args.log_format);
     let relay_error = |e: &dyn std::fmt::Display| Error::Relay(e.to_string());
     let roots = match &args.upstream_ca_file {
@@ -258,8 +271,33 @@ async fn run_relay(args: RelayArgs) -> Result<()> {
     let mut mail = crate::mail::Settings::new(OutboundPolicy { allow_private: args.allow_private_endpoints }, &roots)
         .map_err(|e| relay_error(&e))?;
     mail.client_name.clone_from(&args.name);
+    let namespaces = watched(args.namespaces);
+    let ready = Arc::new(AtomicBool::new(true));
+    let (source, watch) = match args.secret_dir {
+        Some(_) if !namespaces.is_empty() => {
+            return Err(Error::Relay(
+                "--namespace is for the shared relay (--shared); a sidecar (--secret-dir) serves its mounted Secret"
+                    .into(),
+            ));
+        }
+        Some(dir) => (Source::Mounted(dir), None),
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| Error::Relay(format!("the shared relay needs the Kubernetes API: {e}")))?;
+            let index = Arc::new(Index::default());
+            ready.store(false, Ordering::SeqCst);
+            let watch = crate::relay::watch::run(client, namespaces.clone(), index.clone(), ready.clone());
+            tracing::info!(namespaces = ?namespaces, "the shared relay watches the published Secrets");
+            (Source::Api(index), Some(watch))
+        }
+    };
+    let metrics = RelayMetrics::default();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
     let config = RelayConfig {
-        secret_dir: args.secret_dir,
+        source,
+        metrics,
         smtp: args.smtp_address,
         smtps: args.smtps_address,
         imap: args.imap_address,
@@ -276,9 +314,13 @@ async fn run_relay(args: RelayArgs) -> Result<()> {
     };
     let relay = Relay::bind(config).await.map_err(|e| relay_error(&e))?;
     let shutdown = shutdown_signal().boxed().shared();
-    let admin = tokio::spawn(crate::relay::serve_admin(args.listen_address, shutdown.clone()));
+    let admin = tokio::spawn(crate::relay::serve_admin(args.listen_address, ready, registry, shutdown.clone()));
+    let watch = watch.map(tokio::spawn);
     relay.serve(shutdown).await;
     admin.abort();
+    if let Some(watch) = watch {
+        watch.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -421,5 +463,23 @@ mod tests {
     fn blanks_in_a_namespace_list_are_dropped() {
         assert_eq!(namespaces_of(&["--namespace", "a,, b ,"]), vec!["a".to_owned(), "b".to_owned()]);
         assert_eq!(namespaces_of(&["--namespace", "a", "--namespace", "c"]), vec!["a".to_owned(), "c".to_owned()]);
+    }
+
+    #[test]
+    fn the_relay_takes_either_a_mounted_secret_or_the_shared_mode() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["mail-oauth-operator", "relay", "--smtp-address", "127.0.0.1:2587"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).map(|c| c.command)
+        };
+        assert!(matches!(parse(&["--secret-dir", "/s"]), Ok(Command::Relay(r)) if r.secret_dir.is_some() && !r.shared));
+        assert!(matches!(
+            parse(&["--shared", "--namespace", "a,b"]),
+            Ok(Command::Relay(r)) if r.shared && watched(r.namespaces.clone()) == ["a", "b"]
+        ));
+        let both = parse(&["--secret-dir", "/s", "--shared"]).map(|_| ()).unwrap_err().to_string();
+        assert!(both.contains("--shared") && both.contains("cannot be used with"), "{both}");
+        let neither = parse(&[]).map(|_| ()).unwrap_err().to_string();
+        assert!(neither.contains("--secret-dir") && neither.contains("--shared"), "{neither}");
     }
 }

@@ -1,17 +1,21 @@
-//! The login the IMAP and POP3 listeners share: the mounted Secret read afresh, the relay
-//! credentials checked ([`super::secret::Mounted::accepts`]; a failure is counted per source and
-//! answered after the guard's delay), then the upstream server named in the Secret
-//! (`imap_host`/`imap_port`, `pop3_host`/`pop3_port`; TLS as the port implies) logged in to
-//! with XOAUTH2 and the current token ([`crate::mail::open_session`]). Nothing a client can fix
-//! (no token, an expired one, no server named, the upstream down or refusing) is a temporary
-//! failure, never a success. Logs name the source and the upstream, never a secret.
+//! The login every listener shares: the credentials checked against the relay's source
+//! ([`super::source::Source::check`]: the mounted Secret read afresh, or the shared relay's
+//! index; a failure is counted per source address and answered after the guard's delay), then
+//! the upstream server the binding's Secret names (`<protocol>_host`/`<protocol>_port`, TLS as
+//! `<protocol>_tls` or the port says) logged in to with XOAUTH2 and the current token
+//! ([`crate::mail::open_session`]). Nothing a client can fix (no token, an expired one, no server
+//! named, the upstream down or refusing) is a temporary failure, never a success. Every outcome
+//! is counted ([`super::metrics`]). Logs name the source and the upstream, never a secret.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::api::Protocol;
 use crate::mail::{Credentials, Session, Target};
 
 use super::Shared;
+use super::metrics::{AuthOutcome, UpstreamFailure};
+use super::source::{Check, Entry};
 
 /// How a login ended.
 pub(crate) enum Outcome {
@@ -26,57 +30,86 @@ pub(crate) enum Outcome {
     Temporary(&'static str),
 }
 
-/// Checks `user` and `password` against the mounted Secret and logs in upstream for `protocol`.
-pub(crate) async fn login(shared: &Shared, peer: IpAddr, protocol: Protocol, user: &str, password: &[u8]) -> Outcome {
-    let dir = shared.secret_dir.clone();
-    let read = tokio::task::spawn_blocking(move || {
-        let mounted = super::secret::read(&dir)?;
-        let server = super::secret::server(&dir, protocol)?;
-        Ok::<_, super::secret::SecretError>((mounted, server))
-    })
-    .await;
-    let (mounted, server) = match read {
-        Ok(Ok(found)) => found,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "the mounted Secret cannot be read");
-            return Outcome::Temporary("the relay cannot read its credentials");
+/// The credentials checked, ready for the upstream login.
+pub(crate) enum Checked {
+    /// The binding's entry, the upstream and the XOAUTH2 credentials.
+    Ready(Arc<Entry>, Target, Credentials),
+    /// Wrong credentials (already delayed and counted).
+    Wrong {
+        /// Whether the source has reached the failure limit.
+        refused: bool,
+    },
+    /// Try again later (counted).
+    Temporary(&'static str),
+}
+
+/// Checks `user` and `password` and finds the upstream for `protocol`: everything before the
+/// upstream login.
+pub(crate) async fn check(shared: &Shared, peer: IpAddr, protocol: Protocol, user: &str, password: &[u8]) -> Checked {
+    let metrics = &shared.metrics;
+    let entry = match shared.source.check(user, password, chrono::Utc::now()).await {
+        Check::Accepted(entry) => entry,
+        Check::Wrong => {
+            let delay = shared.failures.fail(peer);
+            tracing::info!(source = %peer, protocol = protocol.as_str(), "relay authentication failed");
+            metrics.authentication(protocol, AuthOutcome::Wrong);
+            tokio::time::sleep(delay).await;
+            return Checked::Wrong { refused: shared.failures.refused(peer) };
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "reading the mounted Secret failed");
-            return Outcome::Temporary("the relay cannot read its credentials");
+        Check::Unreadable => {
+            metrics.authentication(protocol, AuthOutcome::Temporary);
+            return Checked::Temporary("the relay cannot read its credentials");
         }
     };
-    if !mounted.accepts(user, password) {
-        let delay = shared.failures.fail(peer);
-        tracing::info!(source = %peer, protocol = protocol.as_str(), "relay authentication failed");
-        tokio::time::sleep(delay).await;
-        return Outcome::Wrong { refused: shared.failures.refused(peer) };
-    }
     shared.failures.succeed(peer);
-    let Some(token) = mounted.current_token(chrono::Utc::now(), chrono::Duration::seconds(30)) else {
+    let Some(token) = entry.current_token(chrono::Utc::now(), chrono::Duration::seconds(30)).cloned() else {
         tracing::warn!(
             protocol = protocol.as_str(),
-            "no current access token in the mounted Secret: the client is told to retry"
+            mailbox = %entry.mounted.mailbox,
+            "no current access token for the binding: the client is told to retry"
         );
-        return Outcome::Temporary("no current access token");
+        metrics.upstream_failure(protocol, UpstreamFailure::NoToken);
+        metrics.authentication(protocol, AuthOutcome::Temporary);
+        return Checked::Temporary("no current access token");
     };
-    let Some((host, port, tls)) = server else {
+    let Some((host, port, tls)) = entry.server(protocol) else {
         tracing::warn!(
             protocol = protocol.as_str(),
-            "the mounted Secret names no {0}_host and {0}_port",
+            mailbox = %entry.mounted.mailbox,
+            "the binding's Secret names no {0}_host and {0}_port",
             protocol.as_str()
         );
-        return Outcome::Temporary("no upstream server known");
+        metrics.upstream_failure(protocol, UpstreamFailure::NoServer);
+        metrics.authentication(protocol, AuthOutcome::Temporary);
+        return Checked::Temporary("no upstream server known");
     };
     let target = Target { protocol, host, port, tls };
-    let creds = Credentials { user: mounted.mailbox.clone(), token: token.clone() };
+    let creds = Credentials { user: entry.mounted.mailbox.clone(), token };
+    Checked::Ready(entry, target, creds)
+}
+
+/// Counts an upstream login's failure and logs it.
+pub(crate) fn upstream_failed(shared: &Shared, target: &Target, seen: &crate::policy::verify::Observed) {
+    tracing::warn!(protocol = target.protocol.as_str(), upstream = %target.host, port = target.port, seen = ?seen, "the upstream login failed: the client is told to retry");
+    shared.metrics.upstream_failure(target.protocol, UpstreamFailure::of(seen));
+    shared.metrics.authentication(target.protocol, AuthOutcome::Temporary);
+}
+
+/// Checks `user` and `password` and logs in upstream for `protocol` (IMAP, POP3).
+pub(crate) async fn login(shared: &Shared, peer: IpAddr, protocol: Protocol, user: &str, password: &[u8]) -> Outcome {
+    let (target, creds) = match check(shared, peer, protocol, user, password).await {
+        Checked::Ready(_, target, creds) => (target, creds),
+        Checked::Wrong { refused } => return Outcome::Wrong { refused },
+        Checked::Temporary(why) => return Outcome::Temporary(why),
+    };
     match crate::mail::open_session(&target, &creds, &shared.mail).await {
         Ok(session) => {
             tracing::debug!(source = %peer, protocol = protocol.as_str(), upstream = %target.host, "relay session authenticated");
+            shared.metrics.authentication(protocol, AuthOutcome::Ok);
             Outcome::LoggedIn(session)
         }
         Err(seen) => {
-            tracing::warn!(protocol = protocol.as_str(), upstream = %target.host, port = target.port, seen = ?seen, "the upstream login failed: the client is told to retry");
+            upstream_failed(shared, &target, &seen);
             Outcome::Temporary("the upstream server is unavailable")
         }
     }

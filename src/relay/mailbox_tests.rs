@@ -245,7 +245,8 @@ fn shared_with(dir: &Path, ca: &CertificateDer<'static>, certs: Option<CertDir>,
     let mut mail = Settings::new(OutboundPolicy { allow_private: true }, std::slice::from_ref(ca)).unwrap();
     mail.limits = Limits { overall: Duration::from_secs(4), reply: Duration::from_secs(2), ..Limits::default() };
     Arc::new(Shared {
-        secret_dir: dir.to_owned(),
+        source: super::source::Source::Mounted(dir.to_owned()),
+        metrics: super::metrics::RelayMetrics::default(),
         certs,
         allow_plaintext_auth: false,
         mail,
@@ -643,7 +644,8 @@ async fn pop3_without_tls_from_the_network_offers_and_accepts_no_login() {
 
 fn config(dir: &Path, ca: &CertificateDer<'static>) -> super::RelayConfig {
     super::RelayConfig {
-        secret_dir: dir.to_owned(),
+        source: super::source::Source::Mounted(dir.to_owned()),
+        metrics: super::metrics::RelayMetrics::default(),
         smtp: None,
         smtps: None,
         imap: None,

@@ -1,8 +1,10 @@
 //! The mail relay (`mail-oauth-operator relay`): apps and devices that only know a user name and
 //! a password submit mail over SMTP to it, or read the mailbox over IMAP or POP3, and it logs in
-//! upstream with XOAUTH2 and the mailbox's current access token. This slice serves one published
-//! Secret mounted at `--secret-dir` (a sidecar), on listeners for SMTP, IMAP and POP3, each with
-//! STARTTLS (STLS) and with implicit TLS ([`Service`]).
+//! upstream with XOAUTH2 and the mailbox's current access token. Two shapes, one code path
+//! ([`source`]): a sidecar serves one published Secret mounted at `--secret-dir`; the shared relay
+//! serves every binding with relay credentials in the namespaces it watches, reading the published
+//! Secrets through the API ([`watch`]). Listeners for SMTP, IMAP and POP3, each with STARTTLS
+//! (STLS) and with implicit TLS ([`Service`]); counters in [`metrics`].
 //!
 //! Design (see [`smtp`]): the relay answers the client itself until `AUTH` succeeds, and only
 //! then opens the upstream submission (greeting, `EHLO`, `STARTTLS`, `EHLO`, two-step XOAUTH2 as
@@ -29,15 +31,20 @@
 pub mod guard;
 mod imap;
 mod login;
+pub mod metrics;
 mod pipe;
 mod pop3;
 pub mod secret;
 mod smtp;
+pub mod source;
 pub mod tls;
+pub mod watch;
 mod wire;
 
 #[cfg(test)]
 mod mailbox_tests;
+#[cfg(test)]
+mod source_tests;
 #[cfg(test)]
 mod tests;
 
@@ -53,6 +60,8 @@ use tokio::sync::Semaphore;
 use crate::api::Protocol;
 use crate::mail::{Io, Settings as MailSettings};
 use guard::{FailureLimits, Failures};
+use metrics::{Counted, RelayMetrics};
+use source::Source;
 use tls::CertDir;
 
 /// The longest TLS handshake with a client.
@@ -101,8 +110,10 @@ impl Default for SessionLimits {
 /// What the relay is given.
 #[derive(Debug)]
 pub struct RelayConfig {
-    /// The mounted published Secret.
-    pub secret_dir: PathBuf,
+    /// Where the credentials come from.
+    pub source: Source,
+    /// The counters (registered by the caller).
+    pub metrics: RelayMetrics,
     /// SMTP submission with STARTTLS.
     pub smtp: Option<SocketAddr>,
     /// SMTP submission with implicit TLS.
@@ -160,7 +171,8 @@ pub enum RelayError {
 
 /// What every session shares.
 pub(crate) struct Shared {
-    pub(crate) secret_dir: PathBuf,
+    pub(crate) source: Source,
+    pub(crate) metrics: RelayMetrics,
     pub(crate) certs: Option<CertDir>,
     pub(crate) allow_plaintext_auth: bool,
     pub(crate) mail: MailSettings,
@@ -183,6 +195,15 @@ pub enum Service {
 }
 
 impl Service {
+    /// The protocol it speaks.
+    fn protocol(self) -> Protocol {
+        match self {
+            Service::Smtp => Protocol::Smtp,
+            Service::Imap => Protocol::Imap,
+            Service::Pop3 => Protocol::Pop3,
+        }
+    }
+
     /// The one line a client gets when every connection slot is taken.
     fn busy(self) -> &'static [u8] {
         match self {
@@ -208,8 +229,8 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Checks the mounted Secret (`relay_password` must be there) and the certificate, and binds
-    /// the listeners.
+    /// Checks the mounted Secret (`relay_password` must be there; a sidecar) and the certificate,
+    /// and binds the listeners.
     pub async fn bind(config: RelayConfig) -> Result<Self, RelayError> {
         let wanted = [
             (Service::Smtp, false, config.smtp),
@@ -222,7 +243,10 @@ impl Relay {
         if wanted.iter().all(|(_, _, a)| a.is_none()) {
             return Err(RelayError::NoListener);
         }
-        let mounted = secret::read_async(config.secret_dir.clone()).await?;
+        let mounted = match &config.source {
+            Source::Mounted(dir) => Some(secret::read_async(dir.clone()).await?),
+            Source::Api(_) => None,
+        };
         let certs = config.cert_dir.map(CertDir::load).transpose()?;
         if certs.is_none() && wanted.iter().any(|(_, implicit, a)| *implicit && a.is_some()) {
             return Err(RelayError::NoCertificate);
@@ -235,9 +259,8 @@ impl Relay {
             listeners.push(Listener { service, implicit_tls, socket });
         }
         for (service, protocol) in [(Service::Imap, Protocol::Imap), (Service::Pop3, Protocol::Pop3)] {
-            if listeners.iter().any(|l| l.service == service)
-                && !matches!(secret::server(&config.secret_dir, protocol), Ok(Some(_)))
-            {
+            let Source::Mounted(dir) = &config.source else { continue };
+            if listeners.iter().any(|l| l.service == service) && !matches!(secret::server(dir, protocol), Ok(Some(_))) {
                 tracing::warn!(
                     "the mounted Secret names no {0}_host and {0}_port (the binding's provider has no {0} server): {0} logins will fail until it does",
                     protocol.as_str()
@@ -252,14 +275,15 @@ impl Relay {
             })
             .collect();
         tracing::info!(
-            mailbox = %mounted.mailbox,
-            upstream = ?mounted.smtp_host.as_deref().zip(mounted.smtp_port),
+            mailbox = mounted.as_ref().map_or("(the shared relay: every binding served)", |m| m.mailbox.as_str()),
+            upstream = ?mounted.as_ref().and_then(|m| m.smtp_host.as_deref().zip(m.smtp_port)),
             listeners = %shown.join(", "),
             plaintext_auth = config.allow_plaintext_auth,
             "relay listening"
         );
         let shared = Arc::new(Shared {
-            secret_dir: config.secret_dir,
+            source: config.source,
+            metrics: config.metrics,
             certs,
             allow_plaintext_auth: config.allow_plaintext_auth,
             mail: config.mail,
@@ -314,6 +338,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, slots: Arc<Semapho
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             // Full: a one-line answer if the socket takes it now, then close.
+            shared.metrics.busy(service.protocol());
             let _ = tcp.try_write(service.busy());
             continue;
         };
@@ -333,6 +358,8 @@ async fn connection(
     shared: Arc<Shared>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let _open = shared.metrics.connection(service.protocol(), implicit_tls);
+    let tcp = Counted::new(tcp, shared.metrics.bytes(service.protocol()));
     let io: Box<dyn Io> = if implicit_tls {
         let acceptor = match shared.certs.as_ref().map(CertDir::acceptor) {
             Some(Ok(a)) => a,
@@ -356,14 +383,14 @@ async fn connection(
     }
 }
 
-/// Serves `/healthz`, `/readyz` (ready once listening) and `/metrics` on `address`.
+/// Serves `/healthz`, `/readyz` (ready when `ready` is: once listening, and for the shared relay
+/// once its namespaces are listed) and `/metrics` (the `registry`) on `address`.
 pub async fn serve_admin(
     address: SocketAddr,
+    ready: Arc<AtomicBool>,
+    registry: prometheus_client::registry::Registry,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> crate::error::Result<()> {
-    let admin = crate::server::Admin {
-        ready: Arc::new(AtomicBool::new(true)),
-        registry: Arc::new(prometheus_client::registry::Registry::default()),
-    };
+    let admin = crate::server::Admin { ready, registry: Arc::new(registry) };
     crate::server::serve(address, admin, shutdown).await
 }

@@ -31,6 +31,7 @@ async fn run(io: Box<dyn Io>, peer: IpAddr, implicit_tls: bool, shared: &Shared)
     let limits = shared.limits;
     let mut client = Wire::new(io, Vec::new(), limits.max_line);
     if shared.failures.refused(peer) {
+        shared.metrics.authentication(crate::api::Protocol::Pop3, super::metrics::AuthOutcome::Refused);
         let _ =
             client.write_line("-ERR [SYS/TEMP] Too many failed authentications, try again later", limits.write).await;
         client.close().await;

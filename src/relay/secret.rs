@@ -159,22 +159,29 @@ fn read_key(base: &Path, shown: &str, key: &'static str) -> Result<Option<String
 pub fn read(dir: &Path) -> Result<Mounted, SecretError> {
     let shown = dir.display().to_string();
     let base = version(dir);
-    let missing = |key| SecretError::Missing { dir: shown.clone(), key };
-    let mailbox = read_key(&base, &shown, "username")?.ok_or_else(|| missing("username"))?;
-    let password = read_key(&base, &shown, "relay_password")?.ok_or_else(|| missing("relay_password"))?;
-    let relay_username = read_key(&base, &shown, "relay_username")?.unwrap_or_else(|| mailbox.clone());
-    let token = read_key(&base, &shown, "access_token")?.map(SecretString::from);
-    let expires_at = read_key(&base, &shown, "expires_at")?
-        .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
-        .map(|t| t.with_timezone(&Utc));
-    let smtp_host = read_key(&base, &shown, "smtp_host")?;
-    let smtp_port = read_key(&base, &shown, "smtp_port")?.and_then(|p| p.parse().ok());
-    let smtp_tls = read_key(&base, &shown, "smtp_tls")?.and_then(|t| crate::mail::TlsMode::parse(&t));
-    let previous_digest = read_key(&base, &shown, "relay_previous_sha256")?.and_then(|h| hex32(&h));
-    let previous_until = read_key(&base, &shown, "relay_previous_until")?
-        .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
-        .map(|t| t.with_timezone(&Utc));
-    let extra_senders = read_key(&base, &shown, "relay_senders")?
+    parse(&shown, |key| read_key(&base, &shown, key))
+}
+
+/// A published Secret's relay keys as `get` gives them (trimmed, empty as absent): the mounted
+/// directory's files, or the data of a Secret read through the API. Only the password's digest
+/// is kept.
+pub(crate) fn parse(
+    shown: &str,
+    mut get: impl FnMut(&'static str) -> Result<Option<String>, SecretError>,
+) -> Result<Mounted, SecretError> {
+    let missing = |key| SecretError::Missing { dir: shown.to_owned(), key };
+    let time = |t: Option<String>| t.and_then(|t| DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&Utc));
+    let mailbox = get("username")?.ok_or_else(|| missing("username"))?;
+    let password = get("relay_password")?.ok_or_else(|| missing("relay_password"))?;
+    let relay_username = get("relay_username")?.unwrap_or_else(|| mailbox.clone());
+    let token = get("access_token")?.map(SecretString::from);
+    let expires_at = time(get("expires_at")?);
+    let smtp_host = get("smtp_host")?;
+    let smtp_port = get("smtp_port")?.and_then(|p| p.parse().ok());
+    let smtp_tls = get("smtp_tls")?.and_then(|t| crate::mail::TlsMode::parse(&t));
+    let previous_digest = get("relay_previous_sha256")?.and_then(|h| hex32(&h));
+    let previous_until = time(get("relay_previous_until")?);
+    let extra_senders = get("relay_senders")?
         .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
         .unwrap_or_default();
     Ok(Mounted {
@@ -209,14 +216,22 @@ pub fn server(
 ) -> Result<Option<(String, u16, crate::mail::TlsMode)>, SecretError> {
     let shown = dir.display().to_string();
     let base = version(dir);
+    server_of(protocol, |key| read_key(&base, &shown, key))
+}
+
+/// `<protocol>_host`, `<protocol>_port` and the TLS mode as `get` gives them (see [`server`]).
+pub(crate) fn server_of(
+    protocol: crate::api::Protocol,
+    mut get: impl FnMut(&'static str) -> Result<Option<String>, SecretError>,
+) -> Result<Option<(String, u16, crate::mail::TlsMode)>, SecretError> {
     let (host, port, tls) = match protocol {
         crate::api::Protocol::Imap => ("imap_host", "imap_port", "imap_tls"),
         crate::api::Protocol::Pop3 => ("pop3_host", "pop3_port", "pop3_tls"),
         crate::api::Protocol::Smtp => ("smtp_host", "smtp_port", "smtp_tls"),
     };
-    let host = read_key(&base, &shown, host)?;
-    let port = read_key(&base, &shown, port)?.and_then(|p| p.parse::<u16>().ok()).filter(|p| *p != 0);
+    let host = get(host)?;
+    let port = get(port)?.and_then(|p| p.parse::<u16>().ok()).filter(|p| *p != 0);
     // The provider's TLS mode when published, else the port's.
-    let tls = read_key(&base, &shown, tls)?.and_then(|t| crate::mail::TlsMode::parse(&t));
+    let tls = get(tls)?.and_then(|t| crate::mail::TlsMode::parse(&t));
     Ok(host.zip(port).map(|(h, p)| (h, p, tls.unwrap_or_else(|| crate::mail::TlsMode::for_port(p)))))
 }

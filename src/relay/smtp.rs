@@ -1,6 +1,6 @@
 //! One SMTP client session of the relay. Before authentication the relay speaks SMTP itself
 //! (greeting, `EHLO`/`HELO`, `STARTTLS`, `AUTH PLAIN`/`LOGIN`, `NOOP`, `RSET`, `QUIT`; anything
-//! else is `530`). After `AUTH` it reads the mounted Secret afresh, logs in upstream with XOAUTH2
+//! else is `530`). After `AUTH` it checks the credentials ([`super::login::check`]), logs in upstream with XOAUTH2
 //! ([`crate::mail::submission`]) and answers `235` only then; from there every command goes
 //! upstream one at a time and the upstream's reply comes back as the upstream wrote it, except
 //! where authentication is concerned: `MAIL FROM` of another sender than the mailbox, `AUTH` and
@@ -14,10 +14,12 @@ use std::sync::Arc;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
+use super::login::Checked;
+use super::metrics::{AuthOutcome, UpstreamFailure};
 use super::wire::{Wire, WireError};
 use super::{Shared, TLS_HANDSHAKE};
 use crate::api::Protocol;
-use crate::mail::{Credentials, Io, Target, TlsMode};
+use crate::mail::Io;
 
 /// Extensions offered before the upstream was ever seen: ones every submission server has.
 const FALLBACK_EXTENSIONS: [&str; 3] = ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"];
@@ -46,6 +48,7 @@ async fn run(io: Box<dyn Io>, peer: IpAddr, implicit_tls: bool, shared: &Shared)
     let limits = shared.limits;
     let mut client = Wire::new(io, Vec::new(), limits.max_line);
     if shared.failures.refused(peer) {
+        shared.metrics.authentication(crate::api::Protocol::Smtp, super::metrics::AuthOutcome::Refused);
         let _ = client.write_line("421 4.7.0 Too many failed authentications, try again later", limits.write).await;
         client.close().await;
         return;
@@ -247,50 +250,33 @@ async fn authenticate(
             return Ok(None);
         }
     };
-    let mounted = match super::secret::read_async(shared.secret_dir.clone()).await {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(error = %e, "the mounted Secret cannot be read");
-            client.write_line("454 4.7.0 Temporary authentication failure", write).await.map_err(|_| ())?;
+    let temporary = |why: &str| format!("454 4.7.0 Temporary authentication failure: {why}");
+    let (entry, target, creds) = match super::login::check(shared, peer, Protocol::Smtp, &user, &password).await {
+        Checked::Ready(entry, target, creds) => (entry, target, creds),
+        Checked::Wrong { refused } => {
+            client.write_line("535 5.7.8 Authentication credentials invalid", write).await.map_err(|_| ())?;
+            if refused {
+                let _ = client.write_line("421 4.7.0 Too many failed authentications, try again later", write).await;
+                return Err(());
+            }
+            return Ok(None);
+        }
+        Checked::Temporary(why) => {
+            client.write_line(&temporary(why), write).await.map_err(|_| ())?;
             return Ok(None);
         }
     };
-    if !mounted.accepts(&user, &password) {
-        let delay = shared.failures.fail(peer);
-        tracing::info!(source = %peer, "relay authentication failed");
-        tokio::time::sleep(delay).await;
-        client.write_line("535 5.7.8 Authentication credentials invalid", write).await.map_err(|_| ())?;
-        if shared.failures.refused(peer) {
-            let _ = client.write_line("421 4.7.0 Too many failed authentications, try again later", write).await;
-            return Err(());
-        }
-        return Ok(None);
-    }
-    shared.failures.succeed(peer);
-    let temporary = |why: &str| format!("454 4.7.0 Temporary authentication failure: {why}");
-    let Some(token) = mounted.current_token(chrono::Utc::now(), chrono::Duration::seconds(30)) else {
-        tracing::warn!("no current access token in the mounted Secret: the client is told to retry");
-        client.write_line(&temporary("no current access token"), write).await.map_err(|_| ())?;
-        return Ok(None);
-    };
-    let (Some(host), Some(port)) = (mounted.smtp_host.clone(), mounted.smtp_port) else {
-        tracing::warn!("the mounted Secret names no smtp_host and smtp_port");
-        client.write_line(&temporary("no upstream server known"), write).await.map_err(|_| ())?;
-        return Ok(None);
-    };
-    let tls = mounted.smtp_tls.unwrap_or_else(|| TlsMode::for_port(port));
-    let target = Target { protocol: Protocol::Smtp, host, port, tls };
-    let creds = Credentials { user: mounted.mailbox.clone(), token: token.clone() };
     match crate::mail::submission(&target, &creds, &shared.mail).await {
         Ok(upstream) => {
             *shared.extensions.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
                 Some(upstream.extensions.clone());
+            shared.metrics.authentication(Protocol::Smtp, AuthOutcome::Ok);
             client.write_line("235 2.7.0 Authentication successful", write).await.map_err(|_| ())?;
             tracing::debug!(source = %peer, upstream = %target.host, "relay session authenticated");
-            Ok(Some((upstream, mounted.senders())))
+            Ok(Some((upstream, entry.mounted.senders())))
         }
         Err(seen) => {
-            tracing::warn!(upstream = %target.host, port = target.port, seen = ?seen, "the upstream login failed: the client is told to retry");
+            super::login::upstream_failed(shared, &target, &seen);
             client.write_line(&temporary("the upstream server is unavailable"), write).await.map_err(|_| ())?;
             Ok(None)
         }
@@ -321,6 +307,12 @@ async fn upstream_reply(up: &mut Wire, shared: &Shared) -> Result<(u16, Vec<u8>)
 }
 
 const LOST: &str = "421 4.4.2 The upstream connection was lost, nothing was sent; try again later";
+
+/// Tells the client the upstream connection was lost, and counts it.
+async fn lost(client: &mut Wire, shared: &Shared) {
+    shared.metrics.upstream_failure(Protocol::Smtp, UpstreamFailure::Lost);
+    let _ = client.write_line(LOST, shared.limits.write).await;
+}
 
 async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[String], shared: &Shared) {
     let limits = shared.limits;
@@ -357,7 +349,7 @@ async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[S
                 // upstream's extensions with the relay's AUTH.
                 if up.write_line("RSET", limits.write).await.is_err() || upstream_reply(&mut up, shared).await.is_err()
                 {
-                    let _ = client.write_line(LOST, limits.write).await;
+                    lost(&mut client, shared).await;
                     return;
                 }
                 if verb == "EHLO" {
@@ -380,7 +372,7 @@ async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[S
         let mut command = line.clone();
         command.extend_from_slice(b"\r\n");
         if up.write(&command, limits.write).await.is_err() {
-            let _ = client.write_line(LOST, limits.write).await;
+            lost(&mut client, shared).await;
             return;
         }
         if verb == "BDAT" {
@@ -391,13 +383,13 @@ async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[S
             };
             if let Err((upstream_side, _)) = client.copy_exact(&mut up, count, limits.idle_after_auth).await {
                 if upstream_side {
-                    let _ = client.write_line(LOST, limits.write).await;
+                    lost(&mut client, shared).await;
                 }
                 return;
             }
         }
         let Ok((code, reply)) = upstream_reply(&mut up, shared).await else {
-            let _ = client.write_line(LOST, limits.write).await;
+            lost(&mut client, shared).await;
             return;
         };
         if client.write(&reply, limits.write).await.is_err() {
@@ -411,13 +403,13 @@ async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[S
         if verb == "DATA" && code == 354 {
             if let Err((upstream_side, _)) = client.copy_data(&mut up, limits.idle_after_auth).await {
                 if upstream_side {
-                    let _ = client.write_line(LOST, limits.write).await;
+                    lost(&mut client, shared).await;
                 }
                 return;
             }
             // The upstream's final answer to the message, as it is: never a 250 of the relay's.
             let Ok((_, reply)) = upstream_reply(&mut up, shared).await else {
-                let _ = client.write_line(LOST, limits.write).await;
+                lost(&mut client, shared).await;
                 return;
             };
             if client.write(&reply, limits.write).await.is_err() {

@@ -123,7 +123,8 @@ fn shared(dir: &Path, ca: &CertificateDer<'static>) -> Arc<Shared> {
     let mut mail = Settings::new(OutboundPolicy { allow_private: true }, std::slice::from_ref(ca)).unwrap();
     mail.limits = Limits { overall: Duration::from_secs(4), reply: Duration::from_secs(2), ..Limits::default() };
     Arc::new(Shared {
-        secret_dir: dir.to_owned(),
+        source: super::source::Source::Mounted(dir.to_owned()),
+        metrics: super::metrics::RelayMetrics::default(),
         certs: None,
         allow_plaintext_auth: false,
         mail,
@@ -297,6 +298,14 @@ async fn wrong_passwords_are_slowed_then_the_source_is_refused() {
     let mut c = Client::connect(&shared, "::1");
     assert!(c.login(PASSWORD).await.starts_with("235 "));
     assert!(!seen.lock().unwrap().iter().any(|l| l.contains("wrong")));
+    let metrics = encoded(&shared.metrics);
+    for line in [
+        r#"mailoauth_relay_authentications_total{protocol="smtp",outcome="wrong"} 3"#,
+        r#"mailoauth_relay_authentications_total{protocol="smtp",outcome="refused"} 1"#,
+        r#"mailoauth_relay_authentications_total{protocol="smtp",outcome="ok"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+    }
 }
 
 #[tokio::test]
@@ -319,6 +328,25 @@ async fn an_expired_token_or_an_unreachable_upstream_is_a_temporary_failure() {
     let mut c = Client::connect(&shared, "127.0.0.1");
     assert!(c.login(PASSWORD).await.starts_with("454 4.7.0"));
     assert!(!c.heard.contains(TOKEN));
+    // Counted: three temporary failures, by their upstream reasons.
+    let metrics = encoded(&shared.metrics);
+    for line in [
+        r#"mailoauth_relay_authentications_total{protocol="smtp",outcome="temporary"} 3"#,
+        r#"mailoauth_relay_upstream_failures_total{protocol="smtp",reason="unreachable"} 1"#,
+        r#"mailoauth_relay_upstream_failures_total{protocol="smtp",reason="no_token"} 2"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+    }
+    assert!(!metrics.contains(MAILBOX) && !metrics.contains("127.0.0.1"), "{metrics}");
+}
+
+/// The relay's metrics in the text format.
+pub(super) fn encoded(metrics: &super::metrics::RelayMetrics) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text
 }
 
 fn write_secret_without_token(dir: &Path) {
@@ -333,7 +361,8 @@ async fn the_relay_does_not_start_without_a_relay_password() {
     std::fs::remove_file(dir.path().join("relay_password")).unwrap();
     let mail = Settings::new(OutboundPolicy { allow_private: true }, std::slice::from_ref(&ca)).unwrap();
     let config = super::RelayConfig {
-        secret_dir: dir.path().to_owned(),
+        source: super::source::Source::Mounted(dir.path().to_owned()),
+        metrics: super::metrics::RelayMetrics::default(),
         smtp: Some("127.0.0.1:0".parse().unwrap()),
         smtps: None,
         imap: None,

@@ -435,11 +435,12 @@ mailbox_size_limit = 0
                              *self.chart_values, *values, "--show-only", "templates/deployment.yaml").stdout
         return next(d for d in yaml.safe_load_all(rendered) if d and d.get("kind") == "Deployment")
 
-    def service_account_kubeconfig(self, service_account=RELEASE):
-        """A kubeconfig holding a TokenRequest token of the chart's ServiceAccount."""
+    def service_account_kubeconfig(self, service_account=RELEASE, path=None):
+        """A kubeconfig holding a TokenRequest token of the chart's ServiceAccount (at `path`,
+        else operator.kubeconfig)."""
         token = self.kubectl("create", "token", service_account, "-n", OPERATOR_NAMESPACE,
                              "--duration=6h").stdout.strip()
-        path = self.dir / "operator.kubeconfig"
+        path = path or self.dir / "operator.kubeconfig"
         self.write_kubeconfig(path, user={"token": token})
         path.chmod(0o600)
         return path
@@ -543,14 +544,14 @@ mailbox_size_limit = 0
                 print(line, file=sys.stderr)
 
 
-def chart_command(deployment, operator_bin, pod_name):
+def chart_command(deployment, operator_bin, pod_name, container_name="operator"):
     """The operator container's command line, environment and readiness probe path, from a
     rendered Deployment: the args (or the image's CMD), the env with each `valueFrom.fieldRef`
     resolved as the kubelet would for a pod named `pod_name` in the release namespace. Anything the
     bed cannot resolve (another `valueFrom`, `envFrom`, a `$(VAR)` reference, a command that is not
     the image's entrypoint) fails, so that a chart change the bed does not follow is noticed."""
     pod = deployment["spec"]["template"]["spec"]
-    container = next(c for c in pod["containers"] if c["name"] == "operator")
+    container = next(c for c in pod["containers"] if c["name"] == container_name)
     command = container.get("command") or [IMAGE_ENTRYPOINT]
     if command[0] != IMAGE_ENTRYPOINT:
         raise ValueError(f"the chart's command {command} is not the image's entrypoint {IMAGE_ENTRYPOINT}")

@@ -70,3 +70,12 @@ def public_provider(bed, namespace, name, client_id):
     p = provider(bed, namespace, name, client_id, "unused")
     del p["spec"]["clientAuthentication"]
     return p
+
+
+def relay_binding(bed, namespace, name, mailbox, **relay):
+    """A MailboxBinding with spec.relay enabled (and `relay` settings) for a refresh token the
+    bed's OAuth server seeds for `mailbox`, and that token's Secret; returns (documents, token)."""
+    seed = bed.oauth("/test/seed", {"accountId": mailbox})["refresh_token"]
+    b = binding(namespace, name, "idp", mailbox, f"{name}-refresh-token", smtp="submission" in bed.ports)
+    b["spec"]["relay"] = {"enabled": True, **relay}
+    return [secret(namespace, f"{name}-refresh-token", {"refresh_token": seed}), b], seed

@@ -17,7 +17,8 @@ import time
 import pytest
 import yaml
 from bed import Bed, free_port, wait_for
-from manifests import apply, binding, provider, secret
+import manifests
+from manifests import apply, provider, secret
 from test_e2e import SecretWatch, condition, find_leaks
 
 NS = "relay"
@@ -55,11 +56,9 @@ def published(bed, name="box"):
 
 
 def relay_binding(bed, name="box", **relay):
-    seed = bed.oauth("/test/seed", {"accountId": MAILBOX})["refresh_token"]
+    docs, seed = manifests.relay_binding(bed, NS, name, MAILBOX, **relay)
     SEEN[seed] = "seed refresh token"
-    b = binding(NS, name, "idp", MAILBOX, f"{name}-refresh-token", smtp="submission" in bed.ports)
-    b["spec"]["relay"] = {"enabled": True, **relay}
-    return [secret(NS, f"{name}-refresh-token", {"refresh_token": seed}), b]
+    return docs
 
 
 def test_a_relay_enabled_binding_publishes_a_generated_password_and_says_so_without_it(bed):

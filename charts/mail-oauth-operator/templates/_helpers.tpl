@@ -59,3 +59,40 @@ mail-oauth-operator
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end -}}
+
+{{/* The shared relay's pods: labels of their own, so no selector of the operator's takes them. */}}
+{{- define "mail-oauth-operator.relaySelectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}-relay
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "mail-oauth-operator.relayLabels" -}}
+{{ include "mail-oauth-operator.relaySelectorLabels" . }}
+app.kubernetes.io/component: relay
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "mail-oauth-operator.relayServiceAccountName" -}}
+{{- if .Values.relay.serviceAccount.create -}}
+{{- default (printf "%s-relay" (include "mail-oauth-operator.fullname" .)) .Values.relay.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.relay.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The namespaces the shared relay serves, comma separated (empty: all). */}}
+{{- define "mail-oauth-operator.relayNamespaces" -}}
+{{- join "," (default .Values.watchNamespaces .Values.relay.namespaces) -}}
+{{- end -}}
+
+{{/* The relay's listeners: name, container port, environment variable, implicit TLS. */}}
+{{- define "mail-oauth-operator.relayListeners" -}}
+smtp: {port: 2587, env: SMTP_ADDRESS, tls: false}
+smtps: {port: 2465, env: SMTPS_ADDRESS, tls: true}
+imap: {port: 2143, env: IMAP_ADDRESS, tls: false}
+imaps: {port: 2993, env: IMAPS_ADDRESS, tls: true}
+pop3: {port: 2110, env: POP3_ADDRESS, tls: false}
+pop3s: {port: 2995, env: POP3S_ADDRESS, tls: true}
+{{- end -}}

@@ -1,0 +1,298 @@
+//! Where the relay finds the credentials a client logs in with: one code path, two sources.
+//! [`Source::Mounted`] is a sidecar's: one published Secret mounted as a volume, read afresh at
+//! every login ([`super::secret`]). [`Source::Api`] is the shared relay's: every published Secret
+//! with relay keys in the namespaces it serves, kept current by a watch ([`super::watch`]) in an
+//! [`Index`] by user name.
+//!
+//! The index keeps, per Secret, what a login needs and nothing else: the mailbox, the relay
+//! user name, the password's SHA-256 digest (never the password), the previous password's digest
+//! and the end of its grace, the senders, the token and its expiry, and the servers. A Secret
+//! larger than [`MAX_SECRET`] is not kept. In the shared relay a user name must name one binding:
+//! `mailbox` when exactly one Secret in the served namespaces has that `relay_username`, else
+//! `namespace/mailbox`; an ambiguous or unknown name is answered as a wrong password (no oracle),
+//! after the same digest computation.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::Secret;
+use secrecy::SecretString;
+use sha2::{Digest, Sha256};
+
+use super::secret::{Mounted, SecretError};
+use crate::api::Protocol;
+use crate::mail::TlsMode;
+
+/// The largest published Secret the shared relay keeps (keys and values together; a published
+/// Secret is a few KiB).
+pub const MAX_SECRET: usize = 64 * 1024;
+
+/// A server as published: host, port, TLS mode.
+pub(crate) type Server = (String, u16, TlsMode);
+
+/// One binding's relay credentials.
+#[derive(Debug)]
+pub struct Entry {
+    /// The credentials (digests only) and the SMTP server.
+    pub(crate) mounted: Mounted,
+    /// `imap_host`/`imap_port`/`imap_tls`.
+    imap: Option<Server>,
+    /// `pop3_host`/`pop3_port`/`pop3_tls`.
+    pop3: Option<Server>,
+}
+
+impl Entry {
+    /// Reads the keys through `get` (see [`super::secret::parse`]).
+    fn parse(
+        shown: &str,
+        mut get: impl FnMut(&'static str) -> Result<Option<String>, SecretError>,
+    ) -> Result<Self, SecretError> {
+        let mounted = super::secret::parse(shown, &mut get)?;
+        let imap = super::secret::server_of(Protocol::Imap, &mut get)?;
+        let pop3 = super::secret::server_of(Protocol::Pop3, &mut get)?;
+        Ok(Self { mounted, imap, pop3 })
+    }
+
+    /// The upstream server for `protocol`, when published.
+    pub(crate) fn server(&self, protocol: Protocol) -> Option<Server> {
+        match protocol {
+            Protocol::Smtp => {
+                let m = &self.mounted;
+                let (host, port) = m.smtp_host.clone().zip(m.smtp_port)?;
+                Some((host, port, m.smtp_tls.unwrap_or_else(|| TlsMode::for_port(port))))
+            }
+            Protocol::Imap => self.imap.clone(),
+            Protocol::Pop3 => self.pop3.clone(),
+        }
+    }
+
+    /// The token, when one is current `margin` after `now`.
+    pub(crate) fn current_token(&self, now: DateTime<Utc>, margin: chrono::Duration) -> Option<&SecretString> {
+        self.mounted.current_token(now, margin)
+    }
+}
+
+/// The result of a credential check.
+pub(crate) enum Check {
+    /// The user name and password are a binding's.
+    Accepted(Arc<Entry>),
+    /// Wrong, unknown or ambiguous.
+    Wrong,
+    /// The credentials cannot be read now (the mounted Secret; the shared relay before its first
+    /// list).
+    Unreadable,
+}
+
+/// Where the credentials come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// One published Secret mounted at this directory (a sidecar).
+    Mounted(PathBuf),
+    /// The published Secrets of the served namespaces, through the API (the shared relay).
+    Api(Arc<Index>),
+}
+
+impl Source {
+    /// Checks `user` and `password` at `now`.
+    pub(crate) async fn check(&self, user: &str, password: &[u8], now: DateTime<Utc>) -> Check {
+        match self {
+            Source::Mounted(dir) => {
+                let dir = dir.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let mounted = super::secret::read(&dir)?;
+                    let imap = super::secret::server(&dir, Protocol::Imap)?;
+                    let pop3 = super::secret::server(&dir, Protocol::Pop3)?;
+                    Ok::<_, SecretError>(Entry { mounted, imap, pop3 })
+                })
+                .await;
+                match read {
+                    Ok(Ok(entry)) if entry.mounted.accepts_at(user, password, now) => Check::Accepted(Arc::new(entry)),
+                    Ok(Ok(_)) => Check::Wrong,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "the mounted Secret cannot be read");
+                        Check::Unreadable
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the mounted Secret failed");
+                        Check::Unreadable
+                    }
+                }
+            }
+            Source::Api(index) => index.check(user, password, now),
+        }
+    }
+}
+
+/// A Secret's place: namespace and name.
+type Key = (String, String);
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: HashMap<Key, Arc<Entry>>,
+    /// `relay_username` in ASCII lower case → the Secrets that have it.
+    names: HashMap<String, Vec<Key>>,
+}
+
+impl Inner {
+    fn remove(&mut self, key: &Key) -> bool {
+        let Some(old) = self.entries.remove(key) else { return false };
+        let name = old.mounted.relay_username.to_ascii_lowercase();
+        if let Some(keys) = self.names.get_mut(&name) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.names.remove(&name);
+            }
+        }
+        true
+    }
+
+    fn insert(&mut self, key: Key, entry: Entry) {
+        self.remove(&key);
+        let name = entry.mounted.relay_username.to_ascii_lowercase();
+        self.names.entry(name).or_default().push(key.clone());
+        self.entries.insert(key, Arc::new(entry));
+    }
+
+    /// The one entry named `name` (in `namespace`, when given).
+    fn unique(&self, name: &str, namespace: Option<&str>) -> Option<Arc<Entry>> {
+        let keys = self.names.get(&name.to_ascii_lowercase())?;
+        let mut found = keys.iter().filter(|k| namespace.is_none_or(|n| k.0 == n));
+        let first = found.next()?;
+        if found.next().is_some() {
+            return None;
+        }
+        self.entries.get(first).cloned()
+    }
+}
+
+/// What a Secret's update did to the index.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Kept (new or replaced).
+    Kept,
+    /// Not (or no longer) kept: no `relay_password`.
+    NoRelay,
+    /// Not (or no longer) kept: larger than [`MAX_SECRET`].
+    TooLarge,
+    /// Not (or no longer) kept: the relay keys are unusable (the reason names a key, no value).
+    Invalid(String),
+}
+
+/// The shared relay's credentials: every published Secret with relay keys in the served
+/// namespaces, by namespace and name and by user name.
+#[derive(Debug, Default)]
+pub struct Index {
+    inner: RwLock<Inner>,
+    /// Every served namespace has been listed once: before that an unknown name may be one not
+    /// read yet, and a login is a temporary failure.
+    listed: AtomicBool,
+}
+
+impl Index {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes that every served namespace has been listed.
+    pub fn set_listed(&self) {
+        self.listed.store(true, Ordering::SeqCst);
+    }
+
+    /// The Secrets kept.
+    pub fn len(&self) -> usize {
+        self.read().entries.len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes a Secret as the API gives it: kept when it has `relay_password` and is within
+    /// [`MAX_SECRET`], else removed.
+    pub fn apply(&self, secret: &Secret) -> Applied {
+        let key = key_of(secret);
+        let data = secret.data.as_ref();
+        let size: usize = data.map_or(0, |d| d.iter().map(|(k, v)| k.len().saturating_add(v.0.len())).sum());
+        let outcome = if size > MAX_SECRET {
+            Applied::TooLarge
+        } else if data.is_none_or(|d| !d.contains_key("relay_password")) {
+            Applied::NoRelay
+        } else {
+            let shown = format!("Secret {}/{}", key.0, key.1);
+            let get = |k: &'static str| {
+                Ok(data
+                    .and_then(|d| d.get(k))
+                    .map(|v| String::from_utf8_lossy(&v.0).trim().to_owned())
+                    .filter(|v| !v.is_empty()))
+            };
+            match Entry::parse(&shown, get) {
+                Ok(entry) => {
+                    self.write().insert(key, entry);
+                    return Applied::Kept;
+                }
+                Err(e) => Applied::Invalid(e.to_string()),
+            }
+        };
+        self.write().remove(&key);
+        outcome
+    }
+
+    /// Forgets a deleted Secret.
+    pub fn delete(&self, secret: &Secret) {
+        self.write().remove(&key_of(secret));
+    }
+
+    /// After a full list of `namespace` (every namespace when `None`): forgets the Secrets there
+    /// that the list did not have.
+    pub fn retain_listed(&self, namespace: Option<&str>, listed: &HashSet<(String, String)>) {
+        let mut inner = self.write();
+        let gone: Vec<Key> = inner
+            .entries
+            .keys()
+            .filter(|k| namespace.is_none_or(|n| k.0 == n) && !listed.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            inner.remove(&key);
+        }
+    }
+
+    /// Checks `user` (`mailbox` naming one binding, or `namespace/mailbox`) and `password` at
+    /// `now`. The digest is computed whether or not the name is known.
+    pub(crate) fn check(&self, user: &str, password: &[u8], now: DateTime<Utc>) -> Check {
+        if !self.listed.load(Ordering::SeqCst) {
+            return Check::Unreadable;
+        }
+        let found = {
+            let inner = self.read();
+            match inner.unique(user, None) {
+                Some(entry) => Some((entry, user)),
+                None => user
+                    .split_once('/')
+                    .and_then(|(namespace, name)| inner.unique(name, Some(namespace)).map(|e| (e, name))),
+            }
+        };
+        match found {
+            Some((entry, name)) if entry.mounted.accepts_at(name, password, now) => Check::Accepted(entry),
+            Some(_) => Check::Wrong,
+            None => {
+                // The same work as a known name, so the time taken does not tell which it was.
+                let _ = std::hint::black_box(Sha256::digest(password));
+                Check::Wrong
+            }
+        }
+    }
+}
+
+/// A Secret's namespace and name.
+pub fn key_of(secret: &Secret) -> (String, String) {
+    (secret.metadata.namespace.clone().unwrap_or_default(), secret.metadata.name.clone().unwrap_or_default())
+}

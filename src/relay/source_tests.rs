@@ -1,0 +1,185 @@
+//! The shared relay's index: Secrets as the API gives them, the user name forms, ambiguity,
+//! the previous password's grace, relay keys removed, oversize Secrets, relists.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{Duration, Utc};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use sha2::{Digest, Sha256};
+
+use super::source::{Applied, Check, Index, MAX_SECRET};
+use crate::api::Protocol;
+
+fn secret(namespace: &str, name: &str, keys: &[(&str, &str)]) -> Secret {
+    let mut s = Secret::default();
+    s.metadata.namespace = Some(namespace.to_owned());
+    s.metadata.name = Some(name.to_owned());
+    s.data = Some(keys.iter().map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec()))).collect());
+    s
+}
+
+fn relay(namespace: &str, name: &str, mailbox: &str, password: &str) -> Secret {
+    let expires = (Utc::now() + Duration::hours(1)).to_rfc3339();
+    secret(
+        namespace,
+        name,
+        &[
+            ("username", mailbox),
+            ("access_token", "token"),
+            ("expires_at", &expires),
+            ("relay_username", mailbox),
+            ("relay_password", password),
+            ("smtp_host", "smtp.example.com"),
+            ("smtp_port", "587"),
+            ("imap_host", "imap.example.com"),
+            ("imap_port", "993"),
+        ],
+    )
+}
+
+fn mailbox_of(check: Check) -> Option<String> {
+    match check {
+        Check::Accepted(entry) => Some(entry.mounted.mailbox.clone()),
+        Check::Wrong | Check::Unreadable => None,
+    }
+}
+
+fn listed() -> Index {
+    let index = Index::default();
+    index.set_listed();
+    index
+}
+
+#[test]
+fn before_the_first_list_a_login_is_a_temporary_failure() {
+    let index = Index::default();
+    index.apply(&relay("team", "a-token", "a@example.com", "pw-a"));
+    assert!(matches!(index.check("a@example.com", b"pw-a", Utc::now()), Check::Unreadable));
+    assert!(matches!(index.check("b@example.com", b"pw-a", Utc::now()), Check::Unreadable));
+    index.set_listed();
+    assert!(matches!(index.check("a@example.com", b"pw-a", Utc::now()), Check::Accepted(_)));
+}
+
+#[test]
+fn a_unique_mailbox_logs_in_by_itself_and_with_its_namespace() {
+    let index = listed();
+    assert_eq!(index.apply(&relay("team", "a-token", "a@example.com", "pw-a")), Applied::Kept);
+    let now = Utc::now();
+    assert_eq!(mailbox_of(index.check("a@example.com", b"pw-a", now)).as_deref(), Some("a@example.com"));
+    assert_eq!(mailbox_of(index.check("A@Example.com", b"pw-a", now)).as_deref(), Some("a@example.com"));
+    assert_eq!(mailbox_of(index.check("team/a@example.com", b"pw-a", now)).as_deref(), Some("a@example.com"));
+    assert!(mailbox_of(index.check("other/a@example.com", b"pw-a", now)).is_none());
+    assert!(mailbox_of(index.check("a@example.com", b"pw-b", now)).is_none());
+    assert!(mailbox_of(index.check("b@example.com", b"pw-a", now)).is_none());
+    assert!(mailbox_of(index.check("", b"", now)).is_none());
+    let Check::Accepted(entry) = index.check("a@example.com", b"pw-a", now) else { panic!("refused") };
+    assert_eq!(
+        entry.server(Protocol::Smtp),
+        Some(("smtp.example.com".to_owned(), 587, crate::mail::TlsMode::Starttls))
+    );
+    assert_eq!(entry.server(Protocol::Imap).map(|s| s.1), Some(993));
+    assert_eq!(entry.server(Protocol::Pop3), None);
+    // Debug shows no secret.
+    let shown = format!("{entry:?}");
+    assert!(!shown.contains("pw-a") && !shown.contains("token\""), "{shown}");
+}
+
+#[test]
+fn a_mailbox_bound_in_two_namespaces_needs_the_namespace() {
+    let index = listed();
+    index.apply(&relay("team", "a-token", "a@example.com", "pw-team"));
+    index.apply(&relay("ops", "a-token", "a@example.com", "pw-ops"));
+    let now = Utc::now();
+    // Ambiguous: refused like a wrong password, whichever password is given.
+    assert!(mailbox_of(index.check("a@example.com", b"pw-team", now)).is_none());
+    assert!(mailbox_of(index.check("a@example.com", b"pw-ops", now)).is_none());
+    assert!(mailbox_of(index.check("team/a@example.com", b"pw-team", now)).is_some());
+    assert!(mailbox_of(index.check("ops/a@example.com", b"pw-ops", now)).is_some());
+    // Each namespace's password is its own.
+    assert!(mailbox_of(index.check("team/a@example.com", b"pw-ops", now)).is_none());
+    // Two bindings of the mailbox in one namespace: ambiguous even with the namespace.
+    index.apply(&relay("team", "b-token", "a@example.com", "pw-team-2"));
+    assert!(mailbox_of(index.check("team/a@example.com", b"pw-team", now)).is_none());
+    // One of them gone: unique again.
+    index.delete(&relay("team", "b-token", "", ""));
+    assert!(mailbox_of(index.check("team/a@example.com", b"pw-team", now)).is_some());
+    // The other namespace's binding gone: the bare mailbox works.
+    index.delete(&relay("ops", "a-token", "", ""));
+    assert!(mailbox_of(index.check("a@example.com", b"pw-team", now)).is_some());
+}
+
+#[test]
+fn the_previous_password_works_until_its_grace_ends() {
+    let index = listed();
+    let now = Utc::now();
+    let until = (now + Duration::minutes(10)).to_rfc3339();
+    let digest: String = Sha256::digest(b"old").iter().map(|b| format!("{b:02x}")).collect();
+    let mut s = relay("team", "a-token", "a@example.com", "new");
+    let data = s.data.get_or_insert_with(BTreeMap::new);
+    data.insert("relay_previous_sha256".into(), ByteString(digest.into_bytes()));
+    data.insert("relay_previous_until".into(), ByteString(until.into_bytes()));
+    index.apply(&s);
+    assert!(mailbox_of(index.check("a@example.com", b"new", now)).is_some());
+    assert!(mailbox_of(index.check("a@example.com", b"old", now)).is_some());
+    assert!(mailbox_of(index.check("a@example.com", b"old", now + Duration::minutes(11))).is_none());
+    assert!(mailbox_of(index.check("a@example.com", b"new", now + Duration::minutes(11))).is_some());
+}
+
+#[test]
+fn a_secret_whose_relay_keys_disappear_is_forgotten() {
+    let index = listed();
+    index.apply(&relay("team", "a-token", "a@example.com", "pw"));
+    assert_eq!(index.len(), 1);
+    let off = secret("team", "a-token", &[("username", "a@example.com"), ("access_token", "t")]);
+    assert_eq!(index.apply(&off), Applied::NoRelay);
+    assert!(index.is_empty());
+    assert!(mailbox_of(index.check("a@example.com", b"pw", Utc::now())).is_none());
+    // A Secret without data at all.
+    let mut bare = Secret::default();
+    bare.metadata.namespace = Some("team".into());
+    bare.metadata.name = Some("x".into());
+    assert_eq!(index.apply(&bare), Applied::NoRelay);
+    // relay_password without username: unusable, not kept, and the reason names the key only.
+    let broken = secret("team", "b", &[("relay_password", "secret-value")]);
+    match index.apply(&broken) {
+        Applied::Invalid(why) => assert!(why.contains("username") && !why.contains("secret-value"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(index.is_empty());
+}
+
+#[test]
+fn an_oversize_secret_is_not_kept() {
+    let index = listed();
+    index.apply(&relay("team", "a-token", "a@example.com", "pw"));
+    let mut big = relay("team", "a-token", "a@example.com", "pw");
+    big.data.get_or_insert_with(BTreeMap::new).insert("filler".into(), ByteString(vec![b'x'; MAX_SECRET]));
+    assert_eq!(index.apply(&big), Applied::TooLarge);
+    // The oversize update replaces the earlier version: nothing is served from it.
+    assert!(index.is_empty());
+    assert!(mailbox_of(index.check("a@example.com", b"pw", Utc::now())).is_none());
+}
+
+#[test]
+fn a_relist_forgets_the_secrets_it_no_longer_has_in_its_namespace_only() {
+    let index = listed();
+    index.apply(&relay("team", "a", "a@example.com", "pw"));
+    index.apply(&relay("team", "b", "b@example.com", "pw"));
+    index.apply(&relay("ops", "c", "c@example.com", "pw"));
+    let listed: HashSet<(String, String)> = [("team".to_owned(), "a".to_owned())].into_iter().collect();
+    index.retain_listed(Some("team"), &listed);
+    assert_eq!(index.len(), 2);
+    assert!(mailbox_of(index.check("b@example.com", b"pw", Utc::now())).is_none());
+    assert!(mailbox_of(index.check("c@example.com", b"pw", Utc::now())).is_some());
+    index.retain_listed(None, &HashSet::new());
+    assert!(index.is_empty());
+}
+
+#[test]
+fn the_selector_names_the_published_secrets() {
+    assert_eq!(
+        super::watch::selector(),
+        "app.kubernetes.io/managed-by=mail-oauth-operator,mailoauth.io/secret-role=published"
+    );
+}
