@@ -59,8 +59,14 @@ impl OwnedSecrets {
 
     /// Remembers that `namespace/name` exists and is someone else's (a create met it): it is read
     /// from now on, so that the reconcile sees the conflict before asking for a token.
+    /// At most [`MAX_FOREIGN`] names are kept: beyond it the set starts again empty (a name
+    /// forgotten is found again by the next create's conflict, never written over), so that
+    /// bindings made and deleted over foreign names cannot grow it without bound.
     pub fn found_foreign(&self, namespace: &str, name: &str) {
         if let Ok(mut f) = self.foreign.lock() {
+            if f.len() >= MAX_FOREIGN {
+                f.clear();
+            }
             f.insert((namespace.to_owned(), name.to_owned()));
         }
     }
@@ -78,6 +84,9 @@ impl OwnedSecrets {
         self.foreign.lock().is_ok_and(|f| !f.is_empty() && f.contains(&(namespace.to_owned(), name.to_owned())))
     }
 }
+
+/// The most names of someone else's Secrets remembered at once.
+pub const MAX_FOREIGN: usize = 16_384;
 
 /// What the cache keeps of an owned Secret's metadata: the data keys other field managers own and
 /// those the operator's own become in-memory annotations ([`FOREIGN_KEYS`], [`OWN_KEYS`]); the
@@ -189,6 +198,11 @@ mod tests {
         assert!(matches!(cache.view("ns", "a", &own), Cached::Unknown), "someone else's: read it");
         cache.not_foreign("ns", "a");
         assert!(matches!(cache.view("ns", "a", &own), Cached::Absent));
+        // Bounded: names beyond the bound start the set again.
+        for i in 0..=MAX_FOREIGN {
+            cache.found_foreign("ns", &format!("s{i}"));
+        }
+        assert!(cache.foreign.lock().is_ok_and(|f| f.len() == 1), "cleared when full, then the new name");
     }
 
     #[test]
