@@ -29,9 +29,10 @@ fuzz_target!(|bytes: &[u8]| {
                 mailbox: "m@example.com",
                 grant,
                 service_principal: None,
+                client_id: None,
             };
             // Any mailbox name (tenant input) stays on one line.
-            let any_mailbox = Check { mailbox: &line, service_principal: Some(&line), ..check };
+            let any_mailbox = Check { mailbox: &line, service_principal: Some(&line), client_id: Some(&line), ..check };
             for seen in [
                 Observed::Refused { text: text.clone(), temporary: false },
                 Observed::NotConnected { text: text.clone() },
