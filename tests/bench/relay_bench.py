@@ -4,9 +4,12 @@
 
 The upstream is this script's own asyncio server (a process of its own): SMTP submission that
 takes `AUTH XOAUTH2` for the one mailbox and token, accepts every message and discards it, and
-IMAP that takes `AUTHENTICATE XOAUTH2` and answers `NOOP`, `IDLE`/`DONE`, `LOGOUT`. No TLS on
-either leg (loopback, `smtp_tls`/`imap_tls` `none` with `--allow-private-endpoints`): what is
-measured is the relay's own work, not the ciphers'.
+IMAP that takes `AUTHENTICATE XOAUTH2` and answers `NOOP`, `IDLE`/`DONE`, `LOGOUT`. Without
+`--tls`, no TLS on either leg (loopback, `smtp_tls`/`imap_tls` `none` with
+`--allow-private-endpoints`): the relay's own work, not the ciphers'. With `--tls`, implicit TLS
+on every leg (a throwaway self-signed certificate made with `openssl`): the clients to the
+relay's `--smtps-address`/`--imaps-address` and straight to the upstream, the relay to the
+upstream (`--upstream-ca-file`), as a deployment runs it.
 
 - Throughput: for each message size, `--messages` messages sent with smtplib by `--parallel`
   client processes (one session each, logged in once), straight to the upstream (XOAUTH2) and
@@ -133,10 +136,28 @@ async def imap_session(reader, writer):
         writer.close()
 
 
-def upstream(smtp_port, imap_port, ready):
+def server_tls(cert_dir):
+    if not cert_dir:
+        return None
+    import ssl
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(os.path.join(cert_dir, "tls.crt"), os.path.join(cert_dir, "tls.key"))
+    return ctx
+
+
+def client_tls(cert_dir):
+    if not cert_dir:
+        return None
+    import ssl
+    return ssl.create_default_context(cafile=os.path.join(cert_dir, "ca.crt"))
+
+
+def upstream(smtp_port, imap_port, ready, cert_dir):
     async def main():
-        s = await asyncio.start_server(smtp_session, "127.0.0.1", smtp_port, limit=128 * 1024 * 1024, backlog=4096)
-        i = await asyncio.start_server(imap_session, "127.0.0.1", imap_port, backlog=4096)
+        tls = server_tls(cert_dir)
+        s = await asyncio.start_server(smtp_session, "127.0.0.1", smtp_port, limit=128 * 1024 * 1024, backlog=4096,
+                                       ssl=tls)
+        i = await asyncio.start_server(imap_session, "127.0.0.1", imap_port, backlog=4096, ssl=tls)
         ready.set()
         async with s, i:
             await asyncio.gather(s.serve_forever(), i.serve_forever())
@@ -153,11 +174,15 @@ def message(size):
 
 def client(args):
     """One client process: `count` messages of `size`, one session (or one per message)."""
-    port, relayed, size, count, per_message = args
+    port, relayed, size, count, per_message, cert_dir = args
     msg = message(size)
+    tls = client_tls(cert_dir)
 
     def session():
-        s = smtplib.SMTP("127.0.0.1", port, timeout=120)
+        if tls:
+            s = smtplib.SMTP_SSL("localhost", port, timeout=120, context=tls)
+        else:
+            s = smtplib.SMTP("127.0.0.1", port, timeout=120)
         s.ehlo("bench")
         if relayed:
             s.login(MAILBOX, PASSWORD)
@@ -177,11 +202,11 @@ def client(args):
     return count * len(msg)
 
 
-def run_clients(port, relayed, size, messages, parallel, per_message):
+def run_clients(port, relayed, size, messages, parallel, per_message, cert_dir):
     share = [messages // parallel + (1 if i < messages % parallel else 0) for i in range(parallel)]
     with multiprocessing.Pool(parallel) as pool:
         began = time.perf_counter()
-        sent = sum(pool.map(client, [(port, relayed, size, n, per_message) for n in share if n]))
+        sent = sum(pool.map(client, [(port, relayed, size, n, per_message, cert_dir) for n in share if n]))
         seconds = time.perf_counter() - began
     return {"messages": messages, "seconds": round(seconds, 3), "msgs_per_s": round(messages / seconds, 1),
             "mb_per_s": round(sent / seconds / 1e6, 2)}
@@ -195,10 +220,12 @@ def rss_kib(pid):
     raise RuntimeError("no VmRSS")
 
 
-async def idle_sessions(port, count):
+async def idle_sessions(port, count, cert_dir):
     """`count` IMAP sessions through the relay, each logged in and in IDLE; returns them."""
+    tls = client_tls(cert_dir)
+
     async def one(i):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("localhost" if tls else "127.0.0.1", port, ssl=tls)
         assert (await reader.readline()).startswith(b"* OK")
         writer.write(f'a LOGIN {MAILBOX} "{PASSWORD}"\r\n'.encode())
         while True:
@@ -224,6 +251,7 @@ def main():
     p.add_argument("--sizes", default="1024,102400,1048576", help="message sizes in bytes")
     p.add_argument("--parallel", type=int, default=2, help="client processes")
     p.add_argument("--sessions", type=int, default=1000, help="idle IMAP sessions through the relay")
+    p.add_argument("--tls", action="store_true", help="implicit TLS on every leg")
     p.add_argument("--out", help="write the report as JSON here")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -232,26 +260,46 @@ def main():
 
     work = tempfile.mkdtemp(prefix="relay-bench-")
     smtp_up, imap_up, smtp, imap, admin = (free_port() for _ in range(5))
+    cert_dir = None
+    if args.tls:
+        cert_dir = os.path.join(work, "tls")
+        os.mkdir(cert_dir)
+        # A throwaway CA (ca.crt, trusted by every client) and a server certificate it signed.
+        ca_key, ca_crt = os.path.join(cert_dir, "ca.key"), os.path.join(cert_dir, "ca.crt")
+        key, csr, crt = (os.path.join(cert_dir, n) for n in ("tls.key", "tls.csr", "tls.crt"))
+        ext = os.path.join(cert_dir, "ext")
+        with open(ext, "w") as f:
+            f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        for cmd in (["req", "-x509", *ec, "-days", "1", "-subj", "/CN=relay bench CA", "-keyout", ca_key,
+                     "-out", ca_crt],
+                    ["req", "-new", *ec, "-subj", "/CN=localhost", "-keyout", key, "-out", csr],
+                    ["x509", "-req", "-in", csr, "-CA", ca_crt, "-CAkey", ca_key, "-CAcreateserial", "-days", "1",
+                     "-extfile", ext, "-out", crt]):
+            subprocess.run(["openssl", *cmd], check=True, capture_output=True)
     ready = multiprocessing.Event()
-    up = multiprocessing.Process(target=upstream, args=(smtp_up, imap_up, ready), daemon=True)
+    up = multiprocessing.Process(target=upstream, args=(smtp_up, imap_up, ready, cert_dir), daemon=True)
     up.start()
     ready.wait(10)
     secret = os.path.join(work, "secret")
     os.mkdir(secret)
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
     for key, value in {"username": MAILBOX, "relay_password": PASSWORD, "access_token": TOKEN,
-                       "expires_at": expires, "smtp_host": "127.0.0.1", "smtp_port": str(smtp_up),
-                       "smtp_tls": "none", "imap_host": "127.0.0.1", "imap_port": str(imap_up),
-                       "imap_tls": "none"}.items():
+                       "expires_at": expires, "smtp_host": "localhost", "smtp_port": str(smtp_up),
+                       "smtp_tls": "implicit" if args.tls else "none", "imap_host": "localhost",
+                       "imap_port": str(imap_up), "imap_tls": "implicit" if args.tls else "none"}.items():
         with open(os.path.join(secret, key), "w") as f:
             f.write(value)
     log = open(os.path.join(work, "relay.log"), "w")
+    listeners = ["--smtps-address", f"127.0.0.1:{smtp}", "--imaps-address", f"127.0.0.1:{imap}",
+                 "--tls-cert-dir", cert_dir, "--upstream-ca-file", os.path.join(cert_dir, "ca.crt")] \
+        if args.tls else ["--smtp-address", f"127.0.0.1:{smtp}", "--imap-address", f"127.0.0.1:{imap}"]
     relay = subprocess.Popen(
-        [args.relay_bin, "relay", "--secret-dir", secret, "--smtp-address", f"127.0.0.1:{smtp}",
-         "--imap-address", f"127.0.0.1:{imap}", "--listen-address", f"127.0.0.1:{admin}",
+        [args.relay_bin, "relay", "--secret-dir", secret, *listeners, "--listen-address", f"127.0.0.1:{admin}",
          "--allow-private-endpoints", "--max-connections", str(args.sessions + 64)],
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, RUST_LOG="warn"))
-    report = {"profile": args.profile, "upstream": "a local asyncio server (no TLS), messages discarded",
+    report = {"profile": args.profile, "tls": args.tls,
+              "upstream": "a local asyncio server, messages discarded",
               "parallel": args.parallel, "cpus": os.cpu_count(), "throughput": [], "imap": {}}
     try:
         deadline = time.time() + 20
@@ -269,10 +317,10 @@ def main():
             n = args.messages if size <= 128 * 1024 else max(args.parallel, args.messages // 4)
             if per_message:
                 n = max(args.parallel, args.messages // 2)
-            run_clients(smtp_up, False, size, args.parallel, args.parallel, per_message)  # warm up
-            run_clients(smtp, True, size, args.parallel, args.parallel, per_message)
-            straight = run_clients(smtp_up, False, size, n, args.parallel, per_message)
-            relayed = run_clients(smtp, True, size, n, args.parallel, per_message)
+            run_clients(smtp_up, False, size, args.parallel, args.parallel, per_message, cert_dir)  # warm up
+            run_clients(smtp, True, size, args.parallel, args.parallel, per_message, cert_dir)
+            straight = run_clients(smtp_up, False, size, n, args.parallel, per_message, cert_dir)
+            relayed = run_clients(smtp, True, size, n, args.parallel, per_message, cert_dir)
             row = {"size": size, "session_per_message": per_message, "straight": straight, "relayed": relayed,
                    "ratio": round(relayed["msgs_per_s"] / straight["msgs_per_s"], 3)}
             report["throughput"].append(row)
@@ -282,13 +330,13 @@ def main():
                   flush=True)
 
         async def imap_run():
-            warm = await idle_sessions(imap, 10)
+            warm = await idle_sessions(imap, 10, cert_dir)
             for _, w in warm:
                 w.close()
             await asyncio.sleep(1)
             base = rss_kib(relay.pid)
             began = time.perf_counter()
-            sessions = await idle_sessions(imap, args.sessions)
+            sessions = await idle_sessions(imap, args.sessions, cert_dir)
             opened = time.perf_counter() - began
             await asyncio.sleep(1)
             held = rss_kib(relay.pid)
