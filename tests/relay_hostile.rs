@@ -4,7 +4,9 @@
 //! not move by more than a few MiB; 1,000 connections that never speak hold every slot
 //! (`--max-connections 1000`), the next one is refused with a one-line answer, each of the 1,000
 //! is closed after the pre-login idle bound (`--login-idle-timeout`), and another client is
-//! served once the slots are free. No upstream is needed: nobody logs in.
+//! served once the slots are free. From the machine's own non-loopback address (the listeners on
+//! `0.0.0.0`, no TLS): no login is offered and the password is refused before the relay would
+//! look at it. No upstream is needed: nobody logs in.
 
 #![allow(
     clippy::unwrap_used,
@@ -104,7 +106,7 @@ async fn a_100_mb_line_and_1000_silent_connections_are_bounded_on_the_real_relay
         .arg("relay")
         .arg("--secret-dir")
         .arg(&secret)
-        .args(["--smtp-address", &format!("127.0.0.1:{smtp}"), "--imap-address", &format!("127.0.0.1:{imap}")])
+        .args(["--smtp-address", &format!("0.0.0.0:{smtp}"), "--imap-address", &format!("0.0.0.0:{imap}")])
         .args(["--listen-address", &format!("127.0.0.1:{admin}")])
         .args(["--max-connections", "1000", "--login-idle-timeout", "3s", "--allow-private-endpoints"])
         .stdout(Stdio::null())
@@ -184,4 +186,36 @@ async fn a_100_mb_line_and_1000_silent_connections_are_bounded_on_the_real_relay
     let (rss, peak) = relay.memory();
     eprintln!("after: {rss} KiB (peak {peak} KiB)");
     assert!(relay.alive());
+    no_login_in_clear_from_the_network(smtp, imap).await;
+}
+
+/// This machine's address on its default route (no packet is sent: a UDP socket is connected).
+fn network_address() -> std::net::IpAddr {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    probe.connect("192.0.2.1:9").expect("a default route (the test needs a non-loopback address)");
+    let ip = probe.local_addr().unwrap().ip();
+    assert!(!ip.is_loopback() && !ip.is_unspecified(), "{ip}");
+    ip
+}
+
+/// Over the network without TLS (and the relay has no certificate to offer STARTTLS): SMTP
+/// offers no `AUTH` and answers one with 538; IMAP says `LOGINDISABLED` and refuses `LOGIN` with
+/// `[PRIVACYREQUIRED]`.
+async fn no_login_in_clear_from_the_network(smtp: u16, imap: u16) {
+    let ip = network_address();
+    let mut c = BufReader::new(TcpStream::connect((ip, smtp)).await.unwrap());
+    let mut heard = String::new();
+    c.get_mut()
+        .write_all(b"EHLO network\r\nAUTH PLAIN AGJveEBleGFtcGxlLmNvbQBwYXNzd29yZA==\r\nQUIT\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut heard)).await.unwrap().unwrap();
+    assert!(!heard.contains("AUTH") && !heard.contains("STARTTLS"), "{heard}");
+    assert!(heard.contains("538 5.7.11 "), "{heard}");
+    let mut c = BufReader::new(TcpStream::connect((ip, imap)).await.unwrap());
+    let mut heard = String::new();
+    c.get_mut().write_all(b"a CAPABILITY\r\nb LOGIN box@example.com password\r\nc LOGOUT\r\n").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut heard)).await.unwrap().unwrap();
+    assert!(heard.contains("LOGINDISABLED") && !heard.contains("AUTH=PLAIN"), "{heard}");
+    assert!(heard.contains("b NO [PRIVACYREQUIRED]"), "{heard}");
 }
