@@ -3,7 +3,7 @@
 # local upstream (asyncio, no TLS, messages discarded) against the same upstream straight:
 # messages and bytes per second, and the relay's memory per idle IMAP session. Builds the relay
 # in release mode (debug with BENCH_PROFILE=dev). Arguments go to relay_bench.py, e.g.
-#   scripts/relay-bench.sh --messages 400 --sessions 1000 --out relay-bench.json
+#   scripts/relay-bench.sh --messages 4000 --sessions 1000 --out relay-bench.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${BENCH_PROFILE:-release}
