@@ -19,9 +19,10 @@ if ! need python3 || ! need curl; then
 fi
 (cd tests/oauth-server && npm ci --no-audit --no-fund --loglevel=error)
 
-# tests/mail_servers.rs logs in at a real Dovecot (IMAP, POP3) and, as root, Postfix submission.
+# tests/mail_servers.rs logs in at a real Dovecot (IMAP, POP3) and, as root, Postfix submission,
+# where curl, msmtp and swaks send through the relay.
 packages=(dovecot-core dovecot-imapd dovecot-pop3d)
-[ "$(id -u)" = 0 ] && packages+=(postfix)
+[ "$(id -u)" = 0 ] && packages+=(postfix msmtp swaks)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

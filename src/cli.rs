@@ -184,6 +184,10 @@ pub struct RelayArgs {
     /// Client connections at once.
     #[arg(long, env = "RELAY_MAX_CONNECTIONS", default_value = "256", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_connections: u32,
+    /// How long the relay waits for each client line before the login (1s to 10m): a connection
+    /// that says nothing is closed after it.
+    #[arg(long, env = "RELAY_LOGIN_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_login_idle)]
+    pub login_idle_timeout: std::time::Duration,
     /// The name in the greeting and EHLO.
     #[arg(long, env = "RELAY_NAME", default_value = "mail-oauth-operator-relay")]
     pub name: String,
@@ -226,6 +230,12 @@ fn parse_lifetime(text: &str) -> Result<chrono::Duration, String> {
 
 fn parse_lease(text: &str) -> Result<std::time::Duration, String> {
     parse_bounded(text, chrono::Duration::seconds(3), chrono::Duration::minutes(5))?.to_std().map_err(|e| e.to_string())
+}
+
+fn parse_login_idle(text: &str) -> Result<std::time::Duration, String> {
+    parse_bounded(text, chrono::Duration::seconds(1), chrono::Duration::minutes(10))?
+        .to_std()
+        .map_err(|e| e.to_string())
 }
 
 fn parse_flush(text: &str) -> Result<std::time::Duration, String> {
@@ -307,7 +317,10 @@ async fn run_relay(args: RelayArgs) -> Result<()> {
         cert_dir: args.tls_cert_dir,
         allow_plaintext_auth: args.allow_plaintext_auth,
         mail,
-        limits: crate::relay::SessionLimits::default(),
+        limits: crate::relay::SessionLimits {
+            idle_before_auth: args.login_idle_timeout,
+            ..crate::relay::SessionLimits::default()
+        },
         failures: crate::relay::guard::FailureLimits::default(),
         max_connections: usize::try_from(args.max_connections).unwrap_or(256),
         name: args.name,

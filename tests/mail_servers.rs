@@ -6,7 +6,8 @@
 //! The relay (`mail-oauth-operator relay`, the binary) is driven by Python's `smtplib` with a
 //! password only: the mail goes to Postfix with XOAUTH2 and is read back from Dovecot's IMAP. Its
 //! IMAP and POP3 listeners are driven by `imaplib`, `poplib` and `curl`, with a password only,
-//! before Dovecot (no root needed).
+//! before Dovecot (no root needed). `curl smtp://`, `msmtp` and `swaks` send through it, byte for
+//! byte into the mailbox, seen by an `IMAP IDLE` through it, across a token renewal, 25 MB too.
 
 #![allow(
     clippy::unwrap_used,
@@ -217,7 +218,7 @@ impl Postfix {
                  smtpd_sasl_type = dovecot\nsmtpd_sasl_path = inet:127.0.0.1:{dovecot_auth}\nsmtpd_sasl_auth_enable = yes\n\
                  smtpd_tls_security_level = encrypt\nsmtpd_tls_auth_only = yes\nsmtpd_tls_cert_file = {cert}\n\
                  smtpd_tls_key_file = {key}\nsmtpd_relay_restrictions = permit_sasl_authenticated, reject\n\
-                 alias_maps =\nalias_database =\nlocal_recipient_maps =\n{virtual_mailboxes}",
+                 message_size_limit = 40000000\nvirtual_mailbox_limit = 0\nalias_maps =\nalias_database =\nlocal_recipient_maps =\n{virtual_mailboxes}",
                 q = queue.display(),
                 data = data.display(),
                 d = d.display(),
@@ -355,6 +356,7 @@ async fn real_dovecot_and_postfix_accept_real_tokens_and_refuse_others() {
             check(&settings, Protocol::Smtp, postfix.port, TlsMode::Starttls, "stranger@example.com", &token).await;
         assert_eq!(reason(Protocol::Smtp, "stranger@example.com", &seen), VerifyReason::LoginRefused, "{seen:?}");
         relay_sends_a_password_clients_mail_to_postfix_with_xoauth2(&dovecot, &postfix, &oauth, dir.path(), &ca).await;
+        relay_carries_real_clients_mail_byte_for_byte_across_a_renewal(&dovecot, &postfix, &oauth, dir.path()).await;
     } else if std::env::var_os("CI").is_some() {
         panic!("Postfix submission needs root: run CI as root (the SMTP check against Postfix was not run)");
     } else {
@@ -765,4 +767,244 @@ print("all checked")
     assert!(log.contains("method=XOAUTH2") && log.contains(&format!("user=<{MAILBOX}>")), "{log}");
     assert!(!relay_log.contains(&token) && !relay_log.contains(password), "{relay_log}");
     assert!(relay_log.contains("relay authentication failed"), "{relay_log}");
+}
+
+/// Writes `pairs` into `dir` as kubelet mounts a Secret: a new `..<version>` directory, the
+/// `..data` link swapped to it in one rename, one link per key.
+fn mount(dir: &Path, pairs: &[(&str, &str)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let version = format!("..{}", chrono::Utc::now().timestamp_nanos_opt().unwrap());
+    std::fs::create_dir(dir.join(&version)).unwrap();
+    for (key, value) in pairs {
+        std::fs::write(dir.join(&version).join(key), value).unwrap();
+    }
+    let _ = std::fs::remove_file(dir.join("..data_tmp"));
+    std::os::unix::fs::symlink(&version, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    for (key, _) in pairs {
+        if std::fs::symlink_metadata(dir.join(key)).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{key}"), dir.join(key)).unwrap();
+        }
+    }
+}
+
+/// Real password-only clients through the relay (SMTP and IMAP listeners, STARTTLS) to the real
+/// Postfix (XOAUTH2 upstream), which delivers into the Maildir Dovecot serves: `curl smtp://`,
+/// `msmtp` and `swaks` send; each message lands in the Maildir byte for byte after Postfix's
+/// own trace headers; an IMAP `IDLE` through the relay sees each one arrive. Then a renewal while
+/// that IMAP session stays open (the mounted Secret swapped as kubelet does it, first to a token
+/// the servers refuse: the next SMTP login is a `454`, the open session goes on; then to a new
+/// real token: sending works again, the open session still goes on), and a message of 25 MB
+/// through the relay, byte for byte.
+async fn relay_carries_real_clients_mail_byte_for_byte_across_a_renewal(
+    dovecot: &Dovecot,
+    postfix: &Postfix,
+    oauth: &OAuthServer,
+    dir: &Path,
+) {
+    let started = Instant::now();
+    let (token, renewed) = (access_token(oauth, MAILBOX).await, access_token(oauth, MAILBOX).await);
+    let secret = dir.join("relay-mounted");
+    let password = "another relay password, 9876543210";
+    let expires = (chrono::Utc::now() + chrono::Duration::minutes(50)).to_rfc3339();
+    let (smtp_port, imap_port) = (postfix.port.to_string(), dovecot.imap.to_string());
+    let keys = |token: &str| {
+        [
+            ("username", MAILBOX.to_owned()),
+            ("relay_password", password.to_owned()),
+            ("access_token", token.to_owned()),
+            ("expires_at", expires.clone()),
+            ("smtp_host", "localhost".to_owned()),
+            ("smtp_port", smtp_port.clone()),
+            ("imap_host", "localhost".to_owned()),
+            ("imap_port", imap_port.clone()),
+        ]
+    };
+    let first = keys(&token);
+    mount(&secret, &first.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>());
+    let (smtp, imap) = (free_port(), free_port());
+    let relay = RelayProcess::start(
+        &secret,
+        &dir.join("relay-tls"),
+        &dir.join("ca.crt"),
+        &[("--smtp-address", smtp), ("--imap-address", imap)],
+    );
+    let maildir = dir.join("dovecot").join("mail").join("home").join("Maildir");
+    let script = r#"
+import imaplib, os, smtplib, ssl, subprocess, sys, time
+smtp_port, imap_port, ca, user, password, maildir, secret, renewed = sys.argv[1:9]
+smtp_port, imap_port = int(smtp_port), int(imap_port)
+ctx = ssl.create_default_context(cafile=ca)
+work = os.path.dirname(secret)
+
+def message(name, size=0):
+    line = "".join(chr(33 + (i % 90)) for i in range(76))
+    body = "".join(line + "\r\n" for _ in range(size // 78))
+    return ("From: %s\r\nTo: %s\r\nDate: Tue, 01 Dec 2026 12:00:00 +0000\r\nMessage-ID: <%s@relay.test>\r\n"
+            "Subject: %s\r\n\r\nsent by %s through the relay\r\n.a line with a leading dot\r\n%s"
+            % (user, user, name, name, name, body)).encode()
+
+def delivered(name, timeout=60):
+    # The delivered file: Postfix's trace headers, then the message exactly as the client sent it
+    # (in the Maildir's local form: lines end in LF; IMAP serves them with CRLF again).
+    deadline = time.time() + timeout
+    needle = ("Message-ID: <%s@relay.test>" % name).encode()
+    while time.time() < deadline:
+        for sub in ("new", "cur"):
+            folder = os.path.join(maildir, sub)
+            for f in os.listdir(folder) if os.path.isdir(folder) else []:
+                with open(os.path.join(folder, f), "rb") as fh:
+                    data = fh.read()
+                if needle in data:
+                    return data
+        time.sleep(0.2)
+    sys.exit("%s was not delivered within %d s" % (name, timeout))
+
+def send_with(name, tool, msg):
+    path = os.path.join(work, name + ".eml")
+    with open(path, "wb") as f:
+        # swaks takes the data up to its final dot line (without one it adds an empty line).
+        f.write(msg + b".\r\n" if tool == "swaks" else msg)
+    if tool == "curl":
+        cmd = ["curl", "--silent", "--show-error", "--max-time", "60", "--ssl-reqd", "--cacert", ca,
+               "--url", "smtp://localhost:%d" % smtp_port, "--user", "%s:%s" % (user, password),
+               "--mail-from", user, "--mail-rcpt", user, "--upload-file", path]
+    elif tool == "msmtp":
+        cmd = ["msmtp", "--host=localhost", "--port=%d" % smtp_port, "--tls=on", "--tls-starttls=on",
+               "--tls-trust-file=" + ca, "--auth=plain", "--user=" + user,
+               "--passwordeval=cat " + os.path.join(work, "password"), "--from=" + user, "--", user]
+    else:
+        cmd = ["swaks", "--silent", "2", "--server", "localhost", "--port", str(smtp_port), "--tls",
+               "--tls-verify", "--tls-ca-path", ca, "--auth", "PLAIN", "--auth-user", user,
+               "--auth-password", password, "--from", user, "--to", user, "--data", "-"]
+    with open(path, "rb") as f:
+        out = subprocess.run(cmd, stdin=f, capture_output=True, timeout=90)
+    return out.returncode, (out.stdout + out.stderr).decode(errors="replace")
+
+def fetched(m, name):
+    # The message read back through the relay's IMAP: the trace headers, then the message as sent.
+    typ, found = m.search(None, "HEADER", "Message-ID", "<%s@relay.test>" % name)
+    assert typ == "OK" and found[0], (name, typ, found)
+    typ, data = m.fetch(found[0].split()[-1], "(BODY.PEEK[])")
+    assert typ == "OK", (typ, data[:1])
+    return data[0][1]
+
+def idle_until_exists(m):
+    tag = m._new_tag().decode()
+    m.send(("%s IDLE\r\n" % tag).encode())
+    assert m.readline().startswith(b"+"), "no IDLE continuation"
+    return tag
+
+def idle_done(m, tag):
+    while True:
+        line = m.readline()
+        assert line, "the connection closed during IDLE"
+        if line.rstrip().endswith(b"EXISTS"):
+            break
+    m.send(b"DONE\r\n")
+    while True:
+        line = m.readline()
+        if line.startswith(tag.encode()):
+            assert b" OK" in line, line
+            return
+
+with open(os.path.join(work, "password"), "w") as f:
+    f.write(password)
+# One IMAP session through the relay, open for everything below.
+m = imaplib.IMAP4("localhost", imap_port)
+m.starttls(ctx)
+m.login(user, password)
+typ, data = m.select("INBOX")
+assert typ == "OK", (typ, data)
+m.sock.settimeout(60)
+for tool in ("curl", "msmtp", "swaks"):
+    name = "%s-%d" % (tool, os.getpid())
+    msg = message(name, 20 * 1024)
+    tag = idle_until_exists(m)
+    code, out = send_with(name, tool, msg)
+    assert code == 0, (tool, code, out)
+    idle_done(m, tag)  # IDLE through the relay saw it arrive
+    got = delivered(name)
+    assert got.endswith(msg.replace(b"\r\n", b"\n")), (tool, len(got), len(msg), got[-300:], msg[-300:])
+    assert fetched(m, name).endswith(msg), tool
+
+def mount(token):
+    version = os.path.join(secret, "..%d" % time.time_ns())
+    current = os.path.join(secret, "..data")
+    os.mkdir(version)
+    for key in os.listdir(current):
+        with open(os.path.join(current, key)) as f:
+            value = f.read()
+        with open(os.path.join(version, key), "w") as f:
+            f.write(token if key == "access_token" else value)
+    tmp = os.path.join(secret, "..data_tmp")
+    os.symlink(os.path.basename(version), tmp)
+    os.replace(tmp, current)
+
+# A renewal to a token the servers refuse: the next login upstream fails (454, retry), the open
+# IMAP session goes on as if nothing happened.
+mount("a-token-the-servers-never-issued")
+with smtplib.SMTP("localhost", smtp_port, timeout=60) as s:
+    s.starttls(context=ctx)
+    try:
+        s.login(user, password)
+        sys.exit("a login with a refused token upstream succeeded")
+    except smtplib.SMTPAuthenticationError as e:
+        assert e.smtp_code == 454, e
+typ, data = m.noop()
+assert typ == "OK", (typ, data)
+# The renewal proper: a new real token. New sessions use it; the open one still works.
+mount(renewed)
+name = "renewed-%d" % os.getpid()
+msg = message(name, 1024)
+tag = idle_until_exists(m)
+with smtplib.SMTP("localhost", smtp_port, timeout=60) as s:
+    s.starttls(context=ctx)
+    s.login(user, password)
+    s.sendmail(user, [user], msg)
+idle_done(m, tag)
+assert delivered(name).endswith(msg.replace(b"\r\n", b"\n"))
+assert fetched(m, name).endswith(msg)
+
+# 25 MB through the relay, byte for byte.
+name = "big-%d" % os.getpid()
+msg = message(name, 25 * 1024 * 1024)
+began = time.time()
+with smtplib.SMTP("localhost", smtp_port, timeout=120) as s:
+    s.starttls(context=ctx)
+    s.login(user, password)
+    s.sendmail(user, [user], msg)
+got = delivered(name, timeout=120)
+assert got.endswith(msg.replace(b"\r\n", b"\n")), (len(got), len(msg))
+sent = time.time() - began
+m.noop()
+assert fetched(m, name).endswith(msg), "the 25 MB message read back through the relay differs"
+print("25 MB sent in %.1f s, read back in %.1f s" % (sent, time.time() - began - sent))
+m.logout()
+print("all checked")
+"#;
+    let out = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args([&smtp.to_string(), &imap.to_string()])
+        .arg(dir.join("ca.crt"))
+        .args([MAILBOX, password])
+        .arg(&maildir)
+        .arg(&secret)
+        .arg(&renewed)
+        .output()
+        .await
+        .unwrap();
+    let client = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let relay_log = relay.stop();
+    let postfix_log = std::fs::read_to_string(dir.join("postfix").join("postfix.log")).unwrap_or_default();
+    assert!(
+        out.status.success() && client.contains("all checked"),
+        "client: {client}\nrelay: {relay_log}\npostfix: {postfix_log}\ndovecot: {}",
+        dovecot.log()
+    );
+    for secret_value in [token.as_str(), renewed.as_str(), password] {
+        assert!(!relay_log.contains(secret_value), "{relay_log}");
+    }
+    eprintln!("real clients through the relay in {:?}: {client}", started.elapsed());
 }

@@ -111,6 +111,9 @@ impl Conn {
         for addr in allowed {
             match tokio::time::timeout(limits.connect, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => {
+                    // Whole lines and flushed chunks: no reason to wait for an ACK (the relay's
+                    // last chunk of a message would otherwise wait for the delayed one).
+                    let _ = s.set_nodelay(true);
                     tcp = Some(s);
                     break;
                 }

@@ -45,7 +45,8 @@ pub(super) fn pki() -> (CertificateDer<'static>, TlsAcceptor) {
 type Seen = Arc<Mutex<Vec<String>>>;
 
 /// A submission server: STARTTLS, XOAUTH2 (two steps) accepting only `TOKEN` for `MAILBOX`,
-/// then MAIL/RCPT/DATA; the message gets `data_reply`.
+/// then MAIL/RCPT/DATA; the message gets `data_reply`. Two replies drop the connection instead:
+/// [`DROP_IN_DATA`] at the first line of the message, [`DROP_AFTER_DATA`] after its final dot.
 async fn upstream(acceptor: TlsAcceptor, data_reply: &'static str) -> (u16, Seen) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -64,6 +65,9 @@ async fn upstream(acceptor: TlsAcceptor, data_reply: &'static str) -> (u16, Seen
                     let line = String::from_utf8_lossy(&line).into_owned();
                     log.lock().unwrap().push(line.clone());
                     if in_data {
+                        if data_reply == DROP_IN_DATA || (line == "." && data_reply == DROP_AFTER_DATA) {
+                            return;
+                        }
                         if line == "." {
                             in_data = false;
                             w.write_line(data_reply, wait).await.unwrap();
@@ -114,6 +118,11 @@ fn write_secret(dir: &Path, port: u16, token: &str, expires_at: &str) {
         std::fs::write(dir.join(k), v).unwrap();
     }
 }
+
+/// The upstream closes the connection at the message's first line.
+const DROP_IN_DATA: &str = "(drop in DATA)";
+/// The upstream closes the connection after the message's final dot, without a reply.
+const DROP_AFTER_DATA: &str = "(drop after DATA)";
 
 pub(super) fn future() -> String {
     (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339()
@@ -239,6 +248,37 @@ async fn auth_login_works_and_the_upstreams_refusal_of_a_message_is_relayed_not_
     assert!(c.send("RCPT TO:<a@example.org>").await.starts_with("250"));
     assert!(c.send("DATA").await.starts_with("354"));
     assert_eq!(c.send("body\r\n.").await, "554 5.7.1 Rejected: spam");
+}
+
+/// An upstream that drops the connection in the middle of a message, or after its end without
+/// answering: the client gets a 421 (try again), never a 250, and the session ends.
+#[tokio::test]
+async fn an_upstream_that_drops_mid_data_is_a_temporary_failure_never_a_250() {
+    for drop in [DROP_IN_DATA, DROP_AFTER_DATA] {
+        let (ca, acceptor) = pki();
+        let (port, _) = upstream(acceptor, drop).await;
+        let dir = tempfile::tempdir().unwrap();
+        write_secret(dir.path(), port, TOKEN, &future());
+        let shared = shared(dir.path(), &ca);
+        let mut c = Client::connect(&shared, "127.0.0.1");
+        assert!(c.login(PASSWORD).await.starts_with("235 "), "{}", c.heard);
+        assert!(c.send(&format!("MAIL FROM:<{MAILBOX}>")).await.starts_with("250"));
+        assert!(c.send("RCPT TO:<a@example.org>").await.starts_with("250"));
+        assert!(c.send("DATA").await.starts_with("354"));
+        // A message of 256 KiB: the relay is still copying it when the upstream goes.
+        let line = "x".repeat(1000);
+        let body: String = (0..256).map(|_| format!("{line}\r\n")).collect();
+        let _ = c.wire.write(body.as_bytes(), Duration::from_secs(5)).await;
+        let _ = c.wire.write(b".\r\n", Duration::from_secs(5)).await;
+        let answer = c.reply().await;
+        assert!(answer.starts_with("421 4.4.2 "), "{drop}: {answer}");
+        let after_354 = c.heard.split_once("354 ").unwrap().1;
+        assert!(!after_354.contains("250"), "{drop}: {}", c.heard);
+        // The relay has closed the session.
+        assert!(c.wire.read_line(Duration::from_secs(5)).await.is_err(), "{drop}");
+        let text = encoded(&shared.metrics);
+        assert!(text.contains(r#"mailoauth_relay_upstream_failures_total{protocol="smtp",reason="lost"} 1"#), "{text}");
+    }
 }
 
 #[tokio::test]

@@ -60,16 +60,18 @@ impl Wire {
         Ok(std::mem::replace(&mut self.buf, rest))
     }
 
+    /// Reads what is there into the buffer's spare room (at least a chunk; the buffer is at most
+    /// a line and a chunk before this, so its room is bounded too): no scratch buffer to zero and
+    /// copy from.
     async fn fill(&mut self, wait: Duration) -> Result<(), WireError> {
-        let mut chunk = vec![0_u8; CHUNK];
-        let n = tokio::time::timeout(wait, self.io.read(&mut chunk))
+        self.buf.reserve(CHUNK);
+        let n = tokio::time::timeout(wait, self.io.read_buf(&mut self.buf))
             .await
             .map_err(|_| WireError::Timeout)?
             .map_err(|_| WireError::Closed)?;
         if n == 0 {
             return Err(WireError::Closed);
         }
-        self.buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
         Ok(())
     }
 
