@@ -111,11 +111,15 @@ impl RelayCredentials {
         let text = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.clone()).ok()).filter(|v| !v.is_empty());
         let time = |k: &str| text(k).and_then(|t| DateTime::parse_from_rfc3339(&t).ok()).map(|t| t.with_timezone(&Utc));
         let password = text(keys::PASSWORD)?;
+        let issued_at = time(keys::ISSUED_AT).unwrap_or_default();
+        // A grace end never lies beyond the longest grace after the rotation (a hand-edited
+        // end does not keep an old password alive).
+        let latest = super::time::plus(issued_at, MAX_GRACE);
         Some(Self {
             password: SecretString::from(password),
-            issued_at: time(keys::ISSUED_AT).unwrap_or_default(),
+            issued_at,
             rotation: text(keys::ROTATION),
-            previous: text(keys::PREVIOUS_SHA256).zip(time(keys::PREVIOUS_UNTIL)),
+            previous: text(keys::PREVIOUS_SHA256).zip(time(keys::PREVIOUS_UNTIL).map(|u| std::cmp::min(u, latest))),
         })
     }
 
@@ -164,9 +168,20 @@ pub fn enabled(binding: &MailboxBinding) -> Option<&RelaySpec> {
     binding.spec.relay.as_ref().filter(|r| r.enabled)
 }
 
-/// The `rotate-relay-password` annotation's value.
+/// The longest `rotate-relay-password` value acted on (it is stored in status and the grant state).
+pub const MAX_ROTATE_VALUE: usize = 253;
+
+/// The `rotate-relay-password` annotation's value, when it is one the operator acts on: at most
+/// [`MAX_ROTATE_VALUE`] printable ASCII characters (a date, a counter, a UUID); anything else is
+/// not taken for a request.
 pub fn rotate_value(binding: &MailboxBinding) -> Option<&str> {
-    binding.metadata.annotations.as_ref()?.get(ROTATE_RELAY_PASSWORD_ANNOTATION).map(String::as_str)
+    binding
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ROTATE_RELAY_PASSWORD_ANNOTATION)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty() && v.len() <= MAX_ROTATE_VALUE && v.bytes().all(|b| (0x20..0x7f).contains(&b)))
 }
 
 /// The grace period of `spec.relay.rotationGracePeriod` (validated elsewhere: at most
@@ -317,6 +332,9 @@ mod tests {
         assert_eq!(c.rotation.as_deref(), Some("x"));
         assert!(c.previous.is_none());
         assert!(plan(&binding(None, None), None, t(0), || Some("pw".to_owned().into())).is_none());
+        let long = "x".repeat(MAX_ROTATE_VALUE + 1);
+        assert_eq!(rotate_value(&binding(on(), Some(&long))), None, "too long: not a request");
+        assert_eq!(rotate_value(&binding(on(), Some("a\nb"))), None, "a control character: not a request");
         let off = binding(Some(RelaySpec { enabled: false, ..RelaySpec::default() }), None);
         assert!(plan(&off, Some(&c), t(0), || None).is_none(), "turned off: forgotten");
     }
@@ -372,8 +390,13 @@ mod tests {
             previous: Some(("abc".into(), t(100))),
         };
         let bytes = RelayCredentials::encoded(Some(&c)).into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
-        assert_eq!(RelayCredentials::decode(&bytes), Some(c));
+        assert_eq!(RelayCredentials::decode(&bytes), Some(c.clone()));
         assert_eq!(RelayCredentials::decode(&BTreeMap::new()), None);
+        // A grace end beyond the longest grace is cut to it.
+        let mut far = RelayCredentials::encoded(Some(&c));
+        far.insert(keys::PREVIOUS_UNTIL.into(), "2999-01-01T00:00:00Z".into());
+        let far = far.into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+        assert_eq!(RelayCredentials::decode(&far).and_then(|c| c.previous).map(|p| p.1), Some(t(0) + MAX_GRACE));
     }
 
     #[test]

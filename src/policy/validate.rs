@@ -87,6 +87,15 @@ pub fn refresh_before(spec: &MailboxBindingSpec) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Whether a template data key is one the operator writes for some binding (whatever this
+/// binding's protocols and relay setting): a consumer or the relay reads these keys as the
+/// operator's, so a template never writes them.
+fn reserved_data_key(k: &str) -> bool {
+    super::relay::published_keys::ALL.contains(&k)
+        || super::publish::TOKEN_KEYS.contains(&k)
+        || Protocol::ALL.iter().any(|p| ["host", "port", "tls"].iter().any(|s| k == format!("{}_{s}", p.as_str())))
+}
+
 /// The relay's grace period, bounded, and its senders' count (the schema's bound, checked again).
 fn relay(spec: &MailboxBindingSpec) -> Result<(), String> {
     let Some(r) = &spec.relay else { return Ok(()) };
@@ -226,7 +235,7 @@ pub fn spec(spec: &MailboxBindingSpec) -> Result<(), String> {
                 show(k)
             ));
         }
-        if names.contains(k) || super::relay::published_keys::ALL.contains(&k.as_str()) {
+        if names.contains(k) || reserved_data_key(k) {
             return Err(format!(
                 "spec.secretTemplate.data[{k}] would overwrite a key the operator writes; choose another key"
             ));

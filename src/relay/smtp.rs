@@ -32,6 +32,19 @@ enum Before {
     Done,
 }
 
+/// Whether a command line reads the same to the relay and to any upstream: printable ASCII and
+/// spaces (no tab, NUL, CR or other control character, nothing beyond ASCII), not starting with
+/// a space.
+fn plain_command(line: &[u8]) -> bool {
+    line.first().is_some_and(|b| *b != b' ') && line.iter().all(|b| (0x20..0x7f).contains(b))
+}
+
+/// The size of `BDAT <size> [LAST]`: digits only (no sign), at most 12 of them.
+fn bdat_size(args: &str) -> Option<u64> {
+    let n = args.split(' ').next()?;
+    (!n.is_empty() && n.len() <= 12 && n.bytes().all(|b| b.is_ascii_digit())).then(|| n.parse().ok()).flatten()
+}
+
 fn verb_of(line: &[u8]) -> (String, String) {
     let text = String::from_utf8_lossy(line);
     let (verb, rest) = text.split_once(' ').unwrap_or((&text, ""));
@@ -334,7 +347,15 @@ async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[S
             }
         };
         let (verb, rest) = verb_of(&line);
+        let chunking = extensions.iter().any(|e| e.eq_ignore_ascii_case("CHUNKING"));
         let local = match verb.as_str() {
+            // A line the relay would read otherwise than the upstream (a tab or a leading space
+            // before the verb, a NUL or a bare CR) is refused: the sender check must see the
+            // command the upstream will act on.
+            _ if !plain_command(&line) => Some("500 5.5.2 Syntax error: malformed command line".to_owned()),
+            "BDAT" if !chunking || bdat_size(&rest).is_none() => {
+                Some("501 5.5.4 BDAT needs a size in digits (and an upstream offering CHUNKING)".to_owned())
+            }
             "AUTH" => Some("503 5.5.1 Already authenticated".to_owned()),
             "STARTTLS" => Some("503 5.5.1 STARTTLS is not allowed after authentication".to_owned()),
             "MAIL" => match sender(&rest) {
@@ -376,8 +397,7 @@ async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[S
             return;
         }
         if verb == "BDAT" {
-            let count = rest.split_ascii_whitespace().next().and_then(|n| n.parse::<u64>().ok());
-            let Some(count) = count else {
+            let Some(count) = bdat_size(&rest) else {
                 let _ = client.write_line("501 5.5.4 BDAT needs a size", limits.write).await;
                 return;
             };
@@ -422,6 +442,21 @@ async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[S
 #[cfg(test)]
 mod parse_tests {
     use super::*;
+
+    #[test]
+    fn command_lines_the_upstream_could_read_otherwise_are_refused_and_bdat_sizes_are_digits() {
+        assert!(plain_command(b"MAIL FROM:<a@example.com>"));
+        assert!(!plain_command(b"MAIL\tFROM:<ceo@example.com>"));
+        assert!(!plain_command(b" MAIL FROM:<ceo@example.com>"));
+        assert!(!plain_command(b"MAIL FROM:<a@example.com>\r"));
+        assert!(!plain_command(b"MAIL FROM:<a@example.com>\0"));
+        assert!(!plain_command(b""));
+        assert_eq!(bdat_size("30 LAST"), Some(30));
+        assert_eq!(bdat_size("+30"), None);
+        assert_eq!(bdat_size("-1"), None);
+        assert_eq!(bdat_size("1234567890123"), None);
+        assert_eq!(bdat_size(""), None);
+    }
 
     #[test]
     fn the_sender_comes_from_mail_from() {

@@ -30,6 +30,16 @@ use crate::mail::TlsMode;
 /// Secret is a few KiB).
 pub const MAX_SECRET: usize = 64 * 1024;
 
+/// The longest access token kept (Entra's are a few KiB).
+pub const MAX_TOKEN: usize = 16 * 1024;
+
+/// The most bindings served per namespace, and in all: a namespace that publishes more (its own
+/// Secrets carrying the operator's labels) is served up to the bound and said in the log, and
+/// cannot grow the relay's memory without bound.
+pub const MAX_PER_NAMESPACE: usize = 1_000;
+/// See [`MAX_PER_NAMESPACE`].
+pub const MAX_ENTRIES: usize = 50_000;
+
 /// A server as published: host, port, TLS mode.
 pub(crate) type Server = (String, u16, TlsMode);
 
@@ -134,11 +144,19 @@ struct Inner {
     entries: HashMap<Key, Arc<Entry>>,
     /// `relay_username` in ASCII lower case → the Secrets that have it.
     names: HashMap<String, Vec<Key>>,
+    /// Entries per namespace.
+    per_namespace: HashMap<String, usize>,
 }
 
 impl Inner {
     fn remove(&mut self, key: &Key) -> bool {
         let Some(old) = self.entries.remove(key) else { return false };
+        if let Some(n) = self.per_namespace.get_mut(&key.0) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_namespace.remove(&key.0);
+            }
+        }
         let name = old.mounted.relay_username.to_ascii_lowercase();
         if let Some(keys) = self.names.get_mut(&name) {
             keys.retain(|k| k != key);
@@ -153,7 +171,18 @@ impl Inner {
         self.remove(&key);
         let name = entry.mounted.relay_username.to_ascii_lowercase();
         self.names.entry(name).or_default().push(key.clone());
+        let n = self.per_namespace.entry(key.0.clone()).or_default();
+        *n = n.saturating_add(1);
         self.entries.insert(key, Arc::new(entry));
+    }
+
+    /// Whether `key` may be kept: it is kept already, or its namespace and the index are below
+    /// their bounds.
+    fn room_for(&self, key: &Key) -> bool {
+        if self.entries.contains_key(key) {
+            return true;
+        }
+        self.entries.len() < MAX_ENTRIES && self.per_namespace.get(&key.0).copied().unwrap_or(0) < MAX_PER_NAMESPACE
     }
 
     /// The one entry named `name` (in `namespace`, when given).
@@ -179,6 +208,8 @@ pub enum Applied {
     TooLarge,
     /// Not (or no longer) kept: the relay keys are unusable (the reason names a key, no value).
     Invalid(String),
+    /// Not kept: the namespace (or the relay) already serves as many as it may.
+    Full,
 }
 
 /// The shared relay's credentials: every published Secret with relay keys in the served
@@ -225,6 +256,17 @@ impl Index {
             Applied::TooLarge
         } else if data.is_none_or(|d| !d.contains_key("relay_password")) {
             Applied::NoRelay
+        } else if data.and_then(|d| d.get("access_token")).is_some_and(|t| t.0.len() > MAX_TOKEN) {
+            Applied::Invalid(format!("access_token is longer than {MAX_TOKEN} bytes"))
+        } else if data
+            .and_then(|d| d.get("relay_username").or_else(|| d.get("username")))
+            .is_some_and(|u| u.0.contains(&b'/'))
+        {
+            // `namespace/mailbox` is how a client names a binding: a user name with a `/` would
+            // shadow another namespace's qualified name.
+            Applied::Invalid("relay_username contains '/'".to_owned())
+        } else if !self.read().room_for(&key) {
+            Applied::Full
         } else {
             let shown = format!("Secret {}/{}", key.0, key.1);
             let get = |k: &'static str| {
@@ -273,11 +315,10 @@ impl Index {
         }
         let found = {
             let inner = self.read();
-            match inner.unique(user, None) {
-                Some(entry) => Some((entry, user)),
-                None => user
-                    .split_once('/')
-                    .and_then(|(namespace, name)| inner.unique(name, Some(namespace)).map(|e| (e, name))),
+            // A name with a `/` is only ever `namespace/mailbox` (no kept user name has one).
+            match user.split_once('/') {
+                Some((namespace, name)) => inner.unique(name, Some(namespace)).map(|e| (e, name)),
+                None => inner.unique(user, None).map(|e| (e, user)),
             }
         };
         match found {

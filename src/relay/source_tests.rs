@@ -183,3 +183,41 @@ fn the_selector_names_the_published_secrets() {
         "app.kubernetes.io/managed-by=mail-oauth-operator,mailoauth.io/secret-role=published"
     );
 }
+
+#[test]
+fn a_user_name_with_a_slash_is_never_kept_so_a_qualified_name_cannot_be_shadowed() {
+    let index = listed();
+    assert_eq!(index.apply(&relay("victims", "v-token", "victim@contoso.com", "pw-v")), Applied::Kept);
+    // Another namespace publishes (its own labelled Secrets) the victim's bare name and its
+    // qualified one as user names.
+    assert_eq!(index.apply(&relay("att", "a1", "victim@contoso.com", "pw-a")), Applied::Kept);
+    match index.apply(&relay("att", "a2", "victims/victim@contoso.com", "pw-a")) {
+        Applied::Invalid(why) => assert!(why.contains('/'), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    let now = Utc::now();
+    // The bare name is ambiguous now; the qualified one still reaches only the victim's entry.
+    assert!(mailbox_of(index.check("victim@contoso.com", b"pw-v", now)).is_none());
+    assert_eq!(
+        mailbox_of(index.check("victims/victim@contoso.com", b"pw-v", now)).as_deref(),
+        Some("victim@contoso.com")
+    );
+    assert!(mailbox_of(index.check("victims/victim@contoso.com", b"pw-a", now)).is_none());
+}
+
+#[test]
+fn a_namespace_cannot_grow_the_index_past_its_bound_and_long_tokens_are_not_kept() {
+    let index = listed();
+    for i in 0..super::source::MAX_PER_NAMESPACE {
+        assert_eq!(index.apply(&relay("flood", &format!("s{i}"), &format!("u{i}@example.com"), "pw")), Applied::Kept);
+    }
+    assert_eq!(index.apply(&relay("flood", "one-more", "x@example.com", "pw")), Applied::Full);
+    // An update of one already kept still goes through; another namespace is not affected.
+    assert_eq!(index.apply(&relay("flood", "s0", "u0@example.com", "pw2")), Applied::Kept);
+    assert_eq!(index.apply(&relay("team", "a-token", "a@example.com", "pw-a")), Applied::Kept);
+    let mut long = relay("team", "long", "l@example.com", "pw");
+    if let Some(d) = long.data.as_mut() {
+        d.insert("access_token".into(), k8s_openapi::ByteString(vec![b'a'; super::source::MAX_TOKEN + 1]));
+    }
+    assert!(matches!(index.apply(&long), Applied::Invalid(_)));
+}

@@ -52,7 +52,8 @@ async fn scope_watch(client: kube::Client, scope: Option<String>, index: &Index,
         None => Api::all(client),
     };
     let shown = scope.as_deref().unwrap_or("all namespaces").to_owned();
-    let mut stream = watcher(api, watcher::Config::default().labels(&selector())).default_backoff().boxed();
+    let mut stream =
+        watcher(api, watcher::Config::default().labels(&selector()).page_size(50)).default_backoff().boxed();
     let mut listing: Option<HashSet<(String, String)>> = None;
     while let Some(event) = stream.next().await {
         match event {
@@ -90,5 +91,12 @@ fn apply(index: &Index, secret: &Secret) {
         Applied::Invalid(why) => {
             tracing::warn!(%namespace, %name, why = %why, "the published Secret's relay keys are unusable");
         }
+        Applied::Full => tracing::warn!(
+            %namespace,
+            %name,
+            "the shared relay serves at most {} bindings per namespace and {} in all: this one is not served",
+            super::source::MAX_PER_NAMESPACE,
+            super::source::MAX_ENTRIES
+        ),
     }
 }
