@@ -224,7 +224,9 @@ async fn run(io: Box<dyn Io>, peer: IpAddr, implicit_tls: bool, shared: &Shared)
     if client.write_line(&greeting, limits.write).await.is_err() {
         return;
     }
-    if let Some((client, upstream)) = before_auth(client, peer, implicit_tls, shared).await {
+    if let Ok(Some((client, upstream))) =
+        tokio::time::timeout(super::LOGIN_DEADLINE, before_auth(client, peer, implicit_tls, shared)).await
+    {
         let (io, pending) = client.into_parts();
         join(Side { io, pending }, upstream, limits.idle_mailbox, limits.write).await;
     }

@@ -67,6 +67,10 @@ use tls::CertDir;
 /// The longest TLS handshake with a client.
 pub(crate) const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
+/// The longest time from a connection to a successful login (upstream login included): a client
+/// that trickles a byte a minute cannot hold a connection slot for longer.
+pub(crate) const LOGIN_DEADLINE: Duration = Duration::from_secs(180);
+
 /// Bounds of one client session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionLimits {

@@ -69,9 +69,9 @@ async fn run(io: Box<dyn Io>, peer: IpAddr, implicit_tls: bool, shared: &Shared)
     if client.write_line(&format!("220 {} ESMTP relay ready", shared.name), limits.write).await.is_err() {
         return;
     }
-    match before_auth(client, peer, implicit_tls, shared).await {
-        Before::Relay(client, upstream, senders) => relay(*client, upstream, &senders, shared).await,
-        Before::Done => {}
+    match tokio::time::timeout(super::LOGIN_DEADLINE, before_auth(client, peer, implicit_tls, shared)).await {
+        Ok(Before::Relay(client, upstream, senders)) => relay(*client, upstream, &senders, shared).await,
+        Ok(Before::Done) | Err(_) => {}
     }
 }
 

@@ -484,3 +484,25 @@ async fn a_sender_of_spec_relay_senders_is_accepted_and_others_still_refused() {
     assert!(seen.lock().unwrap().iter().any(|l| l.contains("NoReply@example.com")));
     assert!(!seen.lock().unwrap().iter().any(|l| l.contains("ceo@example.com")));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_trickling_a_byte_a_minute_is_closed_at_the_login_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ca, _acceptor) = pki();
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), 1, TOKEN, &future());
+    let shared = shared(dir.path(), &ca);
+    let (mut client, server) = tokio::io::duplex(64 * 1024);
+    let session = tokio::spawn(super::smtp::session(Box::new(server), "127.0.0.1".parse().unwrap(), false, shared));
+    let mut greeting = [0_u8; 64];
+    assert!(client.read(&mut greeting).await.unwrap() > 0);
+    let started = tokio::time::Instant::now();
+    // One byte every 50 s: never a whole line, never idle for the 60 s a read may wait.
+    while !session.is_finished() {
+        let _ = client.write_all(b"N").await;
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        assert!(started.elapsed() < Duration::from_secs(600), "still held after 10 minutes");
+    }
+    let held = started.elapsed();
+    assert!(held >= super::LOGIN_DEADLINE && held <= super::LOGIN_DEADLINE + Duration::from_secs(60), "{held:?}");
+}
