@@ -281,8 +281,12 @@ async fn authenticate(
     };
     match crate::mail::submission(&target, &creds, &shared.mail).await {
         Ok(upstream) => {
-            *shared.extensions.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                Some(upstream.extensions.clone());
+            // A sidecar shows its one upstream's extensions before the next login; the shared
+            // relay shows the fixed list (one tenant's upstream never speaks to another's client).
+            if matches!(shared.source, super::source::Source::Mounted(_)) {
+                *shared.extensions.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(upstream.extensions.clone());
+            }
             shared.metrics.authentication(Protocol::Smtp, AuthOutcome::Ok);
             client.write_line("235 2.7.0 Authentication successful", write).await.map_err(|_| ())?;
             tracing::debug!(source = %peer, upstream = %target.host, "relay session authenticated");
