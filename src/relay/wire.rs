@@ -119,10 +119,16 @@ impl Wire {
     pub async fn copy_data(&mut self, to: &mut Wire, wait: Duration) -> Result<u64, (bool, WireError)> {
         let mut matcher = EndOfData::default();
         let mut copied: u64 = 0;
+        let mut pending_cr = false;
         loop {
             if self.buf.is_empty() {
                 self.fill(wait).await.map_err(|e| (false, e))?;
             }
+            // Line ends as the relay reads them are the line ends the upstream gets: a bare LF or
+            // CR becomes CRLF (as Postfix's `smtpd_forbid_bare_newline = normalize`), so no
+            // upstream can find an end of data (`\n.\n`) where the relay found none and read what
+            // follows as commands (SMTP smuggling past the sender check).
+            self.buf = crlf(&self.buf, &mut pending_cr);
             let end = matcher.scan(&self.buf);
             let rest = match end {
                 Some(n) => self.buf.split_off(n),
@@ -157,6 +163,24 @@ impl Wire {
     pub async fn close(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.io.shutdown()).await;
     }
+}
+
+/// `input` with every bare LF and bare CR made CRLF; `pending_cr`: the bytes before ended with a
+/// CR (whose LF, if any, comes first in `input`).
+fn crlf(input: &[u8], pending_cr: &mut bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len().saturating_add(input.len() / 16));
+    for &b in input {
+        match (b, *pending_cr) {
+            (b'\n', true) => out.push(b'\n'),
+            (b'\n', false) => out.extend_from_slice(b"\r\n"),
+            (b'\r', true) => out.extend_from_slice(b"\n\r"),
+            (b'\r', false) => out.push(b'\r'),
+            (other, true) => out.extend_from_slice(&[b'\n', other]),
+            (other, false) => out.push(other),
+        }
+        *pending_cr = b == b'\r';
+    }
+    out
 }
 
 /// Finds `CRLF . CRLF` across chunks; the message starts as if after a CRLF (the `DATA` line's),
@@ -195,6 +219,19 @@ impl EndOfData {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bare_line_ends_become_crlf_across_chunks() {
+        let mut cr = false;
+        assert_eq!(super::crlf(b"a\nb\r\nc\rd", &mut cr), b"a\r\nb\r\nc\r\nd");
+        assert!(!cr);
+        assert_eq!(super::crlf(b"x\r", &mut cr), b"x\r");
+        assert!(cr);
+        assert_eq!(super::crlf(b"\n.\n", &mut cr), b"\n.\r\n", "the CR's LF came in the next chunk");
+        let mut cr = false;
+        assert_eq!(super::crlf(b"\r\r", &mut cr), b"\r\n\r");
+        assert_eq!(super::crlf(b"z", &mut cr), b"\nz");
+    }
 
     #[test]
     fn the_end_of_data_is_found_across_chunks_and_not_inside_stuffed_dots() {
