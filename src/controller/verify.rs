@@ -194,22 +194,11 @@ impl Verifier {
 
     fn start_ready(&mut self) {
         let free = self.settings.concurrency.saturating_sub(self.running.len());
-        let now = self.now();
-        for key in self.queue.start(now, free) {
-            let Some((ctx, binding)) = self.find(&key) else {
+        for key in self.queue.start(self.now(), free) {
+            let Some((ctx, _)) = self.find(&key) else {
                 self.queue.finish(&key);
                 continue;
             };
-            // A check whose slot passed while it waited starts no sooner than the pacing allows
-            // after the last start at its servers.
-            let servers = servers_of(&ctx, &binding).unwrap_or_default();
-            let keys: Vec<String> =
-                binding.spec.protocols.iter().filter_map(|p| servers.get(p)).map(server_key).collect();
-            if let Some(at) = self.pacer.admit(&keys, now) {
-                self.queue.finish(&key);
-                self.queue.push(at, key);
-                continue;
-            }
             let limits = self.settings.limits;
             let span = tracing::info_span!("verify", namespace = %key.0, binding = %key.1);
             self.running.spawn(

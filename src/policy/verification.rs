@@ -182,14 +182,10 @@ pub fn next(binding: &MailboxBinding, servers: &BTreeMap<Protocol, ServerAddress
 /// Paces checks per mail server: at most one start per `spacing` at each server, so that a
 /// flood of due checks (a first start over 10,000 bindings) spreads out instead of hitting a
 /// server at once. A check that talks to several servers waits for the latest of them.
-/// [`Pacer::reserve`] gives each due check a slot; [`Pacer::admit`] holds back a check whose
-/// slot passed while it waited (for a namespace's running checks, or for a free place), so that
-/// late checks never start back to back.
 #[derive(Clone, Debug)]
 pub struct Pacer {
     spacing: Duration,
     next: HashMap<String, DateTime<Utc>>,
-    started: HashMap<String, DateTime<Utc>>,
 }
 
 impl Pacer {
@@ -198,24 +194,7 @@ impl Pacer {
         let millis = if per_second.is_finite() && per_second > 0.0 { (1000.0 / per_second).ceil() } else { 1000.0 };
         #[allow(clippy::cast_possible_truncation)]
         let spacing = Duration::milliseconds((millis as i64).clamp(1, 86_400_000));
-        Self { spacing, next: HashMap::new(), started: HashMap::new() }
-    }
-
-    /// Whether a check of `servers` may start at `now`: `None` when no check started at any of
-    /// them within `spacing` (the start is recorded), else the time it may start.
-    pub fn admit(&mut self, servers: &[String], now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let earliest = servers
-            .iter()
-            .filter_map(|s| self.started.get(s))
-            .map(|at| at.checked_add_signed(self.spacing).unwrap_or(*at))
-            .max()
-            .filter(|at| *at > now);
-        if earliest.is_none() {
-            for s in servers {
-                self.started.insert(s.clone(), now);
-            }
-        }
-        earliest
+        Self { spacing, next: HashMap::new() }
     }
 
     /// The time at which a check of `servers` may start (not before `at`), and the slots taken.
@@ -231,8 +210,6 @@ impl Pacer {
     /// Forgets servers whose slots have all passed (they are free again anyway).
     pub fn prune(&mut self, now: DateTime<Utc>) {
         self.next.retain(|_, at| *at > now);
-        let spacing = self.spacing;
-        self.started.retain(|_, at| at.checked_add_signed(spacing).is_some_and(|until| until > now));
     }
 
     /// Servers with slots still ahead.
@@ -662,38 +639,6 @@ mod tests {
         assert_eq!(pacer.reserve(&a, t(10_000)), t(10_000));
     }
 
-    #[test]
-    fn a_check_whose_slot_passed_while_it_waited_starts_no_sooner_than_the_pacing_allows() {
-        let mut pacer = Pacer::new(1.0);
-        let a = vec!["imap.example.com:993".to_owned()];
-        let b = vec!["smtp.example.com:587".to_owned()];
-        let slots: Vec<DateTime<Utc>> = (0..3).map(|_| pacer.reserve(&a, t(0))).collect();
-        assert_eq!(slots, [t(0), t(1), t(2)]);
-        // All three waited (the namespace's running checks were slow) and are taken at t(10).
-        assert_eq!(pacer.admit(&a, t(10)), None);
-        assert_eq!(pacer.admit(&a, t(10)), Some(t(11)));
-        assert_eq!(pacer.admit(&a, t(10) + Duration::milliseconds(999)), Some(t(11)));
-        assert_eq!(pacer.admit(&a, t(11)), None);
-        // Another server is not held; a check of both waits for the busier one.
-        assert_eq!(pacer.admit(&b, t(11)), None);
-        let both: Vec<String> = a.iter().chain(&b).cloned().collect();
-        assert_eq!(pacer.admit(&both, t(11)), Some(t(12)));
-        assert_eq!(pacer.admit(&both, t(12)), None);
-        pacer.prune(t(13));
-        assert_eq!(pacer.admit(&a, t(13)), None);
-    }
-
-    #[test]
-    fn slow_checks_that_fall_behind_their_slots_never_start_back_to_back() {
-        // Two at a time in the namespace, 3 s to 9 s each: the slots (1 a second) pass while
-        // checks wait, and two can finish in the same second; the starts stay a second apart.
-        let sim = simulate(300, 1, 4, Duration::seconds(3), 6);
-        assert!(sim.starts.len() >= 300, "{}", sim.starts.len());
-        for pair in sim.starts.windows(2) {
-            assert!(pair[1].0 - pair[0].0 >= Duration::seconds(1), "{:?}", pair);
-        }
-    }
-
     /// What [`simulate`] saw: each check's start and binding, in order.
     struct Simulated {
         starts: Vec<(DateTime<Utc>, usize)>,
@@ -703,9 +648,8 @@ mod tests {
     /// server, without I/O: a sweep every 30 s queues the due ones (paced per server at 1 check
     /// start a second), `concurrency` checks run at once, each takes `check` and finds the
     /// mailbox verified; the verifier starts at `t(0)` with every binding unchecked. A pure
-    /// simulation of `next`, `Pacer` (`reserve` when queued, `admit` when taken) and `Queue` as
-    /// `controller::verify` drives them.
-    fn simulate(n: usize, days: i64, concurrency: usize, check: Duration, spread: i64) -> Simulated {
+    /// simulation of `next`, `Pacer` and `Queue` as `controller::verify` drives them.
+    fn simulate(n: usize, days: i64, concurrency: usize, check: Duration) -> Simulated {
         let far = t(400 * 86_400);
         let mut bindings: Vec<MailboxBinding> = (0..n)
             .map(|i| {
@@ -751,18 +695,10 @@ mod tests {
                     }
                 }
             }
-            for key in queue.start(now, concurrency.saturating_sub(running.len())) {
-                if let Some(at) = pacer.admit(&server_keys, now) {
-                    queue.finish(&key);
-                    queue.push(at, key);
-                    continue;
-                }
-                let name = key.1;
+            for (_, name) in queue.start(now, concurrency.saturating_sub(running.len())) {
                 let i: usize = name.trim_start_matches('b').parse().unwrap_or_else(|e| panic!("{name}: {e}"));
                 starts.push((now, i));
-                // Checks of differing lengths (`check` plus up to `spread` seconds).
-                let extra = i64::try_from(i.wrapping_mul(5)).unwrap_or(0) % (spread + 1);
-                running.push((now + check + Duration::seconds(extra), i));
+                running.push((now + check, i));
             }
             now += Duration::seconds(1);
         }
@@ -772,7 +708,7 @@ mod tests {
     #[test]
     fn ten_thousand_bindings_spread_over_the_interval_and_never_exceed_the_per_server_rate() {
         let n = 10_000;
-        let sim = simulate(n, 4, 4, Duration::milliseconds(1500), 0);
+        let sim = simulate(n, 4, 4, Duration::milliseconds(1500));
         // Never more than one start a second at a server (every check talks to both).
         for pair in sim.starts.windows(2) {
             assert!(pair[1].0 - pair[0].0 >= Duration::seconds(1), "{:?}", pair);
