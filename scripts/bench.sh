@@ -3,6 +3,7 @@
 # real kube-apiserver and a fast local token endpoint. Builds both in release mode (debug with
 # BENCH_PROFILE=dev, as the CI smoke run does). Arguments go to bench.py, e.g.
 #   scripts/bench.sh --sizes 1000,10000 --renewals 1000 --out docs/bench.json
+#   scripts/bench.sh --sizes "" --verify 10000   (verification only: see docs/performance.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/tools.sh)"
@@ -20,5 +21,5 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "bare_loop" and m.get("executable"):
         print(m["executable"])')
-export OPERATOR_BIN=$PWD/target/$dir/mail-oauth-operator
+export OPERATOR_BIN=${CARGO_TARGET_DIR:-$PWD/target}/$dir/mail-oauth-operator
 exec python3 tests/bench/bench.py --bare-loop "$loop" "$@"

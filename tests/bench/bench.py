@@ -11,6 +11,11 @@ For each size N it measures:
   * CPU while idle (30 s).
 With --renewals, one run with the endpoint capped at 20 requests/s and tokens living 120 s:
 the share of renewals made before expiresAt - refreshBefore of the token they replace.
+With --verify N, one run with mailbox verification on: N bindings whose provider's IMAP and SMTP
+servers are the e2e fake mail server (tests/e2e/fake_mail.py, accepting every XOAUTH2 login, in
+this process), the operator at --verify-server-rate: over --verify-seconds once all are Ready, its
+CPU, the check starts per second at each server (the most in any sliding second) and the API
+requests; then, restarted at a high rate until every mailbox is verified, the same while idle.
 
 Prints a JSON report (and writes it to --out).
 """
@@ -27,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 from bed import OPERATOR_NAMESPACE, Bed, free_port, wait_for  # noqa: E402
+from fake_mail import FakeMail  # noqa: E402
 
 CLK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -85,10 +91,11 @@ class Run:
         return {k: round((after.get(k, 0) - before.get(k, 0)) / n, 2) for k in sorted(after)
                 if after.get(k, 0) - before.get(k, 0) > 0}
 
-    def create(self, namespace, count, refresh_before=None, provider_ready=False):
+    def create(self, namespace, count, refresh_before=None, provider_ready=False, servers=None):
         """A namespace, the fast provider and `count` client-credentials bindings, by kubectl create.
         With `provider_ready`, the operator first makes the provider Ready (then stops), as in a
-        cluster where bindings are added to a provider already in use."""
+        cluster where bindings are added to a provider already in use. With `servers` (the
+        provider's), the bindings' mailboxes are verified at them (IMAP and SMTP)."""
         self.bed.kubectl("create", "namespace", namespace)
         docs = [
             {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fast-client", "namespace": namespace,
@@ -97,7 +104,7 @@ class Run:
             {"apiVersion": "mailoauth.io/v1alpha1", "kind": "MailProvider", "metadata": {"name": "fast", "namespace": namespace},
              "spec": {"generic": {"tokenUrl": f"https://127.0.0.1:{self.token_port}/token",
                                   "caBundle": (self.bed.dir / "ca.crt").read_text(),
-                                  "servers": {"imap": {"host": "127.0.0.1", "port": 993}}},
+                                  "servers": servers or {"imap": {"host": "127.0.0.1", "port": 993}}},
                       "clientId": "bench",
                       "clientAuthentication": {"clientSecretRefs": [{"name": "fast-client", "key": "client-secret"}]}}},
         ]
@@ -112,6 +119,8 @@ class Run:
             spec = {"providerRef": {"name": "fast"}, "mailbox": f"b-{i}@example.com", "scopes": [f"bench-{i}"],
                     "grant": {"clientCredentials": {}}, "secretName": f"b-{i}-mail-token", "protocols": ["imap"],
                     "verify": {"enabled": False}}
+            if servers:
+                spec.update(protocols=sorted(servers), verify={"enabled": True})
             if refresh_before:
                 spec["refreshBefore"] = refresh_before
             chunk.append({"apiVersion": "mailoauth.io/v1alpha1", "kind": "MailboxBinding",
@@ -219,6 +228,62 @@ class Run:
             self.bed.kubectl("delete", "namespace", ns, "--wait=false")
         return report
 
+    def verify(self, n, seconds, rate):
+        """Verification on for `n` bindings at the fake mail server: see the module's text."""
+        self.start_token_server()
+        fake = FakeMail()
+        try:
+            ports = {p: fake.listen(p, "none", name=p) for p in ("imap", "smtp")}
+            ns = f"bench-verify-{n}"
+            self.create(ns, n, provider_ready=True,
+                        servers={p: {"host": "127.0.0.1", "port": port, "tls": "none"} for p, port in ports.items()})
+            started = time.monotonic()
+            pid = self.start_operator(ns, "--provider-token-rate", "10000", "--verify-server-rate", str(rate))
+            wait_for("all bindings Ready", lambda: self.ready_count() >= n, timeout=max(120, n / 5), interval=0.25)
+            report = {"bindings": n, "verify_server_rate": rate, "observed_s": seconds,
+                      "all_ready_s": round(time.monotonic() - started, 1)}
+            api0, cpu0, t0 = self.api_requests(by_kind=True), cpu_seconds(pid), time.monotonic()
+            time.sleep(seconds)
+            cpu1, t1 = cpu_seconds(pid), time.monotonic()
+            report["cpu_percent_of_a_core"] = round(100 * (cpu1 - cpu0) / (t1 - t0), 2)
+            for p in ports:
+                logins = [login.at for login in fake.logins_at(p)]
+                window = [at for at in logins if t0 <= at < t1]
+                report[f"{p}_check_starts_per_s"] = round(len(window) / (t1 - t0), 2)
+                report[f"{p}_max_check_starts_in_any_second"] = most_in(logins, 1)
+                report[f"{p}_max_check_starts_in_any_10s"] = most_in(logins, 10)
+                report[f"{p}_check_starts_since_start"] = len(logins)
+            api = self.per(api0, self.api_requests(by_kind=True), 1)
+            report["api_requests"] = sum(api.values())
+            report["api_requests_by_kind"] = api
+            print(json.dumps(report), flush=True)
+            self.bed.stop_operator()
+
+            # Every mailbox verified (a fast rate), then the same window while nothing is due.
+            fast = 200
+            pid = self.start_operator(ns, "--provider-token-rate", "10000", "--verify-server-rate", str(fast),
+                                      "--verify-concurrency", "64")
+            verified = lambda: self.bed.metrics().get('mailoauth_mailbox_verified{protocol="imap"}', 0)  # noqa: E731
+            started = time.monotonic()
+            wait_for("every mailbox verified", lambda: verified() >= n, timeout=max(300, n / 10), interval=1)
+            report["all_verified_at_rate_s"] = {"rate": fast, "seconds": round(time.monotonic() - started, 1)}
+            time.sleep(10)
+            logins0 = {p: len(fake.logins_at(p)) for p in ports}
+            api0, cpu0, t0 = self.api_requests(by_kind=True), cpu_seconds(pid), time.monotonic()
+            time.sleep(seconds)
+            cpu1, t1 = cpu_seconds(pid), time.monotonic()
+            idle = self.per(api0, self.api_requests(by_kind=True), 1)
+            report["all_verified"] = {
+                "idle_cpu_percent_of_a_core": round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
+                "check_starts": {p: len(fake.logins_at(p)) - logins0[p] for p in ports},
+                "api_requests": sum(idle.values()), "api_requests_by_kind": idle,
+                "rss_mib": round(proc_status(pid, "VmRSS") / 2**20, 1)}
+            self.bed.stop_operator()
+            self.bed.kubectl("delete", "namespace", ns, "--wait=false")
+            return report
+        finally:
+            fake.stop()
+
     def renewals(self, n, seconds, lifetime):
         """The endpoint capped at 20 requests/s, tokens of `lifetime` s, refreshBefore 30s."""
         self.start_token_server(lifetime=lifetime, rate=20, refresh_before=30)
@@ -241,6 +306,16 @@ class Run:
                 "api_requests_per_token_by_kind": by_kind}
 
 
+def most_in(times, window):
+    """The most of `times` (seconds) in any `window` seconds."""
+    times, most, first = sorted(times), 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] >= window:
+            first += 1
+        most = max(most, last - first + 1)
+    return most
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="1000")
@@ -250,11 +325,16 @@ def main():
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--api-qps", type=int, default=1000)
     p.add_argument("--latency-ms", type=int, default=0)
-    p.add_argument("--bare-loop", required=True)
+    p.add_argument("--verify", type=int, default=0, help="bindings for the verification run (0: skip)")
+    p.add_argument("--verify-seconds", type=int, default=60)
+    p.add_argument("--verify-server-rate", type=float, default=1.0)
+    p.add_argument("--bare-loop", help="the bare loop's executable (needed with --sizes)")
     p.add_argument("--out")
     p.add_argument("--check", action="store_true",
                    help="fail unless each binding took one token request and a restart took none (the CI smoke run)")
     args = p.parse_args()
+    if args.sizes and not args.bare_loop:
+        p.error("--sizes needs --bare-loop")
     bed = Bed()
     report = {"machine": {"cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30, 1)},
               "concurrency": args.concurrency, "api_qps": args.api_qps, "sizes": []}
@@ -274,6 +354,9 @@ def main():
         if args.renewals:
             report["renewals"] = run.renewals(args.renewals, args.renewal_seconds, args.renewal_lifetime)
             print(json.dumps(report["renewals"]), flush=True)
+        if args.verify:
+            report["verify"] = run.verify(args.verify, args.verify_seconds, args.verify_server_rate)
+            print(json.dumps(report["verify"]), flush=True)
     except BaseException:
         bed.dump_logs(20)
         raise
@@ -303,6 +386,14 @@ def main():
             # The operator's --provider-token-rate 20, seen at the endpoint (a request's network
             # jitter may put one more into a sliding second).
             assert r["max_requests_in_any_second"] <= 21, r
+        if "verify" in report:
+            v = report["verify"]
+            # The pacer's rate per server, seen at the server (the logins, after a greeting and
+            # capabilities: a connection's jitter may put one more into a sliding window).
+            for p in ("imap", "smtp"):
+                assert v[f"{p}_max_check_starts_in_any_second"] <= v["verify_server_rate"] + 1, v
+                assert v[f"{p}_max_check_starts_in_any_10s"] <= 10 * v["verify_server_rate"] + 1, v
+            assert v["all_verified"]["check_starts"] == {"imap": 0, "smtp": 0}, v
 
 
 if __name__ == "__main__":

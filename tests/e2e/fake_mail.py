@@ -21,11 +21,15 @@ A listener's `mode`:
   "no-starttls"     STARTTLS/STLS is not offered (AUTH is, in clear: a client that goes on sends
                     its token in clear, and that is recorded)
   "starttls-refused" STARTTLS/STLS is offered and answered with an error (AUTH offered in clear)
+  "short-lines"     as "answer", but a command line longer than SHORT_LINE bytes is refused
+                    (SMTP `500 5.5.2 Line too long`, IMAP `BAD`, POP3 `-ERR`) as some servers cut
+                    or refuse long first lines: a long token passes only as a SASL continuation
 """
 import asyncio
 import base64
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 
 # Exchange Online's answers, as its clients see them.
@@ -39,8 +43,9 @@ IMAP_AUTHENTICATE_FAILED = "NO AUTHENTICATE failed."
 IMAP_NOT_CONNECTED = "BAD User is authenticated but not connected."
 POP3_AUTHENTICATION_FAILURE = "-ERR Authentication failure: unknown user name or bad password."
 
-MODES = {"answer", "not-connected", "silent", "endless", "no-starttls", "starttls-refused"}
+MODES = {"answer", "not-connected", "silent", "endless", "no-starttls", "starttls-refused", "short-lines"}
 MAX_LINE = 64 * 1024  # a client's line longer than this ends the connection
+SHORT_LINE = 1024  # "short-lines": the longest command line accepted
 
 
 @dataclass
@@ -50,6 +55,9 @@ class Login:
     listener: str
     tls: bool
     user: str
+    continuation: bool = True  # sent alone after the server's challenge (not with the command)
+    size: int = 0  # bytes of the (base64) response
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -73,6 +81,8 @@ class Listener:
     port: int = 0
     connections: int = 0
     sent: int = 0  # bytes written by "endless"
+    longest_command: int = 0  # the longest command line (not SASL response) received
+    refused_long: int = 0  # command lines refused by "short-lines"
     server: asyncio.AbstractServer | None = field(default=None, repr=False)
 
 
@@ -131,8 +141,19 @@ class Session:
             response = await self.line()
             if response is None:
                 return None
-        self.fake.record(Login(self.l.name, self.secure, sasl_user(response)))
+        self.fake.record(Login(self.l.name, self.secure, sasl_user(response), initial is None, len(response)))
         return response
+
+    async def command(self, refusal):
+        """The next command line (None when the client closed); with "short-lines", a line longer
+        than SHORT_LINE is answered with `refusal(line)` and skipped."""
+        while (line := await self.line()) is not None:
+            self.l.longest_command = max(self.l.longest_command, len(line))
+            if self.l.mode != "short-lines" or len(line) <= SHORT_LINE:
+                return line
+            self.l.refused_long += 1
+            await self.send(refusal(line))
+        return None
 
     # ---------- SMTP ----------
     challenge = "+ "
@@ -141,7 +162,7 @@ class Session:
         self.challenge = "334 "
         logged_in, envelope = False, None
         await self.send("220 fake.outlook.test Microsoft ESMTP MAIL Service ready")
-        while (line := await self.line()) is not None:
+        while (line := await self.command(lambda _: "500 5.5.2 Line too long")) is not None:
             verb, _, rest = line.partition(" ")
             verb = verb.upper()
             if verb in ("EHLO", "HELO"):
@@ -194,7 +215,7 @@ class Session:
     async def imap(self):
         await self.send("* OK The Microsoft Exchange IMAP4 service is ready. [RkFLRTAxLm91dGxvb2sudGVzdA==]")
         logged_in = False
-        while (line := await self.line()) is not None:
+        while (line := await self.command(lambda line: f"{line.partition(' ')[0]} BAD Line too long")) is not None:
             tag, _, rest = line.partition(" ")
             command, _, args = rest.partition(" ")
             command = command.upper()
@@ -232,7 +253,7 @@ class Session:
     # ---------- POP3 ----------
     async def pop3(self):
         await self.send("+OK The Microsoft Exchange POP3 service is ready. [RkFLRTAxLm91dGxvb2sudGVzdA==]")
-        while (line := await self.line()) is not None:
+        while (line := await self.command(lambda _: "-ERR Line too long")) is not None:
             verb, _, rest = line.partition(" ")
             verb = verb.upper()
             if verb == "CAPA":

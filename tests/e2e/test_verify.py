@@ -3,15 +3,18 @@ Dovecot IMAP (and Postfix submission when root) with each Ready binding's publis
 says so in `MailboxVerified` and `status.verification`; a provider whose IMAP port has nobody
 listening gives `ServerUnreachable` while `Ready` stays True; `mailoauth.io/verify-requested`
 makes a new check; one Event per change of the results; the binding reconcile does not loop on
-the verifier's writes; no token in logs, Events or status.
+the verifier's writes; a token from each grant the bed's OAuth server issues (refresh token,
+device code, authorization code, client credentials, JWT bearer) is verified over IMAP and POP3 at
+Dovecot and SMTP at Postfix; no token in logs, Events or status.
 
 The tests run in file order and build on each other; the bed is shared by the module."""
 import json
 import time
 
 import pytest
-from bed import Bed, free_port, wait_for
-from manifests import apply, binding, provider, secret
+from bed import SERVICE_ACCOUNT, Bed, free_port, wait_for
+from manifests import apply, binding, provider, public_provider, secret
+from test_consent import browser, sign_in
 from test_e2e import ELECT, SecretWatch, condition, find_leaks, leading, reconciles
 
 NS = "verify"
@@ -211,6 +214,77 @@ def test_only_the_leader_checks_mailboxes(bed):
     assert checks("operator-a") >= 1 and checks("operator-b") == 0, (checks("operator-a"), checks("operator-b"))
     assert "mailbox checked" not in (bed.dir / "operator-b.log").read_text(errors="replace")
     assert bed.stop_operator("operator-b") == 0 and bed.stop_operator("operator-a") == 0
+
+
+def every_server(bed, p):
+    """The provider `p` with the bed's Dovecot IMAP and POP3 and Postfix submission (when the bed
+    has it), without TLS on loopback; POP3's scopes as IMAP's."""
+    g = p["spec"]["generic"]
+    g["servers"] = {"imap": {"host": "127.0.0.1", "port": bed.ports["imap"], "tls": "none"},
+                    "pop3": {"host": "127.0.0.1", "port": bed.ports["pop3"], "tls": "none"}}
+    if "submission" in bed.ports:
+        g["servers"]["smtp"] = {"host": "127.0.0.1", "port": bed.ports["submission"], "tls": "none"}
+    g["scopes"]["pop3"] = g["scopes"]["imap"]
+    return p
+
+
+def grant_binding(name, provider_name, grant, mailbox, protocols, **spec):
+    return {"apiVersion": "mailoauth.io/v1alpha1", "kind": "MailboxBinding",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"providerRef": {"name": provider_name}, "mailbox": mailbox, "protocols": protocols,
+                     "grant": grant, "secretName": f"{name}-mail-token", **spec}}
+
+
+def test_a_token_from_each_grant_is_verified_over_imap_pop3_and_smtp_at_the_real_servers(bed):
+    # The operator with its callback listener (the authorization code grant), as the only one.
+    port = free_port()
+    callback = f"http://127.0.0.1:{port}"
+    bed.start_operator("--callback-address", f"127.0.0.1:{port}", "--public-url", callback, env_extra=DEBUG)
+    protocols = ["imap", "pop3", "smtp"] if "submission" in bed.ports else ["imap", "pop3"]
+    key = {"type": "service_account", "client_email": SERVICE_ACCOUNT, "private_key_id": "e2e",
+           "private_key": (bed.dir / "gsa.key").read_text()}
+    service_account = every_server(bed, public_provider(bed, NS, "grants-sa", "mail-sa"))
+    service_account["spec"]["serviceAccountKeyRef"] = {"name": "gsa", "key": "key.json"}
+    refresh = seeded_binding(bed, "grant-refresh", "grants-app", "grant-refresh@example.com")
+    refresh[1]["spec"]["protocols"] = protocols
+    # The bed's OAuth server issues client-credentials tokens for app@example.com (Dovecot's
+    # introspection names that user), so that mailbox is the one an app-only binding verifies.
+    grants = {  # binding: (grant, mailbox)
+        "grant-refresh": ("refreshToken", "grant-refresh@example.com"),
+        "grant-device": ("deviceCode", "grant-device@example.com"),
+        "grant-code": ("authorizationCode", "grant-code@example.com"),
+        "grant-app": ("clientCredentials", "app@example.com"),
+        "grant-jwt": ("jwtBearer", "grant-jwt@example.com"),
+    }
+    apply(bed, secret(NS, "gsa", {"key.json": json.dumps(key)}),
+          every_server(bed, provider(bed, NS, "grants-app", "mail-app", "idp-client")),
+          every_server(bed, public_provider(bed, NS, "grants-public", "mail-device")), service_account,
+          *refresh,
+          grant_binding("grant-device", "grants-public", {"deviceCode": {}}, "grant-device@example.com", protocols),
+          grant_binding("grant-code", "grants-public", {"authorizationCode": {}}, "grant-code@example.com", protocols),
+          grant_binding("grant-app", "grants-app", {"clientCredentials": {}}, "app@example.com", protocols,
+                        scopes=["mail"]),
+          grant_binding("grant-jwt", "grants-sa", {"jwtBearer": {}}, "grant-jwt@example.com", protocols))
+    # A person approves the device code and signs in at the start link.
+    authorization = lambda name: wait_for(f"{name} awaiting authorization", lambda: (  # noqa: E731
+        get(bed, name).get("status") or {}).get("authorization"), timeout=60)
+    bed.oauth("/test/device/approve", {"userCode": authorization("grant-device")["userCode"],
+                                       "accountId": "grant-device@example.com"})
+    status, page = sign_in(bed, browser(bed), authorization("grant-code")["url"], account="grant-code@example.com")
+    assert status == 200 and "Done" in page, page
+    results = {}
+    for name, (grant, _) in grants.items():
+        obj = wait_for(f"{name} MailboxVerified True or False", lambda: (lambda o: o if condition(
+            o, "MailboxVerified").get("status") in ("True", "False") else None)(get(bed, name)), timeout=90)
+        verified = condition(obj, "MailboxVerified")
+        results[grant] = {p: verification(obj, p).get("result") for p in protocols}
+        assert (verified["status"], verified["reason"]) == ("True", "Verified"), (name, verified)
+        assert results[grant] == {p: "Verified" for p in protocols}, (name, obj["status"]["verification"])
+    log = (bed.dir / "dovecot.log").read_text(errors="replace").splitlines()
+    for grant, mailbox in grants.values():
+        for service in ("imap-login", "pop3-login"):
+            assert any(service in line and f"Login: user=<{mailbox}>" in line for line in log), (grant, service)
+    print(f"\nverified per grant: {json.dumps(results)}")
 
 
 def test_no_token_appears_in_logs_events_or_status(bed):

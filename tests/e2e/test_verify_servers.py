@@ -3,7 +3,8 @@ it) checks bindings whose provider's `servers` point at the fake mail server (fa
 answering with Exchange Online's exact texts, at hostile servers (a greeting that never ends, a
 server that never answers, STARTTLS missing or refused), at a server whose certificate names
 another host, and at the bed's Dovecot (POP3; a token of another user); an app-only token shaped
-as Entra's puts its service principal into the fix commands. Each ends in its typed
+as Entra's puts its service principal into the fix commands; a token of about 10 KiB logs in (in
+two steps) at servers that refuse command lines over 1 KiB. Each ends in its typed
 reason within bounded time, with the fix commands naming the mailbox, one Event per change,
 `Ready` untouched; the operator's memory stays flat; no token ever crossed a connection without
 TLS, and none appears in logs, Events or status.
@@ -12,6 +13,7 @@ The tests run in file order and share the bed (test_verify.verify_bed, with the 
 import base64
 import http.server
 import json
+import socket
 import ssl
 import threading
 import time
@@ -147,6 +149,8 @@ class EntraLikeTokens(http.server.BaseHTTPRequestHandler):
     a JWT naming the application's service principal (`oid`) and client id (`appid`). Its
     signature is a stand-in: the operator reads the payload for display only."""
     protocol_version = "HTTP/1.1"
+    padding = 0  # characters of an extra claim (a long token, as Entra's with many groups)
+    issued = []  # the tokens issued (kept by the tests for the leak check)
 
     def log_message(self, *args):
         pass
@@ -156,7 +160,10 @@ class EntraLikeTokens(http.server.BaseHTTPRequestHandler):
         part = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).decode().rstrip("=")  # noqa: E731
         claims = {"aud": "https://outlook.office365.com", "appid": CLIENT_ID, "oid": SERVICE_PRINCIPAL,
                   "roles": ["IMAP.AccessAsApp"], "iat": int(time.time()), "jti": str(time.monotonic_ns())}
+        if self.padding:
+            claims["groups"] = "g" * self.padding
         token = f"{part({'typ': 'JWT', 'alg': 'RS256'})}.{part(claims)}.c2lnbmF0dXJl"
+        self.issued.append(token)
         body = json.dumps({"access_token": token, "token_type": "Bearer", "expires_in": 3600}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
@@ -165,18 +172,36 @@ class EntraLikeTokens(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def test_an_entra_app_only_token_puts_its_service_principal_into_the_commands(bed):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EntraLikeTokens)
+class LongTokens(EntraLikeTokens):
+    """As EntraLikeTokens, with access tokens of about 10 KiB (base64 of the XOAUTH2 response:
+    about 14 KiB), as Entra issues for users in many groups."""
+    padding = 7 * 1024
+    issued = []
+
+
+def token_endpoint(bed, handler):
+    """An HTTPS server (the bed's mail certificate) answering with `handler`; the server."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(*map(str, bed.mail_cert))
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def with_token_url(provider_doc, server):
+    g = provider_doc["spec"]["generic"]
+    del g["issuerUrl"]
+    g["tokenUrl"] = f"https://127.0.0.1:{server.server_address[1]}/tenant/oauth2/v2.0/token"
+    return provider_doc
+
+
+def test_an_entra_app_only_token_puts_its_service_principal_into_the_commands(bed):
+    server = token_endpoint(bed, EntraLikeTokens)
     try:
-        p = servers_provider(bed, "entra-like", imap=(bed.fake_mail.listeners["imap-app"].port, "implicit"))
-        g = p["spec"]["generic"]
-        del g["issuerUrl"]
-        g["tokenUrl"] = f"https://127.0.0.1:{server.server_address[1]}/tenant/oauth2/v2.0/token"
+        p = with_token_url(servers_provider(bed, "entra-like", imap=(bed.fake_mail.listeners["imap-app"].port,
+                                                                      "implicit")), server)
         apply(bed, p, *app_only("app-entra", "entra-like", "imap"))
         expect(bed, "app-entra", "imap", "MailboxAccessDenied",
                f"Add-MailboxPermission -Identity {APP_MAILBOX} -User {SERVICE_PRINCIPAL} -AccessRights FullAccess",
@@ -185,6 +210,59 @@ def test_an_entra_app_only_token_puts_its_service_principal_into_the_commands(be
         assert SP_PLACEHOLDER not in condition(get(bed, "app-entra"), "MailboxVerified")["message"]
     finally:
         server.shutdown()
+    SEEN.update(EntraLikeTokens.issued)
+
+
+def test_a_token_of_more_than_8_kib_logs_in_in_two_steps_where_long_first_lines_are_refused(bed):
+    fake, cert = bed.fake_mail, bed.mail_cert
+    smtp = fake.listen("smtp", "starttls", cert, mode="short-lines", name="smtp-short")
+    imap = fake.listen("imap", "implicit", cert, mode="short-lines", name="imap-short")
+    pop3 = fake.listen("pop3", "implicit", cert, mode="short-lines", name="pop3-short")
+    server = token_endpoint(bed, LongTokens)
+    try:
+        p = with_token_url(servers_provider(bed, "long-tokens", smtp=(smtp, "starttls"), imap=(imap, "implicit"),
+                                            pop3=(pop3, "implicit")), server)
+        doc = app_only("long-token", "long-tokens", "imap")
+        doc[0]["spec"]["protocols"] = ["smtp", "imap", "pop3"]
+        apply(bed, p, *doc)
+        obj = settled(bed, "long-token", timeout=90)
+    finally:
+        server.shutdown()
+    SEEN.update(LongTokens.issued)
+    assert LongTokens.issued and min(len(t) for t in LongTokens.issued) > 8 * 1024, \
+        [len(t) for t in LongTokens.issued]
+    verified = condition(obj, "MailboxVerified")
+    assert (verified["status"], verified["reason"]) == ("True", "Verified"), verified
+    for protocol in ("smtp", "imap", "pop3"):
+        assert verification(obj, protocol).get("result") == "Verified", (protocol, obj["status"]["verification"])
+    published = bed.kubectl_json("get", "secret", "long-token-mail-token", "-n", NS)
+    token = base64.b64decode(published["data"]["access_token"]).decode()
+    assert len(token) > 8 * 1024 and token in LongTokens.issued
+    for name in ("smtp-short", "imap-short", "pop3-short"):
+        listener, logins = fake.listeners[name], fake.logins_at(name)
+        # The token came alone, after the server's challenge, in one line of more than 8 KiB;
+        # every command line was short (none was refused).
+        assert logins and all(login.continuation and login.tls and login.user == APP_MAILBOX for login in logins), \
+            (name, logins)
+        assert all(login.size > 8 * 1024 for login in logins), (name, [login.size for login in logins])
+        assert listener.longest_command <= 64 and listener.refused_long == 0, \
+            (name, listener.longest_command, listener.refused_long)
+    # The same token as an initial response (one first line) is what these servers refuse.
+    assert refused_as_initial_response(fake.listeners["imap-short"].port, APP_MAILBOX, token) == "a1 BAD Line too long"
+    print(f"\na {len(token)}-byte token verified in two steps at servers refusing lines over 1 KiB")
+
+
+def refused_as_initial_response(port, mailbox, token):
+    """The fake IMAP server's answer (implicit TLS) to `AUTHENTICATE XOAUTH2 <response>` in one line."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    response = base64.b64encode(f"user={mailbox}\x01auth=Bearer {token}\x01\x01".encode()).decode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(f"a1 AUTHENTICATE XOAUTH2 {response}\r\n".encode())
+        return f.readline().decode().strip()
 
 
 def test_the_same_refusal_again_makes_no_new_event(bed):
