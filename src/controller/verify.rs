@@ -86,8 +86,8 @@ impl Default for VerifySettings {
 struct Verifier {
     contexts: Vec<Arc<Context>>,
     settings: VerifySettings,
-    pacer: Pacer,
-    /// Checks waiting for their slot and running (per-namespace limit: half the slots).
+    /// Checks waiting for their start and running, paced per mail server (per-namespace limit:
+    /// half the places).
     queue: Queue,
     /// Bindings whose check could not be made (no Secret, a failed write): not before then.
     backoff: HashMap<Key, DateTime<Utc>>,
@@ -105,8 +105,7 @@ pub async fn run(
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut v = Verifier {
         contexts,
-        pacer: Pacer::new(settings.per_server_rate),
-        queue: Queue::new(settings.concurrency / 2),
+        queue: Queue::new(settings.concurrency / 2, Pacer::new(settings.per_server_rate)),
         settings,
         backoff: HashMap::new(),
         running: JoinSet::new(),
@@ -150,7 +149,7 @@ impl Verifier {
 
     fn sweep(&mut self) {
         let now = self.now();
-        self.pacer.prune(now);
+        self.queue.prune(now);
         self.backoff.retain(|_, at| *at > now);
         let keys: Vec<Key> = self
             .contexts
@@ -164,8 +163,8 @@ impl Verifier {
         }
     }
 
-    /// Queues the binding's check when it is due (paced per server), or its status write when
-    /// there is one to make without a check.
+    /// Queues the binding's check when it is due (the queue paces its start per server), or its
+    /// status write when there is one to make without a check (not paced).
     fn consider(&mut self, key: Key) {
         if self.queue.contains(&key) {
             return;
@@ -179,17 +178,15 @@ impl Verifier {
             return;
         }
         let servers = servers_of(&ctx, &binding).unwrap_or_default();
-        let at = match next(&binding, &servers, now) {
+        let paced = match next(&binding, &servers, now) {
             Next::Idle => return,
             Next::Check { at, .. } if at > now => return,
             Next::Check { .. } => {
-                let keys: Vec<String> =
-                    binding.spec.protocols.iter().filter_map(|p| servers.get(p)).map(server_key).collect();
-                self.pacer.reserve(&keys, now)
+                binding.spec.protocols.iter().filter_map(|p| servers.get(p)).map(server_key).collect()
             }
-            Next::Clear | Next::Invalid(_) => now,
+            Next::Clear | Next::Invalid(_) => Vec::new(),
         };
-        self.queue.push(at, key);
+        self.queue.push(now, key, paced);
     }
 
     fn start_ready(&mut self) {

@@ -6,7 +6,7 @@
 //! change of the results ([`announcement`]).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
 
@@ -179,9 +179,11 @@ pub fn next(binding: &MailboxBinding, servers: &BTreeMap<Protocol, ServerAddress
     check(at, Why::Retry)
 }
 
-/// Paces checks per mail server: at most one start per `spacing` at each server, so that a
-/// flood of due checks (a first start over 10,000 bindings) spreads out instead of hitting a
-/// server at once. A check that talks to several servers waits for the latest of them.
+/// Paces checks per mail server: at most one check start per `spacing` at each server. A start
+/// is recorded when the check actually starts ([`Queue::start`]), never reserved ahead: a check
+/// that waited (for a free place, or for its namespace's running checks) cannot start back to
+/// back with another at the same server. A check that talks to several servers waits until
+/// every one of them is free, and takes a start at each.
 #[derive(Clone, Debug)]
 pub struct Pacer {
     spacing: Duration,
@@ -197,22 +199,26 @@ impl Pacer {
         Self { spacing, next: HashMap::new() }
     }
 
-    /// The time at which a check of `servers` may start (not before `at`), and the slots taken.
-    pub fn reserve(&mut self, servers: &[String], at: DateTime<Utc>) -> DateTime<Utc> {
-        let start = servers.iter().filter_map(|s| self.next.get(s)).fold(at, |a, b| std::cmp::max(a, *b));
-        let after = start.checked_add_signed(self.spacing).unwrap_or(start);
-        for s in servers {
-            self.next.insert(s.clone(), after);
-        }
-        start
+    /// The earliest time a check of `servers` may start (`None`: at once, nothing held).
+    pub fn free_at(&self, servers: &[String]) -> Option<DateTime<Utc>> {
+        servers.iter().filter_map(|s| self.next.get(s)).max().copied()
     }
 
-    /// Forgets servers whose slots have all passed (they are free again anyway).
+    /// Records a check of `servers` starting at `now`: the next may start `spacing` later.
+    pub fn take(&mut self, servers: &[String], now: DateTime<Utc>) {
+        let after = now.checked_add_signed(self.spacing).unwrap_or(now);
+        for s in servers {
+            let at = self.next.entry(s.clone()).or_insert(after);
+            *at = std::cmp::max(*at, after);
+        }
+    }
+
+    /// Forgets servers whose next start is due (they are free again anyway).
     pub fn prune(&mut self, now: DateTime<Utc>) {
         self.next.retain(|_, at| *at > now);
     }
 
-    /// Servers with slots still ahead.
+    /// Servers with a start still ahead.
     pub fn servers(&self) -> usize {
         self.next.len()
     }
@@ -221,72 +227,120 @@ impl Pacer {
 /// A binding, by (namespace, name).
 pub type Key = (String, String);
 
-/// Checks waiting for their start, earliest first, each binding once; at most `per_namespace`
-/// of a namespace run at once, so that one tenant's slow or hostile mail servers hold at most
-/// that many of the verifier's slots and every other namespace keeps the rest. A due check of a
-/// namespace at its limit waits apart until one of that namespace's checks finishes.
+/// Checks waiting for their start, each binding once, and the pacing of their starts.
+///
+/// A check is queued with its due time and the servers it talks to. Once due it waits with the
+/// other due checks of the same servers (a group, earliest first); a group whose servers the
+/// [`Pacer`] holds waits as a whole, so that a flood of due checks at one server costs one
+/// look per start, not one per check. At most `per_namespace` checks of a namespace run at
+/// once, so that one tenant's slow or hostile mail servers hold at most that many of the
+/// verifier's places and every other namespace keeps the rest; a due check of a namespace at its
+/// limit waits apart, and one of them comes back each time one of that namespace's checks ends.
 #[derive(Clone, Debug)]
 pub struct Queue {
-    heap: BinaryHeap<Reverse<(DateTime<Utc>, Key)>>,
-    queued: HashSet<Key>,
-    blocked: HashMap<String, Vec<(DateTime<Utc>, Key)>>,
+    /// Checks not yet due, earliest first.
+    later: BinaryHeap<Reverse<(DateTime<Utc>, Key)>>,
+    /// Due checks by the servers they talk to (sorted), earliest first.
+    due: BTreeMap<Vec<String>, BTreeSet<(DateTime<Utc>, Key)>>,
+    /// Every queued, waiting or running check, with its servers.
+    queued: HashMap<Key, Vec<String>>,
+    /// Due checks of namespaces at their limit, by namespace, earliest first.
+    blocked: HashMap<String, BTreeSet<(DateTime<Utc>, Key)>>,
     running: HashMap<String, usize>,
     per_namespace: usize,
+    pacer: Pacer,
 }
 
 impl Queue {
-    /// An empty queue allowing `per_namespace` (at least one) running checks per namespace.
-    pub fn new(per_namespace: usize) -> Self {
+    /// An empty queue allowing `per_namespace` (at least one) running checks per namespace and
+    /// starts per server as `pacer` allows.
+    pub fn new(per_namespace: usize, pacer: Pacer) -> Self {
         Self {
-            heap: BinaryHeap::new(),
-            queued: HashSet::new(),
+            later: BinaryHeap::new(),
+            due: BTreeMap::new(),
+            queued: HashMap::new(),
             blocked: HashMap::new(),
             running: HashMap::new(),
             per_namespace: per_namespace.max(1),
+            pacer,
         }
     }
 
     /// Whether the binding is queued or running.
     pub fn contains(&self, key: &Key) -> bool {
-        self.queued.contains(key)
+        self.queued.contains_key(key)
     }
 
-    /// Queues a check at `at`, unless the binding is queued or running already.
-    pub fn push(&mut self, at: DateTime<Utc>, key: Key) -> bool {
-        if !self.queued.insert(key.clone()) {
+    /// Queues a check due at `at` that talks to `servers` (none: not paced), unless the binding
+    /// is queued or running already.
+    pub fn push(&mut self, at: DateTime<Utc>, key: Key, mut servers: Vec<String>) -> bool {
+        if self.queued.contains_key(&key) {
             return false;
         }
-        self.heap.push(Reverse((at, key)));
+        servers.sort_unstable();
+        servers.dedup();
+        self.queued.insert(key.clone(), servers);
+        self.later.push(Reverse((at, key)));
         true
     }
 
-    /// When the earliest check that may start is due.
+    /// When the earliest check that may start is due: its due time, or when the pacer frees its
+    /// servers, whichever is later.
     pub fn next_at(&self) -> Option<DateTime<Utc>> {
-        self.heap.peek().map(|Reverse((at, _))| *at)
+        let later = self.later.peek().map(|Reverse((at, _))| *at);
+        let due = self
+            .due
+            .iter()
+            .filter_map(|(servers, checks)| {
+                let first = checks.first()?.0;
+                Some(self.pacer.free_at(servers).map_or(first, |free| std::cmp::max(first, free)))
+            })
+            .min();
+        match (later, due) {
+            (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Takes up to `free` checks due at `now`, each within its namespace's limit, and counts them
-    /// as running.
+    /// Takes up to `free` checks that may start at `now` (due, their servers free, their
+    /// namespace within its limit), earliest first; records their starts with the pacer and
+    /// counts them as running.
     pub fn start(&mut self, now: DateTime<Utc>, free: usize) -> Vec<Key> {
+        while self.later.peek().is_some_and(|Reverse((at, _))| *at <= now) {
+            let Some(Reverse((at, key))) = self.later.pop() else { break };
+            let Some(servers) = self.queued.get(&key) else { continue };
+            self.due.entry(servers.clone()).or_default().insert((at, key));
+        }
         let mut started = Vec::new();
         while started.len() < free {
-            match self.heap.peek() {
-                Some(Reverse((at, _))) if *at <= now => {}
-                _ => break,
+            // The group whose first check is earliest, among those whose servers are free.
+            let pick = self
+                .due
+                .iter()
+                .filter(|(servers, _)| self.pacer.free_at(servers).is_none_or(|free| free <= now))
+                .filter_map(|(servers, checks)| checks.first().map(|first| (first, servers)))
+                .min()
+                .map(|(_, servers)| servers.clone());
+            let Some(servers) = pick else { break };
+            let Some(checks) = self.due.get_mut(&servers) else { break };
+            let Some((at, key)) = checks.pop_first() else { break };
+            if checks.is_empty() {
+                self.due.remove(&servers);
             }
-            let Some(Reverse((at, key))) = self.heap.pop() else { break };
             let running = self.running.entry(key.0.clone()).or_default();
             if *running >= self.per_namespace {
-                self.blocked.entry(key.0.clone()).or_default().push((at, key));
+                self.blocked.entry(key.0.clone()).or_default().insert((at, key));
                 continue;
             }
             *running = running.saturating_add(1);
+            self.pacer.take(&servers, now);
             started.push(key);
         }
         started
     }
 
-    /// A check taken by [`Queue::start`] finished: its namespace's waiting checks may start.
+    /// A check taken by [`Queue::start`] ended: the earliest of its namespace's waiting checks
+    /// comes back.
     pub fn finish(&mut self, key: &Key) {
         self.queued.remove(key);
         if let Some(n) = self.running.get_mut(&key.0) {
@@ -295,9 +349,19 @@ impl Queue {
                 self.running.remove(&key.0);
             }
         }
-        for (at, k) in self.blocked.remove(&key.0).unwrap_or_default() {
-            self.heap.push(Reverse((at, k)));
+        if let Some(waiting) = self.blocked.get_mut(&key.0) {
+            if let Some(first) = waiting.pop_first() {
+                self.later.push(Reverse(first));
+            }
+            if waiting.is_empty() {
+                self.blocked.remove(&key.0);
+            }
         }
+    }
+
+    /// Forgets paced servers whose next start is due.
+    pub fn prune(&mut self, now: DateTime<Utc>) {
+        self.pacer.prune(now);
     }
 
     /// Checks queued, waiting apart or running.
@@ -618,25 +682,82 @@ mod tests {
 
     #[test]
     fn the_pacer_starts_at_most_rate_checks_per_second_at_each_server() {
-        let mut pacer = Pacer::new(2.0);
         let a = vec!["imap.example.com:993".to_owned()];
         let b = vec!["imap.other.example:993".to_owned()];
-        let now = t(0);
-        let starts: Vec<DateTime<Utc>> = (0..10_000).map(|_| pacer.reserve(&a, now)).collect();
+        let both: Vec<String> = a.iter().chain(&b).cloned().collect();
+        let key = |n: usize| ("ns".to_owned(), format!("b{n:05}"));
+        let mut q = Queue::new(1000, Pacer::new(2.0));
+        for n in 0..1000 {
+            assert!(q.push(t(0), key(n), a.clone()));
+        }
+        assert!(q.push(t(0), key(5000), b.clone()));
+        let both_key = ("ns".to_owned(), "a-both".to_owned());
+        assert!(q.push(t(0), both_key.clone(), both.clone()));
+        assert!(q.push(t(0), key(5002), Vec::new()), "a write without a check: not paced");
+        // Everything is due at once, earliest (then by name) first: the check of both servers
+        // takes a start at each, so only the unpaced write starts beside it.
+        assert_eq!(q.start(t(0), 100), vec![both_key, key(5002)]);
+        assert_eq!(q.next_at(), Some(t(0) + Duration::milliseconds(500)));
+        assert!(q.start(t(0) + Duration::milliseconds(499), 100).is_empty());
+        // Half a second later one start at each server.
+        assert_eq!(q.start(t(0) + Duration::milliseconds(500), 100), vec![key(0), key(5000)]);
+        assert_eq!(q.start(t(1), 100), vec![key(1)]);
+        assert_eq!(q.next_at(), Some(t(1) + Duration::milliseconds(500)));
+        // A check that waited for a free place (none free for a minute) does not start back to
+        // back with the one before it: starts stay `spacing` apart at each server.
+        let mut starts = Vec::new();
+        let mut now = t(60);
+        while starts.len() < 20 {
+            let got = q.start(now, 100);
+            assert!(got.len() <= 1, "{got:?} at {now}");
+            if !got.is_empty() {
+                starts.push(now);
+            }
+            for k in got {
+                q.finish(&k);
+            }
+            now += Duration::milliseconds(100);
+        }
         for pair in starts.windows(2) {
             assert_eq!(pair[1] - pair[0], Duration::milliseconds(500));
         }
-        assert_eq!(starts.last().copied(), Some(t(4999) + Duration::milliseconds(500)));
-        // Another server is not held up by the first one's queue.
-        assert_eq!(pacer.reserve(&b, now), now);
-        // A check of both waits for the later, and takes a slot at each.
-        let both: Vec<String> = a.iter().chain(&b).cloned().collect();
-        let at = pacer.reserve(&both, now);
-        assert_eq!(at, t(5000));
-        assert_eq!(pacer.reserve(&b, now), t(5000) + Duration::milliseconds(500));
-        pacer.prune(t(10_000));
-        assert_eq!(pacer.servers(), 0);
-        assert_eq!(pacer.reserve(&a, t(10_000)), t(10_000));
+        q.prune(t(3600));
+        assert_eq!(q.pacer.servers(), 0);
+    }
+
+    #[test]
+    fn slow_checks_that_fall_behind_never_start_back_to_back_at_a_server() {
+        // Two at a time in the namespace, 3 s to 9 s each: checks wait for their namespace's
+        // places far past the pacing, and two can end in the same second; starts stay 1 s apart.
+        let sim = simulate(300, 1, 4, Duration::seconds(3), 6);
+        assert!(sim.starts.len() >= 300, "{}", sim.starts.len());
+        for pair in sim.starts.windows(2) {
+            assert!(pair[1].0 - pair[0].0 >= Duration::seconds(1), "{:?}", pair);
+        }
+    }
+
+    #[test]
+    fn a_flood_at_one_server_costs_one_look_per_start() {
+        // 50,000 due checks at one server and one at another: the other starts at once, and
+        // each start looks at two groups, not at the 50,000 waiting.
+        let mut q = Queue::new(100_000, Pacer::new(1.0));
+        let hot = vec!["imap.hot.example:993".to_owned()];
+        for n in 0..50_000 {
+            q.push(t(0), ("ns".to_owned(), format!("b{n}")), hot.clone());
+        }
+        let started = std::time::Instant::now();
+        assert_eq!(q.start(t(0), 4).len(), 1);
+        q.push(t(0), ("other".to_owned(), "x".to_owned()), vec!["imap.cold.example:993".to_owned()]);
+        for s in 1..=1000 {
+            let got = q.start(t(0) + Duration::milliseconds(s * 10), 4);
+            if s == 1 {
+                assert_eq!(got, vec![("other".to_owned(), "x".to_owned())]);
+            } else {
+                assert_eq!(got.len(), usize::from(s % 100 == 0), "at {s}");
+            }
+        }
+        assert_eq!(q.due.len(), 1);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
     }
 
     /// What [`simulate`] saw: each check's start and binding, in order.
@@ -648,8 +769,8 @@ mod tests {
     /// server, without I/O: a sweep every 30 s queues the due ones (paced per server at 1 check
     /// start a second), `concurrency` checks run at once, each takes `check` and finds the
     /// mailbox verified; the verifier starts at `t(0)` with every binding unchecked. A pure
-    /// simulation of `next`, `Pacer` and `Queue` as `controller::verify` drives them.
-    fn simulate(n: usize, days: i64, concurrency: usize, check: Duration) -> Simulated {
+    /// simulation of `next` and `Queue` (with its `Pacer`) as `controller::verify` drives them.
+    fn simulate(n: usize, days: i64, concurrency: usize, check: Duration, spread: i64) -> Simulated {
         let far = t(400 * 86_400);
         let mut bindings: Vec<MailboxBinding> = (0..n)
             .map(|i| {
@@ -667,8 +788,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let mut next_due: Vec<DateTime<Utc>> = bindings.iter().map(|b| due(b, t(0))).collect();
-        let mut pacer = Pacer::new(1.0);
-        let mut queue = Queue::new(concurrency / 2);
+        let mut queue = Queue::new(concurrency / 2, Pacer::new(1.0));
         let mut queued = vec![false; n];
         let mut running: Vec<(DateTime<Utc>, usize)> = Vec::new();
         let mut starts = Vec::new();
@@ -686,19 +806,20 @@ mod tests {
                 queue.finish(&("ns".to_owned(), format!("b{i}")));
             }
             if (now - t(0)).num_seconds() % 30 == 0 {
-                pacer.prune(now);
+                queue.prune(now);
                 for i in 0..n {
                     if !queued[i] && next_due[i] <= now {
                         queued[i] = true;
-                        let at = pacer.reserve(&server_keys, now);
-                        queue.push(at, ("ns".to_owned(), format!("b{i}")));
+                        queue.push(now, ("ns".to_owned(), format!("b{i}")), server_keys.clone());
                     }
                 }
             }
             for (_, name) in queue.start(now, concurrency.saturating_sub(running.len())) {
                 let i: usize = name.trim_start_matches('b').parse().unwrap_or_else(|e| panic!("{name}: {e}"));
                 starts.push((now, i));
-                running.push((now + check, i));
+                // Checks of differing lengths (`check` plus up to `spread` seconds).
+                let extra = i64::try_from(i.wrapping_mul(5)).unwrap_or(0) % (spread + 1);
+                running.push((now + check + Duration::seconds(extra), i));
             }
             now += Duration::seconds(1);
         }
@@ -708,7 +829,7 @@ mod tests {
     #[test]
     fn ten_thousand_bindings_spread_over_the_interval_and_never_exceed_the_per_server_rate() {
         let n = 10_000;
-        let sim = simulate(n, 4, 4, Duration::milliseconds(1500));
+        let sim = simulate(n, 4, 4, Duration::milliseconds(1500), 0);
         // Never more than one start a second at a server (every check talks to both).
         for pair in sim.starts.windows(2) {
             assert!(pair[1].0 - pair[0].0 >= Duration::seconds(1), "{:?}", pair);
@@ -776,13 +897,13 @@ mod tests {
     #[test]
     fn one_namespace_holds_at_most_its_share_of_the_running_checks() {
         let key = |ns: &str, n: usize| (ns.to_owned(), format!("b{n}"));
-        let mut q = Queue::new(2);
+        let mut q = Queue::new(2, Pacer::new(1.0));
         for n in 0..10 {
-            assert!(q.push(t(0), key("hostile", n)));
+            assert!(q.push(t(0), key("hostile", n), Vec::new()));
         }
-        assert!(!q.push(t(0), key("hostile", 0)), "each binding once");
-        assert!(q.push(t(1), key("other", 0)));
-        assert!(q.push(t(100), key("later", 0)));
+        assert!(!q.push(t(0), key("hostile", 0), Vec::new()), "each binding once");
+        assert!(q.push(t(1), key("other", 0), Vec::new()));
+        assert!(q.push(t(100), key("later", 0), Vec::new()));
         let first = q.start(t(5), 4);
         assert_eq!(first, vec![key("hostile", 0), key("hostile", 1), key("other", 0)], "2 of 4 for one namespace");
         assert_eq!(q.next_at(), Some(t(100)), "the blocked ones wait apart");
@@ -792,7 +913,7 @@ mod tests {
         assert_eq!(q.start(t(6), 4), vec![key("hostile", 2)]);
         q.finish(&key("other", 0));
         assert_eq!(q.start(t(200), 4), vec![key("later", 0)]);
-        assert_eq!(q.len(), 10, "8 hostile waiting, 2 running");
+        assert_eq!(q.len(), 10, "7 hostile waiting, 2 running, 1 later");
     }
 
     #[test]
