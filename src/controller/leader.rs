@@ -30,7 +30,7 @@ pub struct ElectionSettings {
     pub name: String,
     /// This replica's identity (the pod name).
     pub identity: String,
-    /// How long a lease lasts unrenewed; it is renewed a third of this before it runs out.
+    /// How long a lease lasts unrenewed; it is renewed half-way through.
     pub duration: std::time::Duration,
     /// The client the Lease is read and renewed with: one of its own, so that no burst of
     /// reconciles (nor the listener) can spend the budget the lease needs. `None`: the runtime's.
@@ -113,8 +113,13 @@ pub async fn elect(
     shutdown: Shutdown,
 ) -> crate::Result<(Arc<Leadership>, Election, Vec<futures::future::BoxFuture<'static, ()>>)> {
     let seconds = settings.duration.as_secs().max(3);
-    // Renewed a third of the lease before it runs out; leadership is given up a sixth before.
-    let grace = (seconds / 3).max(1);
+    // Renewed half-way through; leadership is given up a sixth before the lease runs out. A
+    // renewal thus has a third of the lease (5 s of the chart's 15 s) to be written and watched
+    // back before this replica stops acting: with a sixth (renewing a third before the end), a
+    // starved process under a burst (10,000 bindings, a debug build on two busy cores) saw its
+    // renewals too late and stopped leading while it held the Lease. client-go renews far more
+    // often (every 2 s of a 15 s lease).
+    let grace = (seconds / 2).max(1);
     let margin = Duration::milliseconds(i64::try_from(seconds.saturating_mul(1000) / 6).unwrap_or(i64::MAX));
     let builder = {
         let (client, settings) = (client.clone(), settings.clone());
