@@ -20,7 +20,11 @@ from bed import OPERATOR_NAMESPACE, RELEASE, Bed, wait_for
 from manifests import apply, binding, provider, secret
 
 NS = "behaviours"
-LEASE_SECONDS = 6
+LEASE_SECONDS = 5
+# The leader renews its lease half-way through (`grace` = lease / 2, whole seconds) and stops
+# acting a sixth of the lease before it runs out: at 5 s, renewed 3 s after the last renewal, and
+# leading until 4.17 s after it.
+RENEWS_AFTER = LEASE_SECONDS - LEASE_SECONDS // 2
 # Two replicas with leader election, as the chart's defaults run them, with a short lease; 0.55
 # token requests per second to a provider, so that a second request waits 1.8 s for its slot.
 ELECTION = ("--set", "replicaCount=2", "--set", "leaderElection.enabled=true",
@@ -280,14 +284,14 @@ def test_a_leader_cut_off_from_the_apiserver_stops_leading_before_another_takes_
 
     The cut comes just before a's next renewal, with both bindings asked for a refresh just
     before: a sends one request and the other waits for its slot (1.8 s later), which comes after
-    a's leadership has run out (its last renewal + 5 s)."""
+    a's leadership has run out (its last renewal + 4.17 s)."""
     metric = lambda m, prefix, *labels: sum(v for k, v in m.items()  # noqa: E731
                                             if k.startswith(prefix) and all(lab in k for lab in labels))
     for attempt in range(5):
         renewed = lease_renewed(bed)
         assert lease_holder(bed) == "operator-a"
-        # a renews 4 s after its last renewal: ask for the refreshes 3.45 s after it.
-        time.sleep(max(0.0, renewed.timestamp() + 3.45 - time.time()))
+        # a renews 3 s after its last renewal: ask for the refreshes 0.4 s before that.
+        time.sleep(max(0.0, renewed.timestamp() + RENEWS_AFTER - 0.4 - time.time()))
         before = bed.metrics("operator-a")
         value = f"c{attempt}"
         bed.kubectl("annotate", "--overwrite", "mailboxbinding", "one", "two", "-n", NS,
