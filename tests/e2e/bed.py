@@ -14,6 +14,8 @@
   args and environment from `helm template` with the bed's values, the ServiceAccount it names
   (a TokenRequest token), its readiness probe's path and its termination grace period. Only the
   listen address (a free port on 127.0.0.1) is the bed's own; `POD_NAME` is the process's name.
+  `bed.py up --image` (scripts/demo.sh) runs the installed Deployment's pods from the image
+  instead, under pod_runner.py, the bed's kubelet.
 
 Every process writes a log under the bed's folder; `Bed.dump_logs()` prints their tails.
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from bed import ROOT, Bed, run, wait_for
+from pod_runner import PodError, check_reference, map_ports, read_image, resolve_user
 
 SECTION = "## Try it without a cluster"
 APP_VERSION = re.search(r'^appVersion: *"?([^"\n]+)"?', (ROOT / "charts/mail-oauth-operator/Chart.yaml").read_text(),
@@ -176,6 +177,28 @@ def test_the_readme_demo_builds_the_image_and_runs_the_charts_deployment_from_it
     # One of the pods leads, by its name (the downward API's POD_NAME).
     lease = bed.kubectl_json("get", "lease", "mail-oauth-operator", "-n", "mail-oauth-operator")
     assert lease["spec"]["holderIdentity"] in names, lease["spec"]
+
+
+def test_the_runner_refuses_what_a_kubelet_would_not_run(demo):
+    """The checks that make the pods above mean something: another image, a pull from a
+    registry, root, a port the bed cannot give."""
+    name, tag, digest, config = read_image(ARCHIVE)
+    assert (name, tag) == (f"docker.io/library/mail-oauth-operator:{APP_VERSION}", APP_VERSION)
+    ok = {"image": f"mail-oauth-operator:{APP_VERSION}", "imagePullPolicy": "IfNotPresent"}
+    for image in (ok["image"], name, f"mail-oauth-operator@{digest}"):
+        check_reference(dict(ok, image=image), name, digest)
+    for bad, why in ((dict(ok, image="mail-oauth-operator"), "mail-oauth-operator:latest"),
+                     (dict(ok, image=f"ghcr.io/example/mail-oauth-operator:{APP_VERSION}"), "ghcr.io"),
+                     (dict(ok, image="mail-oauth-operator@sha256:" + "0" * 64), "pinned"),
+                     (dict(ok, imagePullPolicy="Always"), "registry")):
+        with pytest.raises(PodError, match=why):
+            check_reference(bad, name, digest)
+    rootfs = next((demo.state / "pods").glob("*/bundle/rootfs"))
+    assert resolve_user(rootfs, config["User"], {}, {}) == (65532, 65532, [65532], "/home/nonroot")
+    with pytest.raises(PodError, match="runAsNonRoot"):
+        resolve_user(rootfs, config["User"], {"runAsNonRoot": True}, {"runAsUser": 0})
+    with pytest.raises(PodError, match="containerPort 9090"):
+        map_ports({"ports": [{"containerPort": 9090}]}, ["run"], {"LISTEN_ADDRESS": "0.0.0.0:8080"})
 
 
 def test_the_imported_mailbox_is_ready_and_its_secret_logs_in(demo):
