@@ -428,8 +428,10 @@ class Pod:
             return
         code = self.proc.poll()
         if code is not None:
+            code = 128 - code if code < 0 else code  # killed by a signal: 128 + its number, as runtimes report it
             log(f"{self.name}: container exited {code}; restart in {self.backoff} s")
-            self.last_terminated = {"exitCode": code, "startedAt": self.started_at,
+            self.last_terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                    "startedAt": self.started_at,
                                     "finishedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             self.proc, self.ready = None, False
             self.restarts += 1
@@ -551,11 +553,11 @@ class Runner:
         while not self.stopping:
             now = time.monotonic()
             for pod in self.pods:
-                pod.tick(now)
                 try:
+                    pod.tick(now)
                     pod.report()
-                except CommandFailed as e:
-                    log(f"{pod.name}: status not reported: {e}")
+                except CommandFailed as e:  # the apiserver unreachable for a moment: next round
+                    log(f"{pod.name}: {e}")
             try:
                 self.report_deployment()
             except CommandFailed as e:

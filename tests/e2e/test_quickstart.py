@@ -201,6 +201,29 @@ def test_the_runner_refuses_what_a_kubelet_would_not_run(demo):
         map_ports({"ports": [{"containerPort": 9090}]}, ["run"], {"LISTEN_ADDRESS": "0.0.0.0:8080"})
 
 
+def test_a_container_that_dies_is_restarted_from_the_image(demo):
+    """As a kubelet does (restartPolicy Always): the pod's status counts the restart and names the
+    new process, which runs from the same image root."""
+    bed = demo.bed()
+    holder = bed.kubectl_json("get", "lease", "mail-oauth-operator", "-n", "mail-oauth-operator")["spec"]["holderIdentity"]
+    pods = bed.kubectl_json("get", "pods", "-n", "mail-oauth-operator")["items"]
+    # A follower: the leader keeps serving the demo's device-code binding meanwhile.
+    pod = next(p for p in pods if p["metadata"]["name"] != holder)
+    name = pod["metadata"]["name"]
+    old = int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("bed-chroot://"))
+    os.kill(old, 9)
+
+    def restarted():
+        status = bed.kubectl_json("get", "pod", name, "-n", "mail-oauth-operator")["status"]
+        [cs] = status["containerStatuses"]
+        return cs if cs["restartCount"] == 1 and cs["ready"] and cs["containerID"] != f"bed-chroot://{old}" else None
+    cs = wait_for("the container restarted and ready", restarted, timeout=60, interval=1)
+    assert cs["lastState"]["terminated"]["exitCode"] == 137, cs
+    pid = int(cs["containerID"].removeprefix("bed-chroot://"))
+    assert os.readlink(f"/proc/{pid}/root") == str(demo.state / "pods" / name / "bundle" / "rootfs")
+    demo.container_pids = [p for p in demo.container_pids if p != old] + [pid]
+
+
 def test_the_imported_mailbox_is_ready_and_its_secret_logs_in(demo):
     bed = demo.bed()
     binding = bed.kubectl_json("get", "mbx", "helpdesk", "-n", "demo")
