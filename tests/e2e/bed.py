@@ -14,12 +14,18 @@
   args and environment from `helm template` with the bed's values, the ServiceAccount it names
   (a TokenRequest token), its readiness probe's path and its termination grace period. Only the
   listen address (a free port on 127.0.0.1) is the bed's own; `POD_NAME` is the process's name.
+  `bed.py up --image` (scripts/demo.sh) runs the installed Deployment's pods from the image
+  instead, under pod_runner.py, the bed's kubelet.
 
 Every process writes a log under the bed's folder; `Bed.dump_logs()` prints their tails.
 
 Used by test_e2e.py (pytest) and by scripts/demo.sh:
-    bed.py up STATE_DIR     start everything, install the chart, run the operator; print env
-    bed.py down STATE_DIR   stop what `up` started
+    bed.py up STATE_DIR [--image ARCHIVE]
+                            start everything, install the chart, run the operator; print env.
+                            With --image (scripts/demo.sh): the chart's Deployment runs from the
+                            image ARCHIVE (scripts/image.sh) under pod_runner.py, the bed's
+                            kubelet, instead of the binary as a local process
+    bed.py down STATE_DIR   stop what `up` started, and wait until it has stopped
 """
 import json
 import os
@@ -578,27 +584,63 @@ def chart_command(deployment, operator_bin, pod_name, container_name="operator")
     return [str(operator_bin), *args], env, probe
 
 
+def stop_saved(state, timeout=60):
+    """SIGTERM to each process group `up` left running (its pid files), then waits for them
+    (SIGKILL after `timeout` seconds)."""
+    groups = []
+    for pid_file in state.glob("*.pid"):
+        try:
+            pid = int(pid_file.read_text())
+            os.killpg(pid, signal.SIGTERM)
+            groups.append(pid)
+        except (ProcessLookupError, ValueError, PermissionError):
+            pass
+        pid_file.unlink()
+    conf = state / "postfix" / "conf"
+    if conf.exists():
+        run(["postfix", "-c", str(conf), "stop"], check=False)
+
+    def alive(pid):
+        try:
+            os.killpg(pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in groups) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in groups:
+        if alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+
+
 def main(argv):
+    image = None
+    if len(argv) == 5 and argv[1] == "up" and argv[3] == "--image":
+        image = Path(argv[4]).resolve()
+        argv = argv[:3]
     if len(argv) != 3 or argv[1] not in ("up", "down"):
         print(__doc__, file=sys.stderr)
         return 2
     state = Path(argv[2])
     if argv[1] == "down":
-        for pid_file in state.glob("*.pid"):
-            try:
-                os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-            except (ProcessLookupError, ValueError, PermissionError):
-                pass
-            pid_file.unlink()
-        conf = state / "postfix" / "conf"
-        if conf.exists():
-            run(["postfix", "-c", str(conf), "stop"], check=False)
+        stop_saved(state)
         return 0
     bed = Bed(state)
     try:
         bed.up(postfix=False)  # the demo shows IMAP; Postfix wants a folder its user can reach
         bed.helm_install()
-        bed.start_operator()
+        bed.save()
+        if image:
+            # The Deployment the chart installed, run from the image as a kubelet would run it.
+            bed.start("pod-runner", [sys.executable, str(Path(__file__).resolve().parent / "pod_runner.py"), "run",
+                                     str(state), "--namespace", OPERATOR_NAMESPACE, "--deployment", RELEASE,
+                                     "--image", str(image)])
+            wait_for("the Deployment's pods ready", lambda: bed.alive("pod-runner") and bed.kubectl(
+                "rollout", "status", f"deployment/{RELEASE}", "-n", OPERATOR_NAMESPACE, "--timeout=5s",
+                check=False).returncode == 0, timeout=120, interval=1)
+        else:
+            bed.start_operator()
     except Exception:
         bed.dump_logs(30)
         bed.down()
