@@ -126,8 +126,10 @@ pub async fn run(
 }
 
 impl Verifier {
+    /// Now, to the clock's precision: the pacing works in milliseconds (at 200 starts a second a
+    /// start every 5 ms), which [`Context::now`]'s whole seconds would turn into one a second.
     fn now(&self) -> DateTime<Utc> {
-        self.contexts.first().map_or_else(Utc::now, |c| c.now())
+        self.contexts.first().map_or_else(Utc::now, |c| c.clock.now())
     }
 
     /// How long until the earliest queued check may start (an hour when nothing waits or every
