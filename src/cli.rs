@@ -319,8 +319,7 @@ async fn run_relay(args: RelayArgs) -> Result<()> {
                         .into(),
                 ));
             }
-            let watch =
-                crate::relay::watch::run(client, namespaces.clone(), signing, index.clone(), ready.clone());
+            let watch = crate::relay::watch::run(client, namespaces.clone(), signing, index.clone(), ready.clone());
             tracing::info!(namespaces = ?namespaces, "the shared relay watches the published Secrets");
             (Source::Api(index), Some(watch))
         }

@@ -154,7 +154,9 @@ impl RelayKeys {
         if before.is_some() && before != seen {
             match &seen {
                 Some(k) => info!(key = %k.id(), "the relay signing key changed: signing every published Secret again"),
-                None => info!("the relay signing key is gone: a new one is made and every published Secret signed again"),
+                None => {
+                    info!("the relay signing key is gone: a new one is made and every published Secret signed again")
+                }
             }
             self.changes.send_modify(|n| *n = n.wrapping_add(1));
         }
@@ -177,7 +179,9 @@ impl RelayKeys {
                 Ok(watcher::Event::InitDone) if !listed => self.observed(None),
                 Ok(watcher::Event::InitDone) => {}
                 Ok(watcher::Event::Delete(_)) => self.observed(None),
-                Err(e) => warn!(namespace = %namespace, name = %name, error = %e, "watching the relay signing key failed; retrying"),
+                Err(e) => {
+                    warn!(namespace = %namespace, name = %name, error = %e, "watching the relay signing key failed; retrying")
+                }
             }
         }
     }

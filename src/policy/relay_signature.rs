@@ -155,7 +155,9 @@ impl Refusal {
     /// The reason in words, for a log line.
     pub fn describe(self) -> &'static str {
         match self {
-            Refusal::Unsigned => "it carries no relay signature (not written by the operator, or by a version before it)",
+            Refusal::Unsigned => {
+                "it carries no relay signature (not written by the operator, or by a version before it)"
+            }
             Refusal::Malformed => "its relay signature annotation is not a signature",
             Refusal::OtherKey => "it is signed with another key (rotated away, or never the operator's)",
             Refusal::BadSignature => {

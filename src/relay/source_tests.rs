@@ -312,7 +312,8 @@ fn a_signed_secret_copied_to_another_namespace_or_name_or_edited_is_refused() {
     assert_eq!(index.len(), 1);
     assert!(mailbox_of(index.check("elsewhere/a@example.com", b"pw", Utc::now())).is_none());
     // Edited in place: a sender or a server added. The version kept before is dropped.
-    for (k, v) in [("relay_senders", "ceo@example.com"), ("smtp_host", "evil.example.net"), ("relay_password", "mine")] {
+    for (k, v) in [("relay_senders", "ceo@example.com"), ("smtp_host", "evil.example.net"), ("relay_password", "mine")]
+    {
         let mut edited = original.clone();
         edited.data.get_or_insert_with(BTreeMap::new).insert(k.into(), ByteString(v.as_bytes().to_vec()));
         assert_eq!(index.apply(&edited), Applied::Refused(Refusal::BadSignature), "{k}");
