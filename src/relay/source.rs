@@ -16,7 +16,9 @@
 //! covers the namespace, the name and every key the relay trusts, with a key from a Secret in
 //! the operator's namespace that tenants cannot read. A labelled Secret a tenant made, changed or
 //! copied from another namespace is refused and counted
-//! (`mailoauth_relay_secrets_refused_total{reason}`).
+//! (`mailoauth_relay_secrets_refused_total{reason}`). The access token is not signed (it changes
+//! at every renewal; whoever can write the Secret can read the token already, and a token swapped
+//! in still goes only to the signed server for the signed mailbox).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
