@@ -129,6 +129,14 @@ pub struct RunArgs {
     /// dies without releasing it. A Go duration between 3s and 5m.
     #[arg(long, env = "LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_lease)]
     pub leader_lease_duration: std::time::Duration,
+    /// The Secret holding the key that signs published Secrets with relay keys for the shared
+    /// relay (made on first need when absent; delete it to rotate); empty: nothing is signed (the
+    /// shared relay then serves nothing; sidecars need no signature).
+    #[arg(long, env = "RELAY_SIGNING_KEY", default_value = crate::policy::relay_signature::DEFAULT_KEY_SECRET)]
+    pub relay_signing_key: String,
+    /// Namespace of that Secret; the cluster resource namespace when not set.
+    #[arg(long, env = "RELAY_SIGNING_NAMESPACE")]
+    pub relay_signing_namespace: Option<String>,
 }
 
 /// Flags of `relay`: exactly one of `--secret-dir` (a sidecar) and `--shared` (the shared relay).
@@ -188,6 +196,13 @@ pub struct RelayArgs {
     /// that says nothing is closed after it.
     #[arg(long, env = "RELAY_LOGIN_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_login_idle)]
     pub login_idle_timeout: std::time::Duration,
+    /// With --shared: the Secret holding the operator's relay signing key; only published
+    /// Secrets signed with it are served.
+    #[arg(long, env = "RELAY_SIGNING_KEY", default_value = crate::policy::relay_signature::DEFAULT_KEY_SECRET)]
+    pub relay_signing_key: String,
+    /// With --shared: namespace of that Secret (the operator's).
+    #[arg(long, env = "RELAY_SIGNING_NAMESPACE", default_value = "mail-oauth-operator")]
+    pub relay_signing_namespace: String,
     /// The name in the greeting and EHLO.
     #[arg(long, env = "RELAY_NAME", default_value = "mail-oauth-operator-relay")]
     pub name: String,
@@ -297,7 +312,14 @@ async fn run_relay(args: RelayArgs) -> Result<()> {
                 .map_err(|e| Error::Relay(format!("the shared relay needs the Kubernetes API: {e}")))?;
             let index = Arc::new(Index::default());
             ready.store(false, Ordering::SeqCst);
-            let watch = crate::relay::watch::run(client, namespaces.clone(), index.clone(), ready.clone());
+            let signing = (args.relay_signing_namespace.clone(), args.relay_signing_key.trim().to_owned());
+            if signing.1.is_empty() {
+                return Err(Error::Relay(
+                    "--relay-signing-key is empty: the shared relay serves only Secrets signed with the operator's key"
+                        .into(),
+                ));
+            }
+            let watch = crate::relay::watch::run(client, namespaces.clone(), signing, index.clone(), ready.clone());
             tracing::info!(namespaces = ?namespaces, "the shared relay watches the published Secrets");
             (Source::Api(index), Some(watch))
         }
@@ -305,6 +327,9 @@ async fn run_relay(args: RelayArgs) -> Result<()> {
     let metrics = RelayMetrics::default();
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
+    if let Source::Api(index) = &source {
+        index.register(&mut registry);
+    }
     let config = RelayConfig {
         source,
         metrics,
@@ -369,6 +394,10 @@ async fn run_operator(args: RunArgs) -> Result<()> {
         duration: args.leader_lease_duration,
         client: Some(lease_client),
     });
+    let relay_signing_key = (!args.relay_signing_key.trim().is_empty()).then(|| {
+        let namespace = args.relay_signing_namespace.clone().unwrap_or_else(|| args.cluster_resource_namespace.clone());
+        (namespace, args.relay_signing_key.trim().to_owned())
+    });
     let settings = Settings {
         namespaces: watched(args.namespaces),
         cluster_namespace: args.cluster_resource_namespace,
@@ -394,6 +423,7 @@ async fn run_operator(args: RunArgs) -> Result<()> {
             per_server_rate: args.verify_server_rate,
             ..Default::default()
         },
+        relay_signing_key,
     };
     let tokens = Arc::new(HttpTokenEndpoint::new(http.clone()));
     let result = Runtime::new(client, settings, tokens, http, Arc::new(SystemClock), shutdown)

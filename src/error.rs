@@ -90,6 +90,16 @@ pub enum Error {
     /// The relay could not start (the step is in the text).
     #[error("relay: {0}")]
     Relay(String),
+    /// The relay signing key could not be read or created (see docs/relay.md, security model).
+    #[error("relay signing key Secret {namespace}/{name}: {why}")]
+    RelaySigningKey {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// What went wrong (no key material).
+        why: String,
+    },
     /// Printing the CRDs failed.
     #[error("rendering CRDs: {0}")]
     Crds(#[source] serde_yaml::Error),
@@ -153,6 +163,7 @@ impl Error {
             Error::WriteFile { .. } => "write_file",
             Error::Crds(_) => "crds",
             Error::Relay(_) => "relay",
+            Error::RelaySigningKey { .. } => "relay_signing_key",
             Error::Election(_) => "election",
             Error::NotLeader => "not_leader",
             Error::Panicked => "panicked",

@@ -50,6 +50,8 @@ pub struct Settings {
     pub concurrency: u16,
     /// The mailbox verifier's concurrency and per-server rate.
     pub verify: controller::verify::VerifySettings,
+    /// The relay signing key's Secret (namespace, name); `None`: published Secrets are not signed.
+    pub relay_signing_key: Option<(String, String)>,
 }
 
 /// The operator's runtime, assembled step by step:
@@ -95,6 +97,8 @@ struct Assembly {
     contexts: Vec<Arc<Context>>,
     /// The verifier's nudges, given to every context.
     nudges: controller::verify::Nudges,
+    /// The relay signing key, shared by every context.
+    relay_keys: Arc<controller::relay_key::RelayKeys>,
 }
 
 impl Runtime {
@@ -154,6 +158,12 @@ impl Runtime {
         let reporter =
             Reporter { controller: "mail-oauth-operator".into(), instance: Some(self.settings.instance.clone()) };
         let (nudges, nudged) = controller::verify::channel();
+        let relay_keys = match &self.settings.relay_signing_key {
+            Some((namespace, name)) => {
+                controller::relay_key::RelayKeys::new(self.client.clone(), namespace.clone(), name.clone())
+            }
+            None => controller::relay_key::RelayKeys::off(),
+        };
         let mut assembly = Assembly {
             tasks: Vec::new(),
             syncs: Vec::new(),
@@ -165,7 +175,21 @@ impl Runtime {
             first_ctx: None,
             contexts: Vec::new(),
             nudges,
+            relay_keys: Arc::clone(&relay_keys),
         };
+        {
+            let shutdown = self.shutdown.clone();
+            let watch = Arc::clone(&relay_keys).watch();
+            assembly.tasks.push(
+                async move {
+                    tokio::select! {
+                        () = watch => {}
+                        () = shutdown => {}
+                    }
+                }
+                .boxed(),
+            );
+        }
         let scopes: Vec<Option<String>> = if self.settings.namespaces.is_empty() {
             vec![None]
         } else {
@@ -318,7 +342,9 @@ impl Runtime {
         let binding_controller = Controller::for_stream(binding_stream, binding_store.clone())
             .owns_stream(owned_secrets)
             .watches_shared_stream(providers_for_bindings, by_provider)
-            .watches_shared_stream(cluster_for_bindings, by_cluster_provider);
+            .watches_shared_stream(cluster_for_bindings, by_cluster_provider)
+            // A rotated or deleted relay signing key: every published Secret is signed again.
+            .reconcile_all_on(assembly.relay_keys.changes());
 
         let polls: controller::Polls = Default::default();
         let written: controller::Written = Default::default();
@@ -352,6 +378,7 @@ impl Runtime {
             limits: Arc::clone(&settings.limits),
             leader: Arc::clone(&assembly.leader),
             verify: assembly.nudges.clone(),
+            relay_keys: Arc::clone(&assembly.relay_keys),
         };
         let ctx = Arc::new(context(client));
         if let Some((listener_client, contexts)) = &self.listener

@@ -192,6 +192,49 @@ async fn a_first_reconcile_reads_two_secrets_and_the_client_secret_then_writes_g
 }
 
 #[tokio::test]
+async fn a_published_secret_with_relay_keys_carries_the_signature_the_shared_relay_verifies() {
+    use mail_oauth_operator::controller::relay_key::RelayKeys;
+    use mail_oauth_operator::policy::relay_signature::{Refusal, SigningKey, message};
+    let (client, mut server) = mocked();
+    let tokens = Arc::new(Canned::default());
+    let b = binding_object().with_relay().at_version("42");
+    let key = SigningKey::new(&[5; 32]).unwrap_or_else(|e| panic!("{e}"));
+    let ctx = context(client, Arc::clone(&tokens), std::slice::from_ref(&b));
+    let ctx = Arc::try_unwrap(ctx).unwrap_or_else(|_| panic!("one reference"));
+    let ctx = Arc::new(Context { relay_keys: RelayKeys::fixed(key.clone()), ..ctx });
+    let reconcile = tokio::spawn(binding::reconcile(Arc::new(b.clone()), ctx));
+
+    server.get(GRANT_PATH, None).await;
+    server.get(PUBLISHED_PATH, None).await;
+    server.get(CLIENT_SECRET_PATH, Some(client_secret())).await;
+    server.create(GRANT_NAME).await;
+    let published = server.create(PUBLISHED_NAME).await;
+    let data: BTreeMap<String, String> = published["data"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| {
+            let bytes = base64::engine::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                v.as_str().unwrap_or_default(),
+            )
+            .unwrap_or_default();
+            (k.clone(), String::from_utf8(bytes).unwrap_or_default())
+        })
+        .collect();
+    assert!(data.contains_key("relay_password"), "{published}");
+    let signature = published["metadata"]["annotations"]["mailoauth.io/relay-signature"].as_str();
+    assert!(signature.is_some_and(|s| s.starts_with(&format!("v1.{}.", key.id()))), "{published}");
+    let signed = |ns: &str| message(ns, PUBLISHED_NAME, |k| data.get(k).cloned());
+    assert_eq!(key.verify(signature, &signed(NS)), Ok(()));
+    assert_eq!(key.verify(signature, &signed("elsewhere")), Err(Refusal::BadSignature));
+    server.apply_status(STATUS_PATH, &b).await;
+    server.event("Normal", "Ready").await;
+    server.nothing_more().await;
+    reconcile.await.unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[tokio::test]
 async fn a_reconcile_from_the_copy_its_own_status_write_replaced_waits_for_the_cache_and_requests_nothing() {
     let (client, mut server) = mocked();
     let tokens = Arc::new(Canned::default());

@@ -39,6 +39,7 @@ use crate::policy::grant_state::{GrantState, PendingAuthorization, spent_request
 use crate::policy::ownership::{Claim, claimed_by_other, existing_conflict, from_predecessor};
 use crate::policy::publish::published_data;
 use crate::policy::relay::{self, RelayCredentials};
+use crate::policy::relay_signature::{self, SIGNATURE_ANNOTATION};
 
 use super::grant_store::{
     apply_owned, create_owned, created_or_foreign, decode_grant, decode_pending, decode_relay, get_secret,
@@ -209,6 +210,7 @@ async fn gather(ctx: &Context, binding: &MailboxBinding, flushed: bool) -> Resul
         (flushed, &grant_view, &published_view, usable.as_ref())
         && let Some(renew_at) = at_rest_until(ctx, binding, u, &g.metadata, &p.metadata)
         && claim_conflict(binding, ctx).is_none()
+        && signed_with_current_key(ctx, binding, &p.metadata).await?
     {
         debug!("at rest: nothing read, nothing to write");
         let status = binding.status.clone().unwrap_or_default();
@@ -572,7 +574,11 @@ async fn publish(
         Ok(data) => data,
         Err(e) => return Ok(Some(Outcome::Blocked { reason: Reason::InvalidSpec, message: e.to_string() })),
     };
+    let signature = relay_signature(ctx, binding, &data).await?;
     let mut want = desired(binding, &spec.secret_name, Role::Published, data);
+    if let Some(signature) = signature {
+        want.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(SIGNATURE_ANNOTATION.to_owned(), signature);
+    }
     let made_from = at_rest::source(&grant_digest(&grant.encode()), &publish_inputs(binding, &usable.servers));
     want.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(SOURCE_ANNOTATION.to_owned(), made_from);
     let current = match published {
@@ -643,6 +649,34 @@ async fn publish(
         }
         Err(source) => Err(Error::WritePublishedSecret { namespace: ns, name: spec.secret_name.clone(), source }),
     }
+}
+
+/// The shared relay's signature of the published Secret's `data` (see
+/// [`crate::policy::relay_signature`]), when it carries relay keys and the operator signs.
+async fn relay_signature(
+    ctx: &Context,
+    binding: &MailboxBinding,
+    data: &BTreeMap<String, String>,
+) -> Result<Option<String>> {
+    if !data.contains_key(relay::published_keys::PASSWORD) {
+        return Ok(None);
+    }
+    let Some(key) = ctx.relay_keys.key().await? else { return Ok(None) };
+    let namespace = binding.namespace().unwrap_or_default();
+    let message = relay_signature::message(&namespace, &binding.spec.secret_name, |k| data.get(k).cloned());
+    Ok(Some(key.sign(&message)))
+}
+
+/// Whether a published Secret, as cached, is signed with the current relay signing key (or
+/// needs no signature: the relay is off, or nothing is signed). Judged from the key id alone:
+/// what is signed is judged with the rest of the Secret by its source digest.
+async fn signed_with_current_key(ctx: &Context, binding: &MailboxBinding, published: &ObjectMeta) -> Result<bool> {
+    if relay::enabled(binding).is_none() || !ctx.relay_keys.signs() {
+        return Ok(true);
+    }
+    let Some(key) = ctx.relay_keys.key().await? else { return Ok(true) };
+    let prefix = format!("v1.{}.", key.id());
+    Ok(published.annotations.as_ref().and_then(|a| a.get(SIGNATURE_ANNOTATION)).is_some_and(|s| s.starts_with(&prefix)))
 }
 
 /// Whether a published Secret known by its cached metadata holds what `want` says: ours, carrying

@@ -12,6 +12,7 @@ pub mod observe;
 pub mod obtain;
 pub mod owned;
 pub mod provider;
+pub mod relay_key;
 pub mod resolve;
 pub mod secrets;
 pub mod verify;
@@ -112,6 +113,8 @@ pub struct Context {
     pub client_secrets: ClientSecretCache,
     /// The verifier's nudges: the binding reconcile asks for a look, never waits for a check.
     pub verify: verify::Nudges,
+    /// The key that signs published Secrets with relay keys for the shared relay.
+    pub relay_keys: Arc<relay_key::RelayKeys>,
 }
 
 /// Namespaces' labels, each kept for [`NamespaceLabels::TTL`] (at most 4,096 namespaces).

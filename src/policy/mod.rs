@@ -16,6 +16,7 @@ pub mod publish;
 pub mod reason;
 pub mod reference;
 pub mod relay;
+pub mod relay_signature;
 pub mod schedule;
 pub mod scrub;
 pub mod time;

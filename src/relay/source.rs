@@ -11,6 +11,14 @@
 //! `mailbox` when exactly one Secret in the served namespaces has that `relay_username`, else
 //! `namespace/mailbox`; an ambiguous or unknown name is answered as a wrong password (no oracle),
 //! after the same digest computation.
+//!
+//! Only Secrets the operator signed are kept ([`crate::policy::relay_signature`]): the signature
+//! covers the namespace, the name and every key the relay trusts, with a key from a Secret in
+//! the operator's namespace that tenants cannot read. A labelled Secret a tenant made, changed or
+//! copied from another namespace is refused and counted
+//! (`mailoauth_relay_secrets_refused_total{reason}`). The access token is not signed (it changes
+//! at every renewal; whoever can write the Secret can read the token already, and a token swapped
+//! in still goes only to the signed server for the signed mailbox).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -22,9 +30,13 @@ use k8s_openapi::api::core::v1::Secret;
 use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use super::secret::{Mounted, SecretError};
 use crate::api::Protocol;
 use crate::mail::TlsMode;
+use crate::policy::relay_signature::{Refusal, SIGNATURE_ANNOTATION, SigningKey};
 
 /// The largest published Secret the shared relay keeps (keys and values together; a published
 /// Secret is a few KiB).
@@ -210,6 +222,8 @@ pub enum Applied {
     Invalid(String),
     /// Not kept: the namespace (or the relay) already serves as many as it may.
     Full,
+    /// Not (or no longer) kept: not signed with the operator's key.
+    Refused(Refusal),
 }
 
 /// The shared relay's credentials: every published Secret with relay keys in the served
@@ -220,6 +234,10 @@ pub struct Index {
     /// Every served namespace has been listed once: before that an unknown name may be one not
     /// read yet, and a login is a temporary failure.
     listed: AtomicBool,
+    /// The operator's signing key, when known.
+    key: RwLock<Option<SigningKey>>,
+    /// Secrets refused, by reason (a fixed word).
+    refused: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl Index {
@@ -229,6 +247,38 @@ impl Index {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
         self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers `mailoauth_relay_secrets_refused_total{reason}`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.sub_registry_with_prefix("mailoauth_relay").register(
+            "secrets_refused",
+            "Published Secrets not served because they are not signed with the operator's key, by reason",
+            self.refused.clone(),
+        );
+    }
+
+    /// Takes the operator's signing key (`None`: unknown). Secrets already kept stay until they
+    /// are applied again (the watch lists them again after a change).
+    pub fn set_key(&self, key: Option<SigningKey>) {
+        *self.key.write().unwrap_or_else(std::sync::PoisonError::into_inner) = key;
+    }
+
+    /// The signing key known now.
+    pub fn key(&self) -> Option<SigningKey> {
+        self.key.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Whether the Secret is signed with the operator's key, over its namespace, name and relay
+    /// keys.
+    fn verified(&self, key: &Key, secret: &Secret) -> Result<(), Refusal> {
+        let Some(signing) = self.key() else { return Err(Refusal::NoKey) };
+        let data = secret.data.as_ref();
+        let message = crate::policy::relay_signature::message(&key.0, &key.1, |k| {
+            data.and_then(|d| d.get(k)).map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        });
+        let signature = secret.metadata.annotations.as_ref().and_then(|a| a.get(SIGNATURE_ANNOTATION));
+        signing.verify(signature.map(String::as_str), &message)
     }
 
     /// Notes that every served namespace has been listed.
@@ -256,6 +306,9 @@ impl Index {
             Applied::TooLarge
         } else if data.is_none_or(|d| !d.contains_key("relay_password")) {
             Applied::NoRelay
+        } else if let Err(why) = self.verified(&key, secret) {
+            self.refused.get_or_create(&[("reason", why.label())]).inc();
+            Applied::Refused(why)
         } else if data.and_then(|d| d.get("access_token")).is_some_and(|t| t.0.len() > MAX_TOKEN) {
             Applied::Invalid(format!("access_token is longer than {MAX_TOKEN} bytes"))
         } else if data

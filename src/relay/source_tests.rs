@@ -1,5 +1,6 @@
 //! The shared relay's index: Secrets as the API gives them, the user name forms, ambiguity,
-//! the previous password's grace, relay keys removed, oversize Secrets, relists.
+//! the previous password's grace, relay keys removed, oversize Secrets, relists, and the
+//! operator's signature (unsigned, forged, copied and edited Secrets are refused).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -10,13 +11,33 @@ use sha2::{Digest, Sha256};
 
 use super::source::{Applied, Check, Index, MAX_SECRET};
 use crate::api::Protocol;
+use crate::policy::relay_signature::{KEY_LEN, Refusal, SIGNATURE_ANNOTATION, SigningKey, message};
 
+/// The operator's key in these tests.
+fn key() -> SigningKey {
+    SigningKey::new(&[7; KEY_LEN]).unwrap()
+}
+
+/// `s` signed with `with`, as the operator signs it (over its namespace, name and data).
+fn signed_with(with: &SigningKey, mut s: Secret) -> Secret {
+    let (ns, name) = super::source::key_of(&s);
+    let data = s.data.clone().unwrap_or_default();
+    let m = message(&ns, &name, |k| data.get(k).map(|v| String::from_utf8_lossy(&v.0).into_owned()));
+    s.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(SIGNATURE_ANNOTATION.into(), with.sign(&m));
+    s
+}
+
+fn signed(s: Secret) -> Secret {
+    signed_with(&key(), s)
+}
+
+/// A Secret with these keys, signed with the operator's key.
 fn secret(namespace: &str, name: &str, keys: &[(&str, &str)]) -> Secret {
     let mut s = Secret::default();
     s.metadata.namespace = Some(namespace.to_owned());
     s.metadata.name = Some(name.to_owned());
     s.data = Some(keys.iter().map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec()))).collect());
-    s
+    signed(s)
 }
 
 fn relay(namespace: &str, name: &str, mailbox: &str, password: &str) -> Secret {
@@ -47,6 +68,7 @@ fn mailbox_of(check: Check) -> Option<String> {
 
 fn listed() -> Index {
     let index = Index::default();
+    index.set_key(Some(key()));
     index.set_listed();
     index
 }
@@ -54,6 +76,7 @@ fn listed() -> Index {
 #[test]
 fn before_the_first_list_a_login_is_a_temporary_failure() {
     let index = Index::default();
+    index.set_key(Some(key()));
     index.apply(&relay("team", "a-token", "a@example.com", "pw-a"));
     assert!(matches!(index.check("a@example.com", b"pw-a", Utc::now()), Check::Unreadable));
     assert!(matches!(index.check("b@example.com", b"pw-a", Utc::now()), Check::Unreadable));
@@ -119,7 +142,8 @@ fn the_previous_password_works_until_its_grace_ends() {
     let data = s.data.get_or_insert_with(BTreeMap::new);
     data.insert("relay_previous_sha256".into(), ByteString(digest.into_bytes()));
     data.insert("relay_previous_until".into(), ByteString(until.into_bytes()));
-    index.apply(&s);
+    assert_eq!(index.apply(&s), Applied::Refused(Refusal::BadSignature), "changed after signing");
+    assert_eq!(index.apply(&signed(s)), Applied::Kept);
     assert!(mailbox_of(index.check("a@example.com", b"new", now)).is_some());
     assert!(mailbox_of(index.check("a@example.com", b"old", now)).is_some());
     assert!(mailbox_of(index.check("a@example.com", b"old", now + Duration::minutes(11))).is_none());
@@ -188,8 +212,9 @@ fn the_selector_names_the_published_secrets() {
 fn a_user_name_with_a_slash_is_never_kept_so_a_qualified_name_cannot_be_shadowed() {
     let index = listed();
     assert_eq!(index.apply(&relay("victims", "v-token", "victim@contoso.com", "pw-v")), Applied::Kept);
-    // Another namespace publishes (its own labelled Secrets) the victim's bare name and its
-    // qualified one as user names.
+    // Another namespace has the operator sign the victim's bare name and its qualified one as
+    // user names (a binding of the victim's mailbox there: the signature says what the operator
+    // published, not whose mailbox it is).
     assert_eq!(index.apply(&relay("att", "a1", "victim@contoso.com", "pw-a")), Applied::Kept);
     match index.apply(&relay("att", "a2", "victims/victim@contoso.com", "pw-a")) {
         Applied::Invalid(why) => assert!(why.contains('/'), "{why}"),
@@ -220,4 +245,87 @@ fn a_namespace_cannot_grow_the_index_past_its_bound_and_long_tokens_are_not_kept
         d.insert("access_token".into(), k8s_openapi::ByteString(vec![b'a'; super::source::MAX_TOKEN + 1]));
     }
     assert!(matches!(index.apply(&long), Applied::Invalid(_)));
+}
+
+/// Counts of `mailoauth_relay_secrets_refused_total` by reason, from the registry's text.
+fn refused_counts(index: &Index) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    index.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text
+}
+
+#[test]
+fn an_unsigned_secret_is_not_served_and_is_counted_without_a_name() {
+    let index = listed();
+    let mut unsigned = relay("team", "a-token", "a@example.com", "pw");
+    unsigned.metadata.annotations = None;
+    assert_eq!(index.apply(&unsigned), Applied::Refused(Refusal::Unsigned));
+    let mut garbled = relay("team", "b-token", "b@example.com", "pw");
+    garbled.metadata.annotations.get_or_insert_with(BTreeMap::new).insert(SIGNATURE_ANNOTATION.into(), "x".into());
+    assert_eq!(index.apply(&garbled), Applied::Refused(Refusal::Malformed));
+    assert!(index.is_empty());
+    assert!(mailbox_of(index.check("a@example.com", b"pw", Utc::now())).is_none());
+    let text = refused_counts(&index);
+    assert!(text.contains("mailoauth_relay_secrets_refused_total{reason=\"unsigned\"} 1"), "{text}");
+    assert!(text.contains("mailoauth_relay_secrets_refused_total{reason=\"malformed\"} 1"), "{text}");
+    assert!(!text.contains("team") && !text.contains("example.com"), "{text}");
+    // Without the operator's key nothing is served.
+    let keyless = Index::default();
+    keyless.set_listed();
+    assert_eq!(keyless.apply(&relay("team", "a-token", "a@example.com", "pw")), Applied::Refused(Refusal::NoKey));
+}
+
+#[test]
+fn a_tenants_forged_secret_claiming_another_mailbox_is_refused_and_leaves_the_name_unambiguous() {
+    let index = listed();
+    assert_eq!(index.apply(&relay("victims", "v-token", "victim@contoso.com", "pw-v")), Applied::Kept);
+    // The tenant of `att` labels a Secret of its own as published, signed with a key of its own
+    // (it cannot read the operator's), or not at all, or with the victim's signature.
+    let own_key = SigningKey::new(&[9; KEY_LEN]).unwrap();
+    let forged = signed_with(&own_key, relay("att", "a1", "victim@contoso.com", "pw-a"));
+    assert_eq!(index.apply(&forged), Applied::Refused(Refusal::OtherKey));
+    let mut stolen = relay("att", "a2", "victim@contoso.com", "pw-a");
+    let victims = relay("victims", "v-token", "victim@contoso.com", "pw-v");
+    stolen.metadata.annotations.clone_from(&victims.metadata.annotations);
+    assert_eq!(index.apply(&stolen), Applied::Refused(Refusal::BadSignature));
+    // The bare name still names the victim's binding alone.
+    let now = Utc::now();
+    assert_eq!(mailbox_of(index.check("victim@contoso.com", b"pw-v", now)).as_deref(), Some("victim@contoso.com"));
+    assert!(mailbox_of(index.check("victim@contoso.com", b"pw-a", now)).is_none());
+    assert!(mailbox_of(index.check("att/victim@contoso.com", b"pw-a", now)).is_none());
+}
+
+#[test]
+fn a_signed_secret_copied_to_another_namespace_or_name_or_edited_is_refused() {
+    let index = listed();
+    let original = relay("team", "a-token", "a@example.com", "pw");
+    assert_eq!(index.apply(&original), Applied::Kept);
+    // Copied whole (annotation and data) into another namespace, or under another name.
+    let mut copied = original.clone();
+    copied.metadata.namespace = Some("elsewhere".into());
+    assert_eq!(index.apply(&copied), Applied::Refused(Refusal::BadSignature));
+    let mut renamed = original.clone();
+    renamed.metadata.name = Some("b-token".into());
+    assert_eq!(index.apply(&renamed), Applied::Refused(Refusal::BadSignature));
+    assert_eq!(index.len(), 1);
+    assert!(mailbox_of(index.check("elsewhere/a@example.com", b"pw", Utc::now())).is_none());
+    // Edited in place: a sender or a server added. The version kept before is dropped.
+    for (k, v) in [("relay_senders", "ceo@example.com"), ("smtp_host", "evil.example.net"), ("relay_password", "mine")]
+    {
+        let mut edited = original.clone();
+        edited.data.get_or_insert_with(BTreeMap::new).insert(k.into(), ByteString(v.as_bytes().to_vec()));
+        assert_eq!(index.apply(&edited), Applied::Refused(Refusal::BadSignature), "{k}");
+        assert!(index.is_empty(), "{k}");
+        assert_eq!(index.apply(&original), Applied::Kept);
+    }
+    // A renewed token (not signed: see the policy module) keeps it served.
+    let mut renewed = original.clone();
+    renewed.data.get_or_insert_with(BTreeMap::new).insert("access_token".into(), ByteString(b"token-2".to_vec()));
+    assert_eq!(index.apply(&renewed), Applied::Kept);
+    // After a rotation of the operator's key, the old signature is another key's.
+    index.set_key(Some(SigningKey::new(&[8; KEY_LEN]).unwrap()));
+    assert_eq!(index.apply(&original), Applied::Refused(Refusal::OtherKey));
+    assert!(index.is_empty());
 }

@@ -417,6 +417,7 @@ impl Context {
             referable: crate::controller::versions::SecretVersions::default(),
             client_secrets: ClientSecretCache::default(),
             verify: crate::controller::verify::Nudges::default(),
+            relay_keys: crate::controller::relay_key::RelayKeys::off(),
             authorization: AuthorizationSettings::default(),
             metrics: Arc::default(),
             limits: Arc::new(crate::controller::limits::RateLimits::new(100.0)),

@@ -10,6 +10,12 @@ only as `namespace/mailbox`; a rotation is picked up without a restart (old and 
 both work during the grace); a binding whose relay is turned off, and one in a namespace not
 served, do not work; the relay's metrics count it all, and no password reaches its log.
 
+The relay serves only what the operator signed (its key in a Secret of the operator's namespace,
+made on first need): a tenant of one served namespace who labels a Secret of its own as published,
+claiming another namespace's mailbox, is not served and does not make that mailbox's bare name
+ambiguous; a signed Secret copied into another namespace is refused; a deleted key is made anew,
+every published Secret is signed again, and the relay keeps serving them.
+
 The tests run in file order and build on each other; the bed is shared by the module."""
 import base64
 import imaplib
@@ -32,6 +38,9 @@ SOLO = "solo-box@example.com"  # bound in shared-a only
 FAR = "far-box@example.com"  # bound in shared-c, not served
 # The chart's values for the relay: served namespaces (Roles there only), STARTTLS listeners
 # with the certificate Secret (the bed points TLS_CERT_DIR at a folder like its mount).
+SIGNING_KEY = "mail-oauth-operator-relay-signing"  # the chart's Secret name for the signing key
+SIGNATURE = "mailoauth.io/relay-signature"
+PUBLISHED_LABELS = {"app.kubernetes.io/managed-by": "mail-oauth-operator", "mailoauth.io/secret-role": "published"}
 RELAY_VALUES = ("--set", "relay.enabled=true", "--set", "relay.tls.secretName=relay-tls",
                 "--set", "relay.namespaces={shared-a,shared-b}", "--set", "relay.listeners.pop3=true")
 SEEN = {}  # secret values the tests saw: value -> what
@@ -68,6 +77,21 @@ def password(bed, namespace, name):
     SEEN[data["relay_password"]] = f"relay password of {namespace}/{name}"
     SEEN[data["access_token"]] = f"access token of {namespace}/{name}"
     return data["relay_password"]
+
+
+def annotations(bed, namespace, name):
+    return bed.kubectl_json("get", "secret", name, "-n", namespace)["metadata"].get("annotations") or {}
+
+
+def refused_secrets(bed, reason):
+    return bed.metrics("relay").get(f'mailoauth_relay_secrets_refused_total{{reason="{reason}"}}', 0)
+
+
+def signing_key(bed):
+    s = bed.kubectl_json("get", "secret", SIGNING_KEY, "-n", OPERATOR_NAMESPACE)
+    SEEN[s["data"]["key"]] = "the relay signing key (base64)"
+    SEEN[base64.b64decode(s["data"]["key"]).hex()] = "the relay signing key (hex)"
+    return s["data"]["key"]
 
 
 def tls(bed):
@@ -162,6 +186,15 @@ def test_the_operator_publishes_relay_credentials_in_every_namespace(bed):
         assert bed.kubectl("auth", "can-i", "watch", "secrets", "-n", ns, who).stdout.strip() == "yes"
     assert bed.kubectl("auth", "can-i", "list", "secrets", "-n", OUTSIDE, who, check=False).stdout.strip() == "no"
     assert bed.kubectl("auth", "can-i", "create", "secrets", "-n", SERVED[0], who, check=False).stdout.strip() == "no"
+    # The operator signed what it published with relay keys, with a key it made in its namespace;
+    # the relay may read that one Secret there, and no other.
+    signing_key(bed)
+    for ns, name in ((SERVED[0], "solo"), (OUTSIDE, "far")):
+        assert annotations(bed, ns, f"{name}-mail-token")[SIGNATURE].startswith("v1.")
+    assert bed.kubectl("auth", "can-i", "get", f"secret/{SIGNING_KEY}", "-n", OPERATOR_NAMESPACE, who,
+                       check=False).stdout.strip() == "yes"
+    assert bed.kubectl("auth", "can-i", "get", "secret/anything-else", "-n", OPERATOR_NAMESPACE, who,
+                       check=False).stdout.strip() == "no"
 
 
 def test_clients_log_in_through_the_shared_relay_with_the_published_credentials(bed):
@@ -195,6 +228,39 @@ def test_smtp_submission_through_the_shared_relay_reaches_the_real_postfix(bed):
     assert f"sasl_username={SOLO}" in log, "the upstream login was the mailbox's, by XOAUTH2"
 
 
+def test_a_tenants_forged_secret_is_not_served_and_leaves_the_real_mailbox_unambiguous(bed):
+    """A tenant who may create Secrets in shared-b (not in shared-a, not in the operator's
+    namespace) labels Secrets of its own as published: one claiming shared-a's mailbox unsigned,
+    one with a made-up signature, and a copy of shared-a's signed Secret whole."""
+    solo = password(bed, SERVED[0], "solo")
+    real = bed.kubectl_json("get", "secret", "solo-mail-token", "-n", SERVED[0])
+    data = {k: base64.b64decode(v).decode() for k, v in real["data"].items()}
+    forged = dict(data, relay_password="forged-password", relay_senders="ceo@example.com")
+    key_id = real["metadata"]["annotations"][SIGNATURE].split(".")[1]
+    docs = []
+    for name, note in (("forged-unsigned", {}), ("forged-signed", {SIGNATURE: f"v1.{key_id}.{'ab' * 32}"})):
+        doc = secret(SERVED[1], name, forged, referable=False)
+        doc["metadata"].update(labels=PUBLISHED_LABELS, annotations=note)
+        docs.append(doc)
+    copy = secret(SERVED[1], "solo-mail-token", data, referable=False)
+    copy["metadata"].update(labels=PUBLISHED_LABELS, annotations={SIGNATURE: real["metadata"]["annotations"][SIGNATURE]})
+    docs.append(copy)
+    before = {r: refused_secrets(bed, r) for r in ("unsigned", "bad_signature")}
+    apply(bed, *docs)
+    wait_for("the relay refuses the forgeries", lambda: refused_secrets(bed, "unsigned") > before["unsigned"]
+             and refused_secrets(bed, "bad_signature") >= before["bad_signature"] + 2, timeout=30)
+    # The real mailbox keeps its bare name; the forged password and the copy serve nothing.
+    assert imap_login(bed, SOLO, solo) == "OK"
+    assert refused(bed, SOLO, "forged-password")
+    assert refused(bed, f"{SERVED[1]}/{SOLO}", "forged-password")
+    assert refused(bed, f"{SERVED[1]}/{SOLO}", solo)
+    assert imap_login(bed, f"{SERVED[0]}/{SOLO}", solo) == "OK"
+    log = (bed.dir / "relay.log").read_text(errors="replace")
+    assert "forged-signed" in log and "bad_signature" in log, "the refusal is logged with its reason"
+    assert "forged-password" not in log
+    bed.kubectl("delete", "secret", "-n", SERVED[1], "forged-unsigned", "forged-signed", "solo-mail-token")
+
+
 def test_a_rotation_is_picked_up_without_a_restart_and_the_old_password_works_during_its_grace(bed):
     old = password(bed, SERVED[0], "solo")
     bed.kubectl("patch", "mailboxbinding", "solo", "-n", SERVED[0], "--type=merge",
@@ -209,6 +275,26 @@ def test_a_rotation_is_picked_up_without_a_restart_and_the_old_password_works_du
              lambda: imap_login(bed, SOLO, new, source=next(SOURCES)) == "OK", interval=1, timeout=30)
     assert imap_login(bed, SOLO, old) == "OK", "the previous password works during its grace"
     assert bed.alive("relay")
+
+
+def test_a_deleted_signing_key_is_made_anew_and_every_published_secret_signed_again(bed):
+    old_key = signing_key(bed)
+    old = {(ns, n): annotations(bed, ns, f"{n}-mail-token")[SIGNATURE]
+           for ns, n in ((SERVED[0], "solo"), (SERVED[0], "twice"), (SERVED[1], "twice"))}
+    bed.kubectl("delete", "secret", SIGNING_KEY, "-n", OPERATOR_NAMESPACE)
+    # Made anew by the operator (a missing Secret is an error here: not yet).
+    new_key = wait_for("a new signing key", lambda: (lambda k: k if k != old_key else None)(
+        bed.kubectl_json("get", "secret", SIGNING_KEY, "-n", OPERATOR_NAMESPACE)["data"]["key"]), timeout=60)
+    signing_key(bed)
+    for (ns, n), signature in old.items():
+        wait_for(f"{ns}/{n} signed again", lambda: annotations(bed, ns, f"{n}-mail-token")[SIGNATURE].split(".")[1]
+                 != signature.split(".")[1], timeout=60)
+    assert new_key != old_key
+    # The relay takes the new key and serves the Secrets signed with it.
+    wait_for("the relay serves with the new key", lambda: imap_login(
+        bed, SOLO, password(bed, SERVED[0], "solo"), source=next(SOURCES)) == "OK", interval=1, timeout=60)
+    assert imap_login(bed, f"{SERVED[1]}/{TWICE}", password(bed, SERVED[1], "twice")) == "OK"
+    assert bed.alive("relay") and bed.alive("operator")
 
 
 def test_a_binding_whose_relay_is_turned_off_stops_working_at_the_relay(bed):

@@ -32,6 +32,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 mail-oauth-operator
 {{- end -}}
 
+{{/* The Secret (in the release namespace) holding the key that signs published Secrets for the
+shared relay: made by the operator on first need; delete it to rotate (docs/relay.md). */}}
+{{- define "mail-oauth-operator.relaySigningKey" -}}
+mail-oauth-operator-relay-signing
+{{- end -}}
+
 {{- define "mail-oauth-operator.clusterResourceNamespace" -}}
 {{- default .Release.Namespace .Values.clusterResourceNamespace -}}
 {{- end -}}
