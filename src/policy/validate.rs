@@ -339,6 +339,13 @@ mod tests {
                 "pop3_host",
             ),
         ];
+        // Server keys of protocols the binding does not publish are the operator's all the same:
+        // the relay would take them as its upstream.
+        let bad: Vec<(SecretTemplate, &str)> = ["pop3_host", "pop3_port", "pop3_tls", "smtp_tls", "imap_tls"]
+            .into_iter()
+            .map(|k| (SecretTemplate { data: BTreeMap::from([(k.into(), "v".into())]), ..Default::default() }, k))
+            .chain(bad)
+            .collect();
         for (template, want) in bad {
             let err = spec(&spec_with(template.clone())).err().unwrap_or_default();
             assert!(err.contains(want), "{template:?}: {err}");
