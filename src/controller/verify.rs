@@ -318,10 +318,14 @@ async fn check(ctx: &Context, key: &Key, limits: mail::Limits) -> Result<(), Che
             debug!(?why, "checking the mailbox");
             let token = published_token(ctx, &binding).await?;
             let creds = Credentials { user: binding.spec.mailbox.clone(), token };
-            let mut verdicts = Vec::new();
-            for protocol in binding.spec.protocols.clone() {
-                verdicts.push((protocol, one(ctx, &binding, spec.as_ref(), &servers, protocol, &creds, limits).await));
-            }
+            // Every protocol at once, so that each server sees its login when the check starts (the
+            // moment the pacer recorded), not after another server's login took its time.
+            let verdicts: Vec<(Protocol, _)> = futures::future::join_all(binding.spec.protocols.iter().map(|p| {
+                let p = *p;
+                let (binding, spec, servers, creds) = (&binding, spec.as_ref(), &servers, &creds);
+                async move { (p, one(ctx, binding, spec, servers, p, creds, limits).await) }
+            }))
+            .await;
             drop(creds);
             if !ctx.leader.is_leader() {
                 return Err(CheckError::NotLeader);
