@@ -94,7 +94,12 @@ impl Mounted {
     /// [`Self::accepts`] at `now`: the current password, or the previous one before the end of
     /// its grace period (both digests are compared, always, so the time taken tells nothing).
     pub fn accepts_at(&self, user: &str, password: &[u8], now: DateTime<Utc>) -> bool {
-        let given: [u8; 32] = Sha256::digest(password).into();
+        self.accepts_digest_at(user, &Sha256::digest(password).into(), now)
+    }
+
+    /// [`Self::accepts_at`] with the password's SHA-256 digest computed already (the shared
+    /// relay checks one password against every binding of a name).
+    pub fn accepts_digest_at(&self, user: &str, given: &[u8; 32], now: DateTime<Utc>) -> bool {
         let current: bool = given.ct_eq(&self.password_digest).into();
         let (previous_digest, until) = self.previous.unwrap_or(([0; 32], DateTime::<Utc>::MIN_UTC));
         let previous: bool = given.ct_eq(&previous_digest).into();

@@ -7,10 +7,12 @@
 //! The index keeps, per Secret, what a login needs and nothing else: the mailbox, the relay
 //! user name, the password's SHA-256 digest (never the password), the previous password's digest
 //! and the end of its grace, the senders, the token and its expiry, and the servers. A Secret
-//! larger than [`MAX_SECRET`] is not kept. In the shared relay a user name must name one binding:
-//! `mailbox` when exactly one Secret in the served namespaces has that `relay_username`, else
-//! `namespace/mailbox`; an ambiguous or unknown name is answered as a wrong password (no oracle),
-//! after the same digest computation.
+//! larger than [`MAX_SECRET`] is not kept. In the shared relay a client logs in as `mailbox` or
+//! `namespace/mailbox`, and the password picks the binding: accepted when exactly one binding of
+//! that name (in that namespace) has it. A mailbox bound in another namespace too (any tenant can
+//! have the operator publish a binding of any mailbox) therefore neither locks the first one's
+//! devices out of the bare name nor reaches them. An unknown name, or a password two bindings
+//! share, is answered as a wrong password (no oracle), after the same digest computation.
 //!
 //! Only Secrets the operator signed are kept ([`crate::policy::relay_signature`]): the signature
 //! covers the namespace, the name and every key the relay trusts, with a key from a Secret in
@@ -197,15 +199,27 @@ impl Inner {
         self.entries.len() < MAX_ENTRIES && self.per_namespace.get(&key.0).copied().unwrap_or(0) < MAX_PER_NAMESPACE
     }
 
-    /// The one entry named `name` (in `namespace`, when given).
-    fn unique(&self, name: &str, namespace: Option<&str>) -> Option<Arc<Entry>> {
+    /// The one entry named `name` (in `namespace`, when given) that accepts the password whose
+    /// digest is `given` at `now`. Every entry of the name is checked (no early return), so the
+    /// time taken depends on the number of bindings of the name, never on which one matched.
+    fn accepting(
+        &self,
+        name: &str,
+        namespace: Option<&str>,
+        given: &[u8; 32],
+        now: DateTime<Utc>,
+    ) -> Option<Arc<Entry>> {
         let keys = self.names.get(&name.to_ascii_lowercase())?;
-        let mut found = keys.iter().filter(|k| namespace.is_none_or(|n| k.0 == n));
-        let first = found.next()?;
-        if found.next().is_some() {
-            return None;
+        let mut found: Option<&Arc<Entry>> = None;
+        let mut matches = 0_usize;
+        for entry in keys.iter().filter(|k| namespace.is_none_or(|n| k.0 == n)).filter_map(|k| self.entries.get(k)) {
+            if entry.mounted.accepts_digest_at(name, given, now) {
+                matches = matches.saturating_add(1);
+                found = Some(entry);
+            }
         }
-        self.entries.get(first).cloned()
+        // Two bindings that accept the same password: neither is chosen.
+        (matches == 1).then(|| found.cloned()).flatten()
     }
 }
 
@@ -360,28 +374,27 @@ impl Index {
         }
     }
 
-    /// Checks `user` (`mailbox` naming one binding, or `namespace/mailbox`) and `password` at
-    /// `now`. The digest is computed whether or not the name is known.
+    /// Checks `user` (`mailbox`, or `namespace/mailbox`) and `password` at `now`: accepted when
+    /// exactly one binding of that name (in that namespace) has that password. A name bound in
+    /// several namespaces (another namespace may bind any mailbox: the operator signs what it
+    /// publishes, not whose mailbox it is) still logs in by itself with each binding's own
+    /// password, so no other namespace can lock a binding's devices out of the bare name, nor
+    /// reach a binding without its password. The digest is computed once whether or not the name
+    /// is known.
     pub(crate) fn check(&self, user: &str, password: &[u8], now: DateTime<Utc>) -> Check {
         if !self.listed.load(Ordering::SeqCst) {
             return Check::Unreadable;
         }
-        let found = {
-            let inner = self.read();
-            // A name with a `/` is only ever `namespace/mailbox` (no kept user name has one).
-            match user.split_once('/') {
-                Some((namespace, name)) => inner.unique(name, Some(namespace)).map(|e| (e, name)),
-                None => inner.unique(user, None).map(|e| (e, user)),
-            }
+        let given: [u8; 32] = Sha256::digest(password).into();
+        let inner = self.read();
+        // A name with a `/` is only ever `namespace/mailbox` (no kept user name has one).
+        let found = match user.split_once('/') {
+            Some((namespace, name)) => inner.accepting(name, Some(namespace), &given, now),
+            None => inner.accepting(user, None, &given, now),
         };
         match found {
-            Some((entry, name)) if entry.mounted.accepts_at(name, password, now) => Check::Accepted(entry),
-            Some(_) => Check::Wrong,
-            None => {
-                // The same work as a known name, so the time taken does not tell which it was.
-                let _ = std::hint::black_box(Sha256::digest(password));
-                Check::Wrong
-            }
+            Some(entry) => Check::Accepted(entry),
+            None => Check::Wrong,
         }
     }
 }

@@ -109,23 +109,26 @@ fn a_unique_mailbox_logs_in_by_itself_and_with_its_namespace() {
 }
 
 #[test]
-fn a_mailbox_bound_in_two_namespaces_needs_the_namespace() {
+fn a_mailbox_bound_in_two_namespaces_is_told_apart_by_its_password() {
     let index = listed();
     index.apply(&relay("team", "a-token", "a@example.com", "pw-team"));
     index.apply(&relay("ops", "a-token", "a@example.com", "pw-ops"));
     let now = Utc::now();
-    // Ambiguous: refused like a wrong password, whichever password is given.
-    assert!(mailbox_of(index.check("a@example.com", b"pw-team", now)).is_none());
-    assert!(mailbox_of(index.check("a@example.com", b"pw-ops", now)).is_none());
+    // The bare name: each binding by its own password.
+    assert!(mailbox_of(index.check("a@example.com", b"pw-team", now)).is_some());
+    assert!(mailbox_of(index.check("a@example.com", b"pw-ops", now)).is_some());
+    assert!(mailbox_of(index.check("a@example.com", b"pw-other", now)).is_none());
     assert!(mailbox_of(index.check("team/a@example.com", b"pw-team", now)).is_some());
     assert!(mailbox_of(index.check("ops/a@example.com", b"pw-ops", now)).is_some());
     // Each namespace's password is its own.
     assert!(mailbox_of(index.check("team/a@example.com", b"pw-ops", now)).is_none());
-    // Two bindings of the mailbox in one namespace: ambiguous even with the namespace.
+    // Two bindings of the mailbox in one namespace: each by its own password, with the namespace.
     index.apply(&relay("team", "b-token", "a@example.com", "pw-team-2"));
-    assert!(mailbox_of(index.check("team/a@example.com", b"pw-team", now)).is_none());
-    // One of them gone: unique again.
+    assert!(mailbox_of(index.check("team/a@example.com", b"pw-team", now)).is_some());
+    assert!(mailbox_of(index.check("team/a@example.com", b"pw-team-2", now)).is_some());
+    assert!(mailbox_of(index.check("team/a@example.com", b"pw-ops", now)).is_none());
     index.delete(&relay("team", "b-token", "", ""));
+    assert!(mailbox_of(index.check("team/a@example.com", b"pw-team-2", now)).is_none());
     assert!(mailbox_of(index.check("team/a@example.com", b"pw-team", now)).is_some());
     // The other namespace's binding gone: the bare mailbox works.
     index.delete(&relay("ops", "a-token", "", ""));
@@ -221,8 +224,9 @@ fn a_user_name_with_a_slash_is_never_kept_so_a_qualified_name_cannot_be_shadowed
         other => panic!("{other:?}"),
     }
     let now = Utc::now();
-    // The bare name is ambiguous now; the qualified one still reaches only the victim's entry.
-    assert!(mailbox_of(index.check("victim@contoso.com", b"pw-v", now)).is_none());
+    // The bare name still takes the victim's password to the victim's entry alone; the qualified
+    // one reaches only the victim's entry.
+    assert!(mailbox_of(index.check("victim@contoso.com", b"pw-v", now)).is_some());
     assert_eq!(
         mailbox_of(index.check("victims/victim@contoso.com", b"pw-v", now)).as_deref(),
         Some("victim@contoso.com")
@@ -328,4 +332,49 @@ fn a_signed_secret_copied_to_another_namespace_or_name_or_edited_is_refused() {
     index.set_key(Some(SigningKey::new(&[8; KEY_LEN]).unwrap()));
     assert_eq!(index.apply(&original), Applied::Refused(Refusal::OtherKey));
     assert!(index.is_empty());
+}
+
+/// A binding of the victim's mailbox in another namespace (the attacker's own provider, whose
+/// token endpoint answers anything: the operator signs what it publishes, not whose mailbox it
+/// is), with servers of the attacker's choosing.
+fn claim(namespace: &str, name: &str, mailbox: &str, password: &str) -> Secret {
+    let mut s = relay(namespace, name, mailbox, password);
+    let data = s.data.get_or_insert_with(BTreeMap::new);
+    data.insert("smtp_host".into(), ByteString(b"evil.example.net".to_vec()));
+    signed(s)
+}
+
+fn smtp_host_of(check: Check) -> Option<String> {
+    match check {
+        Check::Accepted(entry) => entry.server(Protocol::Smtp).map(|s| s.0),
+        Check::Wrong | Check::Unreadable => None,
+    }
+}
+
+#[test]
+fn another_namespace_binding_the_same_mailbox_cannot_lock_its_devices_out_of_the_bare_name() {
+    let index = listed();
+    assert_eq!(index.apply(&relay("victims", "v-token", "victim@contoso.com", "pw-v")), Applied::Kept);
+    // Many bindings of the victim's mailbox in the attacker's namespace, all signed.
+    for i in 0..20 {
+        assert_eq!(
+            index.apply(&claim("att", &format!("a{i}"), "victim@contoso.com", &format!("pw-a{i}"))),
+            Applied::Kept
+        );
+    }
+    let now = Utc::now();
+    // The victim's devices keep logging in by the bare name, to the victim's binding (its server).
+    assert_eq!(smtp_host_of(index.check("victim@contoso.com", b"pw-v", now)).as_deref(), Some("smtp.example.com"));
+    assert_eq!(smtp_host_of(index.check("VICTIM@contoso.com", b"pw-v", now)).as_deref(), Some("smtp.example.com"));
+    // The attacker's password reaches only the attacker's own binding, never the victim's.
+    assert_eq!(smtp_host_of(index.check("victim@contoso.com", b"pw-a3", now)).as_deref(), Some("evil.example.net"));
+    assert!(smtp_host_of(index.check("victims/victim@contoso.com", b"pw-a3", now)).is_none());
+    // A wrong password is wrong, whatever the number of bindings of the name.
+    assert!(smtp_host_of(index.check("victim@contoso.com", b"pw-x", now)).is_none());
+    // Two bindings accepting the same password (a namespace that set it twice): neither is chosen.
+    assert_eq!(index.apply(&claim("att", "dup", "victim@contoso.com", "pw-a3")), Applied::Kept);
+    assert!(smtp_host_of(index.check("victim@contoso.com", b"pw-a3", now)).is_none());
+    assert!(smtp_host_of(index.check("att/victim@contoso.com", b"pw-a3", now)).is_none());
+    // The victim's own is still unique by its password.
+    assert_eq!(smtp_host_of(index.check("victim@contoso.com", b"pw-v", now)).as_deref(), Some("smtp.example.com"));
 }
