@@ -106,6 +106,17 @@ impl Wire {
         }
     }
 
+    /// The next line without its line end when the whole of it (within the bound) was read
+    /// already: a client's pipelined command, looked at before it is taken with `read_line`.
+    pub fn buffered_line(&self) -> Option<&[u8]> {
+        let end = memchr::memchr(b'\n', &self.buf).filter(|end| *end <= self.max_line)?;
+        let mut line = self.buf.get(..end)?;
+        while let Some(shorter) = line.strip_suffix(b"\r") {
+            line = shorter;
+        }
+        Some(line)
+    }
+
     /// Writes `bytes` (and flushes) within `wait`.
     pub async fn write(&mut self, bytes: &[u8], wait: Duration) -> Result<(), WireError> {
         let send = async {
