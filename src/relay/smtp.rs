@@ -326,6 +326,10 @@ async fn upstream_reply(up: &mut Wire, shared: &Shared) -> Result<(u16, Vec<u8>)
     Err(WireError::LineTooLong)
 }
 
+/// The most pipelined commands sent upstream in one write (their replies are held until the
+/// last comes, so this bounds that memory too; a longer group goes in several).
+const MAX_GROUP: usize = 64;
+
 const LOST: &str = "421 4.4.2 The upstream connection was lost, nothing was sent; try again later";
 
 /// Tells the client the upstream connection was lost, and counts it.
@@ -405,7 +409,7 @@ async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[S
         // the relay answers itself (another sender, AUTH, EHLO, ...) ends the group and is
         // taken in the next turn, so the replies keep their order; DATA ends it too.
         let mut group = 1usize;
-        while pipelining && matches!(verb.as_str(), "MAIL" | "RCPT" | "RSET") {
+        while pipelining && group < MAX_GROUP && matches!(verb.as_str(), "MAIL" | "RCPT" | "RSET") {
             let Some(next) = client.buffered_line().filter(|l| plain_command(l)) else { break };
             let (next_verb, next_rest) = verb_of(next);
             let goes_up = match next_verb.as_str() {

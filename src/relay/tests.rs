@@ -540,6 +540,28 @@ async fn a_pipelined_group_goes_upstream_in_order_and_a_foreign_sender_in_it_is_
     );
 }
 
+#[tokio::test]
+async fn a_pipelined_group_longer_than_the_bound_goes_in_several_writes_every_reply_in_order() {
+    let (ca, acceptor) = pki();
+    let (port, seen) = upstream(acceptor, "250 ok").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), port, TOKEN, &future());
+    let shared = shared(dir.path(), &ca);
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    assert!(c.login(PASSWORD).await.starts_with("235 "));
+    let mut batch = format!("MAIL FROM:<{MAILBOX}>\r\n");
+    for i in 0..150 {
+        batch.push_str(&format!("RCPT TO:<r{i}@example.org>\r\n"));
+    }
+    c.wire.write(batch.as_bytes(), Duration::from_secs(5)).await.unwrap();
+    for _ in 0..151 {
+        assert!(c.reply().await.starts_with("250 "), "{}", c.heard);
+    }
+    assert!(c.send("QUIT").await.starts_with("221 "));
+    let rcpts: Vec<String> = seen.lock().unwrap().iter().filter(|l| l.starts_with("RCPT")).cloned().collect();
+    assert_eq!(rcpts, (0..150).map(|i| format!("RCPT TO:<r{i}@example.org>")).collect::<Vec<_>>());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_client_trickling_a_byte_a_minute_is_closed_at_the_login_deadline() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
