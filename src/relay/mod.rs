@@ -10,8 +10,9 @@
 //! then opens the upstream submission (greeting, `EHLO`, `STARTTLS`, `EHLO`, two-step XOAUTH2 as
 //! verification does it, [`crate::mail::submission`]); no upstream connection is opened for an
 //! unauthenticated client, so the pre-`AUTH` `EHLO` lists the extensions of the last upstream
-//! session (or a conservative three before the first). After `AUTH` the commands go upstream one
-//! at a time, each reply comes back unchanged; message bodies are copied in chunks, never kept.
+//! session (or a conservative three before the first). After `AUTH` the commands go upstream in
+//! order (a pipelined group in one write), each reply comes back unchanged; message bodies are
+//! copied a read at a time, never kept.
 //! Everything that can fail upstream (no token, an expired one, an unreachable server, a refused
 //! login, a connection lost mid-message) gives the client a `454`/`421`: a retry, never a bounce,
 //! and never a `250` the upstream did not give.

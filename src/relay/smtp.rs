@@ -2,11 +2,14 @@
 //! (greeting, `EHLO`/`HELO`, `STARTTLS`, `AUTH PLAIN`/`LOGIN`, `NOOP`, `RSET`, `QUIT`; anything
 //! else is `530`). After `AUTH` it checks the credentials ([`super::login::check`]), logs in upstream with XOAUTH2
 //! ([`crate::mail::submission`]) and answers `235` only then; from there every command goes
-//! upstream one at a time and the upstream's reply comes back as the upstream wrote it, except
+//! upstream in order and the upstream's reply comes back as the upstream wrote it, except
 //! where authentication is concerned: `MAIL FROM` of another sender than the mailbox, `AUTH` and
 //! `STARTTLS` are answered by the relay, and `EHLO` is answered from the upstream's extensions
 //! with its `AUTH` line replaced by the relay's. Pipelined commands are read from the buffer in
-//! order, so replies keep their order; `DATA` and `BDAT` bodies are copied in chunks.
+//! order, so replies keep their order; when the upstream offers `PIPELINING`, a client's group of
+//! `MAIL`/`RCPT`/`RSET` (up to a `NOOP` or `DATA`) already read goes upstream in one write, every
+//! `MAIL` sender checked first, and the replies come back in one; `DATA` and `BDAT` bodies are
+//! copied a read at a time.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -323,6 +326,10 @@ async fn upstream_reply(up: &mut Wire, shared: &Shared) -> Result<(u16, Vec<u8>)
     Err(WireError::LineTooLong)
 }
 
+/// The most pipelined commands sent upstream in one write (their replies are held until the
+/// last comes, so this bounds that memory too; a longer group goes in several).
+const MAX_GROUP: usize = 64;
+
 const LOST: &str = "421 4.4.2 The upstream connection was lost, nothing was sent; try again later";
 
 /// Tells the client the upstream connection was lost, and counts it.
@@ -334,6 +341,7 @@ async fn lost(client: &mut Wire, shared: &Shared) {
 async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[String], shared: &Shared) {
     let limits = shared.limits;
     let extensions = upstream.extensions.clone();
+    let pipelining = extensions.iter().any(|e| e.eq_ignore_ascii_case("PIPELINING"));
     let mut up = Wire::new(upstream.stream, upstream.pending, shared.mail.limits.max_line);
     loop {
         let line = match client.read_line(limits.idle_after_auth).await {
@@ -350,7 +358,7 @@ async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[S
                 return;
             }
         };
-        let (verb, rest) = verb_of(&line);
+        let (mut verb, mut rest) = verb_of(&line);
         let chunking = extensions.iter().any(|e| e.eq_ignore_ascii_case("CHUNKING"));
         let local = match verb.as_str() {
             // A line the relay would read otherwise than the upstream (a tab or a leading space
@@ -396,6 +404,29 @@ async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[S
         }
         let mut command = line.clone();
         command.extend_from_slice(b"\r\n");
+        // A client that pipelines (RFC 2920): the commands it sent together that go upstream as
+        // they are go in one write, and their replies come back in one, in order. A command
+        // the relay answers itself (another sender, AUTH, EHLO, ...) ends the group and is
+        // taken in the next turn, so the replies keep their order; DATA ends it too.
+        let mut group = 1usize;
+        while pipelining && group < MAX_GROUP && matches!(verb.as_str(), "MAIL" | "RCPT" | "RSET") {
+            let Some(next) = client.buffered_line().filter(|l| plain_command(l)) else { break };
+            let (next_verb, next_rest) = verb_of(next);
+            let goes_up = match next_verb.as_str() {
+                "MAIL" => sender(&next_rest).is_some_and(|from| senders.iter().any(|s| from.eq_ignore_ascii_case(s))),
+                "RCPT" | "RSET" | "NOOP" | "DATA" => true,
+                _ => false,
+            };
+            if !goes_up {
+                break;
+            }
+            let Ok(next) = client.read_line(limits.idle_after_auth).await else { break };
+            command.extend_from_slice(&next);
+            command.extend_from_slice(b"\r\n");
+            group = group.saturating_add(1);
+            verb = next_verb;
+            rest = next_rest;
+        }
         if up.write(&command, limits.write).await.is_err() {
             lost(&mut client, shared).await;
             return;
@@ -412,11 +443,17 @@ async fn relay(mut client: Wire, upstream: crate::mail::Submission, senders: &[S
                 return;
             }
         }
-        let Ok((code, reply)) = upstream_reply(&mut up, shared).await else {
-            lost(&mut client, shared).await;
-            return;
-        };
-        if client.write(&reply, limits.write).await.is_err() {
+        let mut replies = Vec::new();
+        let mut code = 0;
+        for _ in 0..group {
+            let Ok((last_code, reply)) = upstream_reply(&mut up, shared).await else {
+                lost(&mut client, shared).await;
+                return;
+            };
+            code = last_code;
+            replies.extend_from_slice(&reply);
+        }
+        if client.write(&replies, limits.write).await.is_err() {
             return;
         }
         if verb == "QUIT" {

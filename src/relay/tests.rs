@@ -485,6 +485,83 @@ async fn a_sender_of_spec_relay_senders_is_accepted_and_others_still_refused() {
     assert!(!seen.lock().unwrap().iter().any(|l| l.contains("ceo@example.com")));
 }
 
+#[tokio::test]
+async fn a_pipelined_group_goes_upstream_in_order_and_a_foreign_sender_in_it_is_still_refused() {
+    let (ca, acceptor) = pki();
+    let (port, seen) = upstream(acceptor, "250 2.0.0 queued").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), port, TOKEN, &future());
+    let shared = shared(dir.path(), &ca);
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    assert!(c.login(PASSWORD).await.starts_with("235 "));
+    // One write: a group the relay forwards whole, a foreign sender in the middle (answered by
+    // the relay, in its place), a group after it ending in DATA, and the message and the next
+    // command right behind (a client should wait for the 354; the relay still reads them in
+    // order).
+    let batch = format!(
+        "RSET\r\nMAIL FROM:<{MAILBOX}>\r\nRCPT TO:<a@example.org>\r\nMAIL FROM:<ceo@example.com>\r\n\
+         RCPT TO:<b@example.org>\r\nNOOP\r\nRSET\r\nMAIL FROM:<{MAILBOX}>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n\
+         Subject: x\r\n\r\nbody\n.\r\nQUIT\r\n"
+    );
+    c.wire.write(batch.as_bytes(), Duration::from_secs(5)).await.unwrap();
+    let mut replies = Vec::new();
+    for _ in 0..12 {
+        replies.push(c.reply().await);
+    }
+    let codes: Vec<&str> = replies.iter().map(|r| r.get(..3).unwrap_or_default()).collect();
+    assert_eq!(
+        codes,
+        ["250", "250", "250", "550", "250", "535", "250", "250", "250", "354", "250", "221"],
+        "{replies:?}"
+    );
+    let upstream_saw = seen.lock().unwrap().clone();
+    assert!(!upstream_saw.iter().any(|l| l.contains("ceo@example.com")), "{upstream_saw:?}");
+    let after_login: Vec<&str> =
+        upstream_saw.iter().map(String::as_str).skip_while(|l| !l.starts_with("RSET")).collect();
+    assert_eq!(
+        after_login,
+        [
+            "RSET",
+            format!("MAIL FROM:<{MAILBOX}>").as_str(),
+            "RCPT TO:<a@example.org>",
+            "RCPT TO:<b@example.org>",
+            "NOOP",
+            "RSET",
+            format!("MAIL FROM:<{MAILBOX}>").as_str(),
+            "RCPT TO:<c@example.org>",
+            "DATA",
+            "Subject: x",
+            "",
+            "body",
+            ".",
+            "QUIT",
+        ],
+        "the upstream got every forwarded command once, in order"
+    );
+}
+
+#[tokio::test]
+async fn a_pipelined_group_longer_than_the_bound_goes_in_several_writes_every_reply_in_order() {
+    let (ca, acceptor) = pki();
+    let (port, seen) = upstream(acceptor, "250 ok").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_secret(dir.path(), port, TOKEN, &future());
+    let shared = shared(dir.path(), &ca);
+    let mut c = Client::connect(&shared, "127.0.0.1");
+    assert!(c.login(PASSWORD).await.starts_with("235 "));
+    let mut batch = format!("MAIL FROM:<{MAILBOX}>\r\n");
+    for i in 0..150 {
+        batch.push_str(&format!("RCPT TO:<r{i}@example.org>\r\n"));
+    }
+    c.wire.write(batch.as_bytes(), Duration::from_secs(5)).await.unwrap();
+    for _ in 0..151 {
+        assert!(c.reply().await.starts_with("250 "), "{}", c.heard);
+    }
+    assert!(c.send("QUIT").await.starts_with("221 "));
+    let rcpts: Vec<String> = seen.lock().unwrap().iter().filter(|l| l.starts_with("RCPT")).cloned().collect();
+    assert_eq!(rcpts, (0..150).map(|i| format!("RCPT TO:<r{i}@example.org>")).collect::<Vec<_>>());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_client_trickling_a_byte_a_minute_is_closed_at_the_login_deadline() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -16,6 +16,9 @@ upstream (`--upstream-ca-file`), as a deployment runs it.
   through the relay (a password); messages per second, MB per second and the ratio. Then the
   same with a new session per message for the smallest size (the relay logs in upstream each
   time, as the client does straight).
+- With `--pin`, the relay runs on a CPU of its own (the last one) and the clients and the upstream
+  on the others, in the straight runs as in the relayed ones: a relay pod with its own CPU.
+  Without it, all of them share every CPU.
 - Idle IMAP sessions: `--sessions` connections through the relay, each logged in (`LOGIN` with
   the password) and in `IDLE`; the relay's resident memory (`VmRSS`) above its baseline, per
   session.
@@ -261,11 +264,25 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="rounds per size and path (the median is reported)")
     p.add_argument("--sessions", type=int, default=1000, help="idle IMAP sessions through the relay")
     p.add_argument("--tls", action="store_true", help="implicit TLS on every leg")
+    p.add_argument("--pin", action="store_true",
+                   help="the relay on a core of its own (the last CPU), the clients and the upstream on the others, "
+                        "in both the straight and the relayed runs: a relay pod with its own CPU")
     p.add_argument("--out", help="write the report as JSON here")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = min(hard, max(soft, 4 * args.sessions + 1024))
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+    cpus = sorted(os.sched_getaffinity(0))
+    relay_cpus = None
+    if args.pin:
+        if len(cpus) < 2:
+            sys.exit("--pin needs at least two CPUs")
+        # This process (and so the upstream and the client processes it starts) on all but the
+        # last CPU; the relay on the last one alone, from its start (its runtime sizes itself
+        # to the one CPU it sees, as in a pod with a limit of one CPU).
+        relay_cpus = {cpus[-1]}
+        os.sched_setaffinity(0, set(cpus[:-1]))
 
     work = tempfile.mkdtemp(prefix="relay-bench-")
     smtp_up, imap_up, smtp, imap, admin = (free_port() for _ in range(5))
@@ -306,8 +323,12 @@ def main():
     relay = subprocess.Popen(
         [args.relay_bin, "relay", "--secret-dir", secret, *listeners, "--listen-address", f"127.0.0.1:{admin}",
          "--allow-private-endpoints", "--max-connections", str(args.sessions + 64)],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, RUST_LOG="warn"))
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, RUST_LOG="warn"),
+        preexec_fn=(lambda: os.sched_setaffinity(0, relay_cpus)) if relay_cpus else None)
     report = {"profile": args.profile, "tls": args.tls,
+              "cpu_placement": f"relay on CPU {cpus[-1]} alone, clients and upstream on CPU {cpus[0]}"
+              + (f"-{cpus[-2]}" if len(cpus) > 2 else "") if args.pin
+              else f"clients, upstream and relay sharing {len(cpus)} CPUs",
               "upstream": "a local asyncio server, messages discarded",
               "parallel": args.parallel, "cpus": os.cpu_count(), "throughput": [], "imap": {}}
     try:
