@@ -211,6 +211,7 @@ impl Runtime {
             .boxed(),
         );
         assembly.tasks.push(readiness(std::mem::take(&mut assembly.syncs), ready, self.shutdown.clone()));
+        assembly.tasks.push(trim_memory(self.shutdown.clone()));
 
         // Each task runs on its own: a panic in one (a bug) is logged and cannot unwind the
         // others or the process.
@@ -322,7 +323,14 @@ impl Runtime {
         let provider_controller = Controller::for_shared_stream(providers_for_controller, provider_store.clone());
 
         let (binding_store, writer) = reflector::store();
+        let written: controller::Written = Default::default();
+        let caught_up = Arc::clone(&written);
         let binding_stream = reflector::reflector(writer, watcher(bindings_api, wc).modify(slim))
+            .inspect(move |event| {
+                if let Ok(watcher::Event::Apply(b) | watcher::Event::InitApply(b)) = event {
+                    controller::caught_up(&caught_up, &b.metadata);
+                }
+            })
             .default_backoff()
             .applied_objects()
             .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
@@ -347,7 +355,6 @@ impl Runtime {
             .reconcile_all_on(assembly.relay_keys.changes());
 
         let polls: controller::Polls = Default::default();
-        let written: controller::Written = Default::default();
         let client_secrets: controller::ClientSecretCache = Default::default();
         let namespace_labels = controller::NamespaceLabels::default();
         // One context per client: the controllers' and, with the authorization listener, the
@@ -517,34 +524,30 @@ fn owned_secrets(
     // Metadata only, also over the wire (kube 5 asks an `Api<PartialObjectMeta<_>>` for
     // PartialObjectMetadata): a Secret's data never reaches this process here.
     let api: Api<PartialObjectMeta<Secret>> = scoped(client, scope);
-    let (store, writer) = reflector::store();
-    let synced = Arc::new(AtomicBool::new(false));
-    let cache = controller::owned::OwnedSecrets::new(store, Arc::clone(&synced));
+    let cache = controller::owned::OwnedSecrets::watched();
     let mut first_list = true;
     let watch = watcher(api, list_from_cache().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")))
         .modify(controller::owned::slim)
         .default_backoff();
-    let stream = reflector::reflector(writer, watch)
+    let observer = cache.clone();
+    let stream = watch
+        .inspect(move |event| match event {
+            // The cache takes every event before it triggers anything, as a reflector's store:
+            // a binding reconciled for a Secret's change sees that change. Once a (re)list is
+            // in, absence in the cache means absence; until then every Secret is read.
+            Ok(event) => observer.observe(event),
+            Err(_) => observer.desynced(),
+        })
         .filter_map(move |event| {
             std::future::ready(match event {
                 Ok(watcher::Event::Apply(s) | watcher::Event::Delete(s)) => Some(Ok(s)),
                 Ok(watcher::Event::InitApply(s)) => (!first_list).then_some(Ok(s)),
                 Ok(watcher::Event::InitDone) => {
-                    // The store holds the whole list now: absence in it means absence.
-                    synced.store(true, Ordering::Release);
                     first_list = false;
                     None
                 }
-                // A relist (after a watch error or a desync): until it is in, what the store lacks
-                // may exist, so every Secret is read.
-                Ok(watcher::Event::Init) => {
-                    synced.store(false, Ordering::Release);
-                    None
-                }
-                Err(e) => {
-                    synced.store(false, Ordering::Release);
-                    Some(Err(e))
-                }
+                Ok(watcher::Event::Init) => None,
+                Err(e) => Some(Err(e)),
             })
         })
         .filter(move |s| std::future::ready(s.as_ref().map_or(true, |m| !own.is_own(&m.metadata))));
@@ -569,6 +572,41 @@ fn readiness(syncs: Vec<Synced>, ready: Arc<AtomicBool>, shutdown: Shutdown) -> 
     }
     .boxed()
 }
+
+/// Gives the memory the allocator holds free back to the system every [`TRIM_EVERY`]. glibc's
+/// malloc returns freed memory on its own only from the top of its heaps: what a burst freed
+/// below live objects (the first list of thousands of bindings and Secrets, their first
+/// reconciles, a relist) would stay resident for good. (jemalloc and mimalloc purge such pages
+/// after a delay of their own; this is the same for glibc.) One call walks the free lists; with
+/// nothing freed since the last one it costs microseconds.
+fn trim_memory(shutdown: Shutdown) -> BoxFuture<'static, ()> {
+    async move {
+        let mut every = tokio::time::interval(TRIM_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => trim(),
+                () = shutdown.clone() => break,
+            }
+        }
+    }
+    .boxed()
+}
+
+/// How often freed memory is given back to the system.
+pub const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim() {
+    // SAFETY: malloc_trim only releases free pages of the allocator's own heaps; it takes the
+    // allocator's locks itself and touches no memory the program holds.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() {}
 
 /// Every controller's configuration: a bounded number of reconciles at once.
 fn controller_config(concurrency: u16) -> kube::runtime::controller::Config {

@@ -254,6 +254,39 @@ async fn a_reconcile_from_the_copy_its_own_status_write_replaced_waits_for_the_c
 }
 
 #[tokio::test]
+async fn a_status_write_is_remembered_only_until_the_cache_shows_a_later_copy_and_the_room_goes_back() {
+    let (client, _server) = mocked();
+    let b = binding_object().at_version("42");
+    let ctx = context(client, Arc::new(Canned::default()), std::slice::from_ref(&b));
+    let remembered =
+        |ctx: &mail_oauth_operator::controller::Context| ctx.written.lock().map_or(usize::MAX, |w| w.len());
+    // The write's watch event came before its answer: the cache holds 42, later than the 41
+    // written over, so no reconcile can start from 41 and nothing is kept.
+    ctx.wrote_status("mail", "helpdesk", Some("41"));
+    assert_eq!(remembered(&ctx), 0);
+    // Written over the cached 42: kept until the cache shows another copy.
+    ctx.wrote_status("mail", "helpdesk", Some("42"));
+    assert!(ctx.behind_own_write("mail", "helpdesk", Some("42")));
+    mail_oauth_operator::controller::caught_up(&ctx.written, &b.metadata);
+    assert_eq!(remembered(&ctx), 1, "the same copy: still behind");
+    mail_oauth_operator::controller::caught_up(&ctx.written, &binding_object().at_version("43").metadata);
+    assert_eq!(remembered(&ctx), 0);
+    // After a burst of first writes (bindings the cache does not hold), the map shrinks as the
+    // cache catches up.
+    for i in 0..1000 {
+        ctx.wrote_status("mail", &format!("b{i}"), Some("1"));
+    }
+    let grown = ctx.written.lock().map_or(0, |w| w.capacity());
+    for i in 0..1000 {
+        let mut later = binding_object().at_version("2");
+        later.metadata.name = Some(format!("b{i}"));
+        mail_oauth_operator::controller::caught_up(&ctx.written, &later.metadata);
+    }
+    assert_eq!(remembered(&ctx), 0);
+    assert!(ctx.written.lock().is_ok_and(|w| w.capacity() < grown / 8), "room given back");
+}
+
+#[tokio::test]
 async fn a_reconcile_with_nothing_to_do_reads_and_writes_nothing_else() {
     let (client, mut server) = mocked();
     let tokens = Arc::new(Canned::default());

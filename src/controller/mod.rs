@@ -157,6 +157,25 @@ pub use versions::OwnWrites;
 /// `resourceVersion`s written over, by (namespace, binding).
 pub type Written = Arc<Mutex<HashMap<(String, String), String>>>;
 
+/// The binding cache has a copy of a binding other than the one its status was last written
+/// over: that write is behind it, its entry goes (the map gives its room back once mostly empty:
+/// after a burst of first writes it would otherwise keep a slot for every binding).
+pub fn caught_up(written: &Written, meta: &kube::api::ObjectMeta) {
+    let (Some(ns), Some(name)) = (&meta.namespace, &meta.name) else { return };
+    let Ok(mut written) = written.lock() else { return };
+    if written.is_empty() {
+        return;
+    }
+    let key = (ns.clone(), name.clone());
+    if written.get(&key).is_some_and(|rv| meta.resource_version.as_ref() != Some(rv)) {
+        written.remove(&key);
+        if written.len().saturating_mul(4) < written.capacity() && written.capacity() > 64 {
+            let keep = written.len().saturating_mul(2);
+            written.shrink_to(keep);
+        }
+    }
+}
+
 /// The controllers' contexts, one per watched scope, filled in as the controllers start (the
 /// authorization listener finds a binding's context here).
 pub type Contexts = Arc<Mutex<Vec<Arc<Context>>>>;
@@ -246,6 +265,14 @@ impl Context {
     /// Records that the status of a binding at `resource_version` was just written over.
     pub fn wrote_status(&self, namespace: &str, binding: &str, resource_version: Option<&str>) {
         if let (Ok(mut written), Some(rv)) = (self.written.lock(), resource_version) {
+            // The write's watch event often comes before its answer: when the cache already has
+            // a later copy, no reconcile can start from the older one (and `caught_up`, which ran
+            // for that event, found nothing to forget). Asked under the lock `caught_up` takes.
+            let cached = self.bindings.get(&kube::runtime::reflector::ObjectRef::new(binding).within(namespace));
+            if cached.is_some_and(|b| b.metadata.resource_version.as_deref() != Some(rv)) {
+                written.remove(&(namespace.to_owned(), binding.to_owned()));
+                return;
+            }
             let grew = written.insert((namespace.to_owned(), binding.to_owned()), rv.to_owned()).is_none();
             // Deleted bindings are never reconciled again; their entries go each time the map
             // has grown by another 1024.
@@ -260,6 +287,7 @@ impl Context {
                     .collect();
                 if written.len() > live.len().saturating_add(1024) {
                     written.retain(|key, _| live.contains(key));
+                    written.shrink_to_fit();
                 }
             }
         }

@@ -5,13 +5,14 @@
 //! (its watch event may not be in yet); Secrets found at create to belong to someone else are
 //! read from then on.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::PartialObjectMeta;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher::Event;
 
 use super::OwnWrites;
 use crate::api::{
@@ -33,28 +34,102 @@ pub enum Cached {
 }
 
 /// The owned Secrets' metadata cache.
+///
+/// Each Secret's metadata, as [`slim`] leaves it, is kept as one compact JSON string (without its
+/// name and namespace, which are the key) and decoded when a reconcile looks at it: two Secrets
+/// per binding, kept for every binding, are most of the operator's memory per binding, and an
+/// `ObjectMeta` with its two maps and a dozen strings takes about three times the bytes of its
+/// JSON (measured with a heap profile: docs/performance.md, "Memory per binding").
 #[derive(Clone, Debug, Default)]
 pub struct OwnedSecrets {
-    store: Option<Store<PartialObjectMeta<Secret>>>,
+    cache: Option<Arc<RwLock<Listed>>>,
     synced: Arc<AtomicBool>,
     foreign: Arc<Mutex<HashSet<(String, String)>>>,
 }
 
+/// The Secrets listed and watched, by `namespace/name`; while a (re)list is in, the Secrets it
+/// has delivered so far.
+#[derive(Debug, Default)]
+struct Listed {
+    current: HashMap<Box<str>, Box<str>>,
+    relist: Option<HashMap<Box<str>, Box<str>>>,
+}
+
+fn key(namespace: &str, name: &str) -> Box<str> {
+    format!("{namespace}/{name}").into_boxed_str()
+}
+
+/// A cached Secret's key and compact form: its metadata as JSON without name and namespace.
+fn compact(secret: &PartialObjectMeta<Secret>) -> Option<(Box<str>, Box<str>)> {
+    let meta = &secret.metadata;
+    let key = key(meta.namespace.as_deref()?, meta.name.as_deref()?);
+    let rest = ObjectMeta { name: None, namespace: None, ..meta.clone() };
+    Some((key, serde_json::to_string(&rest).ok()?.into_boxed_str()))
+}
+
 impl OwnedSecrets {
-    /// A cache over `store`, believed once `synced` is set (its first list is in).
-    pub fn new(store: Store<PartialObjectMeta<Secret>>, synced: Arc<AtomicBool>) -> Self {
-        Self { store: Some(store), synced, foreign: Arc::default() }
+    /// A cache to be filled from a watch ([`Self::observe`]), believed once its first list is in.
+    pub fn watched() -> Self {
+        Self { cache: Some(Arc::default()), ..Self::default() }
+    }
+
+    /// Takes in one event of the owned Secrets' (slimmed) metadata watch, as kube's reflector
+    /// store would: a (re)list replaces everything once it is done; until then the cache is not
+    /// believed (what it lacks may exist).
+    pub fn observe(&self, event: &Event<PartialObjectMeta<Secret>>) {
+        let Some(Ok(mut listed)) = self.cache.as_ref().map(|c| c.write()) else { return };
+        match event {
+            Event::Init => {
+                self.synced.store(false, Ordering::Release);
+                listed.relist = Some(HashMap::new());
+            }
+            Event::InitApply(s) => {
+                if let (Some(relist), Some((k, v))) = (listed.relist.as_mut(), compact(s)) {
+                    relist.insert(k, v);
+                }
+            }
+            Event::InitDone => {
+                if let Some(relist) = listed.relist.take() {
+                    listed.current = relist;
+                }
+                self.synced.store(true, Ordering::Release);
+            }
+            Event::Apply(s) => {
+                if let Some((k, v)) = compact(s) {
+                    listed.current.insert(k, v);
+                }
+            }
+            Event::Delete(s) => {
+                if let (Some(ns), Some(name)) = (s.metadata.namespace.as_deref(), s.metadata.name.as_deref()) {
+                    listed.current.remove(&key(ns, name));
+                }
+            }
+        }
+    }
+
+    /// The watch failed: what the cache lacks may exist until its next list is in.
+    pub fn desynced(&self) {
+        self.synced.store(false, Ordering::Release);
     }
 
     /// What the cache says of `namespace/name`.
     pub fn view(&self, namespace: &str, name: &str, own: &OwnWrites) -> Cached {
-        let Some(store) = self.store.as_ref().filter(|_| self.synced.load(Ordering::Acquire)) else {
+        let Some(cache) = self.cache.as_ref().filter(|_| self.synced.load(Ordering::Acquire)) else {
             return Cached::Unknown;
         };
         if own.is_tracked(namespace, name) || self.is_foreign(namespace, name) {
             return Cached::Unknown;
         }
-        store.get(&ObjectRef::new(name).within(namespace)).map_or(Cached::Absent, Cached::Present)
+        let Ok(listed) = cache.read() else { return Cached::Unknown };
+        let Some(json) = listed.current.get(&key(namespace, name)) else { return Cached::Absent };
+        match serde_json::from_str::<ObjectMeta>(json) {
+            Ok(meta) => Cached::Present(Arc::new(PartialObjectMeta {
+                metadata: ObjectMeta { name: Some(name.to_owned()), namespace: Some(namespace.to_owned()), ..meta },
+                ..PartialObjectMeta::default()
+            })),
+            // It was encoded by this process: never expected; read the Secret then.
+            Err(_) => Cached::Unknown,
+        }
     }
 
     /// Remembers that `namespace/name` exists and is someone else's (a create met it): it is read
@@ -185,11 +260,11 @@ mod tests {
     fn an_unsynced_or_absent_cache_knows_nothing_and_a_write_in_flight_is_unknown() {
         let own = OwnWrites::default();
         assert!(matches!(OwnedSecrets::default().view("ns", "a", &own), Cached::Unknown));
-        let (store, _writer) = kube::runtime::reflector::store::<PartialObjectMeta<Secret>>();
-        let synced = Arc::new(AtomicBool::new(false));
-        let cache = OwnedSecrets::new(store, Arc::clone(&synced));
+        let cache = OwnedSecrets::watched();
+        assert!(matches!(cache.view("ns", "a", &own), Cached::Unknown), "not listed yet");
+        cache.observe(&Event::Init);
         assert!(matches!(cache.view("ns", "a", &own), Cached::Unknown), "not synced yet");
-        synced.store(true, Ordering::Release);
+        cache.observe(&Event::InitDone);
         assert!(matches!(cache.view("ns", "a", &own), Cached::Absent));
         own.begin("ns", "a");
         assert!(matches!(cache.view("ns", "a", &own), Cached::Unknown), "our write is in flight");
@@ -203,6 +278,66 @@ mod tests {
             cache.found_foreign("ns", &format!("s{i}"));
         }
         assert!(cache.foreign.lock().is_ok_and(|f| f.len() == 1), "cleared when full, then the new name");
+    }
+
+    fn secret_meta(name: &str, rv: &str) -> PartialObjectMeta<Secret> {
+        let mut s = PartialObjectMeta::<Secret> {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                uid: Some(format!("uid-{name}")),
+                resource_version: Some(rv.into()),
+                labels: Some([(MANAGED_BY_LABEL.to_owned(), "mail-oauth-operator".to_owned())].into()),
+                annotations: Some([(SOURCE_ANNOTATION.to_owned(), "abc".to_owned())].into()),
+                owner_references: Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "mailoauth.io/v1alpha1".into(),
+                    kind: "MailboxBinding".into(),
+                    name: "b".into(),
+                    uid: "uid-b".into(),
+                    controller: Some(true),
+                    block_owner_deletion: Some(true),
+                }]),
+                managed_fields: Some(vec![entry(FIELD_MANAGER, serde_json::json!({"f:data": {"f:token": {}}}))]),
+                ..ObjectMeta::default()
+            },
+            ..PartialObjectMeta::default()
+        };
+        slim(&mut s);
+        s
+    }
+
+    #[test]
+    fn a_cached_secret_reads_back_as_the_slimmed_metadata_it_was() {
+        let own = OwnWrites::default();
+        let cache = OwnedSecrets::watched();
+        cache.observe(&Event::Init);
+        cache.observe(&Event::InitApply(secret_meta("a", "1")));
+        cache.observe(&Event::InitDone);
+        let Cached::Present(a) = cache.view("ns", "a", &own) else { panic!("a is listed") };
+        assert_eq!(a.metadata, secret_meta("a", "1").metadata);
+        assert!(matches!(cache.view("other", "a", &own), Cached::Absent), "by namespace too");
+        cache.observe(&Event::Apply(secret_meta("a", "2")));
+        let Cached::Present(a) = cache.view("ns", "a", &own) else { panic!("a is there") };
+        assert_eq!(a.metadata.resource_version.as_deref(), Some("2"));
+        cache.observe(&Event::Delete(secret_meta("a", "3")));
+        assert!(matches!(cache.view("ns", "a", &own), Cached::Absent));
+    }
+
+    #[test]
+    fn a_relist_replaces_the_cache_once_done_and_until_then_nothing_is_believed() {
+        let own = OwnWrites::default();
+        let cache = OwnedSecrets::watched();
+        cache.observe(&Event::Init);
+        cache.observe(&Event::InitApply(secret_meta("a", "1")));
+        cache.observe(&Event::InitDone);
+        cache.observe(&Event::Init);
+        cache.observe(&Event::InitApply(secret_meta("b", "2")));
+        assert!(matches!(cache.view("ns", "b", &own), Cached::Unknown), "relisting");
+        cache.observe(&Event::InitDone);
+        assert!(matches!(cache.view("ns", "a", &own), Cached::Absent), "gone while the watch was down");
+        assert!(matches!(cache.view("ns", "b", &own), Cached::Present(_)));
+        cache.desynced();
+        assert!(matches!(cache.view("ns", "b", &own), Cached::Unknown), "a failed watch");
     }
 
     #[test]

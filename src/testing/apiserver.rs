@@ -3,7 +3,7 @@
 //! the given objects, at a fixed time.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration as StdDuration;
 
@@ -296,7 +296,8 @@ pub fn context(
 /// the API server shows it: the operator's field manager owns every data key no other manager
 /// took.
 pub fn owned_cache(secrets: &[Secret]) -> OwnedSecrets {
-    let (store, mut writer) = store::<PartialObjectMeta<Secret>>();
+    let cache = OwnedSecrets::watched();
+    cache.observe(&watcher::Event::Init);
     for s in secrets {
         let mut meta = PartialObjectMeta::<Secret> { metadata: s.metadata.clone(), ..Default::default() };
         let others = crate::policy::at_rest::data_keys(&meta.metadata, FIELD_MANAGER, false);
@@ -315,7 +316,8 @@ pub fn owned_cache(secrets: &[Secret]) -> OwnedSecrets {
             ..Default::default()
         });
         slim(&mut meta);
-        writer.apply_watcher_event(&watcher::Event::Apply(meta));
+        cache.observe(&watcher::Event::InitApply(meta));
     }
-    OwnedSecrets::new(store, Arc::new(AtomicBool::new(true)))
+    cache.observe(&watcher::Event::InitDone);
+    cache
 }
