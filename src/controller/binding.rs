@@ -864,13 +864,23 @@ fn secret_conflict(
 
 /// Whether an older binding in the namespace claims the same published Secret name.
 fn claim_conflict(binding: &MailboxBinding, ctx: &Context) -> Option<String> {
-    let ns = binding.namespace();
     let claim = |b: &MailboxBinding| Claim {
         binding: b.name_any(),
         created: b.creation_timestamp().and_then(|t| DateTime::<Utc>::from_timestamp(t.0.as_second(), 0)),
         secret_name: b.spec.secret_name.clone(),
     };
-    let others: Vec<Claim> = ctx.bindings.state().iter().filter(|b| b.namespace() == ns).map(|b| claim(b)).collect();
+    // Only the bindings of this namespace naming the same Secret, picked under the store's lock
+    // without copying the others: a copy of every binding's claim per reconcile made the first
+    // burst quadratic (18 Ready a second at 100,000 bindings in one namespace, against 125 at
+    // 10,000; `memmove` and clones were most of the operator's CPU).
+    let others: Vec<Claim> = ctx
+        .bindings
+        .state_filter(|b| {
+            b.metadata.namespace == binding.metadata.namespace && b.spec.secret_name == binding.spec.secret_name
+        })
+        .iter()
+        .map(|b| claim(b))
+        .collect();
     claimed_by_other(&claim(binding), &others)
 }
 
